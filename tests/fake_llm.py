@@ -1,0 +1,197 @@
+"""A fake OpenAI-compatible chat server for tests and benchmarks: real HTTP on 127.0.0.1.
+
+    from fake_llm import FakeLLM, Reply
+
+    with FakeLLM(responder=lambda req: "a caption") as llm:       # port 0: the OS picks one
+        client = ChatClient(llm.url, "fake")                         # llm.url = http://127.0.0.1:PORT/v1
+        llm.push(Reply.error(429, retry_after=1), Reply.hang(5))     # the next two requests misbehave
+        ...
+        llm.requests                                                 # what the server received
+
+Each POST /v1/chat/completions takes the next scripted Reply from the queue (push), else asks
+`responder(request)` (a FakeRequest; return a str, a dict (the JSON body) or a Reply), else
+answers `default`. Faults: any status code, a Retry-After header, a delay (a hang when it is
+longer than the client's timeout), a malformed body, empty content, arbitrary text.
+`latency` delays every reply (the benchmark's 200 ms server). GET /v1/models lists one model.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+
+@dataclass
+class Reply:
+    """One scripted answer. text=None with status 200 means `content: null`."""
+
+    text: str | None = "ok"
+    status: int = 200
+    retry_after: str | float | None = None     # seconds, or an HTTP-date string
+    delay: float = 0.0                          # seconds to wait before answering
+    raw: bytes | None = None                    # send these bytes as the body instead of JSON
+    headers: dict = field(default_factory=dict)
+
+    @classmethod
+    def error(cls, status: int, retry_after: str | float | None = None, message: str = "fake error") -> "Reply":
+        body = json.dumps({"error": {"message": message, "type": "fake", "code": status}}).encode()
+        return cls(text=None, status=status, retry_after=retry_after, raw=body)
+
+    @classmethod
+    def hang(cls, seconds: float) -> "Reply":
+        return cls(text="too late", delay=seconds)
+
+    @classmethod
+    def malformed(cls) -> "Reply":
+        return cls(raw=b'{"choices": [{"message": {"content": "cut off')
+
+    @classmethod
+    def empty(cls) -> "Reply":
+        return cls(text="")
+
+
+@dataclass
+class FakeRequest:
+    path: str
+    headers: dict
+    body: dict | None          # the parsed JSON body (None when it was not JSON)
+
+    @property
+    def messages(self) -> list[dict]:
+        return (self.body or {}).get("messages", [])
+
+    @property
+    def user_text(self) -> str:
+        """The last user message's content (what most responders look at)."""
+        users = [m.get("content", "") for m in self.messages if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+
+class FakeLLM:
+    def __init__(self, responder: Callable[[FakeRequest], object] | None = None,
+                 default: str = "ok", latency: float = 0.0, model: str = "fake-model"):
+        self.responder, self.default, self.latency, self.model = responder, default, latency, model
+        self.requests: list[FakeRequest] = []
+        self._script: deque[Reply] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()      # wakes sleeping handlers at shutdown
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- scripting ---------------------------------------------------------------------------
+    def push(self, *replies: Reply | str) -> None:
+        with self._lock:
+            self._script.extend(Reply(text=r) if isinstance(r, str) else r for r in replies)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._script)
+
+    def _next_reply(self, request: FakeRequest) -> Reply:
+        with self._lock:
+            self.requests.append(request)
+            if self._script:
+                return self._script.popleft()
+        if self.responder is None:
+            return Reply(text=self.default)
+        out = self.responder(request)
+        if isinstance(out, Reply):
+            return out
+        if isinstance(out, dict):
+            return Reply(raw=json.dumps(out).encode())
+        return Reply(text=str(out))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start the server first (use it as a context manager)"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def start(self) -> "FakeLLM":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"      # keep-alive, as real servers do
+
+            def log_message(self, *args):      # keep test output quiet
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, str(v))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass                       # the client gave up (timeout): nothing to do
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    body = {"object": "list", "data": [{"id": fake.model, "object": "model"}]}
+                    self._send(200, json.dumps(body).encode())
+                else:
+                    self._send(404, b'{"error": {"message": "not found"}}')
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(n)
+                try:
+                    body = json.loads(data)
+                except ValueError:
+                    body = None
+                request = FakeRequest(self.path, dict(self.headers.items()), body)
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    fake._next_reply(request)  # logged all the same
+                    self._send(404, b'{"error": {"message": "unknown path"}}')
+                    return
+                reply = fake._next_reply(request)
+                wait = fake.latency + reply.delay
+                if wait > 0 and fake._stop.wait(wait):
+                    return                     # shutting down
+                headers = dict(reply.headers)
+                if reply.retry_after is not None:
+                    headers["Retry-After"] = reply.retry_after
+                if reply.raw is not None:
+                    self._send(reply.status, reply.raw, headers)
+                    return
+                text = reply.text
+                prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request.messages)
+                completion_tokens = len(text.split()) if text else 0
+                out = {
+                    "id": f"fake-{len(fake.requests)}", "object": "chat.completion",
+                    "created": int(time.time()), "model": (body or {}).get("model", fake.model),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens},
+                }
+                self._send(reply.status, json.dumps(out).encode(), headers)
+
+        self._stop.clear()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._stop.set()
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "FakeLLM":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
