@@ -1,0 +1,1051 @@
+#!/usr/bin/env python3
+"""eval_judge.py: evaluation for caption-chain ranking (issue 5).
+
+Subcommands (each writes a results JSON and prints a markdown table):
+
+    generate  batched greedy decoding of a detailed caption per video        -> {"id", "caption"}
+    judge     reference-based judge on four axes, 1-10 each (an LLM, or the offline `rules`
+              judge that checks a caption against the stored facts of a synthetic video)
+    agree     Spearman (and Kendall) correlation per axis between two judges' score files
+    compare   head-to-head win/tie/loss of two caption files, judged in both orders
+    mcq       multiple-choice accuracy: the answer whose letter has the highest log-probability
+    rank      held-out chains: pairwise accuracy, Kendall tau and top-1 of the model's
+              sequence log-probs (and of the implicit reward against the base model)
+    reward    LLaVA-Hound-style LM reward: an LLM scores QA answers with the caption as evidence
+
+The statistics (average ranks, Spearman, Kendall tau-b, bootstrap intervals, ranking metrics)
+are a few lines of numpy each, below, so the numbers in a results file can be checked by hand.
+HTTP goes through gen_chains.ChatClient (the project's one client); models load through
+rank_dpo.load_model (the project's one loader), imported only by the subcommands that need a model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from gen_chains import (ChatClient, DataError, add_client_args, map_resumable, parse_json_object,
+                        read_jsonl)
+
+AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
+SCORE_MIN, SCORE_MAX = 1, 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics (numpy only: scipy is not a dependency)
+# ----------------------------------------------------------------------------------------------
+
+def average_ranks(x: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n; tied values share the mean of the ranks they span ([10, 20, 20] -> [1, 2.5, 2.5])."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1  # mean of positions i..j, 1-based
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho = Pearson correlation of the average ranks (the tie-correct form).
+
+    NaN when undefined: fewer than two pairs, or either side constant.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"spearman: lengths differ ({len(x)} vs {len(y)})")
+    if len(x) < 2:
+        return math.nan
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / denom if denom > 0 else math.nan
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b = (C - D) / sqrt((P - Tx) (P - Ty)).
+
+    C / D count concordant / discordant pairs, P = n(n-1)/2 all pairs, Tx / Ty the pairs tied in
+    x / y. O(n^2) memory via a sign matrix: fine for chains and for a few thousand judged captions.
+    NaN when undefined (fewer than two items, or either side constant).
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"kendall_tau_b: lengths differ ({len(x)} vs {len(y)})")
+    n = len(x)
+    if n < 2:
+        return math.nan
+    iu = np.triu_indices(n, k=1)
+    sx = np.sign(x[:, None] - x[None, :])[iu]
+    sy = np.sign(y[:, None] - y[None, :])[iu]
+    pairs = n * (n - 1) / 2
+    untied_x, untied_y = pairs - np.sum(sx == 0), pairs - np.sum(sy == 0)
+    if untied_x == 0 or untied_y == 0:
+        return math.nan
+    return float(np.sum(sx * sy)) / math.sqrt(untied_x * untied_y)  # sx*sy = +1 C, -1 D, 0 tie
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval for the mean (resample items with replacement; fixed seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def mean_ci(values: Sequence[float], **kw) -> dict:
+    """{"mean", "ci95": [lo, hi], "n"} for a results file."""
+    v = [float(a) for a in values]
+    lo, hi = bootstrap_ci(v, **kw)
+    return {"mean": float(np.mean(v)) if v else math.nan, "ci95": [lo, hi], "n": len(v)}
+
+
+def chain_metrics(scores: Sequence[float]) -> dict:
+    """How well `scores` order one chain whose true order is best first (index 0 = best).
+
+    pairwise: fraction of pairs i < j with scores[i] > scores[j];
+    kendall:  tau-b between the true order and the scores;
+    top1:     1 if scores[0] is the unique maximum.
+    A tie counts as a coin flip (half a pair; 1/m of a top-1 shared by m), so a scorer gains
+    nothing from being unable to tell captions apart.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    k = len(s)
+    if k < 2:
+        raise ValueError("a chain needs at least two entries to be ranked")
+    iu = np.triu_indices(k, k=1)
+    diff = np.sign(s[:, None] - s[None, :])[iu]  # +1 where the earlier (better) one scores higher
+    pairwise = float(np.mean((diff + 1) / 2))
+    top = np.flatnonzero(s == s.max())
+    top1 = 1.0 / len(top) if 0 in top else 0.0
+    true_quality = -np.arange(k, dtype=np.float64)  # best first -> highest quality first
+    return {"pairwise": pairwise, "kendall": kendall_tau_b(true_quality, s), "top1": top1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a judge's reply: JSON first, then "Relevance: 8/10"-style patterns
+# ----------------------------------------------------------------------------------------------
+
+# A judge may write "Temporal Consistency", "temporal-consistency", "Temporal" or "descriptive":
+# an axis is recognised by the start of its normalised name.
+_AXIS_PREFIX = {"relev": "relevance", "descri": "descriptiveness", "tempor": "temporal_consistency",
+                "fluen": "fluency"}
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_SCALE = r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?"
+# label, a gap of punctuation / markdown / "(1-10)" / "score is", then the number.
+# The gap holds no other words, so "the description is vague. Relevance: 8" gives no
+# descriptiveness score; a number followed by "-9" or "to 10" is a range, not a score.
+_AXIS_PATTERN = re.compile(
+    r"\b(relevan\w*|descriptiv\w*|temporal(?:[\s_-]*(?:consistency|coherence|order))?|fluen\w*)"
+    r"(?:[\s*_:=|\"'`\-–]|\([^)\n]*\)|score|rating|is)*?"
+    + _NUMBER + r"(?!\d|\.\d|\s*(?:-|–|to)\s*\d)" + _SCALE,
+    re.IGNORECASE)
+
+
+def _axis_of(key: str) -> str | None:
+    norm = re.sub(r"[^a-z]", "", key.lower())
+    return next((axis for prefix, axis in _AXIS_PREFIX.items() if norm.startswith(prefix)), None)
+
+
+def _to_score(value) -> float | None:
+    """8 / 8.5 / "8" / "8/10" / "4 out of 5" / {"score": 8} -> a number on the 1-10 scale, or None."""
+    if isinstance(value, dict):
+        inner = [v for k, v in value.items() if k.lower() in ("score", "rating", "value")]
+        return _to_score(inner[0]) if inner else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*" + _NUMBER + _SCALE + r"\s*\.?\s*", value, re.IGNORECASE)
+        if m:
+            return _rescale(m.group(1), m.group(2))
+    return None
+
+
+def _rescale(number: str, scale: str | None) -> float:
+    """"8" -> 8; "8/10" -> 8; "4/5" -> 8 (a judge that switched scales still means the same)."""
+    x = float(number)
+    return x * 10 / float(scale) if scale and float(scale) > 0 else x
+
+
+def parse_axis_scores(text: str) -> tuple[dict[str, float], list[str]]:
+    """Scores on the four axes out of a judge's reply, and the problems that stop it being usable.
+
+    Order of trust: the JSON object we asked for (also when wrapped in prose or code fences, and
+    one level of nesting such as {"scores": {...}}); axes it lacks are looked for as
+    "Relevance: 8/10" patterns in the text (the last mention wins: judges summarise at the end).
+    A score outside 1-10 is a problem, not clamped: a reply on some other scale must not pass
+    as a confident 10. The scores are usable only when the problem list is empty.
+    """
+    from_json: dict[str, float] = {}
+    obj = parse_json_object(text or "")
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        for v in obj.values():
+            if isinstance(v, dict) and _to_score(v) is None:
+                items += list(v.items())  # one level of nesting: {"scores": {"relevance": 8, ...}}
+        for key, value in items:
+            axis, score = _axis_of(str(key)), _to_score(value)
+            if axis and score is not None:
+                from_json.setdefault(axis, score)
+    from_text = {_axis_of(m.group(1)): _rescale(m.group(2), m.group(3))
+                 for m in _AXIS_PATTERN.finditer(text or "")}  # later mentions overwrite earlier
+    found = {**from_text, **from_json}
+    scores = {a: found[a] for a in AXES if a in found}
+    problems = [f"no score for {a}" for a in AXES if a not in scores]
+    problems += [f"{a}={s:g} is outside {SCORE_MIN}-{SCORE_MAX}" for a, s in scores.items()
+                 if not SCORE_MIN <= s <= SCORE_MAX]
+    return scores, problems
+
+
+def parse_verdict(text: str) -> tuple[str | None, list[str]]:
+    """A head-to-head verdict, "1", "2" or "tie", out of a judge's reply (JSON first, then prose)."""
+    def norm(v) -> str | None:
+        v = str(v).strip().lower()
+        if re.fullmatch(r"(caption\s*)?1|first|a", v):
+            return "1"
+        if re.fullmatch(r"(caption\s*)?2|second|b", v):
+            return "2"
+        if re.fullmatch(r"tie|draw|equal|equally good|same|both|neither|0", v):
+            return "tie"
+        return None
+
+    obj = parse_json_object(text or "")
+    if isinstance(obj, dict):
+        for key in ("better", "winner", "preferred", "choice", "verdict"):
+            if key in obj and norm(obj[key]) is not None:
+                return norm(obj[key]), []
+    mentions = re.findall(r"caption\s*([12])\s+is\s+(?:the\s+)?better|better[^\d\n]{0,20}?\b([12])\b"
+                          r"|\b(tie|equally good)\b", text or "", re.IGNORECASE)
+    if mentions:
+        one, two, tie = mentions[-1]  # the conclusion comes last
+        return (one or two or "tie"), []
+    return None, ['no verdict ("1", "2" or "tie")']
+
+
+# ----------------------------------------------------------------------------------------------
+# The LLM judge: prompts and the ask / re-ask loop
+# ----------------------------------------------------------------------------------------------
+
+JUDGE_SYSTEM = ("You are a strict, consistent evaluator of video captions. You cannot see the video; "
+                "the reference caption, written by someone who watched it, is the ground truth.")
+
+AXIS_GUIDE = """- relevance: does it describe what the reference describes, without contradicting it or adding things that are not there?
+- descriptiveness: how much of the reference's detail (objects, attributes, actions, positions, setting) does it cover?
+- temporal_consistency: are events and changes told in the order the reference gives, without swapping or inventing steps?
+- fluency: is it grammatical, clear and free of repetition? (judge the language only)"""
+
+SCORE_JSON = ('{"relevance": <1-10>, "descriptiveness": <1-10>, '
+              '"temporal_consistency": <1-10>, "fluency": <1-10>}')
+
+SCORE_PROMPT = """Reference caption (ground truth):
+{reference}
+
+Candidate caption:
+{candidate}
+
+Rate the candidate against the reference on four axes, each an integer from 1 (worst) to 10 (best):
+{guide}
+
+Reply with only this JSON object and no other text:
+{json}"""
+
+COMPARE_PROMPT = """Reference caption (ground truth):
+{reference}
+
+Caption 1:
+{first}
+
+Caption 2:
+{second}
+
+Which caption describes the video better, judged against the reference on these axes?
+{guide}
+
+Reply with only a JSON object and no other text: {{"better": "1"}}, {{"better": "2"}} or {{"better": "tie"}}"""
+
+REASK = "I could not use your reply: {problems}. Reply again with only the JSON object: {json}"
+
+
+def ask_until_parsed(client, prompt: str, parse, json_hint: str, reask: int = 2,
+                     **params) -> dict:
+    """Ask; if `parse(reply)` reports problems, say what was wrong and ask again (reask times).
+
+    The conversation is kept, so the judge sees its own unusable reply and what was wrong with it.
+    Returns {"value", "tries", "reply"} or, when every try fails, {"status": "failed", "reason",
+    "reply"}: a failure is recorded, never silently dropped or replaced by a default score.
+    A ChatError (the request itself failed for good) propagates to map_resumable, which records it.
+    """
+    messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
+    for attempt in range(1, reask + 2):
+        reply = client.chat(messages, **params).text
+        value, problems = parse(reply)
+        if not problems:
+            return {"value": value, "tries": attempt, "reply": reply}
+        messages += [{"role": "assistant", "content": reply},
+                     {"role": "user", "content": REASK.format(problems="; ".join(problems),
+                                                              json=json_hint)}]
+    return {"status": "failed", "reason": "unparseable judge reply after "
+            f"{reask + 1} tries: " + "; ".join(problems), "reply": reply}
+
+
+def judge_llm(client, reference: str, candidate: str, reask: int = 2, **params) -> dict:
+    """Four axis scores for one candidate caption from the LLM judge (see ask_until_parsed)."""
+    prompt = SCORE_PROMPT.format(reference=reference, candidate=candidate, guide=AXIS_GUIDE,
+                                 json=SCORE_JSON)
+    out = ask_until_parsed(client, prompt, parse_axis_scores, SCORE_JSON, reask, **params)
+    if "value" not in out:
+        return out
+    return {"scores": out["value"], "tries": out["tries"], "reply": out["reply"]}
+
+
+def compare_llm(client, reference: str, a: str, b: str, reask: int = 2, **params) -> dict:
+    """Head-to-head of captions a and b, asked twice with the order swapped.
+
+    LLM judges favour a position (often the first); a caption wins only if it wins in both
+    orders, loses only if it loses in both, and everything else is a tie. This cancels a pure
+    position bias instead of averaging it into the result.
+    """
+    verdicts, tries = [], 0
+    for first, second in ((a, b), (b, a)):
+        prompt = COMPARE_PROMPT.format(reference=reference, first=first, second=second,
+                                       guide=AXIS_GUIDE)
+        out = ask_until_parsed(client, prompt, parse_verdict, '{"better": "1" | "2" | "tie"}',
+                               reask, **params)
+        if "value" not in out:
+            return out
+        verdicts.append(out["value"])
+        tries += out["tries"]
+    # Translate each verdict to a's point of view: in the swapped order, "2" means a.
+    a_view = [{"1": "a", "2": "b"}.get(verdicts[0], "tie"), {"1": "b", "2": "a"}.get(verdicts[1], "tie")]
+    return {"result": combine_orders(*a_view), "verdicts": verdicts, "a_view": a_view, "tries": tries}
+
+
+def combine_orders(first: str, second: str) -> str:
+    """"a"/"b"/"tie" from each order -> "win"/"loss"/"tie" for a (win needs both orders)."""
+    if first == second == "a":
+        return "win"
+    if first == second == "b":
+        return "loss"
+    return "tie"
+
+
+# ----------------------------------------------------------------------------------------------
+# The rules judge: the offline judge for the synthetic set, from the video's stored facts
+# ----------------------------------------------------------------------------------------------
+
+def _scale(fraction: float) -> float:
+    """[0, 1] -> [1, 10], so the rules judge speaks the LLM judge's scale."""
+    return round(SCORE_MIN + (SCORE_MAX - SCORE_MIN) * min(max(fraction, 0.0), 1.0), 2)
+
+
+def repetition_free(caption: str) -> float:
+    """Share of the caption's words that are not repeats; 0.0 for an empty caption.
+
+    A repeat is what degenerate generation produces: a sentence said before, or a span of one to
+    four words said twice in a row ("red red", "a ball a ball"). A description of different
+    things may reuse phrases ("on the left and" for two groups on the left), so phrase reuse
+    alone is not counted.
+    """
+    sentences = [w for w in (re.findall(r"\w+", s.lower()) for s in re.split(r"[.!?;\n]+", caption)) if w]
+    total = sum(len(w) for w in sentences)
+    if total == 0:
+        return 0.0
+    seen, repeated = set(), 0
+    for words in sentences:
+        if tuple(words) in seen:
+            repeated += len(words)
+            continue
+        seen.add(tuple(words))
+        marked = set()
+        for n in range(1, 5):
+            for i in range(len(words) - 2 * n + 1):
+                if words[i:i + n] == words[i + n:i + 2 * n]:
+                    marked.update(range(i + n, i + 2 * n))
+        repeated += len(marked)
+    return 1 - repeated / total
+
+
+def rules_scores(caption: str, facts) -> tuple[dict[str, float], dict]:
+    """Score a caption against the video's facts on the four axes; also return match_facts' counts.
+
+    relevance            precision: correct / (correct + wrong)  (nothing stated -> 1)
+    descriptiveness      recall:    correct / total
+    temporal_consistency relevance, halved when the events are told in the wrong order
+                         (equal to relevance when the caption states no order to check)
+    fluency              repetition_free(caption): the one language fault a rule can see
+    Each fraction maps linearly onto 1..10, so the gold caption gets 10 on every axis and
+    every corrupted fact lowers relevance and descriptiveness.
+    """
+    from gen_chains import match_facts
+    m = match_facts(caption, facts)
+    stated = m["correct"] + m["wrong"]
+    precision = m["correct"] / stated if stated else 0.0
+    recall = m["correct"] / m["total"] if m["total"] else 0.0
+    order_factor = 0.5 if m.get("order_correct") is False else 1.0
+    scores = {"relevance": _scale(precision), "descriptiveness": _scale(recall),
+              "temporal_consistency": _scale(precision * order_factor),
+              "fluency": _scale(repetition_free(caption))}
+    return scores, m
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: records keyed by id, results JSON, markdown tables
+# ----------------------------------------------------------------------------------------------
+
+def load_by_id(path: str, fields: Iterable[str] = (), skip_failed: bool = False) -> dict[str, tuple[int, dict]]:
+    """{id: (line, record)} of a JSONL file; a missing field or a repeated id names file and line.
+
+    `fields` are required, e.g. ("caption",) or ("scores",). With skip_failed, records written as
+    {"id", "status": "failed", ...} by an earlier step are left out (they carry no result).
+    """
+    out: dict[str, tuple[int, dict]] = {}
+    for line, rec in read_jsonl(path):
+        rid = rec.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise DataError(path, line, "missing or not a string", field="id")
+        if rid in out:
+            raise DataError(path, line, f"id {rid!r} repeats line {out[rid][0]}", field="id")
+        if skip_failed and rec.get("status") == "failed":
+            continue
+        for f in fields:
+            if rec.get(f) is None:
+                raise DataError(path, line, "missing", field=f)
+        out[rid] = (line, rec)
+    return out
+
+
+def require_text(path: str, line: int, rec: dict, field: str) -> str:
+    value = rec.get(field)
+    if not isinstance(value, str):
+        raise DataError(path, line, f"expected a string, got {type(value).__name__}", field=field)
+    return value
+
+
+def require_scores(path: str, line: int, rec: dict) -> dict[str, float]:
+    """The four axis scores of a score record, each a number."""
+    scores = rec.get("scores")
+    if not isinstance(scores, dict):
+        raise DataError(path, line, "expected an object with the four axes", field="scores")
+    out = {}
+    for axis in AXES:
+        v = scores.get(axis)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(path, line, f"expected a number, got {v!r}", field=f"scores.{axis}")
+        out[axis] = float(v)
+    return out
+
+
+def sibling(path: str, suffix: str) -> str:
+    """runs/captions.jsonl + ".results.json" -> runs/captions.results.json"""
+    return os.path.splitext(path)[0] + suffix
+
+
+def _json_safe(x):
+    """NaN / inf (an undefined correlation) -> null, so the results file is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_results(path: str, results: dict) -> None:
+    """Write the results JSON whole or not at all (tmp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_json_safe(results), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def fmt_ci(stat: dict, digits: int = 2) -> str:
+    lo, hi = stat["ci95"]
+    return f"{fmt(stat['mean'], digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(results: dict, table: str, path: str) -> dict:
+    """Write the results JSON and print the table (what every subcommand ends with)."""
+    write_results(path, results)
+    print(table)
+    print(f"\nresults: {path}")
+    return results
+
+
+def collect_outputs(path: str, ids: Iterable[str]) -> dict[str, dict]:
+    """The records of a resumable output file for `ids`; a later success replaces a failure."""
+    wanted, out = set(ids), {}
+    if not os.path.exists(path):
+        return out
+    for _, rec in read_jsonl(path):
+        rid = str(rec.get("id"))
+        if rid in wanted and (rid not in out or out[rid].get("status") == "failed"):
+            out[rid] = rec
+    return out
+
+
+def failure_summary(records: Iterable[dict]) -> dict:
+    failed = [r for r in records if r.get("status") == "failed"]
+    return {"n_failed": len(failed),
+            "failed": [{"id": r["id"], "reason": r.get("reason", "")} for r in failed[:20]]}
+
+
+# ----------------------------------------------------------------------------------------------
+# judge / agree / compare
+# ----------------------------------------------------------------------------------------------
+
+def _judge_inputs(args, pred_path: str, preds: dict, refs: dict) -> dict[str, object]:
+    """id -> what the judge compares against: the reference caption (llm) or the facts (rules)."""
+    out = {}
+    for rid, (line, _) in preds.items():
+        if rid not in refs:
+            raise DataError(pred_path, line, f"id {rid!r} has no reference in {args.ref}", field="id")
+        ref_line, ref = refs[rid]
+        if args.judge == "rules":
+            if ref.get("facts") is None:
+                raise DataError(args.ref, ref_line, "missing: the rules judge needs the facts that "
+                                "`gen_chains.py synth` stores (use --judge llm for other data)",
+                                field="facts")
+            out[rid] = ref["facts"]
+        else:
+            out[rid] = require_text(args.ref, ref_line, ref, "caption")
+    return out
+
+
+def _chat_params(args) -> dict:
+    return {"max_tokens": args.max_tokens}  # temperature travels in the client's default_params
+
+
+def cmd_judge(args) -> dict:
+    preds = load_by_id(args.pred, skip_failed=True)
+    refs = load_by_id(args.ref)
+    reference = _judge_inputs(args, args.pred, preds, refs)
+    jobs = [{"id": rid, "caption": require_text(args.pred, line, rec, "caption")}
+            for rid, (line, rec) in preds.items()]
+    if args.judge == "rules":
+        def judge_one(job):
+            scores, counts = rules_scores(job["caption"], reference[job["id"]])
+            return {"id": job["id"], "judge": "rules", "scores": scores, "facts": counts}
+        concurrency = 1  # pure Python, microseconds a caption
+    else:
+        client = ChatClient.from_args(args)
+
+        def judge_one(job):
+            out = judge_llm(client, reference[job["id"]], job["caption"], args.reask, **_chat_params(args))
+            return {"id": job["id"], "judge": "llm", **out}
+        concurrency = args.concurrency
+    run = map_resumable(jobs, judge_one, args.out, concurrency, desc=f"judge ({args.judge})",
+                        drop_failed=args.retry_failed)
+
+    done = collect_outputs(args.out, preds)
+    scored = [r for r in done.values() if r.get("status") != "failed"]
+    per_axis = {axis: mean_ci([r["scores"][axis] for r in scored]) for axis in AXES}
+    overall = mean_ci([np.mean([r["scores"][a] for a in AXES]) for r in scored])
+    results = {"command": "judge", "judge": args.judge, "pred": args.pred, "ref": args.ref,
+               "out": args.out, "n": len(jobs), "n_scored": len(scored),
+               **failure_summary(done.values()), "axes": per_axis, "overall": overall, "run": run}
+    rows = [(axis, fmt_ci(per_axis[axis]), per_axis[axis]["n"]) for axis in AXES]
+    rows.append(("**overall** (mean of axes)", fmt_ci(overall), overall["n"]))
+    table = markdown_table((f"axis ({args.judge} judge)", "mean [95% CI]", "n"), rows)
+    if results["n_failed"]:
+        table += f"\n\n{results['n_failed']} of {len(jobs)} captions could not be judged (see {args.out})"
+    return report(results, table, args.results or sibling(args.out, ".results.json"))
+
+
+def cmd_agree(args) -> dict:
+    a = load_by_id(args.a, ("scores",), skip_failed=True)
+    b = load_by_id(args.b, ("scores",), skip_failed=True)
+    common = [rid for rid in a if rid in b]
+    if len(common) < 2:
+        raise SystemExit(f"agree: {args.a} and {args.b} share {len(common)} scored ids; need at least 2")
+    sa = {rid: require_scores(args.a, *a[rid]) for rid in common}
+    sb = {rid: require_scores(args.b, *b[rid]) for rid in common}
+    per_axis = {}
+    for axis in AXES + ("overall",):
+        def pick(s, rid):
+            return np.mean([s[rid][x] for x in AXES]) if axis == "overall" else s[rid][axis]
+        xa, xb = [pick(sa, r) for r in common], [pick(sb, r) for r in common]
+        per_axis[axis] = {"spearman": spearman(xa, xb), "kendall": kendall_tau_b(xa, xb), "n": len(common)}
+    results = {"command": "agree", "a": args.a, "b": args.b, "n_common": len(common),
+               "only_in_a": len(a) - len(common), "only_in_b": len(b) - len(common), "axes": per_axis}
+    rows = [(axis, fmt(v["spearman"]), fmt(v["kendall"]), v["n"]) for axis, v in per_axis.items()]
+    table = markdown_table(("axis", "Spearman rho", "Kendall tau-b", "n"), rows)
+    return report(results, table, args.results or sibling(args.a, ".agree.results.json"))
+
+
+def cmd_compare(args) -> dict:
+    a = load_by_id(args.a, ("caption",), skip_failed=True)
+    b = load_by_id(args.b, ("caption",), skip_failed=True)
+    both = {rid: a[rid] for rid in a if rid in b}
+    reference = _judge_inputs(args, args.a, both, load_by_id(args.ref))
+    jobs = [{"id": rid, "a": require_text(args.a, *a[rid], "caption"),
+             "b": require_text(args.b, *b[rid], "caption")} for rid in both]
+    if args.judge == "rules":
+        # Deterministic and symmetric: no position to be biased by, one scoring of each caption.
+        def compare_one(job):
+            sa, _ = rules_scores(job["a"], reference[job["id"]])
+            sb, _ = rules_scores(job["b"], reference[job["id"]])
+            ma, mb = np.mean(list(sa.values())), np.mean(list(sb.values()))
+            result = "win" if ma > mb else "loss" if mb > ma else "tie"
+            return {"id": job["id"], "judge": "rules", "a_scores": sa, "b_scores": sb, "result": result}
+        concurrency = 1
+    else:
+        client = ChatClient.from_args(args)
+
+        def compare_one(job):
+            out = compare_llm(client, reference[job["id"]], job["a"], job["b"], args.reask,
+                              **_chat_params(args))
+            return {"id": job["id"], "judge": "llm", **out}
+        concurrency = args.concurrency
+    out_path = args.out or sibling(args.a, f".vs.{os.path.basename(sibling(args.b, ''))}.compare.jsonl")
+    run = map_resumable(jobs, compare_one, out_path, concurrency, desc=f"compare ({args.judge})",
+                        drop_failed=args.retry_failed)
+
+    done = collect_outputs(out_path, both)
+    decided = [r for r in done.values() if r.get("status") != "failed"]
+    outcome = {k: [1.0 if r["result"] == k else 0.0 for r in decided] for k in ("win", "tie", "loss")}
+    results = {"command": "compare", "judge": args.judge, "a": args.a, "b": args.b, "ref": args.ref,
+               "out": out_path, "n": len(jobs), "n_decided": len(decided), **failure_summary(done.values()),
+               **{k: mean_ci(v) for k, v in outcome.items()},
+               # +1 win, 0 tie, -1 loss: its interval excludes 0 when a is really better (or worse)
+               "net": mean_ci([w - l for w, l in zip(outcome["win"], outcome["loss"])]), "run": run}
+    if args.judge == "llm" and decided:
+        views = [r["a_view"] for r in decided]
+        decisive = [v for r in decided for v in r["verdicts"] if v in ("1", "2")]
+        results["order_agreement"] = float(np.mean([v[0] == v[1] for v in views]))
+        results["first_position_rate"] = (float(np.mean([v == "1" for v in decisive]))
+                                          if decisive else None)  # 0.5 = no position bias
+    rows = [(k, fmt_ci(results[k], 3), int(sum(outcome[k]))) for k in ("win", "tie", "loss")]
+    rows.append(("net (win - loss)", fmt_ci(results["net"], 3), len(decided)))
+    table = markdown_table((f"A vs B ({args.judge} judge)", "rate [95% CI]", "count"), rows)
+    if "order_agreement" in results:
+        table += (f"\n\nthe two orders agreed on {results['order_agreement']:.1%} of pairs; "
+                  f"position 1 won {fmt(results['first_position_rate'])} of decisive verdicts")
+    return report(results, table, args.results or sibling(out_path, ".results.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-side evaluation: generate, mcq, rank (rank_dpo's loader; torch only imported here)
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_PROMPT = "Describe this video in detail."
+
+
+def video_path(path: str, line: int, rec: dict, video_root: str) -> str | None:
+    """The record's video resolved against --video_root; None for text-only records."""
+    video = rec.get("video")
+    if video is None:
+        return None
+    if not isinstance(video, str) or not video:
+        raise DataError(path, line, f"expected a path string, got {video!r}", field="video")
+    full = os.path.join(video_root, video)
+    if not os.path.exists(full):
+        raise DataError(path, line, f"{full} does not exist (paths are relative to --video_root)",
+                        field="video")
+    return full
+
+
+def _load(args, adapter: str | None):
+    import torch
+    from rank_dpo import load_model
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load_model(args.model, adapter, device=args.device, dtype=dtype)
+
+
+def cmd_generate(args) -> dict:
+    import time
+
+    import torch
+    from gen_chains import ResumableJsonl
+    from rank_dpo import build_generation_inputs, load_video
+
+    data = load_by_id(args.data)
+    jobs = [(rid, args.prompt or rec.get("prompt") or DEFAULT_PROMPT,
+             video_path(args.data, line, rec, args.video_root))
+            for rid, (line, rec) in data.items()]  # every video checked before the model loads
+    for rid, prompt, _ in jobs:
+        if not isinstance(prompt, str):
+            raise DataError(args.data, data[rid][0], "expected a string", field="prompt")
+    out = ResumableJsonl(args.out)
+    todo = [job for job in jobs if job[0] not in out.done_ids]
+    start, n_words = time.monotonic(), []
+    try:
+        if todo:
+            model, processor = _load(args, args.adapter)
+            tokenizer = getattr(processor, "tokenizer", processor)
+            for i in range(0, len(todo), args.batch_size):
+                batch = todo[i:i + args.batch_size]
+                videos = [load_video(v, args.num_frames) if v else None for _, _, v in batch]
+                inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos)
+                inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+                with torch.no_grad():
+                    ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                # Left padding puts every prompt's end at the same column: the rest is new text.
+                texts = tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
+                                               skip_special_tokens=True)
+                for (rid, _, _), text in zip(batch, texts):
+                    out.append({"id": rid, "caption": text.strip()})
+                    n_words.append(len(text.split()))
+                print(f"generate: {min(i + args.batch_size, len(todo))}/{len(todo)}", file=sys.stderr)
+    finally:
+        out.close()
+    seconds = time.monotonic() - start
+    results = {"command": "generate", "model": args.model, "adapter": args.adapter, "data": args.data,
+               "out": args.out, "n": len(jobs), "generated": len(todo), "skipped": len(jobs) - len(todo),
+               "seconds": round(seconds, 3), "mean_words": float(np.mean(n_words)) if n_words else None,
+               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    table = markdown_table(("records", "generated now", "already done", "seconds", "mean words"),
+                           [(len(jobs), len(todo), len(jobs) - len(todo), fmt(seconds, 1),
+                             fmt(results["mean_words"], 1))])
+    return report(results, table, args.results or sibling(args.out, ".results.json"))
+
+
+def letter(i: int) -> str:
+    return chr(ord("A") + i)
+
+
+def load_mcq(path: str, video_root: str) -> list[dict]:
+    """Multiple-choice items as {"id", "video", "prompt", "letters", "answer"} from either
+
+    an LF-MCQA item  {"id", "video"?, "question", "options": [...], "answer": int}, prompted with
+                     gen_chains.format_mcq (the format the mcq chains were trained on), or
+    an mcq chain     {"id", "video"?, "prompt", "chain": ["C", "A", ...]} whose chain[0] is right;
+                     the candidates are the chain's letters.
+    """
+    from gen_chains import format_mcq
+
+    items = []
+    for line, rec in read_jsonl(path):
+        rid = rec.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise DataError(path, line, "missing or not a string", field="id")
+        if "chain" in rec:
+            prompt, chain = require_text(path, line, rec, "prompt"), rec["chain"]
+            if not (isinstance(chain, list) and len(chain) >= 2 and
+                    all(isinstance(c, str) and re.fullmatch(r"[A-Z]", c.strip()) for c in chain)):
+                raise DataError(path, line, "an mcq chain is a list of at least two option letters",
+                                field="chain")
+            letters, answer = [c.strip() for c in chain], chain[0].strip()
+        else:
+            question, options, answer = rec.get("question"), rec.get("options"), rec.get("answer")
+            if not isinstance(question, str):
+                raise DataError(path, line, "missing or not a string", field="question")
+            if not (isinstance(options, list) and 2 <= len(options) <= 26
+                    and all(isinstance(o, str) for o in options)):
+                raise DataError(path, line, "expected a list of 2-26 strings", field="options")
+            if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+                raise DataError(path, line, f"expected an option index 0..{len(options) - 1}, "
+                                f"got {answer!r}", field="answer")
+            prompt = format_mcq(question, options)
+            letters, answer = [letter(i) for i in range(len(options))], letter(answer)
+        items.append({"id": rid, "video": video_path(path, line, rec, video_root), "prompt": prompt,
+                      "letters": sorted(set(letters)), "answer": answer})
+    return items
+
+
+def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> list[dict]:
+    """For each item, the log-probability of every option letter as the response; the prediction
+    is the letter with the highest one (no sampling, no parsing of free text)."""
+    from rank_dpo import load_video, response_logps
+
+    out = []
+    for item in items:
+        video = load_video(item["video"], num_frames) if item["video"] else None
+        letters = item["letters"]
+        lp = response_logps(model, processor, video, [item["prompt"]] * len(letters), letters)
+        pred = letters[int(lp.argmax())]
+        out.append({"id": item["id"], "pred": pred, "answer": item["answer"],
+                    "correct": pred == item["answer"],
+                    "logps": {c: float(v) for c, v in zip(letters, lp.tolist())}})
+    return out
+
+
+def cmd_mcq(args) -> dict:
+    items = load_mcq(args.data, args.video_root)
+    model, processor = _load(args, args.adapter)
+    preds = mcq_predictions(model, processor, items, args.num_frames)
+    if args.out:
+        write_jsonl(args.out, preds)
+    acc = mean_ci([float(p["correct"]) for p in preds])
+    chance = float(np.mean([1 / len(i["letters"]) for i in items])) if items else math.nan
+    picked = {c: sum(p["pred"] == c for p in preds) for c in sorted({p["pred"] for p in preds})}
+    results = {"command": "mcq", "model": args.model, "adapter": args.adapter, "data": args.data,
+               "accuracy": acc, "chance": chance, "predicted_letters": picked}
+    table = markdown_table(("model", "accuracy [95% CI]", "chance", "n"),
+                           [(_model_name(args), fmt_ci(acc, 3), fmt(chance), acc["n"])])
+    table += "\n\npredicted letters: " + ", ".join(f"{c} {n}" for c, n in picked.items())
+    return report(results, table, args.results or sibling(args.data, ".mcq.results.json"))
+
+
+def load_chains(path: str, video_root: str) -> list[dict]:
+    """Held-out chains as {"id", "video", "prompts", "responses"}, best first, from either
+
+    a caption (or mcq) chain  {"prompt", "chain": [best, ..., worst]}  (one prompt, K responses), or
+    a yes/no chain            {"prompts": [best, ...], "response": "no"} (K prompts, one response).
+    """
+    chains = []
+    for line, rec in read_jsonl(path):
+        rid = rec.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise DataError(path, line, "missing or not a string", field="id")
+        if "chain" in rec:
+            prompt, responses = require_text(path, line, rec, "prompt"), rec["chain"]
+            field = "chain"
+            prompts = [prompt] * (len(responses) if isinstance(responses, list) else 0)
+        elif "prompts" in rec:
+            prompts, field = rec["prompts"], "prompts"
+            response = require_text(path, line, rec, "response")
+            responses = [response] * (len(prompts) if isinstance(prompts, list) else 0)
+        else:
+            raise DataError(path, line, "neither 'chain' (with 'prompt') nor 'prompts' (with "
+                            "'response'): not a chain record", field="chain")
+        entries = rec[field]
+        if not (isinstance(entries, list) and len(entries) >= 2 and all(isinstance(e, str) for e in entries)):
+            raise DataError(path, line, "expected a list of at least two strings", field=field)
+        chains.append({"id": rid, "video": video_path(path, line, rec, video_root),
+                       "prompts": prompts, "responses": responses})
+    return chains
+
+
+def chain_logps(model, processor, chains: list[dict], num_frames: int) -> list[np.ndarray]:
+    """Sequence log-prob of every entry of every chain (the video encoded once per chain)."""
+    from rank_dpo import load_video, response_logps
+
+    out = []
+    for chain in chains:
+        video = load_video(chain["video"], num_frames) if chain["video"] else None
+        lp = response_logps(model, processor, video, chain["prompts"], chain["responses"])
+        out.append(lp.double().cpu().numpy())
+    return out
+
+
+def ranking_summary(scores: list[np.ndarray]) -> dict:
+    """Mean over chains of chain_metrics, each with a bootstrap interval over chains.
+    Kendall's tau is undefined for a chain the scorer rates all equal; such chains are counted
+    in pairwise and top-1 (as coin flips) and left out of the tau mean."""
+    per = [chain_metrics(s) for s in scores]
+    out = {m: mean_ci([p[m] for p in per if math.isfinite(p[m])]) for m in ("pairwise", "kendall", "top1")}
+    out["n_chains"] = len(per)
+    return out
+
+
+def cmd_rank(args) -> dict:
+    chains = load_chains(args.data, args.video_root)
+    model, processor = _load(args, args.adapter)
+    policy = chain_logps(model, processor, chains, args.num_frames)
+    scorers = {"log-prob": policy}
+    if args.adapter:
+        # The implicit reward of DPO-style training: r = beta * (log pi - log pi_ref); beta > 0
+        # does not change an order, so the difference itself is ranked.
+        del model
+        base, processor = _load(args, None)
+        ref = chain_logps(base, processor, chains, args.num_frames)
+        scorers["implicit reward"] = [p - r for p, r in zip(policy, ref)]
+    if args.out:
+        write_jsonl(args.out, [{"id": c["id"], **{name: s[i].tolist() for name, s in scorers.items()}}
+                               for i, c in enumerate(chains)])
+    summary = {name: ranking_summary(s) for name, s in scorers.items()}
+    chance_top1 = float(np.mean([1 / len(c["responses"]) for c in chains])) if chains else math.nan
+    results = {"command": "rank", "model": args.model, "adapter": args.adapter, "data": args.data,
+               "scorers": summary, "chance": {"pairwise": 0.5, "kendall": 0.0, "top1": chance_top1}}
+    rows = [(f"{_model_name(args)}: {name}", fmt_ci(v["pairwise"], 3), fmt_ci(v["kendall"], 3),
+             fmt_ci(v["top1"], 3), v["n_chains"]) for name, v in summary.items()]
+    rows.append(("chance", "0.500", "0.000", fmt(chance_top1), ""))
+    table = markdown_table(("scorer", "pairwise acc", "Kendall tau", "top-1", "chains"), rows)
+    return report(results, table, args.results or sibling(args.data, ".rank.results.json"))
+
+
+def _model_name(args) -> str:
+    return f"{args.model} + {args.adapter}" if args.adapter else args.model
+
+
+def write_jsonl(path: str, records: Iterable[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# reward: the LM reward of LLaVA-Hound-DPO (the caption stands in for the video)
+# ----------------------------------------------------------------------------------------------
+
+def cmd_reward(args) -> dict:
+    """Score QA answers with gen_chains.score_answer: an LLM reads caption + question + answer and
+    returns a yes/no correctness verdict and a 0-5 score (the same call that ranks sampled answers
+    for training, so evaluation and data generation use one definition of the reward).
+
+    Input records: {"id", "question", "answer", "caption"?, "caption_id"?}; the caption is the
+    record's own, or the one with id caption_id (else id) in --captions.
+    """
+    from gen_chains import score_answer
+
+    captions = load_by_id(args.captions, ("caption",)) if args.captions else {}
+    jobs = []
+    for line, rec in read_jsonl(args.data):
+        rid = rec.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise DataError(args.data, line, "missing or not a string", field="id")
+        if rec.get("caption") is not None:
+            caption = require_text(args.data, line, rec, "caption")
+        else:
+            key = rec.get("caption_id", rid)
+            if key not in captions:
+                raise DataError(args.data, line, f"no caption: none in the record and no id {key!r} in "
+                                f"{args.captions or '--captions (not given)'}", field="caption")
+            caption = require_text(args.captions, *captions[key], "caption")
+        jobs.append({"id": rid, "caption": caption, "question": require_text(args.data, line, rec, "question"),
+                     "answer": require_text(args.data, line, rec, "answer")})
+    client = ChatClient.from_args(args)
+
+    def reward_one(job):
+        return {"id": job["id"], **score_answer(client, job["caption"], job["question"], job["answer"])}
+    run = map_resumable(jobs, reward_one, args.out, args.concurrency, desc="reward",
+                        drop_failed=args.retry_failed)
+
+    done = collect_outputs(args.out, [j["id"] for j in jobs])
+    scored = [r for r in done.values() if r.get("status") != "failed"]
+    score = mean_ci([float(r["score"]) for r in scored])
+    yes = mean_ci([float(r["verdict"] == "yes") for r in scored])
+    histogram = {s: sum(int(r["score"]) == s for r in scored) for s in range(6)}
+    results = {"command": "reward", "data": args.data, "out": args.out, "n": len(jobs),
+               "n_scored": len(scored), **failure_summary(done.values()), "score": score,
+               "yes_rate": yes, "score_histogram": histogram, "run": run}
+    table = markdown_table(("metric", "mean [95% CI]", "n"),
+                           [("score (0-5)", fmt_ci(score), score["n"]),
+                            ("verdict yes (accuracy)", fmt_ci(yes, 3), yes["n"])])
+    table += "\n\nscores: " + ", ".join(f"{s}: {n}" for s, n in histogram.items())
+    return report(results, table, args.results or sibling(args.out, ".results.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def results_arg(sp, default: str):
+        sp.add_argument("--results", default=None, help=f"results JSON (default: {default})")
+
+    def model_args(sp):
+        sp.add_argument("--model", default="tiny", help="'tiny' (embedded, the default), a local path or hub name")
+        sp.add_argument("--adapter", default=None, help="adapter directory saved by rank_dpo.py")
+        sp.add_argument("--data", required=True)
+        sp.add_argument("--video_root", default=None, help="videos are relative to this (default: the data file's folder)")
+        sp.add_argument("--num_frames", type=int, default=8, help="frames sampled per video")
+        sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+        sp.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the loader's choice)")
+
+    def judge_args(sp):
+        sp.add_argument("--judge", choices=("rules", "llm"), default="rules",
+                        help="rules: offline, from the synthetic set's stored facts (default); "
+                             "llm: an OpenAI-compatible server (--base_url, --model)")
+        sp.add_argument("--reask", type=int, default=2, help="re-asks after an unusable judge reply")
+        llm_args(sp)
+
+    def llm_args(sp):
+        sp.add_argument("--max_tokens", type=int, default=512, help="judge reply length limit")
+        sp.add_argument("--retry_failed", action="store_true", help="retry records that failed in an earlier run")
+        add_client_args(sp)
+        sp.set_defaults(temperature=0.0)  # a judge should be repeatable
+
+    sp = sub.add_parser("generate", help="greedy captions, one per video (resumable)")
+    model_args(sp)
+    sp.add_argument("--out", required=True, help="captions JSONL: {id, caption}")
+    sp.add_argument("--prompt", default=None, help=f"default: the record's prompt, else {DEFAULT_PROMPT!r}")
+    sp.add_argument("--batch_size", type=int, default=8)
+    sp.add_argument("--max_new_tokens", type=int, default=128)
+    results_arg(sp, "<out>.results.json")
+
+    sp = sub.add_parser("judge", help="score captions against references on four axes")
+    sp.add_argument("--pred", required=True, help="captions JSONL: {id, caption}")
+    sp.add_argument("--ref", required=True, help="references: {id, caption} (llm) or {id, facts} (rules)")
+    sp.add_argument("--out", required=True, help="scores JSONL: {id, scores: {axis: 1-10}}")
+    judge_args(sp)
+    results_arg(sp, "<out>.results.json")
+
+    sp = sub.add_parser("agree", help="Spearman correlation per axis between two score files")
+    sp.add_argument("--a", required=True)
+    sp.add_argument("--b", required=True)
+    results_arg(sp, "<a>.agree.results.json")
+
+    sp = sub.add_parser("compare", help="head-to-head win/tie/loss of captions A against B")
+    sp.add_argument("--a", required=True)
+    sp.add_argument("--b", required=True)
+    sp.add_argument("--ref", required=True)
+    sp.add_argument("--out", default=None, help="verdicts JSONL (default: <a>.vs.<b>.compare.jsonl)")
+    judge_args(sp)
+    results_arg(sp, "<out>.results.json")
+
+    sp = sub.add_parser("mcq", help="multiple-choice accuracy by answer-letter log-probability")
+    model_args(sp)
+    sp.add_argument("--out", default=None, help="per-item predictions JSONL (optional)")
+    results_arg(sp, "<data>.mcq.results.json")
+
+    sp = sub.add_parser("rank", help="how well the model's log-probs order held-out chains")
+    model_args(sp)
+    sp.add_argument("--out", default=None, help="per-chain scores JSONL (optional)")
+    results_arg(sp, "<data>.rank.results.json")
+
+    sp = sub.add_parser("reward", help="LM reward of QA answers with the caption as evidence")
+    sp.add_argument("--data", required=True, help="QA JSONL: {id, question, answer, caption? | caption_id?}")
+    sp.add_argument("--captions", default=None, help="captions JSONL: {id, caption}")
+    sp.add_argument("--out", required=True, help="rewards JSONL: {id, verdict, score, ...}")
+    llm_args(sp)
+    results_arg(sp, "<out>.results.json")
+    return p
+
+
+COMMANDS = {"generate": cmd_generate, "judge": cmd_judge, "agree": cmd_agree, "compare": cmd_compare,
+            "mcq": cmd_mcq, "rank": cmd_rank, "reward": cmd_reward}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "data", None) and hasattr(args, "video_root") and args.video_root is None:
+        args.video_root = os.path.dirname(os.path.abspath(args.data))
+    if hasattr(args, "device") and args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return COMMANDS[args.command](args)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

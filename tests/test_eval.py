@@ -1,0 +1,269 @@
+"""eval_judge.py: statistics against hand-computed values, judge parsing, the LLM judge over a
+real (fake) HTTP server with faults, the rules judge, and mcq / rank / generate on the tiny model
+in cases built so the right answer is certain."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import eval_judge as E
+from fake_llm import FakeLLM, Reply
+
+GOOD = '{"relevance": 8, "descriptiveness": 7, "temporal_consistency": 9, "fluency": 10}'
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+def test_average_ranks_share_ties():
+    assert E.average_ranks([10, 20, 20, 5]).tolist() == [2, 3.5, 3.5, 1]
+    assert E.average_ranks([7, 7, 7]).tolist() == [2, 2, 2]
+
+
+def test_spearman_hand_computed():
+    # y's ranks with the tie averaged: [1, 2, 3.5, 5, 3.5]; centred x ranks [-2, -1, 0, 1, 2],
+    # centred y ranks [-2, -1, .5, 2, .5]: rho = 8 / sqrt(10 * 9.5) = 0.82078...
+    assert E.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95), abs=1e-12)
+    assert E.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert E.spearman([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)  # d^2 = 4+1+1: 1 - 6*6/24
+    assert math.isnan(E.spearman([1, 2, 3], [4, 4, 4]))            # undefined, not 0
+    assert math.isnan(E.spearman([1], [2]))
+
+
+def test_kendall_tau_b_hand_computed():
+    # Pairs of x=[12,2,1,12,2], y=[1,4,7,1,0]: concordant (0,4),(3,4); discordant (0,1),(0,2),
+    # (1,2),(1,3),(2,3),(2,4); tied in x (0,3),(1,4); tied in y (0,3). tau_b = (2-6)/sqrt(8*9).
+    assert E.kendall_tau_b([12, 2, 1, 12, 2], [1, 4, 7, 1, 0]) == pytest.approx(-4 / math.sqrt(72))
+    assert E.kendall_tau_b([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)  # C=2, D=1, no ties
+    assert E.kendall_tau_b([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(E.kendall_tau_b([1, 2, 3], [5, 5, 5]))
+
+
+def test_chain_metrics_and_ties_as_coin_flips():
+    assert E.chain_metrics([3.0, 2.0, 1.0]) == {"pairwise": 1.0, "kendall": 1.0, "top1": 1.0}
+    assert E.chain_metrics([1.0, 2.0, 3.0]) == {"pairwise": 0.0, "kendall": -1.0, "top1": 0.0}
+    m = E.chain_metrics([1.0, 1.0, 0.0])   # best two tied: half a pair, half a top-1
+    assert m["pairwise"] == pytest.approx(2.5 / 3)
+    assert m["top1"] == 0.5
+    assert m["kendall"] == pytest.approx(2 / math.sqrt(3 * 2))  # C=2, D=0, one tie in the scores
+    with pytest.raises(ValueError):
+        E.chain_metrics([1.0])
+
+
+def test_bootstrap_ci():
+    values = np.random.default_rng(1).normal(5.0, 1.0, size=400)
+    lo, hi = E.bootstrap_ci(values)
+    assert lo < values.mean() < hi
+    assert hi - lo == pytest.approx(2 * 1.96 / math.sqrt(400), rel=0.2)  # ~ normal theory
+    assert E.bootstrap_ci(values) == (lo, hi)                          # seeded: reproducible
+    assert E.bootstrap_ci([7, 7, 7]) == (7.0, 7.0)
+    assert E.mean_ci([1, 2, 3, 4, 5])["mean"] == 3.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading judge replies
+# ----------------------------------------------------------------------------------------------
+
+FULL = {"relevance": 8.0, "descriptiveness": 7.0, "temporal_consistency": 9.0, "fluency": 10.0}
+
+
+@pytest.mark.parametrize("reply", [
+    GOOD,
+    "Sure! Here is my evaluation:\n```json\n" + GOOD + "\n```\nLet me know if you need more.",
+    "Scores: {'relevance': 8, 'descriptiveness': 7, 'temporal_consistency': 9, 'fluency': 10,}",
+    '{"Relevance": "8/10", "Descriptiveness": 7, "Temporal Consistency": "9", "Fluency": {"score": 10}}',
+    '{"scores": {"relevance": 8, "descriptiveness": 7, "temporal": 9, "fluency": 10}, "reason": "ok"}',
+    "**Relevance**: 8/10\n**Descriptiveness** (1-10): 7\nTemporal consistency - 9 out of 10\n"
+    "Fluency score is 10.",
+    "The description is vague. Relevance: 8, Descriptiveness: 7, Temporal Consistency: 9, Fluency: 10",
+    'Relevance: 3 at first glance... {"relevance": 8, "descriptiveness": 7, "temporal_consistency": 9} '
+    "and Fluency: 10",                                     # JSON wins; the missing axis from prose
+    "Relevance: 4/5, Descriptiveness: 3.5/5, Temporal consistency: 4.5 out of 5, Fluency: 5/5",
+])
+def test_parse_axis_scores_messy_but_usable(reply):
+    scores, problems = E.parse_axis_scores(reply)
+    assert problems == []
+    assert scores == FULL
+
+
+@pytest.mark.parametrize("reply, problem", [
+    ('{"relevance": 11, "descriptiveness": 7, "temporal_consistency": 9, "fluency": 10}',
+     "relevance=11 is outside 1-10"),
+    ('{"relevance": 0, "descriptiveness": 7, "temporal_consistency": 9, "fluency": 10}',
+     "relevance=0 is outside 1-10"),
+    ('{"relevance": 80, "descriptiveness": 70, "temporal_consistency": 90, "fluency": 100}',
+     "fluency=100 is outside 1-10"),                       # another scale is not clamped to 10
+    ('{"relevance": 8, "descriptiveness": 7, "fluency": 10}', "no score for temporal_consistency"),
+    ("Relevance: 8-9, Descriptiveness: 7, Temporal consistency: 9, Fluency: 10",
+     "no score for relevance"),                            # a range is not a score
+    ("I cannot rate this caption.", "no score for fluency"),
+    ("", "no score for relevance"),
+])
+def test_parse_axis_scores_problems(reply, problem):
+    _, problems = E.parse_axis_scores(reply)
+    assert problem in problems
+
+
+@pytest.mark.parametrize("reply, verdict", [
+    ('{"better": "1"}', "1"), ('{"better": 2}', "2"), ('{"winner": "Caption 2"}', "2"),
+    ('```json\n{"better": "tie"}\n```', "tie"), ("Caption 1 is better because it is precise.", "1"),
+    ("Both are close, but overall the better one is caption 2.", "2"), ("It's a tie.", "tie"),
+])
+def test_parse_verdict(reply, verdict):
+    assert E.parse_verdict(reply) == (verdict, [])
+
+
+def test_parse_verdict_unusable():
+    assert E.parse_verdict("Hard to say.")[0] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The LLM judge over HTTP, with faults (the client is gen_chains.ChatClient)
+# ----------------------------------------------------------------------------------------------
+
+def client_for(llm, **kw):
+    from gen_chains import ChatClient
+    return ChatClient(llm.url, "fake", max_tries=kw.get("max_tries", 3), backoff=0.01)
+
+
+@pytest.mark.parametrize("fault", [Reply.error(429, retry_after=0), Reply.error(500),
+                                   Reply.malformed(), Reply.empty()])
+def test_judge_llm_survives_transport_faults(fault):
+    with FakeLLM(default=GOOD) as llm:
+        llm.push(fault)
+        out = E.judge_llm(client_for(llm), "a red ball rolls left", "a red ball moves left")
+        assert out["scores"] == FULL and out["tries"] == 1   # the client retried, not the judge
+        assert len(llm.requests) == 2
+        body = llm.requests[-1].body
+        assert "a red ball rolls left" in body["messages"][-1]["content"]
+
+
+def test_judge_llm_reasks_with_the_problem():
+    with FakeLLM(default=GOOD) as llm:
+        llm.push("Looks fine to me!", '{"relevance": 12, "descriptiveness": 7}')
+        out = E.judge_llm(client_for(llm), "ref", "cand")
+        assert out["scores"] == FULL and out["tries"] == 3
+        third = llm.requests[2].messages                     # the whole conversation is kept
+        assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert third[2]["content"] == "Looks fine to me!"
+        assert "no score for relevance" in third[3]["content"]
+        assert "relevance=12 is outside 1-10" in third[5]["content"]
+
+
+def test_judge_llm_unparseable_is_recorded_not_guessed():
+    with FakeLLM(default="no idea") as llm:
+        out = E.judge_llm(client_for(llm), "ref", "cand", reask=1)
+        assert out["status"] == "failed" and "unparseable" in out["reason"]
+        assert out["reply"] == "no idea" and len(llm.requests) == 2
+
+
+def test_judge_cli_llm_with_permanent_failure(tmp_path):
+    pred = write_jsonl(tmp_path / "pred.jsonl", [{"id": f"v{i}", "caption": f"caption {i}"} for i in range(4)])
+    ref = write_jsonl(tmp_path / "ref.jsonl", [{"id": f"v{i}", "caption": f"reference {i}"} for i in range(4)])
+    out = str(tmp_path / "scores.jsonl")
+
+    def responder(req):  # the server always fails the request about caption 2
+        return Reply.error(500) if "caption 2" in req.user_text else GOOD
+    with FakeLLM(responder=responder) as llm:
+        args = ["judge", "--judge", "llm", "--pred", pred, "--ref", ref, "--out", out,
+                "--base_url", llm.url, "--max_tries", "2", "--backoff", "0.01", "--concurrency", "2"]
+        res = E.main(args)
+        assert llm.requests[0].body["temperature"] == 0.0    # a judge is asked to be repeatable
+    recs = {r["id"]: r for r in read_jsonl(out)}
+    assert recs["v2"]["status"] == "failed" and "HTTP 500" in recs["v2"]["reason"]
+    assert recs["v0"]["scores"] == FULL
+    assert res["n_scored"] == 3 and res["n_failed"] == 1 and res["failed"][0]["id"] == "v2"
+    assert res["axes"]["relevance"]["mean"] == 8.0 and res["axes"]["relevance"]["n"] == 3
+    saved = json.load(open(tmp_path / "scores.results.json"))
+    assert saved["overall"]["mean"] == pytest.approx(8.5)
+
+    # Re-running with --retry_failed asks only for the failed caption; now it succeeds.
+    with FakeLLM(default=GOOD) as llm:
+        args[args.index("--base_url") + 1] = llm.url
+        res = E.main(args + ["--retry_failed"])
+        assert len(llm.requests) == 1 and "caption 2" in llm.requests[0].user_text
+    assert res["n_scored"] == 4 and res["n_failed"] == 0
+
+
+def test_compare_llm_asks_both_orders_and_cancels_position_bias(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "caption": "GOOD one"}, {"id": "y", "caption": "meh"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "x", "caption": "plain"}, {"id": "y", "caption": "GOOD two"}])
+    ref = write_jsonl(tmp_path / "ref.jsonl", [{"id": "x", "caption": "r"}, {"id": "y", "caption": "r"}])
+
+    def fair(req):   # prefers the caption that says GOOD, wherever it stands
+        first = req.user_text.split("Caption 1:")[1].split("Caption 2:")[0]
+        return '{"better": "1"}' if "GOOD" in first else '{"better": "2"}'
+    with FakeLLM(responder=fair) as llm:
+        res = E.main(["compare", "--judge", "llm", "--a", a, "--b", b, "--ref", ref,
+                      "--out", str(tmp_path / "c.jsonl"), "--base_url", llm.url, "--concurrency", "1"])
+        firsts = [r.user_text.split("Caption 1:")[1].split("Caption 2:")[0].strip() for r in llm.requests]
+    assert sorted(firsts) == sorted(["GOOD one", "plain", "meh", "GOOD two"])  # each caption once first
+    assert res["win"]["mean"] == 0.5 and res["loss"]["mean"] == 0.5 and res["order_agreement"] == 1.0
+
+    with FakeLLM(default='{"better": "1"}') as llm:      # a judge that only ever picks position 1
+        res = E.main(["compare", "--judge", "llm", "--a", a, "--b", b, "--ref", ref,
+                      "--out", str(tmp_path / "c2.jsonl"), "--base_url", llm.url])
+    assert res["tie"]["mean"] == 1.0 and res["first_position_rate"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# agree, and errors that name file and line
+# ----------------------------------------------------------------------------------------------
+
+def score_rec(rid, r, d=5, t=5, f=5):
+    return {"id": rid, "scores": {"relevance": r, "descriptiveness": d, "temporal_consistency": t, "fluency": f}}
+
+
+def test_agree_spearman_per_axis(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [score_rec(f"v{i}", r) for i, r in enumerate([1, 2, 3, 4, 5])]
+                    + [{"id": "v9", "status": "failed", "reason": "x"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [score_rec(f"v{i}", r, d=i) for i, r in enumerate([5, 6, 7, 8, 7])])
+    res = E.main(["agree", "--a", a, "--b", b])
+    assert res["axes"]["relevance"]["spearman"] == pytest.approx(8 / math.sqrt(95))
+    assert res["n_common"] == 5
+    saved = json.load(open(tmp_path / "a.agree.results.json"))
+    assert saved["axes"]["fluency"]["spearman"] is None     # constant: undefined, written as null
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda p: write_jsonl(p, [score_rec("v0", 5), "{not json", score_rec("v2", 5)]), ":2: malformed JSON"),
+    (lambda p: write_jsonl(p, [score_rec("v0", 5), score_rec("v0", 6)]), ":2: field 'id': id 'v0' repeats line 1"),
+    (lambda p: write_jsonl(p, [score_rec("v0", 5), {"id": "v1", "scores": {"relevance": 3}}]),
+     ":2: field 'scores.descriptiveness'"),
+    (lambda p: write_jsonl(p, [score_rec("v0", 5), score_rec("v1", "high")]), ":2: field 'scores.relevance'"),
+])
+def test_bad_score_file_names_file_and_line(tmp_path, make, where):
+    bad = str(tmp_path / "bad.jsonl")
+    make(bad)
+    good = write_jsonl(tmp_path / "good.jsonl", [score_rec(f"v{i}", i + 1) for i in range(3)])
+    with pytest.raises(SystemExit) as e:
+        E.main(["agree", "--a", good, "--b", bad])
+    assert f"bad.jsonl{where}" in str(e.value)
+
+
+def test_judge_errors_name_file_and_line(tmp_path):
+    ref = write_jsonl(tmp_path / "ref.jsonl", [{"id": "v0", "caption": "r"}])
+    pred = write_jsonl(tmp_path / "pred.jsonl", [{"id": "v0", "caption": "c"}, {"id": "v7", "caption": "c"}])
+    with pytest.raises(SystemExit, match=r"pred.jsonl:2: field 'id': id 'v7' has no reference"):
+        E.main(["judge", "--pred", pred, "--ref", ref, "--out", str(tmp_path / "s.jsonl"), "--judge", "llm"])
+    pred = write_jsonl(tmp_path / "pred.jsonl", [{"id": "v0", "caption": 3}])
+    with pytest.raises(SystemExit, match=r"pred.jsonl:1: field 'caption': expected a string"):
+        E.main(["judge", "--pred", pred, "--ref", ref, "--out", str(tmp_path / "s.jsonl"), "--judge", "llm"])
+    pred = write_jsonl(tmp_path / "pred.jsonl", [{"id": "v0", "caption": "c"}])
+    with pytest.raises(SystemExit, match=r"ref.jsonl:1: field 'facts': missing"):
+        E.main(["judge", "--pred", pred, "--ref", ref, "--out", str(tmp_path / "s.jsonl")])  # rules
