@@ -267,3 +267,200 @@ def test_judge_errors_name_file_and_line(tmp_path):
     pred = write_jsonl(tmp_path / "pred.jsonl", [{"id": "v0", "caption": "c"}])
     with pytest.raises(SystemExit, match=r"ref.jsonl:1: field 'facts': missing"):
         E.main(["judge", "--pred", pred, "--ref", ref, "--out", str(tmp_path / "s.jsonl")])  # rules
+
+
+# ----------------------------------------------------------------------------------------------
+# mcq / rank / generate on the tiny model. A randomly initialised model has no "right" answer,
+# so the certain cases replace the output layer's logits through a forward hook: the whole
+# pipeline (chat template, video, label masking of the prompt, letters, argmax, metrics) runs
+# as usual, but the next-token distribution is one whose answers can be worked out by hand.
+# ----------------------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from rank_dpo import load_model
+    return load_model("tiny")
+
+
+@contextlib.contextmanager
+def fixed_logits(model, boost=None):
+    """Every position's logits become 0, except boost[token_id] for the listed tokens."""
+    import torch
+
+    def hook(module, inputs, output):
+        logits = torch.zeros_like(output)
+        for token, value in (boost or {}).items():
+            logits[..., token] = value
+        return logits
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def token_id(processor, text):
+    from rank_dpo import tokenizer_of
+    ids = tokenizer_of(processor)(text, add_special_tokens=False).input_ids
+    assert len(ids) == 1, f"{text!r} is {len(ids)} tokens"
+    return ids[0]
+
+
+def save_video(path, seed=0):
+    np.save(path, np.random.default_rng(seed).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8))
+    return os.path.basename(path)
+
+
+OPTIONS = ["a red circle moves left", "a blue square moves up", "a green triangle appears",
+           "two white circles move down", "the background is gray"]
+
+
+def mcq_file(tmp_path):
+    from gen_chains import format_mcq
+    video = save_video(tmp_path / "v.npy")
+    return write_jsonl(tmp_path / "mcq.jsonl", [
+        {"id": "q1", "video": video, "question": "What happens?", "options": OPTIONS, "answer": 2},  # C
+        {"id": "q2", "question": "What happens?", "options": OPTIONS, "answer": 0},                  # A
+        {"id": "q3", "video": video, "prompt": format_mcq("Which one?", OPTIONS[:3]),
+         "chain": ["C", "A", "B"], "errors": [None, {"type": "color"}, {"type": "shape"}]},
+    ])
+
+
+def test_mcq_picks_the_letter_with_the_highest_logprob(tiny, tmp_path):
+    # The hook puts e^50 on "C" and on the end-of-turn token, 1 on every other token. The
+    # response "C" is [C, <|im_end|>]: log p = 2 * log(e^50 / (2 e^50 + V - 2)) ~ -2 log 2;
+    # any other letter X costs log p(X) ~ -50 - log 2 on its first token. So "C" wins every
+    # item: q1 (answer C) and q3 (chain[0] = C) are right, q2 (answer A) is wrong.
+    model, processor = tiny
+    items = E.load_mcq(mcq_file(tmp_path), str(tmp_path))
+    boost = {token_id(processor, "C"): 50.0, token_id(processor, "<|im_end|>"): 50.0}
+    with fixed_logits(model, boost):
+        preds = E.mcq_predictions(model, processor, items, num_frames=8)
+    assert [p["pred"] for p in preds] == ["C", "C", "C"]
+    assert [p["correct"] for p in preds] == [True, False, True]
+    assert preds[0]["logps"]["C"] == pytest.approx(-2 * math.log(2), abs=1e-3)
+    assert sorted(preds[2]["logps"]) == ["A", "B", "C"]          # the chain's letters only
+
+
+def test_mcq_cli(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    data = mcq_file(tmp_path)
+    monkeypatch.setattr(E, "_load", lambda args, adapter: (model, processor))
+    boost = {token_id(processor, "C"): 50.0, token_id(processor, "<|im_end|>"): 50.0}
+    with fixed_logits(model, boost):
+        res = E.main(["mcq", "--data", data, "--out", str(tmp_path / "preds.jsonl"), "--device", "cpu"])
+    assert res["accuracy"]["mean"] == pytest.approx(2 / 3) and res["accuracy"]["n"] == 3
+    assert res["predicted_letters"] == {"C": 3}
+    assert res["chance"] == pytest.approx((1 / 5 + 1 / 5 + 1 / 3) / 3)
+    assert os.path.exists(tmp_path / "mcq.mcq.results.json")
+    assert len(read_jsonl(tmp_path / "preds.jsonl")) == 3
+
+
+def test_mcq_bad_items_name_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "mcq.jsonl", [
+        {"id": "q1", "question": "?", "options": OPTIONS, "answer": 1},
+        {"id": "q2", "question": "?", "options": OPTIONS, "answer": 5}])
+    with pytest.raises(E.DataError, match=r"mcq.jsonl:2: field 'answer': expected an option index 0..4"):
+        E.load_mcq(path, str(tmp_path))
+    path = write_jsonl(tmp_path / "mcq.jsonl", [{"id": "q1", "prompt": "?", "chain": ["C", "not a letter"]}])
+    with pytest.raises(E.DataError, match=r"mcq.jsonl:1: field 'chain'"):
+        E.load_mcq(path, str(tmp_path))
+    path = write_jsonl(tmp_path / "mcq.jsonl", [{"id": "q1", "video": "nope.npy", "question": "?",
+                                                 "options": OPTIONS, "answer": 1}])
+    with pytest.raises(E.DataError, match=r"mcq.jsonl:1: field 'video': .*nope.npy does not exist"):
+        E.load_mcq(path, str(tmp_path))
+
+
+GROWING = ["a red circle", "a red circle moves left", "a red circle moves left and then disappears"]
+
+
+def chains_file(tmp_path):
+    video = save_video(tmp_path / "v.npy")
+    return write_jsonl(tmp_path / "chains.jsonl", [
+        {"id": "best-first", "video": video, "prompt": "Describe this video in detail.", "chain": GROWING},
+        {"id": "worst-first", "prompt": "Describe this video in detail.", "chain": GROWING[::-1]},
+        {"id": "yes-no", "video": video, "prompts": ["Is it red?", "Is it blue?", "Is it green?"],
+         "response": "no"},
+    ])
+
+
+def test_rank_on_chains_with_a_certain_order(tiny, tmp_path):
+    # Uniform logits: every token has log p = -log V, so a response of n tokens (its words plus
+    # the end-of-turn token) scores exactly -n log V. Each entry of GROWING is the previous one
+    # plus more words, hence more tokens, hence strictly lower: the order is certain. The yes/no
+    # chain has one response ("no") under three prompts: three equal scores, a tie.
+    from rank_dpo import tokenizer_of
+    model, processor = tiny
+    chains = E.load_chains(chains_file(tmp_path), str(tmp_path))
+    with fixed_logits(model):
+        scores = E.chain_logps(model, processor, chains, num_frames=8)
+    vocab = model.lm_head.out_features
+    n_tokens = [len(tokenizer_of(processor)(c + "<|im_end|>", add_special_tokens=False).input_ids)
+                for c in GROWING]
+    assert scores[0] == pytest.approx([-n * math.log(vocab) for n in n_tokens], rel=1e-5)
+    per = [E.chain_metrics(s) for s in scores]
+    assert per[0] == {"pairwise": 1.0, "kendall": 1.0, "top1": 1.0}
+    assert per[1] == {"pairwise": 0.0, "kendall": -1.0, "top1": 0.0}
+    assert per[2]["pairwise"] == 0.5 and per[2]["top1"] == pytest.approx(1 / 3) and math.isnan(per[2]["kendall"])
+    summary = E.ranking_summary(scores)
+    assert summary["pairwise"]["mean"] == pytest.approx(0.5)
+    assert summary["kendall"]["mean"] == 0.0 and summary["kendall"]["n"] == 2  # the tie has no tau
+    assert summary["n_chains"] == 3
+
+
+def test_rank_cli_implicit_reward_of_a_no_op_adapter_is_zero(tmp_path):
+    # A LoRA adapter straight from initialisation has B = 0: merged, it changes no weight, so
+    # log pi = log pi_ref for every caption and the implicit reward ties every chain.
+    from peft import LoraConfig, get_peft_model
+    from rank_dpo import load_model
+    base, _ = load_model("tiny")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        str(tmp_path / "adapter"))
+    data = chains_file(tmp_path)
+    res = E.main(["rank", "--data", data, "--adapter", str(tmp_path / "adapter"), "--device", "cpu",
+                  "--out", str(tmp_path / "scores.jsonl")])
+    reward = res["scorers"]["implicit reward"]
+    assert reward["pairwise"]["mean"] == 0.5 and reward["top1"]["mean"] == pytest.approx(1 / 3)
+    assert reward["kendall"]["n"] == 0                              # all ties: tau undefined
+    assert res["scorers"]["log-prob"]["n_chains"] == 3
+    rows = read_jsonl(tmp_path / "scores.jsonl")
+    assert rows[0]["implicit reward"] == [0.0, 0.0, 0.0] and len(rows[0]["log-prob"]) == 3
+    saved = json.load(open(tmp_path / "chains.rank.results.json"))
+    assert saved["scorers"]["implicit reward"]["kendall"]["mean"] is None
+
+
+def test_rank_bad_chain_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": "c1", "prompt": "p", "chain": ["a", "b"]},
+                                             {"id": "c2", "prompt": "p", "chain": ["only one"]}])
+    with pytest.raises(E.DataError, match=r"c.jsonl:2: field 'chain': expected a list of at least two"):
+        E.load_chains(path, str(tmp_path))
+
+
+def test_generate_resumes_and_is_greedy(tmp_path):
+    videos = [save_video(tmp_path / f"v{i}.npy", seed=i) for i in range(3)]
+    data = write_jsonl(tmp_path / "test.jsonl", [{"id": f"v{i}", "video": v, "caption": "gold"}
+                                                 for i, v in enumerate(videos)])
+    out = tmp_path / "captions.jsonl"
+    # A run killed mid-write: v1 finished, v2's line torn.
+    out.write_text(json.dumps({"id": "v1", "caption": "KEEP"}) + '\n{"id": "v2", "capt')
+    args = ["generate", "--data", data, "--out", str(out), "--max_new_tokens", "6", "--batch_size", "2",
+            "--num_frames", "4", "--device", "cpu"]
+    res = E.main(args)
+    assert res["generated"] == 2 and res["skipped"] == 1
+    recs = read_jsonl(out)
+    assert sorted(r["id"] for r in recs) == ["v0", "v1", "v2"]
+    assert {r["id"]: r["caption"] for r in recs}["v1"] == "KEEP"
+    assert E.main(args)["generated"] == 0                           # nothing left to do
+    again = E.main(args[:4] + [str(tmp_path / "again.jsonl")] + args[5:])
+    assert again["generated"] == 3
+    first = {r["id"]: r["caption"] for r in recs}
+    assert {r["id"]: r["caption"] for r in read_jsonl(tmp_path / "again.jsonl")}["v0"] == first["v0"]
+
+
+def test_generate_missing_video_names_file_and_line(tmp_path):
+    data = write_jsonl(tmp_path / "test.jsonl", [{"id": "v0"}, {"id": "v1", "video": "missing.npy"}])
+    with pytest.raises(SystemExit, match=r"test.jsonl:2: field 'video'"):
+        E.main(["generate", "--data", data, "--out", str(tmp_path / "c.jsonl"), "--device", "cpu"])
