@@ -280,9 +280,10 @@ def merge_adapter(net, adapter: str):
     from peft import PeftModel
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter}: not an adapter directory (no adapter_config.json)")
-    init_dir = os.path.join(adapter, "init")
-    if os.path.isdir(init_dir):
-        net = merge_adapter(net, init_dir)
+    meta_path = os.path.join(adapter, RUN_META)
+    init = json.load(open(meta_path)).get("init") if os.path.isfile(meta_path) else None
+    if init:                        # relative to the adapter: init/ in a run, ../../init in a checkpoint
+        net = merge_adapter(net, os.path.join(adapter, init))
     return PeftModel.from_pretrained(net, adapter).merge_and_unload()
 
 
@@ -472,24 +473,34 @@ class Batch:
         return self
 
 
+class PromptTooLong(ValueError):
+    def __init__(self, row: int, length: int, max_length: int):
+        super().__init__(f"prompt is {length} tokens (video included), max_length is {max_length}")
+        self.row = row
+
+
+def expand_video_tokens(processor, prompt_ids: list[int], video: dict) -> list[int]:
+    """Replace the prompt's one video placeholder by as many as the video has embeddings."""
+    vt = video_token_id(processor)
+    at = prompt_ids.index(vt)
+    return prompt_ids[:at] + [vt] * video_token_count(processor, video["video_grid_thw"][0]) + \
+        prompt_ids[at + 1:]
+
+
 def make_batch(processor, rows: list[tuple[list[int], list[int], int]], videos: list[dict],
                max_length: int) -> Batch:
     """rows: (prompt_ids with one video placeholder or none, response_ids, video index or -1).
 
-    The placeholder becomes video_token_count copies; a response that would run past
-    max_length is cut (the prompt never is: too long a prompt is an error, raised here too).
+    A response that would run past max_length is cut; a prompt that leaves no room for a
+    response raises PromptTooLong (the data loader turns it into a file:line error).
     """
     tok = tokenizer_of(processor)
     seqs, prompt_lens = [], []
-    for prompt_ids, response_ids, vid in rows:
+    for n, (prompt_ids, response_ids, vid) in enumerate(rows):
         if vid >= 0:
-            vt = video_token_id(processor)
-            at = prompt_ids.index(vt)
-            n = video_token_count(processor, videos[vid]["video_grid_thw"][0])
-            prompt_ids = prompt_ids[:at] + [vt] * n + prompt_ids[at + 1:]
+            prompt_ids = expand_video_tokens(processor, prompt_ids, videos[vid])
         if len(prompt_ids) >= max_length:
-            raise ValueError(f"prompt is {len(prompt_ids)} tokens (video included), "
-                             f"max_length is {max_length}")
+            raise PromptTooLong(n, len(prompt_ids), max_length)
         seqs.append((prompt_ids + response_ids)[:max_length])
         prompt_lens.append(len(prompt_ids))
     width = max(len(s) for s in seqs)
@@ -521,8 +532,13 @@ def encode_videos(model, videos: list[dict]) -> list[torch.Tensor]:
 
 
 def forward_logits(model, batch: Batch, video_embeds: list[torch.Tensor] | None = None):
-    """Logits [N, T-1, V] aligned with batch.labels. `video_embeds` reuses encoded videos (the
-    reference pass with a frozen vision tower); otherwise the videos are encoded here, once."""
+    """(logits [N, L, V], labels [N, L]) over the response region only.
+
+    Logits are computed just from the first position any response starts at: with long video
+    prompts that is most of the [N, T, V] logits tensor saved (logits_to_keep). `video_embeds`
+    reuses already-encoded videos (the reference pass with a frozen vision tower); otherwise
+    the batch's videos are encoded here, once each.
+    """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     kwargs = {}
     rows_with_video = [v for v in batch.video_of_row if v >= 0]
@@ -535,9 +551,12 @@ def forward_logits(model, batch: Batch, video_embeds: list[torch.Tensor] | None 
                                               for v in rows_with_video])
         if _accepts(model, "mm_token_type_ids"):
             kwargs["mm_token_type_ids"] = (batch.input_ids == model.config.video_token_id).int() * 2
+    real = batch.labels != IGNORE_INDEX
+    first = int(real.float().argmax(-1)[real.any(-1)].min()) if real.any() else 0
+    keep = torch.arange(first, batch.labels.shape[1], device=batch.labels.device)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                **kwargs)
-    return out.logits[:, :-1]
+                logits_to_keep=keep, **kwargs)
+    return out.logits, batch.labels[:, first:]
 
 
 def _accepts(model, name: str) -> bool:
@@ -559,8 +578,8 @@ def response_logps(model, processor, video, prompts: list[str], responses: list[
     rows = [(*encode_text(processor, p, r, video is not None), vid)
             for p, r in zip(prompts, responses)]
     batch = make_batch(processor, rows, videos, max_length).to(device)
-    logits = forward_logits(model, batch)
-    logps, _ = kernels.sequence_logps(logits, batch.labels)
+    logits, labels = forward_logits(model, batch)
+    logps, _ = kernels.sequence_logps(logits, labels)
     return logps.float()
 
 
@@ -576,9 +595,7 @@ def build_generation_inputs(processor, prompts: list[str],
     for prompt, enc in zip(prompts, encoded):
         ids, _ = encode_text(processor, prompt, None, enc is not None)
         if enc is not None:
-            vt = video_token_id(processor)
-            at = ids.index(vt)
-            ids = ids[:at] + [vt] * video_token_count(processor, enc["video_grid_thw"][0]) + ids[at + 1:]
+            ids = expand_video_tokens(processor, ids, enc)
         seqs.append(ids)
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
@@ -593,3 +610,567 @@ def build_generation_inputs(processor, prompts: list[str],
         inputs["video_grid_thw"] = torch.cat([e["video_grid_thw"] for e in present])
         inputs["mm_token_type_ids"] = (input_ids == video_token_id(processor)).int() * 2
     return inputs
+
+
+# ================================================================================================
+# 5. Data. A record is a chain of responses ranked best first under one prompt
+#    {"id", "video"?, "prompt", "chain": [...]}, or a yes/no chain of prompts ranked best first
+#    under one fixed response {"id", "video"?, "prompts": [...], "response": "no"}. Both become
+#    K (prompt, response) pairs that share the record's video. Everything is checked up front.
+# ================================================================================================
+
+PREFERENCE_OBJECTIVES = ("rank", "dpo", "mpo", "hinge")
+REFERENCE_OBJECTIVES = ("rank", "dpo", "mpo")       # the ones whose loss uses the reference model
+
+
+@dataclass
+class Chain:
+    id: str
+    path: str                                       # file and line, for error messages
+    line: int
+    field: str                                      # "chain" or "prompts": what varies
+    video: str | None
+    rows: list[tuple[list[int], list[int]]]         # per entry: (prompt_ids, response_ids)
+
+
+def _string_list(path, line, record, field) -> list[str]:
+    value = record[field]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise DataError(path, line, "expected a list of non-empty strings", field)
+    return value
+
+
+def _string(path, line, record, field) -> str:
+    if not isinstance(record.get(field), str):
+        raise DataError(path, line, "missing or not a string" if field not in record
+                        else f"expected a string, got {type(record[field]).__name__}", field)
+    return record[field]
+
+
+def expected_video_tokens(processor, num_frames: int) -> int | None:
+    """Video tokens per clip when known without reading the video (the tiny model resizes every
+    clip to one size); None for hub processors, whose count depends on the frame size."""
+    if not isinstance(processor, TinyProcessor):
+        return None
+    p = processor
+    t = math.ceil(num_frames / p.temporal_patch_size)
+    return t * (p.image_size // p.patch_size) ** 2 // p.merge_size ** 2
+
+
+def load_chains(path: str, processor, objective: str, video_root: str | None = None,
+                max_chain: int | None = None, max_length: int = 2048,
+                num_frames: int = 8) -> list[Chain]:
+    """Read, check and tokenize every record; any problem is a DataError naming file:line:field."""
+    video_tokens = expected_video_tokens(processor, num_frames)
+    takes_video = isinstance(processor, TinyProcessor) or \
+        getattr(processor, "video_processor", None) is not None
+    chains = []
+    for line, record in read_jsonl(path):
+        if "chain" in record:
+            field, responses = "chain", _string_list(path, line, record, "chain")
+            prompts = [_string(path, line, record, "prompt")] * len(responses)
+        elif "prompts" in record:
+            field, prompts = "prompts", _string_list(path, line, record, "prompts")
+            responses = [_string(path, line, record, "response")] * len(prompts)
+        else:
+            raise DataError(path, line, "a record needs 'chain' (responses ranked best first, "
+                            "with 'prompt') or 'prompts' (prompts ranked best first, with "
+                            "'response')", "chain")
+        if max_chain is not None:
+            prompts, responses = prompts[:max_chain], responses[:max_chain]
+        if not prompts or (objective in PREFERENCE_OBJECTIVES and len(prompts) < 2):
+            raise DataError(path, line, f"has {len(prompts)} entr{'y' if len(prompts) == 1 else 'ies'}"
+                            f"{' after --max_chain' if max_chain else ''}; the {objective} objective "
+                            "needs at least 2, ranked best first", field)
+        video = None
+        if record.get("video") is not None:
+            video = _string(path, line, record, "video")
+            if not takes_video:
+                raise DataError(path, line, "this model's processor takes no video", "video")
+            video = os.path.join(video_root or os.path.dirname(path), video)
+            if not os.path.exists(video):
+                raise DataError(path, line, f"video not found: {video}", "video")
+        rows = [encode_text(processor, p, r, video is not None) for p, r in zip(prompts, responses)]
+        for prompt_ids, _ in rows:           # the placeholder becomes video_tokens tokens
+            length = len(prompt_ids) + ((video_tokens or 1) - 1 if video else 0)
+            if length >= max_length:
+                raise DataError(path, line, f"prompt is {length} tokens"
+                                f"{' (video included)' if video else ''}, max_length is {max_length}",
+                                "prompts" if field == "prompts" else "prompt")
+        chains.append(Chain(str(record.get("id", f"{path}:{line}")), path, line, field, video, rows))
+    if not chains:
+        raise DataError(path, None, "no records")
+    return chains
+
+
+def collate(chains: list[Chain], processor, num_frames: int, max_length: int):
+    """A Batch of all the chains' sequences plus chains [B, K]: row indices best first, -1 pad."""
+    rows, videos, members = [], [], []
+    for chain in chains:
+        vid = -1
+        if chain.video is not None:
+            try:
+                frames = load_video(chain.video, num_frames)
+            except (OSError, ValueError) as e:
+                raise DataError(chain.path, chain.line, str(e), "video") from None
+            videos.append(video_inputs(processor, frames))
+            vid = len(videos) - 1
+        members.append(list(range(len(rows), len(rows) + len(chain.rows))))
+        rows += [(p, r, vid) for p, r in chain.rows]
+    try:
+        batch = make_batch(processor, rows, videos, max_length)
+    except PromptTooLong as e:
+        chain = chains[next(i for i, m in enumerate(members) if e.row in m)]
+        raise DataError(chain.path, chain.line, str(e),
+                        "prompts" if chain.field == "prompts" else "prompt") from None
+    index = torch.full((len(chains), max(len(m) for m in members)), -1, dtype=torch.long)
+    for b, m in enumerate(members):
+        index[b, :len(m)] = torch.tensor(m)
+    return batch, index
+
+
+def step_batches(n_chains: int, step: int, seed: int, batch_size: int, grad_accum: int,
+                 world: int, rank: int) -> list[list[int]]:
+    """This rank's micro-batches (chain indices) for optimizer step `step` (0-based).
+
+    Every epoch is a fresh permutation of the data (seeded by seed + epoch); each step takes the
+    next global batch of batch_size * grad_accum * world chains and rank r gets its slices. The
+    data position is therefore a function of the step alone, which is what makes resume exact.
+    A last partial global batch of an epoch is dropped.
+    """
+    global_batch = batch_size * grad_accum * world
+    per_epoch = n_chains // global_batch
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(n_chains)[i * global_batch:]
+    return [order[(m * world + rank) * batch_size:][:batch_size].tolist()
+            for m in range(grad_accum)]
+
+
+# ================================================================================================
+# 6. Training: arguments, LoRA and the vision choice, DDP, the step, checkpoints, the loop.
+# ================================================================================================
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Learning to rank caption chains (Plackett-Luce DPO) "
+                                "and its baselines, on a VLM or LM with LoRA.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny', a local path or a hub name")
+    p.add_argument("--data", required=True, help="chains JSONL (chain or yes/no records)")
+    p.add_argument("--video_root", help="videos are relative to this (default: the data file's folder)")
+    p.add_argument("--objective", choices=kernels.OBJECTIVES, default="rank")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--ntp_weight", type=float, default=0.1, help="NTP term on the best response")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--batch_size", type=int, default=1, help="chains per rank per micro-step")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--max_chain", type=int, help="keep the first K entries of every chain")
+    p.add_argument("--vision", choices=("frozen", "lora", "full"), default="lora",
+                   help="vision encoder: no grads, LoRA on its linear layers, or fully trained")
+    p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--lora_alpha", type=float, help="default: 2 * lora_r")
+    p.add_argument("--num_frames", type=int, default=8, help="frames sampled uniformly per video")
+    p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence, video included")
+    p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: end only)")
+    p.add_argument("--keep_checkpoints", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss_backend", choices=("auto", "reference", "cpu", "cuda"), default="auto")
+    p.add_argument("--init", metavar="ADAPTER_DIR", help="warm start: merge this saved adapter "
+                   "first (e.g. an SFT run); it then is the reference model too")
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--lr_schedule", choices=("cosine", "linear", "constant"), default="cosine")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--log_every", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.max_chain is not None and args.max_chain < (2 if args.objective != "sft" else 1):
+        p.error(f"--max_chain {args.max_chain} leaves no pair to rank for --objective {args.objective}")
+    for name in ("batch_size", "grad_accum", "max_steps", "num_frames", "max_length", "lora_r"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+def setup_distributed():
+    """(rank, world, device). Under torchrun: one process per GPU with NCCL, or gloo on CPU."""
+    import torch.distributed as dist
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+VISION_MODULES = ("visual", "vision_tower", "vision_model", "multi_modal_projector")
+
+
+def vision_module_names(model) -> list[str]:
+    """Top-level names of the vision encoder (and projector) inside a VLM; [] for an LM."""
+    names = [n for n, _ in model.named_modules() if n.split(".")[-1] in VISION_MODULES]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
+
+
+def add_adapters(model, args):
+    """LoRA on every linear layer of the language model; the vision encoder per --vision.
+
+    frozen: the tower gets no gradients. lora: LoRA on its linear layers too; disabling the
+    adapters restores it, so the reference stays the untouched network. full: the whole tower
+    trains as a peft `modules_to_save` copy: peft keeps the original beside the trained copy
+    and runs the original while adapters are disabled, so the reference still sees the
+    original tower (LoRA-disabling alone could not undo full-weight updates). Costs one extra
+    copy of the tower, never a second copy of the language model.
+    """
+    from peft import LoraConfig, get_peft_model
+    vision = vision_module_names(model)
+
+    def in_vision(name):
+        return any(name == v or name.startswith(v + ".") for v in vision)
+
+    linear = [n for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"]
+    targets = [n for n in linear if not in_vision(n)]
+    if args.vision == "lora":
+        targets += [n for n in linear if in_vision(n)]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                        lora_dropout=0.0, target_modules=targets,
+                        modules_to_save=vision if args.vision == "full" and vision else None)
+    return get_peft_model(model, config)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to the peak, then cosine or linear decay towards zero (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress,
+            "constant": 1.0}[schedule]
+
+
+def chain_stats(logps, ref, counts, index, beta) -> torch.Tensor:
+    """Sums for the logged metrics: [ntp, chains, margin, adjacent pairs, right pairs, pairs].
+
+    The score is the implicit reward beta*(logp - ref) when the objective has a reference,
+    else the policy log-prob (sft, hinge). margin = mean score gap between neighbours in a
+    chain; ranking accuracy = share of ordered pairs (i < j) scored in the right order.
+    """
+    mask, rows = index >= 0, index.clamp_min(0)
+    score = (beta * (logps - ref) if ref is not None else logps)[rows]
+    best = rows[:, 0]
+    ntp = -logps[best] / counts[best].clamp_min(1)
+    adjacent = mask[:, 1:] & mask[:, :-1]
+    gaps = (score[:, :-1] - score[:, 1:])[adjacent]
+    k = index.shape[1]
+    pairs = torch.ones(k, k, dtype=torch.bool, device=index.device).triu(1) & \
+        mask.unsqueeze(2) & mask.unsqueeze(1)
+    right = (score.unsqueeze(2) > score.unsqueeze(1)) & pairs
+    return torch.stack([ntp.sum(), torch.tensor(float(len(index))), gaps.sum(),
+                        torch.tensor(float(len(gaps))), right.sum().float(),
+                        pairs.sum().float()]).double().cpu()
+
+
+def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_trainable: bool):
+    """Reference log-probs (adapters off, no grad), policy forward, the fused loss.
+
+    Returns (loss, stats). The videos are encoded once per pass; with a frozen tower once in
+    all, since the policy and the reference then see the same video features.
+    """
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if batch.input_ids.is_cuda \
+        else contextlib.nullcontext()
+    shared = None
+    if batch.videos and not vision_trainable:
+        with torch.no_grad(), autocast:
+            shared = encode_videos(model, batch.videos)
+    ref = None
+    if args.objective in REFERENCE_OBJECTIVES:
+        with torch.no_grad(), model.disable_adapter(), autocast:
+            ref_logits, labels = forward_logits(model, batch, shared)
+            ref, _ = kernels.sequence_logps(ref_logits, labels, backend=args.loss_backend)
+        del ref_logits
+    with autocast:
+        logits, labels = forward_logits(model, batch, shared)
+    loss, logps = kernels.fused_chain_loss(
+        logits, labels, index.to(logits.device),
+        ref if ref is not None else torch.zeros(len(labels), device=logits.device),
+        objective=args.objective, beta=args.beta, ntp_weight=args.ntp_weight,
+        backend=args.loss_backend)
+    counts = (labels != IGNORE_INDEX).sum(-1)
+    stats = chain_stats(logps.detach().float(), ref, counts, index.to(logits.device), args.beta)
+    return loss, stats
+
+
+def all_reduce_(tensor: torch.Tensor, world: int, op="sum") -> torch.Tensor:
+    import torch.distributed as dist
+    if world > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """One all-reduce of every trainable gradient per optimizer step (not per micro-step, as
+    DDP would do without no_sync). A parameter a rank did not use counts as a zero gradient."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_(flat, world).div_(world)
+    for p, g in zip(params, flat.split([q.numel() for q in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux: KiB
+
+
+# Checkpoints: OUT/checkpoints/step-NNNNNN/ = the peft adapter (safetensors) + rank_dpo.json +
+# trainer_state.pt (optimizer, scheduler, step) + rng-<rank>.pt. Written to a .tmp folder and
+# renamed, so a kill -9 mid-write leaves the previous checkpoint intact.
+
+RESUME_KEYS = ("model", "data", "objective", "vision", "lora_r", "lora_alpha", "init", "batch_size",
+               "grad_accum", "seed", "max_chain", "num_frames", "max_length", "beta", "ntp_weight")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_checkpoint(out: str) -> str | None:
+    found = sorted(d for d in glob.glob(os.path.join(out, "checkpoints", "step-*"))
+                   if not d.endswith(".tmp") and os.path.isfile(os.path.join(d, "trainer_state.pt")))
+    return found[-1] if found else None
+
+
+def write_meta(directory: str, args, init: str | None) -> None:
+    meta = {"base_model": args.model, "init": init, "objective": args.objective,
+            "vision": args.vision, "args": vars(args)}
+    with open(os.path.join(directory, RUN_META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def copy_adapter(src: str, dst: str) -> None:
+    """Copy a saved adapter (with its own warm start, recursively), not its checkpoints."""
+    os.makedirs(dst, exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", RUN_META):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), dst)
+    if os.path.isdir(os.path.join(src, "init")):
+        copy_adapter(os.path.join(src, "init"), os.path.join(dst, "init"))
+
+
+def save_checkpoint(args, step, model, optimizer, scheduler, rank, world) -> str:
+    import torch.distributed as dist
+    final = os.path.join(args.output_dir, "checkpoints", f"step-{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if world > 1:
+        dist.barrier()
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        model.save_pretrained(tmp)
+        write_meta(tmp, args, os.path.join("..", "..", "init") if args.init else None)
+        torch.save({"step": step, "world": world, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "args": {k: getattr(args, k) for k in RESUME_KEYS}},
+                   os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(glob.glob(os.path.join(args.output_dir, "checkpoints", "step-*")))[
+                :-args.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path, args, model, optimizer, scheduler, rank, world) -> int:
+    """Restore adapters, optimizer, scheduler and this rank's RNG; returns the step reached."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu",
+                       weights_only=False)
+    changed = [k for k in RESUME_KEYS if state["args"].get(k) != getattr(args, k)]
+    if changed or state["world"] != world:
+        raise SystemExit(f"--resume: {path} was trained with different settings "
+                         f"({', '.join(changed) or 'world size'}); use a new --output_dir")
+    weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise SystemExit(f"--resume: {path} holds weights this model lacks: "
+                         f"{result.unexpected_keys[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False))
+    return state["step"]
+
+
+def train(args) -> list[dict]:
+    """Run training; returns the logged metrics (every rank returns the same numbers)."""
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+    rank, world, device = setup_distributed()
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if not args.resume and latest_checkpoint(out):
+        raise SystemExit(f"{out} already has checkpoints: pass --resume, or a new --output_dir")
+
+    # Model: the base (plus the warm start merged in: the reference is then the warm start),
+    # LoRA on top, the same seed on every rank so every rank starts from the same adapters.
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)
+    model, processor = load_base(args.model, device=device)
+    if args.init:
+        model = merge_adapter(model, args.init)
+    chains = load_chains(args.data, processor, args.objective, args.video_root, args.max_chain,
+                         args.max_length, args.num_frames)
+    global_batch = args.batch_size * args.grad_accum * world
+    if len(chains) < global_batch:
+        raise DataError(args.data, None, f"{len(chains)} chains, fewer than one global batch "
+                        f"(batch_size x grad_accum x ranks = {global_batch})")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = add_adapters(model, args)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:                     # bf16 base weights on GPU; trained weights stay fp32
+        p.data = p.data.float()
+    if world > 1:
+        for p in params:
+            dist.broadcast(p.data, 0)
+    vision_trainable = args.vision != "frozen" and bool(vision_module_names(model))
+    torch.manual_seed(args.seed + rank)
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup_steps, args.max_steps, args.lr_schedule))
+    step = 0
+    if resume_from:
+        step = load_checkpoint(resume_from, args, model, optimizer, scheduler, rank, world)
+    elif args.resume and rank == 0:
+        print(f"--resume: no checkpoint in {out}/checkpoints yet; starting at step 0")
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if rank == 0:
+        write_meta(out, args, "init" if args.init else None)
+        if args.init and not resume_from:
+            copy_adapter(args.init, os.path.join(out, "init"))
+        if isinstance(processor, TinyProcessor) and not os.path.isdir(os.path.join(out, "base")):
+            base, _ = build_tiny()                      # the saved base: load_model(OUT/base)
+            base.save_pretrained(os.path.join(out, "base"))
+            processor.save_pretrained(os.path.join(out, "base"))
+        kept = []                                       # drop metrics past the resumed step
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    stop = {"signal": None}                             # SIGTERM: checkpoint, then exit cleanly
+    previous_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+    logged, bar = [], tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train")
+    saved_at = step if resume_from else None
+    try:
+        while step < args.max_steps:
+            t0 = time.perf_counter()
+            stats, tokens = torch.zeros(6, dtype=torch.float64), 0
+            losses = []
+            for ids in step_batches(len(chains), step, args.seed, args.batch_size,
+                                    args.grad_accum, world, rank):
+                micro = [chains[i] for i in ids]
+                batch, index = collate(micro, processor, args.num_frames, args.max_length)
+                batch.to(device)
+                loss, micro_stats = chain_loss_step(model, batch, index, args, vision_trainable)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"step {step + 1}: loss is {loss.item()} on chains "
+                        f"{[c.id for c in micro]}; lower --lr or --beta, or check the data")
+                (loss / args.grad_accum).backward()
+                losses.append(loss.detach().double().cpu())
+                stats += micro_stats
+                tokens += int(batch.attention_mask.sum())
+            average_gradients(params, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            summed = all_reduce_(torch.cat([torch.stack(losses).sum().view(1), stats,
+                                            torch.tensor([float(tokens)], dtype=torch.float64)]),
+                                 world)
+            if step % args.log_every == 0 or step == args.max_steps:
+                ntp, n, gap, n_gap, right, n_pairs = summed[1:7].tolist()
+                row = {"step": step, "loss": summed[0].item() / (args.grad_accum * world),
+                       "ntp": ntp / n, "margin": gap / max(n_gap, 1),
+                       "rank_acc": right / max(n_pairs, 1), "lr": lr,
+                       "grad_norm": float(grad_norm),
+                       "tokens_per_s": summed[7].item() / (time.perf_counter() - t0),
+                       "peak_mem_mb": all_reduce_(torch.tensor([peak_memory_mb(device)]),
+                                                  world, "max").item(),
+                       "epoch": step * global_batch / len(chains)}
+                logged.append(row)
+                if rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rank_acc']:.2f}")
+            bar.update(1)
+
+            flag = all_reduce_(torch.tensor([1.0 if stop["signal"] else 0.0]), world, "max")
+            if flag.item() or (args.save_every and step % args.save_every == 0):
+                save_checkpoint(args, step, model, optimizer, scheduler, rank, world)
+                saved_at = step
+            if flag.item():
+                if rank == 0:
+                    print(f"\nSIGTERM: checkpoint saved at step {step} in {out}/checkpoints; "
+                          "continue with --resume", flush=True)
+                return logged
+        if saved_at != step:
+            save_checkpoint(args, step, model, optimizer, scheduler, rank, world)
+        if rank == 0:                                   # the final adapter, loadable by peft
+            model.save_pretrained(out)
+            write_meta(out, args, "init" if args.init else None)
+        return logged
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except DataError as e:
+        sys.exit(f"data error: {e}")
+
+
+if __name__ == "__main__":
+    main()
