@@ -26,12 +26,13 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from gen_chains import (ChatClient, DataError, add_client_args, map_resumable, parse_json_object,
-                        read_jsonl)
+from gen_chains import (ChatClient, DataError, ResumableJsonl, add_client_args, format_mcq,
+                        map_resumable, parse_json_object, read_jsonl)
 
 AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
 SCORE_MIN, SCORE_MAX = 1, 10
@@ -533,10 +534,10 @@ def _judge_inputs(args, pred_path: str, preds: dict, refs: dict) -> dict[str, ob
             raise DataError(pred_path, line, f"id {rid!r} has no reference in {args.ref}", field="id")
         ref_line, ref = refs[rid]
         if args.judge == "rules":
-            if ref.get("facts") is None:
-                raise DataError(args.ref, ref_line, "missing: the rules judge needs the facts that "
-                                "`gen_chains.py synth` stores (use --judge llm for other data)",
-                                field="facts")
+            if not isinstance(ref.get("facts"), dict):
+                raise DataError(args.ref, ref_line, "missing or not an object: the rules judge "
+                                "needs the facts that `gen_chains.py synth` stores (use --judge llm "
+                                "for other data)", field="facts")
             out[rid] = ref["facts"]
         else:
             out[rid] = require_text(args.ref, ref_line, ref, "caption")
@@ -591,11 +592,12 @@ def cmd_agree(args) -> dict:
         raise SystemExit(f"agree: {args.a} and {args.b} share {len(common)} scored ids; need at least 2")
     sa = {rid: require_scores(args.a, *a[rid]) for rid in common}
     sb = {rid: require_scores(args.b, *b[rid]) for rid in common}
+    for scores in (sa, sb):
+        for s in scores.values():
+            s["overall"] = float(np.mean([s[axis] for axis in AXES]))
     per_axis = {}
     for axis in AXES + ("overall",):
-        def pick(s, rid):
-            return np.mean([s[rid][x] for x in AXES]) if axis == "overall" else s[rid][axis]
-        xa, xb = [pick(sa, r) for r in common], [pick(sb, r) for r in common]
+        xa, xb = [sa[r][axis] for r in common], [sb[r][axis] for r in common]
         per_axis[axis] = {"spearman": spearman(xa, xb), "kendall": kendall_tau_b(xa, xb), "n": len(common)}
     results = {"command": "agree", "a": args.a, "b": args.b, "n_common": len(common),
                "only_in_a": len(a) - len(common), "only_in_b": len(b) - len(common), "axes": per_axis}
@@ -684,10 +686,7 @@ def _load(args, adapter: str | None):
 
 
 def cmd_generate(args) -> dict:
-    import time
-
     import torch
-    from gen_chains import ResumableJsonl
     from rank_dpo import build_generation_inputs, load_video
 
     data = load_by_id(args.data)
@@ -744,8 +743,6 @@ def load_mcq(path: str, video_root: str) -> list[dict]:
     an mcq chain     {"id", "video"?, "prompt", "chain": ["C", "A", ...]} whose chain[0] is right;
                      the candidates are the chain's letters.
     """
-    from gen_chains import format_mcq
-
     items = []
     for line, rec in read_jsonl(path):
         rid = rec.get("id")

@@ -464,3 +464,70 @@ def test_generate_missing_video_names_file_and_line(tmp_path):
     data = write_jsonl(tmp_path / "test.jsonl", [{"id": "v0"}, {"id": "v1", "video": "missing.npy"}])
     with pytest.raises(SystemExit, match=r"test.jsonl:2: field 'video'"):
         E.main(["generate", "--data", data, "--out", str(tmp_path / "c.jsonl"), "--device", "cpu"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The rules judge (offline, from the synthetic scene's facts via gen_chains.match_facts)
+# ----------------------------------------------------------------------------------------------
+
+FACTS = {"background": "gray", "objects": [
+    {"count": 1, "size": "small", "color": "red", "shape": "circle", "position": "left", "direction": "up"},
+    {"count": 2, "size": "large", "color": "blue", "shape": "square", "position": "right", "direction": "down"}],
+    "events": [["appear", 0], ["appear", 1], ["disappear", 0]], "frames": [0, 5, 10]}
+GOLD = ("First, a small red circle appears on the left and moves up. Then two large blue squares appear "
+        "on the right and move down. Finally, the red circle disappears. The background is gray.")
+# A chain in the rules backend's style: each caption corrupts one more fact of the previous one.
+CHAIN = [
+    GOLD,
+    GOLD.replace("a small red", "a large red"),                                         # size
+    GOLD.replace("a small red", "a large red").replace("move down", "move up"),         # + direction
+    GOLD.replace("a small red", "a large red").replace("move down", "move up")
+        .replace("is gray", "is black"),                                                # + background
+    "First, a large red circle appears on the left and moves up. Then the red circle disappears. "
+    "Finally, two large blue squares appear on the right and move up. The background is black.",  # + order
+]
+
+
+def test_rules_judge_gold_gets_ten_and_corruption_lowers_scores():
+    scores = [E.rules_scores(c, FACTS) for c in CHAIN]
+    assert scores[0][0] == {axis: 10.0 for axis in E.AXES}
+    assert scores[0][1]["correct"] == scores[0][1]["total"]
+    for k, (s, counts) in enumerate(scores):
+        assert counts["wrong"] == k                                   # the chain is what we meant
+    means = [np.mean(list(s.values())) for s, _ in scores]
+    assert all(a > b for a, b in zip(means, means[1:]))               # strictly worse down the chain
+    for axis in ("relevance", "descriptiveness", "temporal_consistency"):
+        assert all(a[0][axis] > b[0][axis] for a, b in zip(scores, scores[1:]))
+    assert scores[4][0]["temporal_consistency"] < scores[4][0]["relevance"]   # the order error
+    assert all(s["fluency"] == 10.0 for s, _ in scores)              # factual errors read fine
+
+
+def test_rules_judge_omission_repetition_and_empty():
+    first_sentence = GOLD.split(". ")[0] + "."
+    s, _ = E.rules_scores(first_sentence, FACTS)       # true but incomplete
+    assert s["relevance"] == 10.0 and s["descriptiveness"] < 6
+    s, _ = E.rules_scores(first_sentence + " " + GOLD, FACTS)   # complete, but says one thing twice
+    assert s["relevance"] == 10.0 and s["descriptiveness"] == 10.0 and s["fluency"] < 10.0
+    assert E.rules_scores("", FACTS)[0] == {axis: 1.0 for axis in E.AXES}
+    assert E.repetition_free("a red red red circle") == pytest.approx(3 / 5)
+
+
+def test_judge_and_compare_cli_with_rules(tmp_path):
+    ref = write_jsonl(tmp_path / "test.jsonl", [{"id": f"s{k}", "caption": GOLD, "facts": FACTS} for k in range(5)])
+    pred = write_jsonl(tmp_path / "pred.jsonl", [{"id": f"s{k}", "caption": c} for k, c in enumerate(CHAIN)])
+    gold = write_jsonl(tmp_path / "gold.jsonl", [{"id": f"s{k}", "caption": GOLD} for k in range(5)])
+    res = E.main(["judge", "--pred", pred, "--ref", ref, "--out", str(tmp_path / "scores.jsonl")])
+    assert res["judge"] == "rules" and res["n_scored"] == 5
+    recs = read_jsonl(tmp_path / "scores.jsonl")
+    assert recs[0]["scores"]["relevance"] == 10.0 and recs[3]["facts"]["wrong"] == 3
+    assert res["axes"]["relevance"]["ci95"][0] <= res["axes"]["relevance"]["mean"] <= 10.0
+    assert os.path.exists(tmp_path / "scores.results.json")
+
+    res = E.main(["compare", "--a", gold, "--b", pred, "--ref", ref])
+    assert res["win"]["mean"] == pytest.approx(4 / 5) and res["tie"]["mean"] == pytest.approx(1 / 5)
+    assert res["out"].endswith("gold.vs.pred.compare.jsonl")
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": f"s{k}", "caption": c} for k, c in enumerate(CHAIN[::-1])])
+    E.main(["judge", "--pred", other, "--ref", ref, "--out", str(tmp_path / "scores2.jsonl")])
+    res = E.main(["agree", "--a", str(tmp_path / "scores.jsonl"), "--b", str(tmp_path / "scores2.jsonl")])
+    assert res["axes"]["relevance"]["spearman"] == pytest.approx(-1.0)   # same judge, reversed captions
