@@ -531,3 +531,43 @@ def test_judge_and_compare_cli_with_rules(tmp_path):
     E.main(["judge", "--pred", other, "--ref", ref, "--out", str(tmp_path / "scores2.jsonl")])
     res = E.main(["agree", "--a", str(tmp_path / "scores.jsonl"), "--b", str(tmp_path / "scores2.jsonl")])
     assert res["axes"]["relevance"]["spearman"] == pytest.approx(-1.0)   # same judge, reversed captions
+
+
+# ----------------------------------------------------------------------------------------------
+# reward: the LM reward of QA answers (gen_chains.score_answer) over the fake server
+# ----------------------------------------------------------------------------------------------
+
+def test_reward_cli(tmp_path):
+    captions = write_jsonl(tmp_path / "captions.jsonl", [{"id": "vid1", "caption": "A red circle moves left."}])
+    data = write_jsonl(tmp_path / "qa.jsonl", [
+        {"id": "q1", "caption_id": "vid1", "question": "What colour is the circle?", "answer": "red"},
+        {"id": "q2", "caption_id": "vid1", "question": "Where does it move?", "answer": "right"},
+        {"id": "q3", "caption": "A blue square.", "question": "What shape?", "answer": "a square"},
+        {"id": "q4", "caption": "A blue square.", "question": "What shape?", "answer": "UNREADABLE"},
+    ])
+
+    def grader(req):
+        text = req.user_text
+        assert "Video description" in text
+        if "UNREADABLE" in text:
+            return "hmm"
+        if "A red circle moves left." in text and "Answer to judge: red" in text or "a square" in text:
+            return '{"verdict": "yes", "score": 5, "explanation": "matches"}'
+        return 'Verdict: no. Score: 1'
+    with FakeLLM(responder=grader) as llm:
+        res = E.main(["reward", "--data", data, "--captions", captions, "--out", str(tmp_path / "r.jsonl"),
+                      "--base_url", llm.url, "--concurrency", "2"])
+    recs = {r["id"]: r for r in read_jsonl(tmp_path / "r.jsonl")}
+    assert recs["q1"]["verdict"] == "yes" and recs["q2"]["score"] == 1
+    assert recs["q4"]["status"] == "failed" and "unreadable" in recs["q4"]["reason"]
+    assert res["n_scored"] == 3 and res["n_failed"] == 1
+    assert res["yes_rate"]["mean"] == pytest.approx(2 / 3)
+    assert res["score"]["mean"] == pytest.approx((5 + 1 + 5) / 3)
+    assert res["score_histogram"] == {0: 0, 1: 1, 2: 0, 3: 0, 4: 0, 5: 2}
+
+
+def test_reward_missing_caption_names_file_and_line(tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"id": "q1", "caption": "c", "question": "?", "answer": "a"},
+                                               {"id": "q2", "question": "?", "answer": "a"}])
+    with pytest.raises(SystemExit, match=r"qa.jsonl:2: field 'caption': no caption"):
+        E.main(["reward", "--data", data, "--out", str(tmp_path / "r.jsonl")])
