@@ -70,9 +70,9 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             yield line_no, record
 
 
-def read_records(path: str, require: dict[str, type | tuple[type, ...]]) -> list[dict]:
-    """All records of an input file, checked up front: every record has a unique string `id`
-    and each required field with the right type. Errors name file, line and field."""
+def read_records(path: str, require: dict[str, type | tuple[type, ...]]) -> list[tuple[int, dict]]:
+    """(line, record) for every record of an input file, checked up front: each has a unique
+    string `id` and each required field with the right type. Errors name file, line and field."""
     if not os.path.exists(path):
         raise DataError(path, None, "input file not found")
     records, seen = [], {}
@@ -89,7 +89,7 @@ def read_records(path: str, require: dict[str, type | tuple[type, ...]]) -> list
                 raise DataError(path, line_no, "missing", name)
             if not isinstance(value, kind) or (isinstance(value, (str, list)) and not value):
                 raise DataError(path, line_no, f"expected a non-empty {_type_names(kind)}", name)
-        records.append(rec)
+        records.append((line_no, rec))
     return records
 
 
@@ -213,7 +213,7 @@ def map_resumable(records: Iterable[dict], fn: Callable[[dict], dict], out_path:
         except ChatError as e:
             if e.fatal:
                 raise
-            result = {"id": rec["id"], "status": "failed", "reason": str(e)}
+            result = {"id": rec["id"], "status": "failed", "reason": str(e), **e.details}
         if result.get("id") != rec["id"]:
             raise RuntimeError(f"output record for {rec['id']!r} has id {result.get('id')!r}")
         out.append(result)
@@ -261,11 +261,13 @@ def map_resumable(records: Iterable[dict], fn: Callable[[dict], dict], out_path:
 
 class ChatError(RuntimeError):
     """A chat request that failed for good. str() is the reason; it never contains the key.
-    fatal=True means retrying other records cannot help (bad URL, key or model name)."""
+    fatal=True means retrying other records cannot help (bad URL, key or model name).
+    map_resumable writes a non-fatal one as {"id", "status": "failed", "reason", **details}."""
 
-    def __init__(self, reason: str, fatal: bool = False):
+    def __init__(self, reason: str, fatal: bool = False, details: dict | None = None):
         super().__init__(reason)
         self.fatal = fatal
+        self.details = details or {}       # extra fields for the failed record (e.g. a partial chain)
 
 
 @dataclass
@@ -497,3 +499,1248 @@ def format_mcq(question: str, options: list[str]) -> str:
     lines += [f"{LETTERS[i]}. {' '.join(str(o).split())}" for i, o in enumerate(options)]
     lines.append("Answer with the option's letter.")
     return "\n".join(lines)
+
+
+# =============================================================================================
+# Error types: what one degradation step may change, and when it applies to a caption
+# =============================================================================================
+# Applicability uses keyword lists plus two crude part-of-speech rules (no NLP dependency):
+# a "noun" is a word right after a determiner or number (skipping known adjectives), and an
+# "action" is a known verb in any inflection or an -ing word. Sampling is uniform over the
+# types that apply, so a caption with no people never gets a person error.
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+(?:-[a-z]+)*|\d+", text.lower())
+
+
+def _inflect(stems: str) -> set[str]:
+    out = set()
+    for s in stems.split():
+        out |= {s, s + "s", s + "es", s + "ed", s + "d", s + "ing", s[:-1] + "ing" if s.endswith("e") else s}
+    return out
+
+
+COLOR_WORDS = set("red green blue yellow white black gray grey orange purple pink brown violet "
+                  "golden silver beige teal cyan magenta navy maroon dark-blue light-blue".split())
+NUMBER_WORDS = set("one two three four five six seven eight nine ten eleven twelve dozen "
+                   "several few many multiple couple pair single both".split())
+DETERMINERS = set("a an the this that these those his her their its some another each every".split()) | NUMBER_WORDS
+ADJECTIVES = set("small large big tiny huge little tall short long wide narrow round square flat thin "
+                 "thick wooden metal metallic plastic glass paper shiny dull bright dark light old new "
+                 "young soft hard heavy empty full open closed".split()) | COLOR_WORDS
+SIZE_MATERIAL = set("small large big tiny huge little tall short long wide narrow round flat thin thick "
+                    "wooden metal metallic plastic glass paper shiny dull bright soft hard heavy".split())
+ACTION_VERBS = _inflect("move walk run jump sit stand hold pick put open close throw catch eat drink "
+                        "talk speak play dance ride drive climb push pull carry cut cook write read look "
+                        "turn wave fall roll slide fly swim appear disappear enter leave exit spin bounce "
+                        "shake hit kick pour wash point smile laugh cry sing grab place lift drop")
+MOTION_VERBS = _inflect("move walk run slide fly swim drive ride roll go head travel drift turn climb fall "
+                        "jump bounce spin come")
+DIRECTION_WORDS = set("left right up down upward upwards downward downwards toward towards away forward "
+                      "forwards backward backwards across into out around leftward rightward".split())
+SPATIAL_WORDS = set("left right above below behind front beside next near top bottom center centre middle "
+                    "under over between inside outside corner side far".split())
+TEMPORAL_WORDS = set("then after before first finally later while next eventually afterwards afterward "
+                     "meanwhile once until when begins starts ends last".split())
+SCENE_WORDS = set("background room kitchen street park outdoor outdoors indoor indoors field beach office "
+                  "stage road forest sky water city house building floor wall garden yard studio "
+                  "restaurant shop store classroom gym court lake river mountain snow desert".split())
+PERSON_WORDS = set("man woman person people boy girl child children kid kids men women lady guy player "
+                   "he she baby teenager adult worker chef".split())
+CAMERA_WORDS = set("camera zoom zooms zooming pan pans panning shot close-up closeup view angle footage "
+                   "filmed recording frame tracking handheld".split())
+NOT_NOUNS = DETERMINERS | ADJECTIVES | set("and or of to in on at with is are was were be".split())
+
+
+def _nouns(words: list[str]) -> list[str]:
+    nouns = []
+    for i, w in enumerate(words):
+        if w in DETERMINERS or w.isdigit():
+            j = i + 1
+            while j < len(words) and words[j] in ADJECTIVES:
+                j += 1
+            if j < len(words) and words[j] not in NOT_NOUNS and not words[j].isdigit():
+                nouns.append(words[j])
+    return nouns
+
+
+def _has_motion_direction(words: list[str]) -> bool:
+    return any(w in MOTION_VERBS and any(x in DIRECTION_WORDS for x in words[i + 1:i + 4])
+               for i, w in enumerate(words))
+
+
+def _actions(words: list[str]) -> list[str]:
+    return [w for w in words if w in ACTION_VERBS or (w.endswith("ing") and len(w) > 5 and w not in
+            {"something", "anything", "nothing", "everything", "during", "morning", "evening",
+             "building", "ceiling", "clothing", "painting", "wedding", "string", "ring"})]
+
+
+@dataclass(frozen=True)
+class ErrorType:
+    name: str
+    instruction: str                       # what the LLM is asked to change
+    applies: Callable[[list[str]], bool]   # on the caption's lowercase words
+
+
+ERROR_TYPES = {t.name: t for t in [
+    ErrorType("object", "replace one object or thing with a different object that could plausibly be there",
+              lambda w: bool(set(_nouns(w)) - PERSON_WORDS - SCENE_WORDS)),
+    ErrorType("color", "change the colour of one thing to another colour",
+              lambda w: bool(COLOR_WORDS & set(w))),
+    ErrorType("attribute", "change one attribute of an object: its size, shape, material or texture",
+              lambda w: bool(SIZE_MATERIAL & set(w))),
+    ErrorType("action", "change one action to a different action",
+              lambda w: bool(_actions(w))),
+    ErrorType("count", "change how many there are of one kind of thing",
+              lambda w: bool((NUMBER_WORDS | {"a", "an"}) & set(w)) or any(x.isdigit() for x in w)),
+    ErrorType("spatial", "change one position or spatial relation (left/right, above/below, in front/behind)",
+              lambda w: bool(SPATIAL_WORDS & set(w))),
+    ErrorType("temporal", "swap the order in which two events happen",
+              lambda w: bool(TEMPORAL_WORDS & set(w)) and len(_actions(w)) >= 2),
+    ErrorType("direction", "change the direction of one motion (for example left to right, up to down)",
+              _has_motion_direction),
+    ErrorType("scene", "change the scene, location or background",
+              lambda w: bool(SCENE_WORDS & set(w))),
+    ErrorType("person", "change one attribute of a person: clothing, hair, age or gender",
+              lambda w: bool(PERSON_WORDS & set(w))),
+    ErrorType("camera", "change the camera motion, angle or kind of shot",
+              lambda w: bool(CAMERA_WORDS & set(w))),
+]}
+
+
+def applicable_error_types(caption: str) -> list[str]:
+    words = _words(caption)
+    return [name for name, t in ERROR_TYPES.items() if t.applies(words)]
+
+
+# =============================================================================================
+# The synthetic scenes: coloured shapes that appear, move and disappear
+# =============================================================================================
+# Every fact is drawn uniformly and independently from a small closed set (colours without
+# replacement, so "the red circle" names one object), and event orders uniformly among the
+# valid ones. So any caption, gold or corrupted, is an equally likely text: only the video
+# can tell them apart. Captions are rendered from the facts by one template, so a corrupted
+# fact set renders to a caption with the same wording and structure.
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 100, 235),
+          "yellow": (235, 215, 40), "white": (240, 240, 240)}
+SIZES = {"small": 8, "large": 13}
+COUNTS = (1, 2, 3)
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
+                    "bottom": "at the bottom", "center": "in the center"}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BACKGROUNDS = {"black": (0, 0, 0), "gray": (110, 110, 110)}
+OBJECT_FACTS = ("count", "size", "color", "shape", "position", "direction")
+CHOICES = {"count": COUNTS, "size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES,
+           "position": tuple(POSITIONS), "direction": tuple(DIRECTIONS)}
+MOTION_PIXELS = 12                         # how far a group travels while visible
+
+
+def sample_scene(rng: random.Random, num_frames: int = 16) -> dict:
+    """Facts of one scene: background, 2-3 object groups, and the order of their events."""
+    n = rng.choice((2, 3))
+    colors = rng.sample(list(COLORS), n)
+    objects = [{"count": rng.choice(COUNTS), "size": rng.choice(list(SIZES)), "color": colors[i],
+                "shape": rng.choice(SHAPES), "position": rng.choice(list(POSITIONS)),
+                "direction": rng.choice(list(DIRECTIONS))} for i in range(n)]
+    leaves = [rng.random() < 0.5 for _ in range(n)]
+    events = [("appear", i) for i in range(n)] + [("disappear", i) for i in range(n) if leaves[i]]
+    while True:                            # a uniform valid order: each group appears before it leaves
+        rng.shuffle(events)
+        if all(events.index(("appear", i)) < events.index(("disappear", i)) for i in range(n) if leaves[i]):
+            break
+    # Number the groups by when they appear, so the gold caption introduces them in index order.
+    first = sorted(range(n), key=lambda i: events.index(("appear", i)))
+    rename = {old: new for new, old in enumerate(first)}
+    objects = [objects[old] for old in first]
+    events = [[kind, rename[i]] for kind, i in events]
+    # Events are spread over the first ~70% of the clip so the last group is seen moving.
+    last = max(1, round(0.7 * (num_frames - 1)))
+    frames = [round(e * last / max(1, len(events) - 1)) for e in range(len(events))]
+    return {"background": rng.choice(list(BACKGROUNDS)), "objects": objects, "events": events,
+            "frames": frames}
+
+
+def _shape_mask(shape: str, size: int):
+    import numpy as np
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    if shape == "circle":
+        return (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":                # pointing up: wider towards the bottom
+        return np.abs(xx - size / 2) <= yy / 2
+    return np.ones((size, size), bool)
+
+
+def _group_offsets(count: int, size: int) -> list[tuple[float, float]]:
+    d = size + 3                           # a tight cluster: side by side, or a little pyramid
+    return {1: [(0, 0)], 2: [(-d / 2, 0), (d / 2, 0)],
+            3: [(-d / 2, d / 2), (d / 2, d / 2), (0, -d / 2)]}[count]
+
+
+def render_scene(facts: dict, num_frames: int = 16, size: int = 64):
+    """uint8 [T, H, W, 3]: each group is drawn from its appear frame until its disappear frame,
+    moving MOTION_PIXELS in its direction at constant speed."""
+    import numpy as np
+    video = np.empty((num_frames, size, size, 3), np.uint8)
+    video[:] = BACKGROUNDS[facts["background"]]
+    scale = size / 64
+    span = {}
+    for (kind, i), t in zip(facts["events"], facts["frames"]):
+        span.setdefault(i, [None, num_frames])[0 if kind == "appear" else 1] = t
+    for i, obj in enumerate(facts["objects"]):
+        start, stop = span[i]
+        px = max(2, round(SIZES[obj["size"]] * scale))
+        mask = _shape_mask(obj["shape"], px)
+        color = np.array(COLORS[obj["color"]], np.uint8)
+        cx0, cy0 = (c * scale for c in POSITIONS[obj["position"]])
+        dx, dy = DIRECTIONS[obj["direction"]]
+        for t in range(start, stop):
+            frac = (t - start) / max(1, stop - start - 1)
+            cx, cy = cx0 + dx * MOTION_PIXELS * scale * frac, cy0 + dy * MOTION_PIXELS * scale * frac
+            for ox, oy in _group_offsets(obj["count"], px):
+                x0, y0 = round(cx + ox * 1 - px / 2), round(cy + oy - px / 2)
+                xs, ys = slice(max(0, x0), min(size, x0 + px)), slice(max(0, y0), min(size, y0 + px))
+                if xs.start >= xs.stop or ys.start >= ys.stop:
+                    continue               # moved fully out of the frame
+                m = mask[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+                video[t, ys, xs][m] = color
+    return video
+
+
+def _plural(obj: dict) -> bool:
+    return obj["count"] > 1
+
+
+def noun_phrase(obj: dict) -> str:
+    noun = obj["shape"] + ("s" if _plural(obj) else "")
+    return f"{COUNT_WORDS[obj['count']]} {obj['size']} {obj['color']} {noun}"
+
+
+def caption_from_facts(facts: dict) -> str:
+    """The detailed caption: one sentence per event in order, then the background. Connectives
+    depend only on the sentence's position, so swapping two events keeps the wording."""
+    objects, events = facts["objects"], facts["events"]
+    sentences = []
+    for e, (kind, i) in enumerate(events):
+        lead = "First," if e == 0 else "Finally," if e == len(events) - 1 else "Then"
+        obj = objects[i]
+        many = _plural(obj)
+        if kind == "appear":
+            body = (f"{noun_phrase(obj)} {'appear' if many else 'appears'} {POSITION_PHRASES[obj['position']]}"
+                    f" and {'move' if many else 'moves'} {obj['direction']}")
+        else:
+            body = (f"the {obj['color']} {obj['shape']}{'s' if many else ''} "
+                    f"{'disappear' if many else 'disappears'}")
+        sentences.append(f"{lead} {body}.")
+    sentences.append(f"The background is {facts['background']}.")
+    return " ".join(sentences)
+
+
+# ---------------------------------------------------------------------------------------------
+# match_facts: which of a scene's facts a caption states correctly, wrongly, or not at all
+# ---------------------------------------------------------------------------------------------
+# A tolerant reader for the template's vocabulary plus common synonyms. It finds object
+# mentions (a shape word with the count/size/colour words before it and the position and
+# motion phrases after it), aligns them to the scene's objects (the assignment that agrees on
+# most facts), and checks the order of the appear/disappear events it can place. Repeated
+# sentences describe the same object once; mentions that match no object are hallucinations.
+
+SHAPE_SYNONYMS = {"circle": "circle", "disc": "circle", "disk": "circle", "ball": "circle", "dot": "circle",
+                  "square": "square", "box": "square", "block": "square", "rectangle": "square",
+                  "triangle": "triangle"}
+SIZE_SYNONYMS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
+                 "huge": "large"}
+COUNT_SYNONYMS = {"a": 1, "an": 1, "one": 1, "single": 1, "1": 1, "two": 2, "2": 2, "pair": 2,
+                  "three": 3, "3": 3, "four": 4, "4": 4, "five": 5, "5": 5}
+LOCATION_SYNONYMS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "center": "center",
+                     "centre": "center", "middle": "center", "upper": "top", "lower": "bottom"}
+DIRECTION_SYNONYMS = {"left": "left", "leftward": "left", "leftwards": "left", "right": "right",
+                      "rightward": "right", "rightwards": "right", "up": "up", "upward": "up",
+                      "upwards": "up", "down": "down", "downward": "down", "downwards": "down"}
+APPEAR_WORDS = set("appear appears appeared appearing enter enters entered emerge emerges emerged".split())
+DISAPPEAR_WORDS = set("disappear disappears disappeared disappearing vanish vanishes vanished leave leaves "
+                      "left_frame exit exits fade fades".split())
+MOVE_WORDS = _inflect("move slide go head travel drift") | {"goes", "went", "moving"}
+PLACE_PREPOSITIONS = {"on", "at", "in", "from", "near"}
+NP_WORDS = set(COUNT_SYNONYMS) | set(SIZE_SYNONYMS) | set(COLORS) | {"the", "another"}
+BACKGROUND_SYNONYMS = {"black": "black", "gray": "gray", "grey": "gray", "white": "white",
+                       "dark": "black"}
+
+
+def _sentences(text: str) -> list[list[str]]:
+    return [w for w in (re.findall(r"[a-z]+|\d+", s) for s in re.split(r"[.!?;\n]+", text.lower())) if w]
+
+
+def _mentions(caption: str) -> list[dict]:
+    """Object mentions in text order: {"kind": appear|disappear|None, "facts": {...}, "pos": n}."""
+    mentions, pos = [], 0
+    for words in _sentences(caption):
+        shape_at = [i for i, w in enumerate(words) if w.rstrip("s") in SHAPE_SYNONYMS or w in SHAPE_SYNONYMS]
+        starts = []
+        for i in shape_at:                 # a noun phrase: the shape and the NP words before it
+            j = i
+            while j > 0 and words[j - 1] in NP_WORDS and (not starts or j - 1 > shape_at[len(starts) - 1]):
+                j -= 1
+            starts.append(j)
+        sentence_mentions = []
+        for n, i in enumerate(shape_at):
+            word = words[i]
+            shape = SHAPE_SYNONYMS.get(word) or SHAPE_SYNONYMS.get(word.rstrip("s")) or SHAPE_SYNONYMS.get(word[:-2])
+            plural = word not in SHAPE_SYNONYMS
+            np_words = words[starts[n]:i]
+            tail = words[i + 1:starts[n + 1] if n + 1 < len(shape_at) else len(words)]
+            facts = {"shape": shape, "count": None, "size": None, "color": None,
+                     "position": None, "direction": None}
+            for w in np_words:
+                if w in COUNT_SYNONYMS and facts["count"] is None:
+                    facts["count"] = COUNT_SYNONYMS[w]
+                elif w in SIZE_SYNONYMS and facts["size"] is None:
+                    facts["size"] = SIZE_SYNONYMS[w]
+                elif w in COLORS and facts["color"] is None:
+                    facts["color"] = w
+            if facts["count"] is None and not plural:
+                facts["count"] = 1         # "the red circle": singular says one
+            if facts["count"] is not None and (facts["count"] > 1) != plural and word not in SHAPE_SYNONYMS:
+                pass                       # "two circle": keep the number, grammar does not decide
+            used = set()
+            for k, w in enumerate(tail):   # direction: a motion verb, then (to the) left/right/up/down
+                if w in MOVE_WORDS:
+                    for m in range(k + 1, min(k + 5, len(tail))):
+                        if tail[m] in DIRECTION_SYNONYMS:
+                            facts["direction"] = DIRECTION_SYNONYMS[tail[m]]
+                            used.add(m)
+                            break
+                        if tail[m] not in {"to", "the", "towards", "toward", "slowly", "quickly", "steadily"}:
+                            break
+                    if facts["direction"]:
+                        break
+            for k, w in enumerate(tail):   # position: on/at/in/from (the) left/top/center/...
+                if k not in used and w in LOCATION_SYNONYMS and PLACE_PREPOSITIONS & set(tail[max(0, k - 3):k]):
+                    facts["position"] = LOCATION_SYNONYMS[w]
+                    break
+            kind = ("disappear" if DISAPPEAR_WORDS & set(tail) else
+                    "appear" if APPEAR_WORDS & set(tail) else None)
+            sentence_mentions.append({"kind": kind, "facts": facts, "pos": pos})
+            pos += 1
+        # "The red circle and the blue square disappear": a verbless mention takes the next verb.
+        for n in range(len(sentence_mentions) - 2, -1, -1):
+            if sentence_mentions[n]["kind"] is None:
+                sentence_mentions[n]["kind"] = sentence_mentions[n + 1]["kind"]
+        mentions += sentence_mentions
+    return mentions
+
+
+def _background_said(caption: str) -> str | None:
+    for words in _sentences(caption):
+        if "background" in words or "backdrop" in words:
+            for w in words:
+                if w in BACKGROUND_SYNONYMS:
+                    return BACKGROUND_SYNONYMS[w]
+    return None
+
+
+def _agreement(said: dict, true: dict) -> tuple[int, int]:
+    right = sum(said[k] is not None and said[k] == true[k] for k in OBJECT_FACTS)
+    wrong = sum(said[k] is not None and said[k] != true[k] for k in OBJECT_FACTS)
+    return right, wrong
+
+
+def match_facts(caption: str, facts: dict) -> dict:
+    """Count a scene's facts that `caption` states correctly, wrongly, or not at all.
+
+    Facts: the background, six per object group (count, size, colour, shape, position,
+    direction) and the order of events, so total = 2 + 6 * groups. The gold caption gives
+    correct == total; the rule backend's k-th chain caption gives wrong == k. Also returned:
+    order_correct (None when fewer than two events are placed), hallucinated (object mentions
+    that match nothing, each also counted in wrong) and by_kind {fact: {correct, wrong, missing}}.
+    """
+    objects = facts["objects"]
+    mentions = _mentions(caption or "")
+    # Descriptions (not disappearances), repeats merged: same colour and shape = same object.
+    groups: list[dict] = []
+    for m in mentions:
+        if m["kind"] == "disappear":
+            continue
+        key = (m["facts"]["color"], m["facts"]["shape"])
+        same = next((g for g in groups if key[0] and (g["facts"]["color"], g["facts"]["shape"]) == key), None)
+        if same is None:
+            groups.append({"facts": dict(m["facts"]), "pos": m["pos"], "appear": m["kind"] == "appear"})
+        else:
+            for k, v in m["facts"].items():
+                if same["facts"][k] is None:
+                    same["facts"][k] = v
+            same["appear"] = same["appear"] or m["kind"] == "appear"
+    groups = groups[:8]
+
+    # The alignment of groups to objects that agrees on the most facts (few objects: brute force).
+    best, best_key = {}, (-1, 0)
+
+    def search(i: int, used: frozenset, assign: dict, right: int, wrong: int) -> None:
+        nonlocal best, best_key
+        if i == len(objects):
+            if (right, -wrong) > best_key:
+                best, best_key = dict(assign), (right, -wrong)
+            return
+        search(i + 1, used, assign, right, wrong)
+        for g, grp in enumerate(groups):
+            if g not in used:
+                r, w = _agreement(grp["facts"], objects[i])
+                if r:
+                    assign[i] = g
+                    search(i + 1, used | {g}, assign, right + r, wrong + w)
+                    del assign[i]
+
+    search(0, frozenset(), {}, 0, 0)
+
+    by_kind = {k: Counter() for k in ("background", *OBJECT_FACTS, "order")}
+    said_bg = _background_said(caption or "")
+    by_kind["background"]["missing" if said_bg is None else
+                          "correct" if said_bg == facts["background"] else "wrong"] += 1
+    for i, obj in enumerate(objects):
+        said = groups[best[i]]["facts"] if i in best else {}
+        for k in OBJECT_FACTS:
+            v = said.get(k)
+            by_kind[k]["missing" if v is None else "correct" if v == obj[k] else "wrong"] += 1
+    hallucinated = len(groups) - len(best)
+
+    # Events the caption places in time: appearances of aligned groups, and disappearances of
+    # the object named by the same colour and shape as an aligned group (or by its true ones).
+    group_to_obj = {g: i for i, g in best.items()}
+    placed = []
+    for m in mentions:
+        if m["kind"] == "appear":
+            g = next((g for g, grp in enumerate(groups) if grp["pos"] == m["pos"]), None)
+            if g in group_to_obj:
+                placed.append(("appear", group_to_obj[g]))
+        elif m["kind"] == "disappear":
+            key = (m["facts"]["color"], m["facts"]["shape"])
+            i = next((group_to_obj[g] for g, grp in enumerate(groups)
+                      if g in group_to_obj and (grp["facts"]["color"], grp["facts"]["shape"]) == key), None)
+            if i is None:
+                hits = [i for i, o in enumerate(objects) if key[0] == o["color"] and key[1] == o["shape"]]
+                i = hits[0] if len(hits) == 1 else None
+            if i is not None:
+                placed.append(("disappear", i))
+    placed = list(dict.fromkeys(placed))   # a repeated sentence places an event once
+    truth = {tuple(e): n for n, e in enumerate(facts["events"])}
+    if len(placed) < 2:
+        order_correct = None
+    elif any(e not in truth for e in placed):
+        order_correct = False              # a disappearance that never happens
+    else:
+        ranks = [truth[e] for e in placed]
+        order_correct = ranks == sorted(ranks)
+    by_kind["order"]["missing" if order_correct is None else "correct" if order_correct else "wrong"] += 1
+
+    totals = Counter()
+    for c in by_kind.values():
+        totals.update(c)
+    return {"correct": totals["correct"], "wrong": totals["wrong"] + hallucinated,
+            "missing": totals["missing"], "total": 2 + 6 * len(objects), "order_correct": order_correct,
+            "hallucinated": hallucinated, "by_kind": {k: dict(v) for k, v in by_kind.items()}}
+
+
+# =============================================================================================
+# The rule backend: offline, deterministic degradation of synthetic captions via their facts
+# =============================================================================================
+# One step changes one fact not changed before (so errors accumulate and never cancel) and
+# re-renders the caption from the changed facts, so wording and structure stay. The fact's
+# type is sampled uniformly among the types that still have an unchanged fact, then the fact.
+# Every step is checked with match_facts: the k-th caption states exactly k facts wrongly.
+
+FACT_TYPES = {"background": "scene", "order": "temporal", "count": "count", "size": "attribute",
+              "color": "color", "shape": "object", "position": "spatial", "direction": "direction"}
+
+
+def _fact_slots(facts: dict) -> list[tuple]:
+    """Every corruptible fact: ("background",), ("order",), (object index, fact name)."""
+    slots = [("background",)]
+    if any(facts["events"][e][1] != facts["events"][e + 1][1] for e in range(len(facts["events"]) - 1)):
+        slots.append(("order",))
+    slots += [(i, k) for i in range(len(facts["objects"])) for k in OBJECT_FACTS]
+    return slots
+
+
+def _slot_type(slot: tuple) -> str:
+    return FACT_TYPES[slot[-1]]
+
+
+def _describe(obj: dict) -> str:
+    return f"{obj['color']} {obj['shape']}{'s' if obj['count'] > 1 else ''}"
+
+
+def corrupt_fact(facts: dict, slot: tuple, rng: random.Random) -> tuple[dict, str]:
+    """A copy of facts with the slot's fact changed, and a short description of the change."""
+    new = json.loads(json.dumps(facts))
+    if slot == ("background",):
+        old = new["background"]
+        new["background"] = rng.choice([b for b in BACKGROUNDS if b != old])
+        return new, f"background: {old} -> {new['background']}"
+    if slot == ("order",):
+        ev = new["events"]
+        pairs = [e for e in range(len(ev) - 1) if ev[e][1] != ev[e + 1][1]]
+        e = rng.choice(pairs)
+        names = [f"{_describe(new['objects'][i])} {kind}" for kind, i in ev[e:e + 2]]
+        ev[e], ev[e + 1] = ev[e + 1], ev[e]
+        return new, f"order: '{names[0]}' and '{names[1]}' swapped"
+    i, key = slot
+    obj = new["objects"][i]
+    old = obj[key]
+    options = [v for v in CHOICES[key] if v != old]
+    if key == "color":                     # colours stay unique so "the red circle" names one group
+        options = [v for v in options if all(o["color"] != v for o in new["objects"])]
+    obj[key] = rng.choice(options)
+    return new, f"{_describe(facts['objects'][i])}: {key} {old} -> {obj[key]}"
+
+
+def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = False
+                ) -> tuple[list[str], list[dict | None]]:
+    """c0..cK for a synthetic record, ck holding exactly k wrong facts (checked).
+    unconditioned: sample the fact uniformly (types with more facts come up more often)."""
+    facts, gold = record["facts"], record["caption"]
+    rng = random.Random(f"{seed}:{record['id']}")
+    chain, errors, current, used = [gold], [None], facts, set()
+    for k in range(1, length + 1):
+        for _ in range(50):
+            free = [s for s in _fact_slots(facts) if s not in used]
+            types = sorted({_slot_type(s) for s in free})
+            if not types:
+                raise ValueError(f"record {record['id']!r}: only {k - 1} facts can be changed, "
+                                 f"--length {length} asks for more")
+            if unconditioned:
+                slot = rng.choice(free)
+                etype = _slot_type(slot)
+            else:
+                etype = rng.choice(types)
+                slot = rng.choice([s for s in free if _slot_type(s) == etype])
+            candidate, detail = corrupt_fact(current, slot, rng)
+            caption = caption_from_facts(candidate)
+            m = match_facts(caption, facts)
+            if m["wrong"] == k and m["correct"] == m["total"] - k:
+                break
+            # Rare: enough changes to one group make it look like another group to the matcher.
+            # Try another fact rather than emit a chain whose order the matcher cannot confirm.
+        else:
+            raise ValueError(f"record {record['id']!r}: no change at step {k} keeps the chain exact")
+        used.add(slot)
+        current = candidate
+        chain.append(caption)
+        errors.append({"type": etype, "detail": detail})
+    return chain, errors
+
+
+# =============================================================================================
+# Checking one LLM degradation step
+# =============================================================================================
+# A small LLM wraps its answer ("Sure! Here is the modified caption:", quotes, markdown, a
+# trailing explanation), returns the caption unchanged, truncates it, rewrites all of it, or
+# undoes an earlier error. clean_reply() unwraps; check_step() accepts or names the reason.
+
+PREAMBLE = re.compile(r"^\s*(?:sure|certainly|of course|okay|ok|absolutely|alright|great|here(?:'s| is| are)"
+                      r"|below is|i (?:have|'ve) )\b.*$", re.I)
+LABEL = re.compile(r"^\s*(?:[*_#>\-\s]*)(?:the\s+)?(?:modified|edited|new|updated|corrupted|revised|final|"
+                   r"altered|changed|output|resulting)?\s*(?:caption|description|answer|text|version)"
+                   r"\s*(?:\([^)]*\))?\s*[*_]*\s*:\s*[*_]*", re.I)
+TRAILER = re.compile(r"^\s*[*_(\[]*\s*(?:explanation|note|notes|changes?|change made|error(?: introduced)?"
+                     r"|i (?:changed|replaced|swapped|modified|introduced)|the error|in this (?:version|caption)"
+                     r"|this (?:introduces|changes))\b", re.I)
+REFUSAL = re.compile(r"\b(?:cannot|can't|can ?not|unable to|not possible|impossible|no (?:suitable|applicable)"
+                     r"|does(?: not|n't) (?:contain|mention|have|include)|there (?:is|are) no)\b", re.I)
+QUOTES = "\"'`“”‘’«»"
+
+
+def clean_reply(text: str) -> tuple[str, dict]:
+    """The caption inside an LLM reply, and the reply's JSON fields if it sent JSON.
+    A JSON reply {"cannot_apply": true} gives ("", {...}); callers check that first."""
+    obj = parse_json_object(text) or {}
+    if isinstance(obj.get("caption"), str):
+        text = obj["caption"]
+    elif obj:
+        return "", obj
+    text = re.sub(r"```[a-zA-Z]*", "\n", text)            # code fences: keep what is inside
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    while lines and (not lines[0] or PREAMBLE.match(lines[0]) or
+                     (lines[0].endswith(":") and len(lines[0].split()) <= 12)):
+        lines.pop(0)                                       # "Sure! Here is the caption:"
+    body = []
+    for ln in lines:
+        if TRAILER.match(ln) or (not ln and body):         # an explanation, or the paragraph ended
+            break
+        body.append(ln)
+    out = " ".join(body)
+    out = LABEL.sub("", out, count=1)
+    out = re.sub(r"\s*[(\[](?:changed|replaced|swapped|error|note|modified)[^)\]]*[)\]]\s*$", "", out, flags=re.I)
+    out = re.sub(r"(\*\*|__|\*|_)(.+?)\1", r"\2", out)    # **bold**, _italic_
+    out = out.strip().strip(QUOTES).strip()
+    if len(out) >= 2 and out[-1] in QUOTES:                # "the caption." -> the caption.
+        out = out[:-1].strip()
+    return " ".join(out.split()), obj
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"\w+(?:[-']\w+)*", text.lower())
+
+
+def word_edit_distance(a: list[str], b: list[str]) -> int:
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def word_diff(old: str, new: str) -> tuple[str, list[str]]:
+    """'old words -> new words; ...' for the changed spans, and the words the new text added."""
+    a, b = old.split(), new.split()
+    parts, added = [], []
+    sm = difflib.SequenceMatcher(a=[w.lower() for w in a], b=[w.lower() for w in b], autojunk=False)
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        if op != "equal":
+            parts.append(f"{' '.join(a[i1:i2]) or '(nothing)'} -> {' '.join(b[j1:j2]) or '(nothing)'}")
+            added += _tokens(" ".join(b[j1:j2]))
+    return "; ".join(parts), added
+
+
+@dataclass
+class StepLimits:
+    max_edit_frac: float = 0.25            # word edits allowed, as a fraction of the caption
+    min_edit: int = 4                      # ... but never fewer than this
+    max_length_change: float = 0.2         # word count may change by this fraction
+    min_length_change: int = 3             # ... or by this many words
+
+
+def check_step(prev: str, new: str, earlier_added: list[list[str]], limits: StepLimits) -> str | None:
+    """None if `new` is an acceptable one-error edit of `prev`, else the rejection reason."""
+    a, b = _tokens(prev), _tokens(new)
+    if not b:
+        return "empty"
+    if a == b:
+        return "unchanged"
+    slack = max(limits.min_length_change, round(limits.max_length_change * len(a)))
+    if len(b) < len(a) - slack:
+        return "too_short"
+    if len(b) > len(a) + slack:
+        return "too_long"
+    if word_edit_distance(a, b) > max(limits.min_edit, round(limits.max_edit_frac * len(a))):
+        return "too_different"
+    present = set(b)
+    if any(w not in present for added in earlier_added for w in added):
+        return "lost_earlier_error"
+    return None
+
+
+class RunStats:
+    """Thread-safe counters for the end-of-run summary."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: dict[str, Counter] = {}
+
+    def add(self, group: str, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts.setdefault(group, Counter())[key] += n
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return {g: dict(sorted(c.items())) for g, c in self.counts.items()}
+
+
+class StepFailed(ChatError):
+    """Every try at one step was rejected; the record is written as failed with what was built."""
+
+
+TYPE_ALIASES = {"colour": "color", "position": "spatial", "location": "scene", "place": "scene",
+                "order": "temporal", "time": "temporal", "number": "count", "quantity": "count",
+                "size": "attribute", "motion": "direction", "human": "person", "people": "person"}
+
+
+def _known_type(name) -> str:
+    name = str(name or "").lower()
+    for key in list(ERROR_TYPES) + list(TYPE_ALIASES):
+        if key in name:
+            return TYPE_ALIASES.get(key, key)
+    return "other"
+
+
+def degrade_messages(caption: str, etype: str | None, earlier: list[str]) -> list[dict]:
+    """The prompt for one step: add one error of `etype` (or of the LLM's choice when None)."""
+    if etype is None:
+        what = ("Introduce exactly one factual error of a kind you choose (an object, colour, attribute, "
+                "action, count, position, order of events, direction of motion, place, person or camera "
+                "detail).")
+        fmt = '{"caption": "<the edited caption>", "type": "<the kind of error>"}'
+    else:
+        what = f"Introduce exactly one error of this kind: {ERROR_TYPES[etype].instruction}."
+        fmt = '{"caption": "<the edited caption>"}'
+    keep = ("Keep the wording, the sentence structure and the length; change only the few words needed, "
+            "and keep the caption fluent.")
+    if earlier:
+        keep += (" The caption already contains these deliberate errors; keep each of them exactly as it is: "
+                 + "; ".join(earlier) + ".")
+    user = (f"Caption:\n{caption}\n\n{what} {keep}\nReply with JSON only: {fmt}\n"
+            'If this kind of error cannot be introduced into this caption, reply {"cannot_apply": true}.')
+    return [{"role": "system", "content": "You write hard negative captions for training video-language "
+             "models: you edit a caption so that it becomes wrong about exactly one fact."},
+            {"role": "user", "content": user}]
+
+
+def llm_step(client: ChatClient, prev: str, etype: str | None, earlier: list[dict],
+             limits: StepLimits, stats: RunStats, tries: int, rng: random.Random,
+             applicable: list[str]) -> tuple[str, dict]:
+    """One accepted degradation of `prev` by the LLM: (caption, {"type", "detail"}).
+
+    A rejected reply is asked again; "cannot apply" removes that type and samples another one
+    among the applicable types. Raises StepFailed when every try is rejected."""
+    added_before = [e["_added"] for e in earlier]
+    notes = [e["detail"] for e in earlier]
+    reasons = []
+    for _ in range(tries):
+        reply = client.chat(degrade_messages(prev, etype, notes),
+                            max_tokens=max(64, 3 * len(prev.split()) + 48))
+        caption, obj = clean_reply(reply.text)
+        refused = bool(obj.get("cannot_apply")) or (
+            REFUSAL.search(caption) is not None and
+            len(set(_tokens(caption)) & set(_tokens(prev))) < 0.5 * len(set(_tokens(prev))))
+        reason = "cannot_apply" if refused else check_step(prev, caption, added_before, limits)
+        if reason is None:
+            detail, added = word_diff(prev, caption)
+            chosen = etype if etype is not None else _known_type(obj.get("type"))
+            stats.add("steps_by_type", chosen)
+            return caption, {"type": chosen, "detail": detail, "_added": added}
+        reasons.append(reason)
+        stats.add("rejected", reason)
+        if reason == "cannot_apply" and etype is not None:
+            applicable = [t for t in applicable if t != etype]
+            if not applicable:
+                break
+            etype = rng.choice(applicable)
+    raise StepFailed(f"every try rejected ({', '.join(reasons)})")
+
+
+def http_chain(record: dict, client: ChatClient, length: int, seed: int, unconditioned: bool,
+               limits: StepLimits, stats: RunStats, tries: int) -> tuple[list[str], list[dict | None]]:
+    """c0..cK by repeated LLM degradation; each step keeps every earlier error."""
+    rng = random.Random(f"{seed}:{record['id']}")
+    chain, errors = [record["caption"]], [None]
+    for k in range(1, length + 1):
+        types = applicable_error_types(chain[-1])
+        if not types and not unconditioned:
+            raise StepFailed(f"step {k}: no error type applies to the caption")
+        etype = None if unconditioned else rng.choice(types)
+        try:
+            caption, err = llm_step(client, chain[-1], etype, errors[1:], limits, stats, tries, rng, types)
+        except StepFailed as e:
+            raise StepFailed(f"step {k}: {e}", details={"partial_chain": chain,
+                             "partial_errors": _public_errors(errors)}) from None
+        chain.append(caption)
+        errors.append(err)
+    return chain, _public_errors(errors)
+
+
+def _public_errors(errors: list[dict | None]) -> list[dict | None]:
+    return [None if e is None else {k: v for k, v in e.items() if not k.startswith("_")} for e in errors]
+
+
+# =============================================================================================
+# The LM reward of LLaVA-Hound-DPO: a detailed caption stands in for the video
+# =============================================================================================
+
+def reward_messages(caption: str, question: str, answer: str) -> list[dict]:
+    user = (f"Video description (your only evidence about the video):\n{caption}\n\n"
+            f"Question: {question}\nAnswer to judge: {answer}\n\n"
+            "Is the answer correct according to the description? Reply with JSON only: "
+            '{"verdict": "yes" or "no", "score": <integer 0-5: 5 = correct and complete, '
+            '0 = wrong or unsupported by the description>, "explanation": "<one sentence>"}')
+    return [{"role": "system", "content": "You grade answers to questions about a video you cannot see. "
+             "A detailed description of the video is the evidence; judge only by it."},
+            {"role": "user", "content": user}]
+
+
+def parse_reward(text: str) -> dict | None:
+    """{"verdict", "score", "explanation"} from a judge reply, or None if it cannot be read."""
+    obj = parse_json_object(text) or {}
+    verdict, score = obj.get("verdict", obj.get("correct")), obj.get("score", obj.get("rating"))
+    if score is None:                      # prose: "Score: 4"
+        m = re.search(r"\bscore\b\D{0,12}(\d+)", text or "", re.I)
+        score = m.group(1) if m else None
+    try:
+        score = int(float(score))
+    except (TypeError, ValueError):
+        return None
+    if not 0 <= score <= 5:
+        return None
+    if isinstance(verdict, bool):
+        verdict = "yes" if verdict else "no"
+    verdict = str(verdict or "").strip().lower()
+    if verdict not in ("yes", "no"):
+        m = re.search(r"\bverdict\b\W{0,6}(yes|no)\b", text or "", re.I)
+        verdict = m.group(1).lower() if m else ("yes" if score >= 3 else "no")
+    return {"verdict": verdict, "score": score, "explanation": str(obj.get("explanation", "")).strip()}
+
+
+def score_answer(client: ChatClient, caption: str, question: str, answer: str, tries: int = 3) -> dict:
+    """LM reward: {"verdict": "yes"|"no", "score": 0..5, "explanation"}. An unreadable reply is
+    asked again; after `tries` a ChatError (the record is written as failed)."""
+    last = ""
+    for _ in range(tries):
+        reply = client.chat(reward_messages(caption, question, answer), max_tokens=200)
+        parsed = parse_reward(reply.text)
+        if parsed is not None:
+            return parsed
+        last = " ".join(reply.text.split())[:80]
+    raise ChatError(f"unreadable reward reply after {tries} tries: {last!r}")
+
+
+def rank_answers(answers: list[str], scored: list[dict], pairs: bool) -> list[int]:
+    """Answer indices best first: by score, a 'yes' verdict breaking ties, one answer per
+    distinct score so the chain is strictly ordered (pairs: just the best and the worst)."""
+    order = sorted(range(len(answers)), key=lambda i: (-scored[i]["score"], scored[i]["verdict"] != "yes", i))
+    keyed, seen = [], set()
+    for i in order:
+        key = (scored[i]["score"], scored[i]["verdict"])
+        if key not in seen:
+            seen.add(key)
+            keyed.append(i)
+    if pairs and len(keyed) >= 2:
+        keyed = [keyed[0], keyed[-1]]
+    return keyed
+
+
+# =============================================================================================
+# Subcommands
+# =============================================================================================
+
+def _finish(name: str, run: dict, stats: RunStats | None = None, client: ChatClient | None = None) -> dict:
+    summary = {"command": name, **run}
+    if stats is not None:
+        summary.update(stats.as_dict())
+    if client is not None:
+        summary["tokens"] = {"prompt": client.usage["prompt_tokens"], "completion": client.usage["completion_tokens"]}
+        summary["requests"] = {"sent": client.usage["requests"], "retries": client.usage["retries"]}
+    print("summary: " + json.dumps(summary), file=sys.stderr)
+    return summary
+
+
+def _base_record(rec: dict) -> dict:
+    out = {"id": rec["id"]}
+    if rec.get("video") is not None:
+        out["video"] = rec["video"]
+    return out
+
+
+def _limits(args) -> StepLimits:
+    return StepLimits(max_edit_frac=args.max_edit_frac, max_length_change=args.max_length_change)
+
+
+def _atomic_write_jsonl(path: str, records: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cmd_synth(args) -> dict:
+    """Synthetic videos + gold captions + facts -> DIR/train.jsonl, DIR/test.jsonl, DIR/videos/.
+    Deterministic by seed; each file is written whole then renamed, so a re-run after a kill
+    simply redoes the set."""
+    import numpy as np
+    if args.n < 1:
+        raise SystemExit("synth: --n must be at least 1")
+    video_dir = os.path.join(args.out, "videos")
+    os.makedirs(video_dir, exist_ok=True)
+    n_test = min(args.n - 1, round(args.n * args.test_frac)) if args.n > 1 else 0
+    records = []
+    for i in range(args.n):
+        facts = sample_scene(random.Random(f"synth:{args.seed}:{i}"), args.frames)
+        rid = f"syn-{args.seed}-{i:06d}"
+        rel = f"videos/{rid}.npy"
+        tmp = os.path.join(args.out, rel + ".tmp.npy")
+        np.save(tmp, render_scene(facts, args.frames, args.size))
+        os.replace(tmp, os.path.join(args.out, rel))
+        records.append({"id": rid, "caption": caption_from_facts(facts), "video": rel, "facts": facts})
+    _atomic_write_jsonl(os.path.join(args.out, "train.jsonl"), records[:args.n - n_test])
+    _atomic_write_jsonl(os.path.join(args.out, "test.jsonl"), records[args.n - n_test:])
+    return _finish("synth", {"train": args.n - n_test, "test": n_test, "out": args.out})
+
+
+def recaption_messages(captions: list[str]) -> list[dict]:
+    listed = "\n".join(f"- {c}" for c in captions)
+    user = (f"Short captions written by different people for the same video:\n{listed}\n\n"
+            "Write one detailed caption of the video that states every fact these captions give "
+            "(objects, colours, counts, actions, positions, directions, the order of events, the scene), "
+            "without inventing anything they do not support. Reply with the caption only.")
+    return [{"role": "system", "content": "You write detailed, accurate video captions."},
+            {"role": "user", "content": user}]
+
+
+def cmd_recaption(args) -> dict:
+    records = []
+    for line, rec in read_records(args.inp, {}):
+        srcs = rec.get("captions", rec.get("caption"))
+        srcs = [srcs] if isinstance(srcs, str) else srcs
+        if not isinstance(srcs, list) or not srcs or not all(isinstance(s, str) and s.strip() for s in srcs):
+            raise DataError(args.inp, line, "expected 'captions' (a list of strings) or 'caption' (a string)",
+                            "captions")
+        records.append(rec)
+    client, stats = ChatClient.from_args(args), RunStats()
+
+    def one(rec: dict) -> dict:
+        srcs = rec.get("captions", rec.get("caption"))
+        srcs = [srcs] if isinstance(srcs, str) else srcs
+        longest, reasons = max(len(_tokens(s)) for s in srcs), []
+        for _ in range(args.step_tries):
+            caption, obj = clean_reply(client.chat(recaption_messages(srcs)).text)
+            words = _tokens(caption)
+            reason = ("empty" if not words else "too_short" if len(words) < longest else
+                      "cannot_apply" if obj or REFUSAL.match(caption) else None)
+            if reason is None:
+                return {**_base_record(rec), "caption": caption, "source_captions": srcs, "status": "ok"}
+            stats.add("rejected", reason)
+            reasons.append(reason)
+        raise StepFailed(f"every try rejected ({', '.join(reasons)})")
+
+    run = map_resumable(records, one, args.out, args.concurrency, "recaption", args.retry_failed)
+    return _finish("recaption", run, stats, client)
+
+
+def _chain_inputs(args) -> list[dict]:
+    require = {"caption": str}
+    if args.backend == "rules":
+        require["facts"] = dict        # the rule backend edits the stored facts (records from synth)
+    return [rec for _, rec in read_records(args.inp, require)]
+
+
+def cmd_chains(args) -> dict:
+    """c0 > c1 > ... > cK per record: --backend rules (offline, from facts) or http (an LLM)."""
+    records = _chain_inputs(args)
+    client = ChatClient.from_args(args) if args.backend == "http" else None
+    stats, limits = RunStats(), _limits(args)
+
+    def one(rec: dict) -> dict:
+        if client is None:
+            try:
+                chain, errors = rules_chain(rec, args.length, args.seed, args.unconditioned)
+            except ValueError as e:
+                raise StepFailed(str(e)) from None
+            for e in errors[1:]:
+                stats.add("steps_by_type", e["type"])
+        else:
+            chain, errors = http_chain(rec, client, args.length, args.seed, args.unconditioned,
+                                       limits, stats, args.step_tries)
+        return {**_base_record(rec), "prompt": rec.get("prompt", args.prompt), "chain": chain,
+                "errors": errors, "status": "ok"}
+
+    run = map_resumable(records, one, args.out, args.concurrency if client else 1,
+                        f"chains ({args.backend})", args.retry_failed)
+    return _finish("chains", run, stats, client)
+
+
+def cmd_inject(args) -> dict:
+    """The error-injection baseline: K independent one-error negatives of the gold caption.
+    Written as a chain record whose negatives are NOT ordered among themselves
+    ("ranking": "best_only"): train it with an objective that only uses the best
+    (--objective mpo or dpo), not with rank."""
+    records = _chain_inputs(args)
+    client = ChatClient.from_args(args) if args.backend == "http" else None
+    stats, limits = RunStats(), _limits(args)
+
+    def one(rec: dict) -> dict:
+        rng = random.Random(f"{args.seed}:{rec['id']}")
+        gold, negatives, errors = rec["caption"], [], []
+        if client is None:
+            free = _fact_slots(rec["facts"])
+            while free and len(negatives) < args.length:
+                etype = rng.choice(sorted({_slot_type(s) for s in free}))   # type first, as in chains
+                slot = rng.choice([s for s in free if _slot_type(s) == etype])
+                free.remove(slot)
+                facts, detail = corrupt_fact(rec["facts"], slot, rng)
+                caption = caption_from_facts(facts)
+                if match_facts(caption, rec["facts"])["wrong"] == 1 and caption not in negatives:
+                    negatives.append(caption)
+                    errors.append({"type": etype, "detail": detail})
+            if len(negatives) < args.length:
+                raise StepFailed(f"only {len(negatives)} distinct one-fact changes, --length {args.length}")
+        else:
+            types = applicable_error_types(gold)
+            if not types:
+                raise StepFailed("no error type applies to the caption")
+            for k in range(args.length):
+                pool = [t for t in types if t not in {e["type"] for e in errors}] or types
+                for _ in range(args.step_tries):
+                    try:
+                        caption, err = llm_step(client, gold, rng.choice(pool), [], limits, stats,
+                                                args.step_tries, rng, types)
+                    except StepFailed as e:
+                        raise StepFailed(f"negative {k + 1}: {e}", details={"partial_chain": [gold, *negatives]})
+                    if caption not in negatives:
+                        break
+                    stats.add("rejected", "duplicate")
+                else:
+                    raise StepFailed(f"negative {k + 1}: only duplicates of earlier negatives")
+                negatives.append(caption)
+                errors.append(err)
+        for e in errors:
+            stats.add("steps_by_type", e["type"])
+        return {**_base_record(rec), "prompt": rec.get("prompt", args.prompt), "chain": [gold, *negatives],
+                "errors": _public_errors([None, *errors]), "ranking": "best_only", "status": "ok"}
+
+    run = map_resumable(records, one, args.out, args.concurrency if client else 1,
+                        f"inject ({args.backend})", args.retry_failed)
+    return _finish("inject", run, stats, client)
+
+
+def _read_chains(path: str) -> tuple[list[dict], int]:
+    """Chain records from `chains`/`inject`; failed records are counted, not converted."""
+    records, failed = [], 0
+    for line, rec in read_records(path, {}):
+        if rec.get("status", "ok") != "ok":
+            failed += 1
+            continue
+        chain = rec.get("chain")
+        if not isinstance(chain, list) or len(chain) < 2 or not all(isinstance(c, str) and c for c in chain):
+            raise DataError(path, line, "expected a list of at least two non-empty strings", "chain")
+        if len(set(chain)) != len(chain):
+            raise DataError(path, line, "repeated caption in the chain", "chain")
+        records.append(rec)
+    return records, failed
+
+
+def cmd_mcq(args) -> dict:
+    """Chains -> multiple-choice chains: the options are the chain's captions in a seeded random
+    order; the chain becomes the letters, best first (the letter of c0, then of c1, ...)."""
+    records, failed = _read_chains(args.inp)
+
+    def one(rec: dict) -> dict:
+        options = list(rec["chain"])
+        random.Random(f"{args.seed}:{rec['id']}").shuffle(options)
+        letters = [LETTERS[options.index(c)] for c in rec["chain"]]
+        return {**_base_record(rec), "prompt": format_mcq(args.question, options), "chain": letters,
+                "options": options, "errors": rec.get("errors"), "status": "ok"}
+
+    run = map_resumable(records, one, args.out, 1, "mcq", args.retry_failed)
+    return _finish("mcq", {**run, "failed_inputs_left_out": failed})
+
+
+def cmd_ynq(args) -> dict:
+    """Chains -> yes/no chains: one question per caption with the fixed response "no", ranked
+    most wrong first (the more errors the caption has, the surer the "no")."""
+    records, failed = _read_chains(args.inp)
+    if "{caption}" not in args.question:
+        raise SystemExit("ynq: --question must contain {caption}")
+
+    def one(rec: dict) -> dict:
+        prompts = [args.question.format(caption=c) for c in reversed(rec["chain"])]
+        errors = rec.get("errors")
+        return {**_base_record(rec), "prompts": prompts, "response": "no",
+                "errors": list(reversed(errors)) if isinstance(errors, list) else None, "status": "ok"}
+
+    run = map_resumable(records, one, args.out, 1, "ynq", args.retry_failed)
+    return _finish("ynq", {**run, "failed_inputs_left_out": failed})
+
+
+def _event_sentence(obj: dict) -> str:
+    many = obj["count"] > 1
+    text = (f"{noun_phrase(obj)} {'appear' if many else 'appears'} {POSITION_PHRASES[obj['position']]} "
+            f"and {'move' if many else 'moves'} {obj['direction']}.")
+    return text[0].upper() + text[1:]
+
+
+def lfmcqa_from_facts(facts: dict, rng: random.Random) -> tuple[str, list[str], int]:
+    """A question about one group's entrance with five long answers, one correct, each wrong one
+    a single changed fact of the same sentence (so the text alone does not give it away)."""
+    appear = [i for kind, i in facts["events"] if kind == "appear"]
+    nth = rng.randrange(len(appear))
+    ordinal = ["first", "second", "third"][nth] if nth < len(appear) - 1 or nth == 0 else "last"
+    obj = facts["objects"][appear[nth]]
+    question = f"Which shapes are the {ordinal} to appear in the video, and what do they do?"
+    correct = _event_sentence(obj)
+    wrong = []
+    keys = list(OBJECT_FACTS)
+    rng.shuffle(keys)
+    for key in keys:
+        if len(wrong) == 4:
+            break
+        options = [v for v in CHOICES[key] if v != obj[key]]
+        if key == "color":
+            options = [v for v in options if all(o["color"] != v for o in facts["objects"])]
+        if options:
+            wrong.append(_event_sentence({**obj, key: rng.choice(options)}))
+    options = [correct, *wrong]
+    rng.shuffle(options)
+    return question, options, options.index(correct)
+
+
+def lfmcqa_messages(caption: str) -> list[dict]:
+    user = (f"Video description:\n{caption}\n\nWrite one multiple-choice question about this video that "
+            "needs its details or the order of its events to answer. Give five answer choices, each a "
+            "full sentence of similar length and style; exactly one is correct according to the "
+            "description, each other one is wrong in a specific detail. Reply with JSON only: "
+            '{"question": "...", "options": ["...", "...", "...", "...", "..."], "answer": <index 0-4 of the '
+            "correct option>}")
+    return [{"role": "system", "content": "You write exam questions about videos from their descriptions."},
+            {"role": "user", "content": user}]
+
+
+def parse_lfmcqa(text: str) -> tuple[str, list[str], int] | None:
+    obj = parse_json_object(text) or {}
+    q, opts, ans = obj.get("question"), obj.get("options"), obj.get("answer")
+    if isinstance(ans, str) and len(ans.strip()) == 1 and ans.strip().upper() in LETTERS[:5]:
+        ans = LETTERS.index(ans.strip().upper())
+    if not (isinstance(q, str) and q.strip() and isinstance(opts, list) and len(opts) == 5):
+        return None
+    opts = [re.sub(r"^\s*[A-Ea-e][.)]\s+", "", str(o)).strip() for o in opts]   # "A. ..." -> "..."
+    if not all(opts) or len(set(opts)) != 5 or not isinstance(ans, int) or not 0 <= ans < 5:
+        return None
+    return q.strip(), opts, ans
+
+
+def cmd_lfmcqa(args) -> dict:
+    """A description -> a question with five long answer choices, one correct:
+    {"id", "video"?, "question", "options": [5], "answer": index}."""
+    require = {"caption": str, **({"facts": dict} if args.backend == "rules" else {})}
+    records = [rec for _, rec in read_records(args.inp, require)]
+    client = ChatClient.from_args(args) if args.backend == "http" else None
+    stats = RunStats()
+
+    def one(rec: dict) -> dict:
+        rng = random.Random(f"{args.seed}:{rec['id']}")
+        if client is None:
+            question, options, answer = lfmcqa_from_facts(rec["facts"], rng)
+        else:
+            for _ in range(args.step_tries):
+                parsed = parse_lfmcqa(client.chat(lfmcqa_messages(rec["caption"])).text)
+                if parsed is not None:
+                    break
+                stats.add("rejected", "unreadable")
+            else:
+                raise StepFailed(f"no readable question after {args.step_tries} tries")
+            question, options, answer = parsed
+            order = list(range(5))
+            rng.shuffle(order)                 # LLMs favour putting the answer first: reshuffle
+            options, answer = [options[i] for i in order], order.index(answer)
+        return {**_base_record(rec), "question": question, "options": options, "answer": answer, "status": "ok"}
+
+    run = map_resumable(records, one, args.out, args.concurrency if client else 1,
+                        f"lfmcqa ({args.backend})", args.retry_failed)
+    return _finish("lfmcqa", run, stats, client)
+
+
+def cmd_reward(args) -> dict:
+    """LLaVA-Hound-DPO: score each sampled answer with the caption as evidence, then write the
+    answers ranked by score as a chain record for rank_dpo.py (prompt = the question)."""
+    records = []
+    for line, rec in read_records(args.inp, {"caption": str, "question": str, "answers": list}):
+        if len(rec["answers"]) < 2 or not all(isinstance(a, str) and a.strip() for a in rec["answers"]):
+            raise DataError(args.inp, line, "expected at least two non-empty answer strings", "answers")
+        records.append(rec)
+    client, stats = ChatClient.from_args(args), RunStats()
+
+    def one(rec: dict) -> dict:
+        scored = [score_answer(client, rec["caption"], rec["question"], a) for a in rec["answers"]]
+        ranked = rank_answers(rec["answers"], scored, args.pairs)
+        base = {**_base_record(rec), "scored": [{"answer": a, **s} for a, s in zip(rec["answers"], scored)]}
+        if len(ranked) < 2:
+            stats.add("no_preference", "all answers scored alike")
+            return {**base, "status": "no_preference"}
+        stats.add("chain_length", str(len(ranked)))
+        return {**base, "prompt": rec["question"], "chain": [rec["answers"][i] for i in ranked],
+                "scores": [scored[i]["score"] for i in ranked], "status": "ok"}
+
+    run = map_resumable(records, one, args.out, args.concurrency, "reward", args.retry_failed)
+    return _finish("reward", run, stats, client)
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gen_chains.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log every retry")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="synthetic videos, gold captions and facts")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--n", type=int, default=1000, help="number of videos")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--test_frac", type=float, default=0.1, help="share of videos in test.jsonl")
+    s.add_argument("--frames", type=int, default=16)
+    s.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
+    s.set_defaults(fn=cmd_synth)
+
+    def io(sp, backend: bool = False, client: bool = True):
+        sp.add_argument("--in", dest="inp", required=True, help="input JSONL")
+        sp.add_argument("--out", required=True, help="output JSONL (appended to; re-run to resume)")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--retry_failed", action="store_true",
+                        help="drop records written as failed by an earlier run and redo them")
+        if backend:
+            sp.add_argument("--backend", choices=("http", "rules"), default="http",
+                            help="http: an OpenAI-compatible LLM; rules: offline, from synth's facts")
+        if client:
+            sp.add_argument("--step_tries", type=int, default=4, help="LLM replies tried per step")
+            add_client_args(sp)
+
+    for name, fn, text in (("chains", cmd_chains, "repeated degradation into caption chains"),
+                           ("inject", cmd_inject, "error-injection baseline: K one-error negatives")):
+        c = sub.add_parser(name, help=text)
+        io(c, backend=True)
+        c.add_argument("--length", type=int, default=4, help="K: degradation steps (K+1 captions)")
+        c.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt stored with records that have none")
+        c.add_argument("--unconditioned", action="store_true",
+                       help="let the LLM choose each error (rules: sample a fact, not a type)")
+        c.add_argument("--max_edit_frac", type=float, default=0.25,
+                       help="reject a step that edits more than this fraction of the words")
+        c.add_argument("--max_length_change", type=float, default=0.2,
+                       help="reject a step whose length changes by more than this fraction")
+        c.set_defaults(fn=fn)
+
+    r = sub.add_parser("recaption", help="short human captions -> one detailed caption (LLM)")
+    io(r)
+    r.set_defaults(fn=cmd_recaption)
+
+    m = sub.add_parser("mcq", help="chains -> multiple-choice chains (letters ranked)")
+    io(m, client=False)
+    m.add_argument("--question", default="Which caption describes the video best?")
+    m.set_defaults(fn=cmd_mcq)
+
+    y = sub.add_parser("ynq", help="chains -> yes/no chains (prompts ranked, response 'no')")
+    io(y, client=False)
+    y.add_argument("--question", default='Does this caption describe the video correctly? '
+                   'Caption: "{caption}" Answer yes or no.')
+    y.set_defaults(fn=cmd_ynq)
+
+    q = sub.add_parser("lfmcqa", help="descriptions -> long-form five-choice questions")
+    io(q, backend=True)
+    q.set_defaults(fn=cmd_lfmcqa)
+
+    w = sub.add_parser("reward", help="LM reward: rank sampled answers with the caption as evidence")
+    io(w)
+    w.add_argument("--pairs", action="store_true", help="keep only the best and the worst answer")
+    w.set_defaults(fn=cmd_reward)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "length", 1) < 1:
+        raise SystemExit(f"{args.command}: --length must be at least 1")
+    try:
+        return args.fn(args)
+    except (DataError, ChatError) as e:
+        raise SystemExit(f"{args.command}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -160,3 +160,116 @@ def test_map_resumable_stops_on_a_fatal_error(tmp_path):
     with pytest.raises(gc.ChatError, match="401"):
         gc.map_resumable([{"id": "a"}, {"id": "b"}], fn, str(tmp_path / "o.jsonl"), 1, "t")
     assert lines(tmp_path / "o.jsonl") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic set, match_facts and the rule backend
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    gc.main(["synth", "--out", str(out), "--n", "40", "--seed", "3"])
+    return out
+
+
+def test_synth_writes_videos_captions_and_facts(synth_dir, tmp_path):
+    import numpy as np
+    train, test = lines(synth_dir / "train.jsonl"), lines(synth_dir / "test.jsonl")
+    assert (len(train), len(test)) == (36, 4)
+    assert len({r["id"] for r in train + test}) == 40
+    vocab = set()
+    for rec in train + test:
+        video = np.load(synth_dir / rec["video"])
+        assert video.shape == (16, 64, 64, 3) and video.dtype == np.uint8
+        assert rec["caption"] == gc.caption_from_facts(rec["facts"])
+        m = gc.match_facts(rec["caption"], rec["facts"])
+        assert m["correct"] == m["total"] == 2 + 6 * len(rec["facts"]["objects"]) and m["wrong"] == 0
+        assert m["order_correct"] is True
+        vocab |= set(gc._tokens(rec["caption"]))
+    assert len(vocab) < 60                      # a tiny model's vocabulary
+    # Deterministic by seed: the same command writes the same bytes.
+    gc.main(["synth", "--out", str(tmp_path), "--n", "40", "--seed", "3"])
+    assert (tmp_path / "train.jsonl").read_bytes() == (synth_dir / "train.jsonl").read_bytes()
+    assert (tmp_path / train[5]["video"]).read_bytes() == (synth_dir / train[5]["video"]).read_bytes()
+
+
+def test_rendered_video_shows_its_facts():
+    import numpy as np
+    facts = {"background": "gray", "events": [["appear", 0], ["appear", 1], ["disappear", 0]],
+             "frames": [0, 5, 10],
+             "objects": [{"count": 1, "size": "large", "color": "red", "shape": "square",
+                          "position": "left", "direction": "up"},
+                         {"count": 3, "size": "small", "color": "blue", "shape": "circle",
+                          "position": "right", "direction": "left"}]}
+    video = gc.render_scene(facts)
+    red = np.all(video == gc.COLORS["red"], axis=-1)
+    blue = np.all(video == gc.COLORS["blue"], axis=-1)
+    assert np.all(video[:, 0, 32] == gc.BACKGROUNDS["gray"])
+    assert red[:10].any(axis=(1, 2)).all() and not red[10:].any()        # visible frames 0..9
+    assert not blue[:5].any() and blue[5:].any(axis=(1, 2)).all()        # appears at frame 5
+    ys, xs = np.nonzero(red[0])
+    assert xs.mean() < 32 and abs(ys.mean() - 32) < 2                     # starts on the left
+    assert np.nonzero(red[9])[0].mean() < ys.mean() - 8                   # moved up
+    bx0, bx1 = np.nonzero(blue[5])[1].mean(), np.nonzero(blue[15])[1].mean()
+    assert bx0 > 40 and bx1 < bx0 - 8                                     # right, moving left
+    assert red[0].sum() == 13 * 13                                        # one large square
+    assert blue[5].sum() == 3 * gc._shape_mask("circle", gc.SIZES["small"]).sum()   # three small circles
+
+
+def test_rules_chain_kth_caption_has_exactly_k_wrong_facts(synth_dir):
+    records = lines(synth_dir / "train.jsonl")
+    seen_types = set()
+    for rec in records:
+        chain, errors = gc.rules_chain(rec, 6, seed=0)
+        assert len(chain) == 7 and errors[0] is None and len(set(chain)) == 7
+        for k, caption in enumerate(chain):
+            m = gc.match_facts(caption, rec["facts"])
+            assert (m["wrong"], m["correct"], m["missing"]) == (k, m["total"] - k, 0), (k, caption)
+        seen_types |= {e["type"] for e in errors[1:]}
+        assert gc.rules_chain(rec, 6, seed=0) == (chain, errors)          # deterministic by seed
+    assert seen_types == {"scene", "temporal", "count", "attribute", "color", "object", "spatial", "direction"}
+    assert any(gc.rules_chain(r, 6, seed=1)[0] != gc.rules_chain(r, 6, seed=0)[0] for r in records[:3])
+
+
+def test_match_facts_on_model_written_text():
+    facts = {"background": "black", "frames": [0, 4, 8],
+             "events": [["appear", 0], ["appear", 1], ["disappear", 0]],
+             "objects": [{"count": 2, "size": "small", "color": "red", "shape": "circle",
+                          "position": "left", "direction": "up"},
+                         {"count": 1, "size": "large", "color": "blue", "shape": "square",
+                          "position": "top", "direction": "right"}]}
+    gold = gc.caption_from_facts(facts)
+    assert gc.match_facts(gold, facts)["correct"] == 14
+    # Partial: only one object, in other words.
+    m = gc.match_facts("Two little red balls show up on the left side and slide upwards.", facts)
+    assert (m["correct"], m["wrong"], m["missing"]) == (6, 0, 8) and m["order_correct"] is None
+    # Repetitive: the same sentence three times counts once.
+    rep = "A big blue box appears at the top and moves to the right. " * 3
+    m = gc.match_facts(rep, facts)
+    assert (m["correct"], m["wrong"], m["hallucinated"]) == (6, 0, 0)
+    # Wrong facts, a hallucinated object and events out of order.
+    bad = ("First, a large blue square appears at the top and moves left. Then two small red circles "
+           "appear on the left and move up. Then a green triangle appears. Finally, the red circles "
+           "disappear. The background is gray.")
+    m = gc.match_facts(bad, facts)
+    assert m["by_kind"]["direction"] == {"correct": 1, "wrong": 1}
+    assert m["by_kind"]["background"] == {"wrong": 1}
+    assert m["order_correct"] is False and m["hallucinated"] == 1
+    assert m["wrong"] == 1 + 1 + 1 + 1                        # direction, background, order, green triangle
+    # Garbled and empty text state nothing.
+    for text in ("", "colour colour the the and", "asdf qwer zxcv"):
+        m = gc.match_facts(text, facts)
+        assert (m["correct"], m["wrong"], m["missing"]) == (0, 0, 14)
+    # A disappearance that never happens is an order error.
+    m = gc.match_facts("A large blue square appears at the top. Then the blue square disappears.", facts)
+    assert m["order_correct"] is False
+
+
+def test_error_type_applicability():
+    people = "A young man in a red shirt walks to the left, then he picks up two cups in the kitchen."
+    types = set(gc.applicable_error_types(people))
+    assert {"object", "color", "action", "count", "spatial", "temporal", "direction", "scene", "person"} <= types
+    assert "camera" not in types
+    assert "camera" in gc.applicable_error_types("The camera zooms in on a dog sleeping.")
+    assert gc.applicable_error_types("Hello.") == []
