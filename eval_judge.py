@@ -735,19 +735,24 @@ def letter(i: int) -> str:
     return chr(ord("A") + i)
 
 
-def load_mcq(path: str, video_root: str) -> list[dict]:
+def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
     """Multiple-choice items as {"id", "video", "prompt", "letters", "answer"} from either
 
     an LF-MCQA item  {"id", "video"?, "question", "options": [...], "answer": int}, prompted with
                      gen_chains.format_mcq (the format the mcq chains were trained on), or
     an mcq chain     {"id", "video"?, "prompt", "chain": ["C", "A", ...]} whose chain[0] is right;
                      the candidates are the chain's letters.
+    Also returns how many records gen_chains wrote as failed ({"status": "failed"}); they hold
+    no item and are counted in the results, not silently dropped.
     """
-    items = []
+    items, failed = [], 0
     for line, rec in read_jsonl(path):
         rid = rec.get("id")
         if not isinstance(rid, str) or not rid:
             raise DataError(path, line, "missing or not a string", field="id")
+        if rec.get("status") == "failed":
+            failed += 1
+            continue
         if "chain" in rec:
             prompt, chain = require_text(path, line, rec, "prompt"), rec["chain"]
             if not (isinstance(chain, list) and len(chain) >= 2 and
@@ -769,7 +774,7 @@ def load_mcq(path: str, video_root: str) -> list[dict]:
             letters, answer = [letter(i) for i in range(len(options))], letter(answer)
         items.append({"id": rid, "video": video_path(path, line, rec, video_root), "prompt": prompt,
                       "letters": sorted(set(letters)), "answer": answer})
-    return items
+    return items, failed
 
 
 def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> list[dict]:
@@ -790,7 +795,9 @@ def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> lis
 
 
 def cmd_mcq(args) -> dict:
-    items = load_mcq(args.data, args.video_root)
+    items, n_failed = load_mcq(args.data, args.video_root)
+    if not items:
+        raise SystemExit(f"mcq: {args.data} holds no usable item ({n_failed} failed records)")
     model, processor = _load(args, args.adapter)
     preds = mcq_predictions(model, processor, items, args.num_frames)
     if args.out:
@@ -799,24 +806,28 @@ def cmd_mcq(args) -> dict:
     chance = float(np.mean([1 / len(i["letters"]) for i in items])) if items else math.nan
     picked = {c: sum(p["pred"] == c for p in preds) for c in sorted({p["pred"] for p in preds})}
     results = {"command": "mcq", "model": args.model, "adapter": args.adapter, "data": args.data,
-               "accuracy": acc, "chance": chance, "predicted_letters": picked}
+               "failed_records_skipped": n_failed, "accuracy": acc, "chance": chance, "predicted_letters": picked}
     table = markdown_table(("model", "accuracy [95% CI]", "chance", "n"),
                            [(_model_name(args), fmt_ci(acc, 3), fmt(chance), acc["n"])])
     table += "\n\npredicted letters: " + ", ".join(f"{c} {n}" for c, n in picked.items())
     return report(results, table, args.results or sibling(args.data, ".mcq.results.json"))
 
 
-def load_chains(path: str, video_root: str) -> list[dict]:
+def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
     """Held-out chains as {"id", "video", "prompts", "responses"}, best first, from either
 
     a caption (or mcq) chain  {"prompt", "chain": [best, ..., worst]}  (one prompt, K responses), or
     a yes/no chain            {"prompts": [best, ...], "response": "no"} (K prompts, one response).
+    Also returns the number of records written as failed (see load_mcq).
     """
-    chains = []
+    chains, failed = [], 0
     for line, rec in read_jsonl(path):
         rid = rec.get("id")
         if not isinstance(rid, str) or not rid:
             raise DataError(path, line, "missing or not a string", field="id")
+        if rec.get("status") == "failed":
+            failed += 1
+            continue
         if "chain" in rec:
             prompt, responses = require_text(path, line, rec, "prompt"), rec["chain"]
             field = "chain"
@@ -833,7 +844,7 @@ def load_chains(path: str, video_root: str) -> list[dict]:
             raise DataError(path, line, "expected a list of at least two strings", field=field)
         chains.append({"id": rid, "video": video_path(path, line, rec, video_root),
                        "prompts": prompts, "responses": responses})
-    return chains
+    return chains, failed
 
 
 def chain_logps(model, processor, chains: list[dict], num_frames: int) -> list[np.ndarray]:
@@ -859,7 +870,9 @@ def ranking_summary(scores: list[np.ndarray]) -> dict:
 
 
 def cmd_rank(args) -> dict:
-    chains = load_chains(args.data, args.video_root)
+    chains, n_failed = load_chains(args.data, args.video_root)
+    if not chains:
+        raise SystemExit(f"rank: {args.data} holds no usable chain ({n_failed} failed records)")
     model, processor = _load(args, args.adapter)
     policy = chain_logps(model, processor, chains, args.num_frames)
     scorers = {"log-prob": policy}
@@ -876,7 +889,7 @@ def cmd_rank(args) -> dict:
     summary = {name: ranking_summary(s) for name, s in scorers.items()}
     chance_top1 = float(np.mean([1 / len(c["responses"]) for c in chains])) if chains else math.nan
     results = {"command": "rank", "model": args.model, "adapter": args.adapter, "data": args.data,
-               "scorers": summary, "chance": {"pairwise": 0.5, "kendall": 0.0, "top1": chance_top1}}
+               "failed_records_skipped": n_failed, "scorers": summary, "chance": {"pairwise": 0.5, "kendall": 0.0, "top1": chance_top1}}
     rows = [(f"{_model_name(args)}: {name}", fmt_ci(v["pairwise"], 3), fmt_ci(v["kendall"], 3),
              fmt_ci(v["top1"], 3), v["n_chains"]) for name, v in summary.items()]
     rows.append(("chance", "0.500", "0.000", fmt(chance_top1), ""))

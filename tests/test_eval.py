@@ -335,7 +335,7 @@ def test_mcq_picks_the_letter_with_the_highest_logprob(tiny, tmp_path):
     # any other letter X costs log p(X) ~ -50 - log 2 on its first token. So "C" wins every
     # item: q1 (answer C) and q3 (chain[0] = C) are right, q2 (answer A) is wrong.
     model, processor = tiny
-    items = E.load_mcq(mcq_file(tmp_path), str(tmp_path))
+    items, _ = E.load_mcq(mcq_file(tmp_path), str(tmp_path))
     boost = {token_id(processor, "C"): 50.0, token_id(processor, "<|im_end|>"): 50.0}
     with fixed_logits(model, boost):
         preds = E.mcq_predictions(model, processor, items, num_frames=8)
@@ -384,6 +384,7 @@ def chains_file(tmp_path):
         {"id": "worst-first", "prompt": "Describe this video in detail.", "chain": GROWING[::-1]},
         {"id": "yes-no", "video": video, "prompts": ["Is it red?", "Is it blue?", "Is it green?"],
          "response": "no"},
+        {"id": "lost", "status": "failed", "reason": "HTTP 500"},   # as gen_chains writes a failure
     ])
 
 
@@ -394,7 +395,7 @@ def test_rank_on_chains_with_a_certain_order(tiny, tmp_path):
     # chain has one response ("no") under three prompts: three equal scores, a tie.
     from rank_dpo import tokenizer_of
     model, processor = tiny
-    chains = E.load_chains(chains_file(tmp_path), str(tmp_path))
+    chains, _ = E.load_chains(chains_file(tmp_path), str(tmp_path))
     with fixed_logits(model):
         scores = E.chain_logps(model, processor, chains, num_frames=8)
     vocab = model.lm_head.out_features
@@ -425,7 +426,7 @@ def test_rank_cli_implicit_reward_of_a_no_op_adapter_is_zero(tmp_path):
     reward = res["scorers"]["implicit reward"]
     assert reward["pairwise"]["mean"] == 0.5 and reward["top1"]["mean"] == pytest.approx(1 / 3)
     assert reward["kendall"]["n"] == 0                              # all ties: tau undefined
-    assert res["scorers"]["log-prob"]["n_chains"] == 3
+    assert res["scorers"]["log-prob"]["n_chains"] == 3 and res["failed_records_skipped"] == 1
     rows = read_jsonl(tmp_path / "scores.jsonl")
     assert rows[0]["implicit reward"] == [0.0, 0.0, 0.0] and len(rows[0]["log-prob"]) == 3
     saved = json.load(open(tmp_path / "chains.rank.results.json"))
