@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from gen_chains import (ChatClient, DataError, ResumableJsonl, add_client_args, format_mcq,
-                        map_resumable, parse_json_object, read_jsonl)
+                        map_resumable, match_facts, parse_json_object, read_jsonl, score_answer)
 
 AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
 SCORE_MIN, SCORE_MAX = 1, 10
@@ -394,7 +394,6 @@ def rules_scores(caption: str, facts) -> tuple[dict[str, float], dict]:
     Each fraction maps linearly onto 1..10, so the gold caption gets 10 on every axis and
     every corrupted fact lowers relevance and descriptiveness.
     """
-    from gen_chains import match_facts
     m = match_facts(caption, facts)
     stated = m["correct"] + m["wrong"]
     precision = m["correct"] / stated if stated else 0.0
@@ -920,8 +919,6 @@ def cmd_reward(args) -> dict:
     Input records: {"id", "question", "answer", "caption"?, "caption_id"?}; the caption is the
     record's own, or the one with id caption_id (else id) in --captions.
     """
-    from gen_chains import score_answer
-
     captions = load_by_id(args.captions, ("caption",)) if args.captions else {}
     jobs = []
     for line, rec in read_jsonl(args.data):
