@@ -273,3 +273,439 @@ def test_error_type_applicability():
     assert "camera" not in types
     assert "camera" in gc.applicable_error_types("The camera zooms in on a dog sleeping.")
     assert gc.applicable_error_types("Hello.") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning and checking what the LLM returns
+# ---------------------------------------------------------------------------------------------
+
+PREV = "A small red circle appears on the left and moves up, then a blue square appears at the top."
+NEW = "A small green circle appears on the left and moves up, then a blue square appears at the top."
+
+
+@pytest.mark.parametrize("reply", [
+    NEW,
+    f'{{"caption": "{NEW}"}}',
+    f'Sure! Here is the modified caption:\n\n"{NEW}"',
+    f"**Modified caption:** {NEW}\n\nExplanation: I changed red to green.",
+    f"```\n{NEW}\n```",
+    f"Caption: {NEW} (changed red to green)",
+    f"Okay, here's the caption with one colour error.\n\n{NEW}\n\nNote: the error is the colour.",
+    f"Here you go:\n> {NEW}",
+])
+def test_clean_reply_unwraps(reply):
+    caption, _ = gc.clean_reply(reply)
+    assert caption.lstrip("> ") == NEW
+
+
+def test_check_step_reasons():
+    lim = gc.StepLimits()
+    assert gc.check_step(PREV, NEW, [], lim) is None
+    assert gc.check_step(PREV, "", [], lim) == "empty"
+    assert gc.check_step(PREV, PREV.upper(), [], lim) == "unchanged"
+    assert gc.check_step(PREV, "A small green circle appears.", [], lim) == "too_short"
+    assert gc.check_step(PREV, NEW + " It is sunny and a dog barks loudly at everyone nearby.", [], lim) == "too_long"
+    rewrite = "Two large yellow squares slide down from the right while the red dot waits in the middle."
+    assert gc.check_step(PREV, rewrite, [], lim) == "too_different"
+    assert gc.check_step(NEW, NEW.replace("blue", "white"), [["green"]], lim) is None
+    assert gc.check_step(NEW, PREV.replace("blue", "white"), [["green"]], lim) == "lost_earlier_error"
+    detail, added = gc.word_diff(PREV, NEW)
+    assert detail == "red -> green" and added == ["green"]
+
+
+# ---------------------------------------------------------------------------------------------
+# chains over HTTP against the fake server, with faults
+# ---------------------------------------------------------------------------------------------
+
+SWAPS = {"red": "purple", "green": "orange", "blue": "pink", "yellow": "brown", "white": "violet",
+         "circle": "hexagon", "square": "star", "triangle": "diamond"}
+
+
+def caption_in(req) -> str:
+    return req.user_text.split("Caption:\n", 1)[1].split("\n\n", 1)[0]
+
+
+def requested_type(req) -> str | None:
+    return next((name for name, t in gc.ERROR_TYPES.items() if t.instruction in req.user_text), None)
+
+
+def one_swap(caption: str, etype: str | None = None) -> str:
+    """What a well-behaved LLM does: change one word into one outside the original vocabulary
+    (so later steps cannot undo it); which word depends on the requested error type."""
+    import re
+    present = [w for w in SWAPS if re.search(rf"\b{w}", caption)]
+    if not present:
+        return caption.replace("moves", "jumps", 1)
+    pick = present[sorted(gc.ERROR_TYPES).index(etype) % len(present)] if etype else present[0]
+    return re.sub(rf"\b{pick}", SWAPS[pick], caption, count=1)
+
+
+def is_one_swap(old: str, new: str) -> bool:
+    a, b = old.split(), new.split()
+    diff = [(x, y) for x, y in zip(a, b) if x != y]
+    return len(a) == len(b) and len(diff) == 1 and any(y.startswith(v) for v in SWAPS.values() for y in diff[0][1:])
+
+
+class ScriptedLLM:
+    """A responder that degrades captions correctly, except on the requests listed in `faults`
+    (numbered from 1 among the requests that reach it), where it misbehaves."""
+
+    def __init__(self, faults=None):
+        self.faults, self.n = dict(faults or {}), 0
+
+    def __call__(self, req):
+        import threading
+        with threading.Lock():
+            self.n += 1
+            n = self.n
+        if "caption" not in req.user_text.lower():
+            return "?"
+        prev = caption_in(req)
+        if "FAILME" in prev:
+            return Reply.error(500)
+        if "STUBBORN" in prev:
+            return prev
+        good = one_swap(prev, requested_type(req))
+        kind = self.faults.get(n)
+        return {None: json.dumps({"caption": good}),
+                "preamble": f"Sure! Here is the caption with the error:\n\n\"{good}\"\n\nI changed one word.",
+                "markdown": f"**Modified caption:** {good}\n\nExplanation: swapped a colour.",
+                "unchanged": json.dumps({"caption": prev}),
+                "cannot": '{"cannot_apply": true}',
+                "rewrite": " ".join(reversed(prev.split())),
+                "truncated": " ".join(prev.split()[:4]),
+                "plain": good}[kind]
+
+
+def http_args(llm, *extra):
+    return ["--base_url", llm.url, "--model", "fake", "--api_key", KEY, "--timeout", "0.5",
+            "--max_tries", "6", "--backoff", "0.01", *extra]
+
+
+def test_chains_http_with_faults(synth_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", lines(synth_dir / "train.jsonl")[:6])
+    out = tmp_path / "chains.jsonl"
+    scripted = ScriptedLLM({1: "preamble", 2: "unchanged", 3: "cannot", 4: "rewrite", 5: "markdown",
+                            6: "truncated", 8: "plain"})
+    with FakeLLM(responder=scripted) as llm:
+        llm.push(Reply.error(429, retry_after="0.3"), Reply.error(500), Reply.hang(2.0), Reply.malformed(),
+                 Reply.empty(), Reply.error(503, retry_after="0"), Reply.error(408))
+        summary = gc.main(["chains", "--in", inp, "--out", str(out), "--length", "3", "--concurrency", "3",
+                           *http_args(llm)])
+    got = lines(out)
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in lines(inp))
+    for rec in got:
+        assert rec["status"] == "ok" and len(rec["chain"]) == 4 and rec["errors"][0] is None
+        assert rec["prompt"] == gc.DEFAULT_PROMPT and rec["video"].endswith(".npy")
+        for k in range(1, 4):
+            assert is_one_swap(rec["chain"][k - 1], rec["chain"][k])       # one change per step, kept
+            assert rec["errors"][k]["type"] in gc.ERROR_TYPES and " -> " in rec["errors"][k]["detail"]
+    assert {"unchanged", "cannot_apply", "too_different", "too_short"} <= set(summary["rejected"])
+    assert summary["done"] == 6 and summary["failed"] == 0
+    assert summary["requests"]["retries"] >= 7 and summary["tokens"]["completion"] > 0
+    assert sum(summary["steps_by_type"].values()) == 18
+
+
+def test_chains_http_records_failures(synth_dir, tmp_path):
+    recs = lines(synth_dir / "train.jsonl")[:3]
+    recs[0] = {**recs[0], "caption": recs[0]["caption"] + " FAILME"}
+    recs[1] = {**recs[1], "caption": recs[1]["caption"] + " STUBBORN"}
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "chains.jsonl"
+    with FakeLLM(responder=ScriptedLLM()) as llm:
+        summary = gc.main(["chains", "--in", inp, "--out", str(out), "--length", "2", "--step_tries", "3",
+                           *http_args(llm, "--max_tries", "2")])
+    got = {r["id"]: r for r in lines(out)}
+    assert (summary["done"], summary["failed"]) == (1, 2)
+    assert got[recs[0]["id"]]["status"] == "failed"
+    assert "gave up after 2 tries: HTTP 500" in got[recs[0]["id"]]["reason"]
+    stubborn = got[recs[1]["id"]]
+    assert stubborn["status"] == "failed"
+    assert stubborn["reason"] == "step 1: every try rejected (unchanged, unchanged, unchanged)"
+    assert stubborn["partial_chain"] == [recs[1]["caption"]]
+    assert got[recs[2]["id"]]["status"] == "ok"
+
+
+def test_chains_http_unconditioned_lets_the_llm_choose(synth_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", lines(synth_dir / "train.jsonl")[:2])
+
+    def responder(req):
+        assert "a kind you choose" in req.user_text and "one error of this kind" not in req.user_text
+        return json.dumps({"caption": one_swap(caption_in(req)), "type": "colour"})
+    with FakeLLM(responder=responder) as llm:
+        gc.main(["chains", "--in", inp, "--out", str(tmp_path / "o.jsonl"), "--length", "2",
+                 "--unconditioned", *http_args(llm)])
+    for rec in lines(tmp_path / "o.jsonl"):
+        assert [e["type"] for e in rec["errors"][1:]] == ["color", "color"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Never lose or duplicate: kill -9 in the middle, then the same command again
+# ---------------------------------------------------------------------------------------------
+
+GEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gen_chains.py")
+
+
+def test_kill9_mid_run_then_resume_gives_every_id_exactly_once(synth_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    base = lines(synth_dir / "train.jsonl")
+    recs = [{"id": f"k{i:03d}", "caption": base[i % len(base)]["caption"]} for i in range(48)]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "out.jsonl"
+
+    def count() -> int:
+        return out.read_bytes().count(b"\n") if out.exists() else 0
+
+    with FakeLLM(responder=ScriptedLLM(), latency=0.03) as llm:
+        cmd = [sys.executable, GEN, "chains", "--in", inp, "--out", str(out), "--length", "2",
+               "--concurrency", "4", *http_args(llm)]
+        for target in (3, 20):                  # two kills at different points
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while count() < target and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert proc.returncode == -signal.SIGKILL
+        killed_at = count()
+        assert 20 <= killed_at < 48
+        with open(out, "ab") as f:              # as if the kill had landed mid-write
+            f.write(b'{"id": "k047", "status": "ok", "chain": ["First, a sm')
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert "repaired a torn last line" in done.stderr
+    ids = [r["id"] for r in lines(out)]
+    assert sorted(ids) == [r["id"] for r in recs]   # every id, exactly once
+    assert all(r["status"] == "ok" and len(r["chain"]) == 3 for r in lines(out))
+    # Running the finished job again changes nothing.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and '"skipped": 48' in again.stderr and len(lines(out)) == 48
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input is named by file, line and field
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command,records,message", [
+    ("chains", ['{"id": "a", "caption": "x"}', '{"id": "b", "caption": '], r"in.jsonl:2: malformed JSON"),
+    ("chains", ['{"id": "a"}'], r"in.jsonl:1: field 'caption': missing"),
+    ("chains", ['{"id": "a", "caption": "x"}', '{"id": "b", "caption": "y"}', '{"id": "a", "caption": "z"}'],
+     r"in.jsonl:3: field 'id': duplicate id 'a' \(first on line 1\)"),
+    ("chains", ['{"caption": "x"}'], r"in.jsonl:1: field 'id': missing or not a non-empty string"),
+    ("chains", ['{"id": "a", "caption": ""}'], r"in.jsonl:1: field 'caption': expected a non-empty string"),
+    ("chains", ['[1, 2]'], r"in.jsonl:1: expected a JSON object, got list"),
+    ("rules", ['{"id": "a", "caption": "x"}'], r"in.jsonl:1: field 'facts': missing"),
+    ("reward", ['{"id": "a", "caption": "c", "question": "q", "answers": ["only one"]}'],
+     r"in.jsonl:1: field 'answers': expected at least two"),
+    ("mcq", ['{"id": "a", "prompt": "p", "chain": ["same", "same"]}'], r"in.jsonl:1: field 'chain': repeated"),
+    ("ynq", ['{"id": "a", "prompt": "p", "chain": ["one"]}'], r"in.jsonl:1: field 'chain': expected a list"),
+    ("recaption", ['{"id": "a", "captions": []}'], r"in.jsonl:1: field 'captions'"),
+])
+def test_bad_input_names_file_line_and_field(tmp_path, command, records, message):
+    import re
+    inp = write_jsonl(tmp_path / "in.jsonl", records)
+    argv = {"rules": ["chains", "--backend", "rules"]}.get(command, [command])
+    with pytest.raises(SystemExit) as e:
+        gc.main([*argv, "--in", inp, "--out", str(tmp_path / "out.jsonl"), "--base_url", "http://127.0.0.1:9"]
+                if command not in ("mcq", "ynq") else [*argv, "--in", inp, "--out", str(tmp_path / "o.jsonl")])
+    assert re.search(message, str(e.value)), str(e.value)
+    assert not (tmp_path / "out.jsonl").exists() or lines(tmp_path / "out.jsonl") == []
+
+
+def test_missing_input_file(tmp_path):
+    with pytest.raises(SystemExit, match="nope.jsonl: input file not found"):
+        gc.main(["chains", "--backend", "rules", "--in", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The API key never leaks
+# ---------------------------------------------------------------------------------------------
+
+def test_api_key_never_reaches_logs_errors_or_outputs(synth_dir, tmp_path):
+    import subprocess
+    import sys
+    recs = lines(synth_dir / "train.jsonl")[:3]
+    recs[0] = {**recs[0], "caption": recs[0]["caption"] + " FAILME"}
+
+    def echo_key(req):                          # a server that echoes the bearer token back
+        token = req.headers.get("Authorization", "")
+        if "FAILME" in req.user_text:
+            return Reply.error(500, message=f"upstream rejected {token}")
+        return ScriptedLLM()(req)
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "out.jsonl"
+    with FakeLLM(responder=echo_key) as llm:
+        llm.push(Reply.error(503, message=f"overloaded, key was {KEY}"))
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": llm.url}
+        run = subprocess.run([sys.executable, GEN, "-v", "chains", "--in", inp, "--out", str(out),
+                              "--length", "1", "--max_tries", "2", "--backoff", "0.01"],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert all(r.headers.get("Authorization") == f"Bearer {KEY}" for r in llm.requests)   # it was used
+    assert "retry 2/2" in run.stderr                # -v logs retries ...
+    text = out.read_text() + run.stdout + run.stderr
+    assert KEY not in text                          # ... but never the key
+    failed = [r for r in lines(out) if r["status"] == "failed"]
+    assert len(failed) == 1 and "[api key redacted]" in failed[0]["reason"]
+
+
+def test_client_flags_default_from_the_environment(monkeypatch):
+    import argparse
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://example.invalid/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    p = argparse.ArgumentParser()
+    gc.add_client_args(p)
+    args = p.parse_args(["--concurrency", "7"])
+    assert (args.base_url, args.api_key, args.concurrency) == ("http://example.invalid/v1", KEY, 7)
+    client = gc.ChatClient.from_args(args)
+    assert client.url == "http://example.invalid/v1/chat/completions" and KEY not in repr(client)
+
+
+# ---------------------------------------------------------------------------------------------
+# The other subcommands
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rules_chains(synth_dir):
+    out = synth_dir / "chains_rules.jsonl"
+    s = gc.main(["chains", "--backend", "rules", "--in", str(synth_dir / "train.jsonl"), "--out", str(out),
+                 "--length", "4", "--seed", "1"])
+    assert s["done"] == 36
+    return out
+
+
+def test_inject_rules_gives_k_one_error_negatives(synth_dir, tmp_path):
+    out = tmp_path / "inject.jsonl"
+    gc.main(["inject", "--backend", "rules", "--in", str(synth_dir / "train.jsonl"), "--out", str(out),
+             "--length", "4"])
+    facts = {r["id"]: r["facts"] for r in lines(synth_dir / "train.jsonl")}
+    for rec in lines(out):
+        assert rec["ranking"] == "best_only" and len(rec["chain"]) == 5 and len(set(rec["chain"])) == 5
+        assert [gc.match_facts(c, facts[rec["id"]])["wrong"] for c in rec["chain"]] == [0, 1, 1, 1, 1]
+
+
+def test_inject_http(synth_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", lines(synth_dir / "train.jsonl")[:3])
+    with FakeLLM(responder=ScriptedLLM()) as llm:
+        s = gc.main(["inject", "--in", inp, "--out", str(tmp_path / "o.jsonl"), "--length", "3", *http_args(llm)])
+    assert s["done"] == 3
+    for rec in lines(tmp_path / "o.jsonl"):
+        gold = rec["chain"][0]
+        assert len(set(rec["chain"])) == 4 and all(is_one_swap(gold, c) for c in rec["chain"][1:])
+
+
+def test_mcq_chains(rules_chains, tmp_path):
+    out = tmp_path / "mcq.jsonl"
+    gc.main(["mcq", "--in", str(rules_chains), "--out", str(out)])
+    chains = {r["id"]: r for r in lines(rules_chains)}
+    firsts = set()
+    for rec in lines(out):
+        src = chains[rec["id"]]
+        assert sorted(rec["chain"]) == list("ABCDE") and rec["video"] == src["video"]
+        assert [rec["options"][gc.LETTERS.index(x)] for x in rec["chain"]] == src["chain"]
+        assert rec["prompt"] == gc.format_mcq("Which caption describes the video best?", rec["options"])
+        firsts.add(rec["chain"][0])
+    assert len(firsts) >= 3                     # the right letter is not always the same
+
+
+def test_ynq_chains(rules_chains, tmp_path):
+    out = tmp_path / "ynq.jsonl"
+    gc.main(["ynq", "--in", str(rules_chains), "--out", str(out)])
+    chains = {r["id"]: r for r in lines(rules_chains)}
+    for rec in lines(out):
+        src = chains[rec["id"]]
+        assert rec["response"] == "no" and len(rec["prompts"]) == 5
+        assert all(c in p for c, p in zip(reversed(src["chain"]), rec["prompts"]))   # most wrong first
+        assert rec["errors"][-1] is None
+
+
+def test_mcq_leaves_out_failed_chains(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "p", "chain": ["x", "y"]},
+                                              {"id": "b", "status": "failed", "reason": "r"}])
+    s = gc.main(["mcq", "--in", inp, "--out", str(tmp_path / "o.jsonl")])
+    assert s["failed_inputs_left_out"] == 1 and [r["id"] for r in lines(tmp_path / "o.jsonl")] == ["a"]
+
+
+def test_lfmcqa_rules(synth_dir, tmp_path):
+    out = tmp_path / "lf.jsonl"
+    gc.main(["lfmcqa", "--backend", "rules", "--in", str(synth_dir / "test.jsonl"), "--out", str(out)])
+    facts = {r["id"]: r["facts"] for r in lines(synth_dir / "test.jsonl")}
+    for rec in lines(out):
+        assert len(rec["options"]) == 5 and len(set(rec["options"])) == 5 and rec["question"].endswith("?")
+        f = facts[rec["id"]]
+        right = rec["options"][rec["answer"]]
+        assert gc.match_facts(right, f)["wrong"] == 0
+        assert all(gc.match_facts(o, f)["wrong"] >= 1 for i, o in enumerate(rec["options"]) if i != rec["answer"])
+
+
+def test_lfmcqa_http(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "caption": "A man opens a red door."},
+                                              {"id": "b", "caption": "A cat sleeps on a sofa."}])
+    opts = ["He opens a red door.", "He opens a blue door.", "He closes a red door.", "He paints a door.",
+            "He kicks a door."]
+    with FakeLLM() as llm:
+        llm.push("I think a good question is about the door.",                        # unreadable: asked again
+                 f'```json\n{json.dumps({"question": "What does the man do?", "options": opts, "answer": "A"})}\n```',
+                 json.dumps({"question": "Where is the cat?", "options": [f"{x}." for x in "VWXYZ"], "answer": 2}))
+        s = gc.main(["lfmcqa", "--in", inp, "--out", str(tmp_path / "o.jsonl"), "--concurrency", "1",
+                     *http_args(llm)])
+    got = {r["id"]: r for r in lines(tmp_path / "o.jsonl")}
+    assert s["rejected"] == {"unreadable": 1}
+    assert got["a"]["options"][got["a"]["answer"]] == "He opens a red door." and sorted(got["a"]["options"]) == sorted(opts)
+    assert got["b"]["options"][got["b"]["answer"]] == "X."
+
+
+def test_reward_ranks_answers_by_the_lm_score(tmp_path):
+    recs = [{"id": "q1", "video": "v.npy", "caption": "A red ball rolls left.", "question": "What rolls?",
+             "answers": ["a blue cube", "a red ball", "a ball", "a red thing"]},
+            {"id": "q2", "caption": "c", "question": "q", "answers": ["same", "same again"]}]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+
+    def judge(req):
+        text = req.user_text.split("Answer to judge: ", 1)[1].split("\n", 1)[0]
+        return {"a blue cube": '{"verdict": "no", "score": 0, "explanation": "wrong object"}',
+                "a red ball": 'Sure: {"verdict": "yes", "score": 5}',
+                "a ball": "Verdict: yes. Score: 3",
+                "a red thing": '{"verdict": "yes", "score": 3}'}.get(text, '{"verdict": "yes", "score": 4}')
+    with FakeLLM(responder=judge) as llm:
+        gc.main(["reward", "--in", inp, "--out", str(tmp_path / "chain.jsonl"), *http_args(llm)])
+        gc.main(["reward", "--in", inp, "--out", str(tmp_path / "pairs.jsonl"), "--pairs", *http_args(llm)])
+    got = {r["id"]: r for r in lines(tmp_path / "chain.jsonl")}
+    assert got["q1"]["chain"] == ["a red ball", "a ball", "a blue cube"]      # one answer per score
+    assert got["q1"]["scores"] == [5, 3, 0] and got["q1"]["prompt"] == "What rolls?"
+    assert got["q1"]["video"] == "v.npy" and len(got["q1"]["scored"]) == 4
+    assert got["q2"]["status"] == "no_preference" and "chain" not in got["q2"]
+    pairs = {r["id"]: r for r in lines(tmp_path / "pairs.jsonl")}
+    assert pairs["q1"]["chain"] == ["a red ball", "a blue cube"]
+
+
+def test_score_answer_reasks_then_fails():
+    with FakeLLM() as llm:
+        client = gc.ChatClient(llm.url, "m", backoff=0.01)
+        llm.push("I cannot say.", '{"verdict": "yes", "score": 9}', '{"verdict": "no", "score": 1}')
+        assert gc.score_answer(client, "c", "q", "a") == {"verdict": "no", "score": 1, "explanation": ""}
+        llm.push(*["no idea"] * 3)
+        with pytest.raises(gc.ChatError, match="unreadable reward reply after 3 tries"):
+            gc.score_answer(client, "c", "q", "a")
+
+
+def test_recaption(tmp_path):
+    recs = [{"id": "a", "video": "a.mp4", "captions": ["a man walks", "a dog follows him"]},
+            {"id": "b", "caption": "a red car drives away quickly"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+
+    def writer(req):
+        if "a red car" in req.user_text:
+            return "Sure! Here is a detailed caption:\n\nA shiny red car drives away quickly down an empty street."
+        return "A man walks along a path while a small dog follows closely behind him."
+    with FakeLLM(responder=writer) as llm:
+        llm.push("Car.")                                                     # too short: asked again
+        s = gc.main(["recaption", "--in", inp, "--out", str(tmp_path / "o.jsonl"), "--concurrency", "1",
+                     *http_args(llm)])
+    got = {r["id"]: r for r in lines(tmp_path / "o.jsonl")}
+    assert s["rejected"] == {"too_short": 1}
+    assert got["a"]["caption"].startswith("A man walks") and got["a"]["video"] == "a.mp4"
+    assert got["a"]["source_captions"] == recs[0]["captions"]
+    assert got["b"]["caption"] == "A shiny red car drives away quickly down an empty street."
