@@ -31,8 +31,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from gen_chains import (ChatClient, DataError, ResumableJsonl, add_client_args, format_mcq,
-                        map_resumable, match_facts, parse_json_object, read_jsonl, score_answer)
+from gen_chains import (DEFAULT_PROMPT, ChatClient, DataError, ResumableJsonl, add_client_args,
+                        format_mcq, map_resumable, match_facts, parse_json_object, read_jsonl,
+                        score_answer)
 
 AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
 SCORE_MIN, SCORE_MAX = 1, 10
@@ -247,10 +248,14 @@ def parse_verdict(text: str) -> tuple[str | None, list[str]]:
 JUDGE_SYSTEM = ("You are a strict, consistent evaluator of video captions. You cannot see the video; "
                 "the reference caption, written by someone who watched it, is the ground truth.")
 
-AXIS_GUIDE = """- relevance: does it describe what the reference describes, without contradicting it or adding things that are not there?
-- descriptiveness: how much of the reference's detail (objects, attributes, actions, positions, setting) does it cover?
-- temporal_consistency: are events and changes told in the order the reference gives, without swapping or inventing steps?
-- fluency: is it grammatical, clear and free of repetition? (judge the language only)"""
+AXIS_GUIDE = "\n".join([
+    "- relevance: does it describe what the reference describes, without contradicting it or "
+    "adding things that are not there?",
+    "- descriptiveness: how much of the reference's detail (objects, attributes, actions, "
+    "positions, setting) does it cover?",
+    "- temporal_consistency: are events and changes told in the order the reference gives, "
+    "without swapping or inventing steps?",
+    "- fluency: is it grammatical, clear and free of repetition? (judge the language only)"])
 
 SCORE_JSON = ('{"relevance": <1-10>, "descriptiveness": <1-10>, '
               '"temporal_consistency": <1-10>, "fluency": <1-10>}')
@@ -279,7 +284,8 @@ Caption 2:
 Which caption describes the video better, judged against the reference on these axes?
 {guide}
 
-Reply with only a JSON object and no other text: {{"better": "1"}}, {{"better": "2"}} or {{"better": "tie"}}"""
+Reply with only a JSON object and no other text:
+{{"better": "1"}}, {{"better": "2"}} or {{"better": "tie"}}"""
 
 REASK = "I could not use your reply: {problems}. Reply again with only the JSON object: {json}"
 
@@ -364,7 +370,8 @@ def repetition_free(caption: str) -> float:
     things may reuse phrases ("on the left and" for two groups on the left), so phrase reuse
     alone is not counted.
     """
-    sentences = [w for w in (re.findall(r"\w+", s.lower()) for s in re.split(r"[.!?;\n]+", caption)) if w]
+    sentences = [re.findall(r"\w+", s.lower()) for s in re.split(r"[.!?;\n]+", caption)]
+    sentences = [words for words in sentences if words]
     total = sum(len(w) for w in sentences)
     if total == 0:
         return 0.0
@@ -388,8 +395,8 @@ def rules_scores(caption: str, facts) -> tuple[dict[str, float], dict]:
 
     relevance            precision: correct / (correct + wrong)  (nothing stated -> 1)
     descriptiveness      recall:    correct / total
-    temporal_consistency relevance, halved when the events are told in the wrong order
-                         (equal to relevance when the caption states no order to check)
+    temporal_consistency precision again, halved when the events are told in the wrong order
+                         (so equal to relevance when the order is right or not stated)
     fluency              repetition_free(caption): the one language fault a rule can see
     Each fraction maps linearly onto 1..10, so the gold caption gets 10 on every axis and
     every corrupted fact lowers relevance and descriptiveness.
@@ -409,7 +416,8 @@ def rules_scores(caption: str, facts) -> tuple[dict[str, float], dict]:
 # Files: records keyed by id, results JSON, markdown tables
 # ----------------------------------------------------------------------------------------------
 
-def load_by_id(path: str, fields: Iterable[str] = (), skip_failed: bool = False) -> dict[str, tuple[int, dict]]:
+def load_by_id(path: str, fields: Iterable[str] = (),
+               skip_failed: bool = False) -> dict[str, tuple[int, dict]]:
     """{id: (line, record)} of a JSONL file; a missing field or a repeated id names file and line.
 
     `fields` are required, e.g. ("caption",) or ("scores",). With skip_failed, records written as
@@ -562,7 +570,8 @@ def cmd_judge(args) -> dict:
         client = ChatClient.from_args(args)
 
         def judge_one(job):
-            out = judge_llm(client, reference[job["id"]], job["caption"], args.reask, **_chat_params(args))
+            out = judge_llm(client, reference[job["id"]], job["caption"], args.reask,
+                            **_chat_params(args))
             return {"id": job["id"], "judge": "llm", **out}
         concurrency = args.concurrency
     run = map_resumable(jobs, judge_one, args.out, concurrency, desc=f"judge ({args.judge})",
@@ -579,7 +588,8 @@ def cmd_judge(args) -> dict:
     rows.append(("**overall** (mean of axes)", fmt_ci(overall), overall["n"]))
     table = markdown_table((f"axis ({args.judge} judge)", "mean [95% CI]", "n"), rows)
     if results["n_failed"]:
-        table += f"\n\n{results['n_failed']} of {len(jobs)} captions could not be judged (see {args.out})"
+        table += (f"\n\n{results['n_failed']} of {len(jobs)} captions could not be judged "
+                  f"(see {args.out})")
     return report(results, table, args.results or sibling(args.out, ".results.json"))
 
 
@@ -597,7 +607,8 @@ def cmd_agree(args) -> dict:
     per_axis = {}
     for axis in AXES + ("overall",):
         xa, xb = [sa[r][axis] for r in common], [sb[r][axis] for r in common]
-        per_axis[axis] = {"spearman": spearman(xa, xb), "kendall": kendall_tau_b(xa, xb), "n": len(common)}
+        per_axis[axis] = {"spearman": spearman(xa, xb), "kendall": kendall_tau_b(xa, xb),
+                          "n": len(common)}
     results = {"command": "agree", "a": args.a, "b": args.b, "n_common": len(common),
                "only_in_a": len(a) - len(common), "only_in_b": len(b) - len(common), "axes": per_axis}
     rows = [(axis, fmt(v["spearman"]), fmt(v["kendall"]), v["n"]) for axis, v in per_axis.items()]
@@ -637,7 +648,8 @@ def cmd_compare(args) -> dict:
     decided = [r for r in done.values() if r.get("status") != "failed"]
     outcome = {k: [1.0 if r["result"] == k else 0.0 for r in decided] for k in ("win", "tie", "loss")}
     results = {"command": "compare", "judge": args.judge, "a": args.a, "b": args.b, "ref": args.ref,
-               "out": out_path, "n": len(jobs), "n_decided": len(decided), **failure_summary(done.values()),
+               "out": out_path, "n": len(jobs), "n_decided": len(decided),
+               **failure_summary(done.values()),
                **{k: mean_ci(v) for k, v in outcome.items()},
                # +1 win, 0 tie, -1 loss: its interval excludes 0 when a is really better (or worse)
                "net": mean_ci([w - l for w, l in zip(outcome["win"], outcome["loss"])]), "run": run}
@@ -659,9 +671,6 @@ def cmd_compare(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Model-side evaluation: generate, mcq, rank (rank_dpo's loader; torch only imported here)
 # ----------------------------------------------------------------------------------------------
-
-DEFAULT_PROMPT = "Describe this video in detail."
-
 
 def video_path(path: str, line: int, rec: dict, video_root: str) -> str | None:
     """The record's video resolved against --video_root; None for text-only records."""
@@ -805,7 +814,8 @@ def cmd_mcq(args) -> dict:
     chance = float(np.mean([1 / len(i["letters"]) for i in items])) if items else math.nan
     picked = {c: sum(p["pred"] == c for p in preds) for c in sorted({p["pred"] for p in preds})}
     results = {"command": "mcq", "model": args.model, "adapter": args.adapter, "data": args.data,
-               "failed_records_skipped": n_failed, "accuracy": acc, "chance": chance, "predicted_letters": picked}
+               "failed_records_skipped": n_failed, "accuracy": acc, "chance": chance,
+               "predicted_letters": picked}
     table = markdown_table(("model", "accuracy [95% CI]", "chance", "n"),
                            [(_model_name(args), fmt_ci(acc, 3), fmt(chance), acc["n"])])
     table += "\n\npredicted letters: " + ", ".join(f"{c} {n}" for c, n in picked.items())
@@ -839,7 +849,8 @@ def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
             raise DataError(path, line, "neither 'chain' (with 'prompt') nor 'prompts' (with "
                             "'response'): not a chain record", field="chain")
         entries = rec[field]
-        if not (isinstance(entries, list) and len(entries) >= 2 and all(isinstance(e, str) for e in entries)):
+        if not (isinstance(entries, list) and len(entries) >= 2
+                and all(isinstance(e, str) for e in entries)):
             raise DataError(path, line, "expected a list of at least two strings", field=field)
         chains.append({"id": rid, "video": video_path(path, line, rec, video_root),
                        "prompts": prompts, "responses": responses})
@@ -863,7 +874,8 @@ def ranking_summary(scores: list[np.ndarray]) -> dict:
     Kendall's tau is undefined for a chain the scorer rates all equal; such chains are counted
     in pairwise and top-1 (as coin flips) and left out of the tau mean."""
     per = [chain_metrics(s) for s in scores]
-    out = {m: mean_ci([p[m] for p in per if math.isfinite(p[m])]) for m in ("pairwise", "kendall", "top1")}
+    out = {m: mean_ci([p[m] for p in per if math.isfinite(p[m])])
+           for m in ("pairwise", "kendall", "top1")}
     out["n_chains"] = len(per)
     return out
 
@@ -878,7 +890,7 @@ def cmd_rank(args) -> dict:
     if args.adapter:
         # The implicit reward of DPO-style training: r = beta * (log pi - log pi_ref); beta > 0
         # does not change an order, so the difference itself is ranked.
-        del model
+        del model  # one model in memory at a time
         base, processor = _load(args, None)
         ref = chain_logps(base, processor, chains, args.num_frames)
         scorers["implicit reward"] = [p - r for p, r in zip(policy, ref)]
@@ -888,7 +900,8 @@ def cmd_rank(args) -> dict:
     summary = {name: ranking_summary(s) for name, s in scorers.items()}
     chance_top1 = float(np.mean([1 / len(c["responses"]) for c in chains])) if chains else math.nan
     results = {"command": "rank", "model": args.model, "adapter": args.adapter, "data": args.data,
-               "failed_records_skipped": n_failed, "scorers": summary, "chance": {"pairwise": 0.5, "kendall": 0.0, "top1": chance_top1}}
+               "failed_records_skipped": n_failed, "scorers": summary,
+               "chance": {"pairwise": 0.5, "kendall": 0.0, "top1": chance_top1}}
     rows = [(f"{_model_name(args)}: {name}", fmt_ci(v["pairwise"], 3), fmt_ci(v["kendall"], 3),
              fmt_ci(v["top1"], 3), v["n_chains"]) for name, v in summary.items()]
     rows.append(("chance", "0.500", "0.000", fmt(chance_top1), ""))
@@ -933,7 +946,8 @@ def cmd_reward(args) -> dict:
                 raise DataError(args.data, line, f"no caption: none in the record and no id {key!r} in "
                                 f"{args.captions or '--captions (not given)'}", field="caption")
             caption = require_text(args.captions, *captions[key], "caption")
-        jobs.append({"id": rid, "caption": caption, "question": require_text(args.data, line, rec, "question"),
+        jobs.append({"id": rid, "caption": caption,
+                     "question": require_text(args.data, line, rec, "question"),
                      "answer": require_text(args.data, line, rec, "answer")})
     client = ChatClient.from_args(args)
 
@@ -962,17 +976,20 @@ def cmd_reward(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def results_arg(sp, default: str):
         sp.add_argument("--results", default=None, help=f"results JSON (default: {default})")
 
     def model_args(sp):
-        sp.add_argument("--model", default="tiny", help="'tiny' (embedded, the default), a local path or hub name")
+        sp.add_argument("--model", default="tiny",
+                        help="'tiny' (embedded, the default), a local path or hub name")
         sp.add_argument("--adapter", default=None, help="adapter directory saved by rank_dpo.py")
         sp.add_argument("--data", required=True)
-        sp.add_argument("--video_root", default=None, help="videos are relative to this (default: the data file's folder)")
+        sp.add_argument("--video_root", default=None,
+                        help="videos are relative to this (default: the data file's folder)")
         sp.add_argument("--num_frames", type=int, default=8, help="frames sampled per video")
         sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
         sp.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the loader's choice)")
@@ -982,25 +999,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rules: offline, from the synthetic set's stored facts (default); "
                              "llm: an OpenAI-compatible server (--base_url, --model)")
         sp.add_argument("--reask", type=int, default=2, help="re-asks after an unusable judge reply")
+        sp.add_argument("--max_tokens", type=int, default=512, help="judge reply length limit")
         llm_args(sp)
 
     def llm_args(sp):
-        sp.add_argument("--max_tokens", type=int, default=512, help="judge reply length limit")
-        sp.add_argument("--retry_failed", action="store_true", help="retry records that failed in an earlier run")
+        sp.add_argument("--retry_failed", action="store_true",
+                        help="retry records that failed in an earlier run")
         add_client_args(sp)
         sp.set_defaults(temperature=0.0)  # a judge should be repeatable
 
     sp = sub.add_parser("generate", help="greedy captions, one per video (resumable)")
     model_args(sp)
     sp.add_argument("--out", required=True, help="captions JSONL: {id, caption}")
-    sp.add_argument("--prompt", default=None, help=f"default: the record's prompt, else {DEFAULT_PROMPT!r}")
+    sp.add_argument("--prompt", default=None,
+                    help=f"default: the record's prompt, else {DEFAULT_PROMPT!r}")
     sp.add_argument("--batch_size", type=int, default=8)
     sp.add_argument("--max_new_tokens", type=int, default=128)
     results_arg(sp, "<out>.results.json")
 
     sp = sub.add_parser("judge", help="score captions against references on four axes")
     sp.add_argument("--pred", required=True, help="captions JSONL: {id, caption}")
-    sp.add_argument("--ref", required=True, help="references: {id, caption} (llm) or {id, facts} (rules)")
+    sp.add_argument("--ref", required=True,
+                    help="references: {id, caption} (llm) or {id, facts} (rules)")
     sp.add_argument("--out", required=True, help="scores JSONL: {id, scores: {axis: 1-10}}")
     judge_args(sp)
     results_arg(sp, "<out>.results.json")
@@ -1029,7 +1049,8 @@ def build_parser() -> argparse.ArgumentParser:
     results_arg(sp, "<data>.rank.results.json")
 
     sp = sub.add_parser("reward", help="LM reward of QA answers with the caption as evidence")
-    sp.add_argument("--data", required=True, help="QA JSONL: {id, question, answer, caption? | caption_id?}")
+    sp.add_argument("--data", required=True,
+                    help="QA JSONL: {id, question, answer, caption? | caption_id?}")
     sp.add_argument("--captions", default=None, help="captions JSONL: {id, caption}")
     sp.add_argument("--out", required=True, help="rewards JSONL: {id, verdict, score, ...}")
     llm_args(sp)
