@@ -887,12 +887,13 @@ def cmd_rank(args) -> dict:
     model, processor = _load(args, args.adapter)
     policy = chain_logps(model, processor, chains, args.num_frames)
     scorers = {"log-prob": policy}
+    reference = reference_adapter(args) if args.adapter else None
     if args.adapter:
         # The implicit reward of DPO-style training: r = beta * (log pi - log pi_ref); beta > 0
         # does not change an order, so the difference itself is ranked.
         del model  # one model in memory at a time
-        base, processor = _load(args, None)
-        ref = chain_logps(base, processor, chains, args.num_frames)
+        ref_model, processor = _load(args, reference)
+        ref = chain_logps(ref_model, processor, chains, args.num_frames)
         scorers["implicit reward"] = [p - r for p, r in zip(policy, ref)]
     if args.out:
         write_jsonl(args.out, [{"id": c["id"], **{name: s[i].tolist() for name, s in scorers.items()}}
@@ -900,6 +901,7 @@ def cmd_rank(args) -> dict:
     summary = {name: ranking_summary(s) for name, s in scorers.items()}
     chance_top1 = float(np.mean([1 / len(c["responses"]) for c in chains])) if chains else math.nan
     results = {"command": "rank", "model": args.model, "adapter": args.adapter, "data": args.data,
+               "reference": (reference or "base model") if args.adapter else None,
                "failed_records_skipped": n_failed, "scorers": summary,
                "chance": {"pairwise": 0.5, "kendall": 0.0, "top1": chance_top1}}
     rows = [(f"{_model_name(args)}: {name}", fmt_ci(v["pairwise"], 3), fmt_ci(v["kendall"], 3),
@@ -907,6 +909,18 @@ def cmd_rank(args) -> dict:
     rows.append(("chance", "0.500", "0.000", fmt(chance_top1), ""))
     table = markdown_table(("scorer", "pairwise acc", "Kendall tau", "top-1", "chains"), rows)
     return report(results, table, args.results or sibling(args.data, ".rank.results.json"))
+
+
+def reference_adapter(args) -> str | None:
+    """The model the adapter's implicit reward is measured against: the one it was trained
+    against. That is the run's warm start when rank_dpo.py was given --init (recorded in the
+    adapter's run file), else the base model (None). --ref_adapter overrides ("none" = base)."""
+    if args.ref_adapter:
+        return None if args.ref_adapter == "none" else args.ref_adapter
+    from rank_dpo import RUN_META
+    meta = os.path.join(args.adapter, RUN_META)
+    init = json.load(open(meta)).get("init") if os.path.isfile(meta) else None
+    return os.path.normpath(os.path.join(args.adapter, init)) if init else None
 
 
 def _model_name(args) -> str:
@@ -1045,6 +1059,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("rank", help="how well the model's log-probs order held-out chains")
     model_args(sp)
+    sp.add_argument("--ref_adapter", default=None,
+                    help="reference for the implicit reward (default: the adapter's --init warm "
+                         "start if it had one, else the base model; 'none' = the base model)")
     sp.add_argument("--out", default=None, help="per-chain scores JSONL (optional)")
     results_arg(sp, "<data>.rank.results.json")
 

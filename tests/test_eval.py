@@ -427,10 +427,23 @@ def test_rank_cli_implicit_reward_of_a_no_op_adapter_is_zero(tmp_path):
     assert reward["pairwise"]["mean"] == 0.5 and reward["top1"]["mean"] == pytest.approx(1 / 3)
     assert reward["kendall"]["n"] == 0                              # all ties: tau undefined
     assert res["scorers"]["log-prob"]["n_chains"] == 3 and res["failed_records_skipped"] == 1
+    assert res["reference"] == "base model"
     rows = read_jsonl(tmp_path / "scores.jsonl")
     assert rows[0]["implicit reward"] == [0.0, 0.0, 0.0] and len(rows[0]["log-prob"]) == 3
     saved = json.load(open(tmp_path / "chains.rank.results.json"))
     assert saved["scorers"]["implicit reward"]["kendall"]["mean"] is None
+
+    # A run warm-started with rank_dpo.py --init keeps that adapter under init/ and names it in
+    # its run file; that warm start is the run's reference model, so it is rank's too.
+    from rank_dpo import RUN_META
+    os.rename(tmp_path / "adapter", tmp_path / "init")
+    base, _ = load_model("tiny")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "run"))
+    os.rename(tmp_path / "init", tmp_path / "run" / "init")
+    (tmp_path / "run" / RUN_META).write_text(json.dumps({"init": "init"}))
+    res = E.main(["rank", "--data", data, "--adapter", str(tmp_path / "run"), "--device", "cpu"])
+    assert res["reference"] == str(tmp_path / "run" / "init")
+    assert res["scorers"]["implicit reward"]["pairwise"]["mean"] == 0.5
 
 
 def test_rank_bad_chain_names_file_and_line(tmp_path):
