@@ -117,6 +117,7 @@ class FakeLLM:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"      # keep-alive, as real servers do
+            disable_nagle_algorithm = True     # else headers and body wait ~40 ms for a delayed ACK
 
             def log_message(self, *args):      # keep test output quiet
                 pass
