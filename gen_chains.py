@@ -363,7 +363,8 @@ class ChatClient:
             except requests.Timeout:
                 reason = f"timed out after {self.timeout:g}s"
             except requests.RequestException as e:
-                reason = f"connection error: {type(e).__name__}"
+                cause = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))     # e.g. "[Errno 111] Connection refused"
+                reason = f"connection error: {type(e).__name__}" + (f" ({cause.group(0).strip()})" if cause else "")
             else:
                 if resp.status_code == 200:
                     reply, reason = self._parse(resp)
@@ -1024,7 +1025,8 @@ def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = Fals
             # Rare: enough changes to one group make it look like another group to the matcher.
             # Try another fact rather than emit a chain whose order the matcher cannot confirm.
         else:
-            raise ValueError(f"record {record['id']!r}: no change at step {k} keeps the chain exact")
+            raise ValueError(f"record {record['id']!r}: no change at step {k} keeps the chain exact "
+                             "(after this many changes the groups become hard to tell apart)")
         used.add(slot)
         current = candidate
         chain.append(caption)

@@ -217,6 +217,21 @@ def test_rendered_video_shows_its_facts():
     assert blue[5].sum() == 3 * gc._shape_mask("circle", gc.SIZES["small"]).sum()   # three small circles
 
 
+def test_rules_chains_unconditioned_and_too_long(synth_dir, tmp_path):
+    out = tmp_path / "u.jsonl"
+    s = gc.main(["chains", "--backend", "rules", "--unconditioned", "--in", str(synth_dir / "test.jsonl"),
+                 "--out", str(out), "--length", "5"])
+    facts = {r["id"]: r["facts"] for r in lines(synth_dir / "test.jsonl")}
+    for rec in lines(out):
+        assert [gc.match_facts(c, facts[rec["id"]])["wrong"] for c in rec["chain"]] == [0, 1, 2, 3, 4, 5]
+    assert sum(s["steps_by_type"].values()) == 5 * 4
+    # More steps than a scene has facts: written as failed, with the reason.
+    s = gc.main(["chains", "--backend", "rules", "--in", str(synth_dir / "test.jsonl"),
+                 "--out", str(tmp_path / "long.jsonl"), "--length", "30"])
+    reasons = [r["reason"] for r in lines(tmp_path / "long.jsonl")]
+    assert s["failed"] == 4 and all(("facts can be changed" in r or "keeps the chain exact" in r) for r in reasons)
+
+
 def test_rules_chain_kth_caption_has_exactly_k_wrong_facts(synth_dir):
     records = lines(synth_dir / "train.jsonl")
     seen_types = set()
@@ -351,11 +366,11 @@ class ScriptedLLM:
     (numbered from 1 among the requests that reach it), where it misbehaves."""
 
     def __init__(self, faults=None):
-        self.faults, self.n = dict(faults or {}), 0
+        import threading
+        self.faults, self.n, self.lock = dict(faults or {}), 0, threading.Lock()
 
     def __call__(self, req):
-        import threading
-        with threading.Lock():
+        with self.lock:                         # the server answers from several threads
             self.n += 1
             n = self.n
         if "caption" not in req.user_text.lower():
