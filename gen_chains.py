@@ -14,9 +14,10 @@ Subcommands (records are JSONL, see DESIGN.md):
   lfmcqa     a description -> a question with five long answer choices, one correct
   reward     LLaVA-Hound-DPO's LM reward: caption as evidence, score sampled answers, rank them
 
-Read top to bottom: input/output that never loses or duplicates a record; the one HTTP client;
-cleaning and checking what an LLM returns; the error types; the synthetic scenes, their
-captions and the fact matcher; the rule backend; then one function per subcommand.
+Read top to bottom: input/output that never loses or duplicates a record; the one HTTP client
+and reading JSON out of LLM text; the error types; the synthetic scenes, their captions and the
+fact matcher; the rule backend; checking each LLM degradation step; the LM reward; then one
+function per subcommand and the command line.
 """
 from __future__ import annotations
 
@@ -702,7 +703,7 @@ def render_scene(facts: dict, num_frames: int = 16, size: int = 64):
             frac = (t - start) / max(1, stop - start - 1)
             cx, cy = cx0 + dx * MOTION_PIXELS * scale * frac, cy0 + dy * MOTION_PIXELS * scale * frac
             for ox, oy in _group_offsets(obj["count"], px):
-                x0, y0 = round(cx + ox * 1 - px / 2), round(cy + oy - px / 2)
+                x0, y0 = round(cx + ox - px / 2), round(cy + oy - px / 2)
                 xs, ys = slice(max(0, x0), min(size, x0 + px)), slice(max(0, y0), min(size, y0 + px))
                 if xs.start >= xs.stop or ys.start >= ys.stop:
                     continue               # moved fully out of the frame
@@ -763,7 +764,7 @@ DIRECTION_SYNONYMS = {"left": "left", "leftward": "left", "leftwards": "left", "
                       "upwards": "up", "down": "down", "downward": "down", "downwards": "down"}
 APPEAR_WORDS = set("appear appears appeared appearing enter enters entered emerge emerges emerged".split())
 DISAPPEAR_WORDS = set("disappear disappears disappeared disappearing vanish vanishes vanished leave leaves "
-                      "left_frame exit exits fade fades".split())
+                      "exit exits fade fades".split())
 MOVE_WORDS = _inflect("move slide go head travel drift") | {"goes", "went", "moving"}
 PLACE_PREPOSITIONS = {"on", "at", "in", "from", "near"}
 NP_WORDS = set(COUNT_SYNONYMS) | set(SIZE_SYNONYMS) | set(COLORS) | {"the", "another"}
@@ -775,11 +776,19 @@ def _sentences(text: str) -> list[list[str]]:
     return [w for w in (re.findall(r"[a-z]+|\d+", s) for s in re.split(r"[.!?;\n]+", text.lower())) if w]
 
 
+def _shape_word(word: str) -> tuple[str, bool] | None:
+    """("circle", plural?) for circle / circles / boxes / ...; None for other words."""
+    for stem, plural in ((word, False), (word[:-1], True), (word[:-2], True)):
+        if stem in SHAPE_SYNONYMS and (not plural or word.endswith("s")):
+            return SHAPE_SYNONYMS[stem], plural
+    return None
+
+
 def _mentions(caption: str) -> list[dict]:
     """Object mentions in text order: {"kind": appear|disappear|None, "facts": {...}, "pos": n}."""
     mentions, pos = [], 0
     for words in _sentences(caption):
-        shape_at = [i for i, w in enumerate(words) if w.rstrip("s") in SHAPE_SYNONYMS or w in SHAPE_SYNONYMS]
+        shape_at = [i for i, w in enumerate(words) if _shape_word(w)]
         starts = []
         for i in shape_at:                 # a noun phrase: the shape and the NP words before it
             j = i
@@ -788,9 +797,7 @@ def _mentions(caption: str) -> list[dict]:
             starts.append(j)
         sentence_mentions = []
         for n, i in enumerate(shape_at):
-            word = words[i]
-            shape = SHAPE_SYNONYMS.get(word) or SHAPE_SYNONYMS.get(word.rstrip("s")) or SHAPE_SYNONYMS.get(word[:-2])
-            plural = word not in SHAPE_SYNONYMS
+            shape, plural = _shape_word(words[i])
             np_words = words[starts[n]:i]
             tail = words[i + 1:starts[n + 1] if n + 1 < len(shape_at) else len(words)]
             facts = {"shape": shape, "count": None, "size": None, "color": None,
@@ -804,8 +811,6 @@ def _mentions(caption: str) -> list[dict]:
                     facts["color"] = w
             if facts["count"] is None and not plural:
                 facts["count"] = 1         # "the red circle": singular says one
-            if facts["count"] is not None and (facts["count"] > 1) != plural and word not in SHAPE_SYNONYMS:
-                pass                       # "two circle": keep the number, grammar does not decide
             used = set()
             for k, w in enumerate(tail):   # direction: a motion verb, then (to the) left/right/up/down
                 if w in MOVE_WORDS:
@@ -1041,8 +1046,9 @@ def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = Fals
 # trailing explanation), returns the caption unchanged, truncates it, rewrites all of it, or
 # undoes an earlier error. clean_reply() unwraps; check_step() accepts or names the reason.
 
-PREAMBLE = re.compile(r"^\s*(?:sure|certainly|of course|okay|ok|absolutely|alright|great|here(?:'s| is| are)"
-                      r"|below is|i (?:have|'ve) )\b.*$", re.I)
+PREAMBLE = re.compile(r"^\s*(?:(?:sure|certainly|of course|okay|ok|absolutely|alright|great)\s*[!,.:]"
+                      r"|here(?:'s| is| are)\b|below is\b|i(?: have|'ve) (?:introduced|changed|modified|edited)\b)",
+                      re.I)
 LABEL = re.compile(r"^\s*(?:[*_#>\-\s]*)(?:the\s+)?(?:modified|edited|new|updated|corrupted|revised|final|"
                    r"altered|changed|output|resulting)?\s*(?:caption|description|answer|text|version)"
                    r"\s*(?:\([^)]*\))?\s*[*_]*\s*:\s*[*_]*", re.I)
@@ -1066,6 +1072,10 @@ def clean_reply(text: str) -> tuple[str, dict]:
     lines = [ln.strip() for ln in text.strip().splitlines()]
     while lines and (not lines[0] or PREAMBLE.match(lines[0]) or
                      (lines[0].endswith(":") and len(lines[0].split()) <= 12)):
+        head, colon, rest = lines[0].partition(":")        # "Sure! Here it is: <caption>" on one line
+        if PREAMBLE.match(lines[0]) and colon and len(rest.split()) > 3:
+            lines[0] = rest.strip()
+            break
         lines.pop(0)                                       # "Sure! Here is the caption:"
     body = []
     for ln in lines:
@@ -1100,7 +1110,8 @@ def word_diff(old: str, new: str) -> tuple[str, list[str]]:
     """'old words -> new words; ...' for the changed spans, and the words the new text added."""
     a, b = old.split(), new.split()
     parts, added = [], []
-    sm = difflib.SequenceMatcher(a=[w.lower() for w in a], b=[w.lower() for w in b], autojunk=False)
+    key = lambda w: re.sub(r"[^\w'-]", "", w.lower())    # align words, not punctuation
+    sm = difflib.SequenceMatcher(a=[key(w) for w in a], b=[key(w) for w in b], autojunk=False)
     for op, i1, i2, j1, j2 in sm.get_opcodes():
         if op != "equal":
             parts.append(f"{' '.join(a[i1:i2]) or '(nothing)'} -> {' '.join(b[j1:j2]) or '(nothing)'}")
@@ -1399,10 +1410,11 @@ def cmd_recaption(args) -> dict:
         srcs = [srcs] if isinstance(srcs, str) else srcs
         longest, reasons = max(len(_tokens(s)) for s in srcs), []
         for _ in range(args.step_tries):
-            caption, obj = clean_reply(client.chat(recaption_messages(srcs)).text)
+            caption, _ = clean_reply(client.chat(recaption_messages(srcs)).text)
             words = _tokens(caption)
-            reason = ("empty" if not words else "too_short" if len(words) < longest else
-                      "cannot_apply" if obj or REFUSAL.match(caption) else None)
+            refused = re.match(r"(?:i|sorry|unfortunately|as an)\b", caption, re.I) and REFUSAL.search(caption)
+            reason = ("empty" if not words else "refused" if refused else
+                      "too_short" if len(words) < longest else None)
             if reason is None:
                 return {**_base_record(rec), "caption": caption, "source_captions": srcs, "status": "ok"}
             stats.add("rejected", reason)

@@ -256,6 +256,11 @@ def test_match_facts_on_model_written_text():
                           "position": "top", "direction": "right"}]}
     gold = gc.caption_from_facts(facts)
     assert gc.match_facts(gold, facts)["correct"] == 14
+    # Paraphrase with synonyms: every fact still read.
+    para = ("Two little red balls enter from the left and head upwards, then a big blue box shows up at the "
+            "top and drifts to the right; later the red balls vanish. The backdrop is black.")
+    m = gc.match_facts(para, facts)
+    assert (m["correct"], m["wrong"], m["missing"], m["order_correct"]) == (14, 0, 0, True)
     # Partial: only one object, in other words.
     m = gc.match_facts("Two little red balls show up on the left side and slide upwards.", facts)
     assert (m["correct"], m["wrong"], m["missing"]) == (6, 0, 8) and m["order_correct"] is None
@@ -307,10 +312,17 @@ NEW = "A small green circle appears on the left and moves up, then a blue square
     f"Caption: {NEW} (changed red to green)",
     f"Okay, here's the caption with one colour error.\n\n{NEW}\n\nNote: the error is the colour.",
     f"Here you go:\n> {NEW}",
+    f"Sure! Here is the edited caption: {NEW}",
 ])
 def test_clean_reply_unwraps(reply):
     caption, _ = gc.clean_reply(reply)
     assert caption.lstrip("> ") == NEW
+
+
+@pytest.mark.parametrize("caption", ["Great white sharks swim past a diver.", "Okay signs are held up by two men.",
+                                     "Sure-footed goats climb a rocky cliff."])
+def test_clean_reply_keeps_captions_that_look_like_preambles(caption):
+    assert gc.clean_reply(caption)[0] == caption
 
 
 def test_check_step_reasons():
@@ -713,14 +725,14 @@ def test_recaption(tmp_path):
 
     def writer(req):
         if "a red car" in req.user_text:
-            return "Sure! Here is a detailed caption:\n\nA shiny red car drives away quickly down an empty street."
+            return '```json\n{"caption": "A shiny red car drives away quickly down an empty street."}\n```'
         return "A man walks along a path while a small dog follows closely behind him."
     with FakeLLM(responder=writer) as llm:
-        llm.push("Car.")                                                     # too short: asked again
+        llm.push("Car.", "I cannot describe a video I have not seen, sorry.")  # too short, refused: asked again
         s = gc.main(["recaption", "--in", inp, "--out", str(tmp_path / "o.jsonl"), "--concurrency", "1",
                      *http_args(llm)])
     got = {r["id"]: r for r in lines(tmp_path / "o.jsonl")}
-    assert s["rejected"] == {"too_short": 1}
+    assert s["rejected"] == {"too_short": 1, "refused": 1}
     assert got["a"]["caption"].startswith("A man walks") and got["a"]["video"] == "a.mp4"
     assert got["a"]["source_captions"] == recs[0]["captions"]
     assert got["b"]["caption"] == "A shiny red car drives away quickly down an empty street."
