@@ -71,12 +71,15 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             yield line_no, record
 
 
-def read_records(path: str, require: dict[str, type | tuple[type, ...]]) -> list[tuple[int, dict]]:
+def read_records(path: str, require: dict[str, type | tuple[type, ...]]
+                 ) -> tuple[list[tuple[int, dict]], int]:
     """(line, record) for every record of an input file, checked up front: each has a unique
-    string `id` and each required field with the right type. Errors name file, line and field."""
+    string `id` and each required field with the right type. Errors name file, line and field.
+    Records an earlier step wrote with a status other than "ok" (failed, no_preference) carry no
+    data: they are left out and counted (the second return value), never silently dropped."""
     if not os.path.exists(path):
         raise DataError(path, None, "input file not found")
-    records, seen = [], {}
+    records, seen, left_out = [], {}, 0
     for line_no, rec in read_jsonl(path):
         rid = rec.get("id")
         if not isinstance(rid, str) or not rid:
@@ -84,6 +87,9 @@ def read_records(path: str, require: dict[str, type | tuple[type, ...]]) -> list
         if rid in seen:
             raise DataError(path, line_no, f"duplicate id {rid!r} (first on line {seen[rid]})", "id")
         seen[rid] = line_no
+        if rec.get("status", "ok") != "ok":
+            left_out += 1
+            continue
         for name, kind in require.items():
             value = rec.get(name)
             if value is None:
@@ -91,7 +97,7 @@ def read_records(path: str, require: dict[str, type | tuple[type, ...]]) -> list
             if not isinstance(value, kind) or (isinstance(value, (str, list)) and not value):
                 raise DataError(path, line_no, f"expected a non-empty {_type_names(kind)}", name)
         records.append((line_no, rec))
-    return records
+    return records, left_out
 
 
 def _type_names(kind) -> str:
@@ -1328,8 +1334,11 @@ def rank_answers(answers: list[str], scored: list[dict], pairs: bool) -> list[in
 # Subcommands
 # =============================================================================================
 
-def _finish(name: str, run: dict, stats: RunStats | None = None, client: ChatClient | None = None) -> dict:
+def _finish(name: str, run: dict, stats: RunStats | None = None, client: ChatClient | None = None,
+            left_out: int | None = None) -> dict:
     summary = {"command": name, **run}
+    if left_out is not None:
+        summary["failed_inputs_left_out"] = left_out
     if stats is not None:
         summary.update(stats.as_dict())
     if client is not None:
@@ -1396,7 +1405,8 @@ def recaption_messages(captions: list[str]) -> list[dict]:
 
 def cmd_recaption(args) -> dict:
     records = []
-    for line, rec in read_records(args.inp, {}):
+    found, left_out = read_records(args.inp, {})
+    for line, rec in found:
         srcs = rec.get("captions", rec.get("caption"))
         srcs = [srcs] if isinstance(srcs, str) else srcs
         if not isinstance(srcs, list) or not srcs or not all(isinstance(s, str) and s.strip() for s in srcs):
@@ -1422,19 +1432,20 @@ def cmd_recaption(args) -> dict:
         raise StepFailed(f"every try rejected ({', '.join(reasons)})")
 
     run = map_resumable(records, one, args.out, args.concurrency, "recaption", args.retry_failed)
-    return _finish("recaption", run, stats, client)
+    return _finish("recaption", run, stats, client, left_out)
 
 
-def _chain_inputs(args) -> list[dict]:
+def _chain_inputs(args) -> tuple[list[dict], int]:
     require = {"caption": str}
     if args.backend == "rules":
         require["facts"] = dict        # the rule backend edits the stored facts (records from synth)
-    return [rec for _, rec in read_records(args.inp, require)]
+    found, left_out = read_records(args.inp, require)
+    return [rec for _, rec in found], left_out
 
 
 def cmd_chains(args) -> dict:
     """c0 > c1 > ... > cK per record: --backend rules (offline, from facts) or http (an LLM)."""
-    records = _chain_inputs(args)
+    records, left_out = _chain_inputs(args)
     client = ChatClient.from_args(args) if args.backend == "http" else None
     stats, limits = RunStats(), _limits(args)
 
@@ -1454,7 +1465,7 @@ def cmd_chains(args) -> dict:
 
     run = map_resumable(records, one, args.out, args.concurrency if client else 1,
                         f"chains ({args.backend})", args.retry_failed)
-    return _finish("chains", run, stats, client)
+    return _finish("chains", run, stats, client, left_out)
 
 
 def cmd_inject(args) -> dict:
@@ -1462,7 +1473,7 @@ def cmd_inject(args) -> dict:
     Written as a chain record whose negatives are NOT ordered among themselves
     ("ranking": "best_only"): train it with an objective that only uses the best
     (--objective mpo or dpo), not with rank."""
-    records = _chain_inputs(args)
+    records, left_out = _chain_inputs(args)
     client = ChatClient.from_args(args) if args.backend == "http" else None
     stats, limits = RunStats(), _limits(args)
 
@@ -1508,16 +1519,14 @@ def cmd_inject(args) -> dict:
 
     run = map_resumable(records, one, args.out, args.concurrency if client else 1,
                         f"inject ({args.backend})", args.retry_failed)
-    return _finish("inject", run, stats, client)
+    return _finish("inject", run, stats, client, left_out)
 
 
 def _read_chains(path: str) -> tuple[list[dict], int]:
     """Chain records from `chains`/`inject`; failed records are counted, not converted."""
-    records, failed = [], 0
-    for line, rec in read_records(path, {}):
-        if rec.get("status", "ok") != "ok":
-            failed += 1
-            continue
+    records = []
+    found, failed = read_records(path, {})
+    for line, rec in found:
         chain = rec.get("chain")
         if not isinstance(chain, list) or len(chain) < 2 or not all(isinstance(c, str) and c for c in chain):
             raise DataError(path, line, "expected a list of at least two non-empty strings", "chain")
@@ -1540,7 +1549,7 @@ def cmd_mcq(args) -> dict:
                 "options": options, "errors": rec.get("errors"), "status": "ok"}
 
     run = map_resumable(records, one, args.out, 1, "mcq", args.retry_failed)
-    return _finish("mcq", {**run, "failed_inputs_left_out": failed})
+    return _finish("mcq", run, left_out=failed)
 
 
 def cmd_ynq(args) -> dict:
@@ -1557,7 +1566,7 @@ def cmd_ynq(args) -> dict:
                 "errors": list(reversed(errors)) if isinstance(errors, list) else None, "status": "ok"}
 
     run = map_resumable(records, one, args.out, 1, "ynq", args.retry_failed)
-    return _finish("ynq", {**run, "failed_inputs_left_out": failed})
+    return _finish("ynq", run, left_out=failed)
 
 
 def _event_sentence(obj: dict) -> str:
@@ -1620,7 +1629,8 @@ def cmd_lfmcqa(args) -> dict:
     """A description -> a question with five long answer choices, one correct:
     {"id", "video"?, "question", "options": [5], "answer": index}."""
     require = {"caption": str, **({"facts": dict} if args.backend == "rules" else {})}
-    records = [rec for _, rec in read_records(args.inp, require)]
+    found, left_out = read_records(args.inp, require)
+    records = [rec for _, rec in found]
     client = ChatClient.from_args(args) if args.backend == "http" else None
     stats = RunStats()
 
@@ -1644,14 +1654,15 @@ def cmd_lfmcqa(args) -> dict:
 
     run = map_resumable(records, one, args.out, args.concurrency if client else 1,
                         f"lfmcqa ({args.backend})", args.retry_failed)
-    return _finish("lfmcqa", run, stats, client)
+    return _finish("lfmcqa", run, stats, client, left_out)
 
 
 def cmd_reward(args) -> dict:
     """LLaVA-Hound-DPO: score each sampled answer with the caption as evidence, then write the
     answers ranked by score as a chain record for rank_dpo.py (prompt = the question)."""
     records = []
-    for line, rec in read_records(args.inp, {"caption": str, "question": str, "answers": list}):
+    found, left_out = read_records(args.inp, {"caption": str, "question": str, "answers": list})
+    for line, rec in found:
         if len(rec["answers"]) < 2 or not all(isinstance(a, str) and a.strip() for a in rec["answers"]):
             raise DataError(args.inp, line, "expected at least two non-empty answer strings", "answers")
         records.append(rec)
@@ -1669,7 +1680,7 @@ def cmd_reward(args) -> dict:
                 "scores": [scored[i]["score"] for i in ranked], "status": "ok"}
 
     run = map_resumable(records, one, args.out, args.concurrency, "reward", args.retry_failed)
-    return _finish("reward", run, stats, client)
+    return _finish("reward", run, stats, client, left_out)
 
 
 # =============================================================================================

@@ -653,6 +653,11 @@ def test_mcq_leaves_out_failed_chains(tmp_path):
                                               {"id": "b", "status": "failed", "reason": "r"}])
     s = gc.main(["mcq", "--in", inp, "--out", str(tmp_path / "o.jsonl")])
     assert s["failed_inputs_left_out"] == 1 and [r["id"] for r in lines(tmp_path / "o.jsonl")] == ["a"]
+    # Any input: a record an earlier step wrote as failed has no caption, and is counted, not an error.
+    inp = write_jsonl(tmp_path / "rc.jsonl", [{"id": "a", "caption": "x", "status": "ok"},
+                                              {"id": "b", "status": "failed", "reason": "HTTP 500"}])
+    found, left_out = gc.read_records(inp, {"caption": str})
+    assert [r["id"] for _, r in found] == ["a"] and left_out == 1
 
 
 def test_lfmcqa_rules(synth_dir, tmp_path):
