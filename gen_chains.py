@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger("gen_chains")
@@ -1581,7 +1581,7 @@ def lfmcqa_from_facts(facts: dict, rng: random.Random) -> tuple[str, list[str], 
     a single changed fact of the same sentence (so the text alone does not give it away)."""
     appear = [i for kind, i in facts["events"] if kind == "appear"]
     nth = rng.randrange(len(appear))
-    ordinal = ["first", "second", "third"][nth] if nth < len(appear) - 1 or nth == 0 else "last"
+    ordinal = "last" if nth == len(appear) - 1 else ["first", "second"][nth]
     obj = facts["objects"][appear[nth]]
     question = f"Which shapes are the {ordinal} to appear in the video, and what do they do?"
     correct = _event_sentence(obj)
