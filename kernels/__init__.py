@@ -1,24 +1,266 @@
 """kernels: the fused per-sequence log-prob + ranking-loss op.
 
-Public API (other code relies on these names):
     logps, counts = kernels.sequence_logps(logits, labels, ignore_index=-100, backend="auto")
     loss, logps = kernels.fused_chain_loss(logits, labels, chains, ref_logps, objective="rank",
                                            beta=0.1, ntp_weight=0.1, ignore_index=-100,
                                            backend="auto")
-`kernels.reference` is the pure-PyTorch specification.
 
-NOTE: bootstrap version: only the reference backend is wired up so far (issue 2 adds the
-C++ and CUDA backends behind the same names).
+logits [N, T, V] (fp32/bf16/fp16/fp64) score labels [N, T] int64 (logits[n, t] scores
+labels[n, t]: the caller shifts; ignore_index marks prompt and padding). chains [B, K] int64
+hold row indices into N, best first, -1 as padding at the tail. `kernels.reference` is the
+pure-PyTorch specification every backend matches; see README.md (kernels) for the method.
+
+Backends: "cpu" and "cuda" are the compiled C++/CUDA extensions (kernels/csrc, built JIT by
+kernels/build.py); "reference" is kernels/reference.py; "auto" takes "cuda" for CUDA tensors
+and "cpu" otherwise, and falls back to the reference, with one warning, when the extension
+cannot be compiled here.
+
+The compiled forward reads the logits once and keeps 4 bytes per token (the log-sum-exp); the
+backward reads them once more and writes the gradient once. Nothing of size [N, T, V] is
+allocated but the gradient itself, and with inplace_backward=True not even that: the gradient
+is written over the logits. That is safe when nothing else needs the logits after this loss
+(the usual case: they come from the LM head, whose backward needs its input and weight, not
+its output). If another autograd node did save them, its backward raises torch's "modified
+by an inplace operation" error rather than computing a wrong gradient.
 """
-from . import reference
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import build, reference
+from .build import BuildError
 from .reference import OBJECTIVES
 
+__all__ = ["sequence_logps", "fused_chain_loss", "resolve_backend", "reference", "OBJECTIVES",
+           "BACKENDS", "BackendUnavailableError", "BuildError"]
 
-def sequence_logps(logits, labels, ignore_index=-100, backend="auto"):
-    return reference.sequence_logps(logits, labels, ignore_index)
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def fused_chain_loss(logits, labels, chains, ref_logps, objective="rank", beta=0.1,
-                     ntp_weight=0.1, ignore_index=-100, backend="auto"):
-    return reference.fused_chain_loss(logits, labels, chains, ref_logps, objective, beta,
-                                      ntp_weight, ignore_index)
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot be used for these tensors on this machine."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                   backend: str = "auto", inplace_backward: bool = False):
+    """Per-sequence sums of the labels' log-probs: (logps [N], counts [N] int64).
+
+    logps are fp32 (fp64 for fp64 logits) and carry the gradient; counts are the numbers of
+    real (non-ignored) tokens. A sequence with no real token has logp 0 and count 0.
+    """
+    _check_sequence_args(logits, labels, ignore_index)
+    ext = _extension(backend, logits.device)
+    if ext is None:
+        return reference.sequence_logps(logits, labels, ignore_index)
+    logits, labels = _prepare(logits, labels, inplace_backward)
+    return _SequenceLogps.apply(logits, labels, ignore_index, inplace_backward, ext)
+
+
+def fused_chain_loss(logits: torch.Tensor, labels: torch.Tensor, chains: torch.Tensor,
+                     ref_logps: torch.Tensor, objective: str = "rank", beta: float = 0.1,
+                     ntp_weight: float = 0.1, ignore_index: int = -100, backend: str = "auto",
+                     inplace_backward: bool = False):
+    """The chain loss straight from the logits: (loss scalar, logps [N]).
+
+    Same value and gradients as kernels.reference.fused_chain_loss (loss = mean over chains;
+    gradients reach the logits through both outputs). ref_logps [N] carry no gradient.
+    """
+    _check_sequence_args(logits, labels, ignore_index)
+    _check_chain_args(logits, chains, ref_logps, objective, beta, ntp_weight)
+    ext = _extension(backend, logits.device)
+    if ext is None:
+        return reference.fused_chain_loss(logits, labels, chains, ref_logps, objective, beta,
+                                          ntp_weight, ignore_index)
+    logits, labels = _prepare(logits, labels, inplace_backward)
+    logps, counts = _SequenceLogps.apply(logits, labels, ignore_index, inplace_backward, ext)
+    ref = ref_logps.detach().to(logps.dtype).contiguous()
+    loss = _ChainLoss.apply(logps, counts, chains.contiguous(), ref, objective, float(beta),
+                            float(ntp_weight), ext)
+    return loss, logps
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The backend that will run for tensors on `device`: "reference", "cpu" or "cuda".
+
+    Builds the extension if needed; raises BackendUnavailableError where an explicitly named
+    backend cannot be had; "auto" falls back to "reference" (with one warning).
+    """
+    device = torch.device(device)
+    if _extension(backend, device) is None:
+        return "reference"
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd wrappers around the extension (kernels/csrc)
+# ----------------------------------------------------------------------------------------------
+
+class _SequenceLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, inplace, ext):
+        logps, counts, lse = ext.sequence_logps_forward(logits, labels, ignore_index)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index, ctx.inplace, ctx.ext = ignore_index, inplace, ext
+        ctx.mark_non_differentiable(counts)
+        return logps, counts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps, _grad_counts):
+        logits, labels, lse = ctx.saved_tensors
+        grad = ctx.ext.sequence_logps_backward(logits, labels, lse,
+                                               grad_logps.to(lse.dtype).contiguous(),
+                                               ctx.ignore_index, ctx.inplace)
+        if ctx.inplace:  # any later use of the saved logits now fails loudly
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None
+
+
+class _ChainLoss(torch.autograd.Function):
+    """The [B, K] part: tiny, so forward also returns d loss / d logps for the backward."""
+
+    @staticmethod
+    def forward(ctx, logps, counts, chains, ref_logps, objective, beta, ntp_weight, ext):
+        loss, dlogps = ext.chain_loss_forward(logps, counts, chains, ref_logps,
+                                              OBJECTIVES.index(objective), beta, ntp_weight)
+        ctx.save_for_backward(dlogps)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (dlogps,) = ctx.saved_tensors
+        return grad_loss * dlogps, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend choice
+# ----------------------------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _extension(backend: str, device: torch.device):
+    """The compiled module to use, or None for the reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return None
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if backend == "auto" and device.type not in ("cpu", "cuda"):
+        return None  # mps, xpu, meta...: only the reference runs there
+    if backend != "auto" and backend != device.type:
+        raise BackendUnavailableError(
+            f"backend={backend!r} needs {backend} tensors, but logits are on {device}")
+    try:
+        return build.load(kind)
+    except BuildError as e:
+        if backend != "auto":
+            raise BackendUnavailableError(f"backend={backend!r} is not available: {e}") from e
+        if kind not in _warned:
+            _warned.add(kind)
+            first = str(e).strip().splitlines()[0][:300]
+            warnings.warn(
+                f"kernels: the {kind} extension could not be built ({first}); using the "
+                "pure-PyTorch reference instead, which materialises fp32 log-probs of the "
+                "whole [N, T, V] logits. `python -m kernels --build --verbose` shows why.",
+                RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _prepare(logits, labels, inplace):
+    """The layouts the extension reads: stride 1 over V (any strides over N and T, so a view
+    like logits[:, :-1] is not copied) and contiguous labels."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if inplace and _rows_overlap(logits):
+        raise ValueError(
+            f"inplace_backward=True needs logits whose rows do not share memory; got shape "
+            f"{tuple(logits.shape)} with strides {logits.stride()} (an expanded tensor?)")
+    return logits, labels.contiguous()
+
+
+def _rows_overlap(logits) -> bool:
+    """Whether two token rows of a [N, T, V] tensor with stride 1 over V share memory."""
+    dims = sorted((logits.stride(d), logits.shape[d]) for d in (0, 1) if logits.shape[d] > 1)
+    span = logits.shape[2]  # elements one row occupies
+    for stride, size in dims:
+        if stride < span:
+            return True
+        span = stride * size
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks: the same for every backend, so a mistake reads the same everywhere.
+# Value checks (labels in the vocabulary, chain indices in range) need the data: done here
+# for CPU tensors; for CUDA tensors the kernels check them with a device-side assert, as
+# torch's own gather / cross_entropy do, instead of a host sync on every call.
+# ----------------------------------------------------------------------------------------------
+
+def _check_sequence_args(logits, labels, ignore_index):
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.dtype not in LOGIT_DTYPES:
+        raise ValueError(
+            f"logits must be a [N, T, V] tensor of dtype float32, bfloat16, float16 or float64; "
+            f"got {_describe(logits)}")
+    if logits.shape[2] == 0:
+        raise ValueError("logits have an empty vocabulary dimension (V = 0)")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be an int64 tensor [N, T]; got {_describe(labels)}")
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"labels must have shape [N, T] = {list(logits.shape[:2])} to match "
+                         f"logits {list(logits.shape)}; got {list(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int; got {ignore_index!r}")
+    if labels.device.type == "cpu":
+        vocab = logits.shape[2]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bad.any():
+            n, t = bad.nonzero()[0].tolist()
+            raise ValueError(f"labels[{n}, {t}] = {labels[n, t].item()} is outside the "
+                             f"vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
+
+
+def _check_chain_args(logits, chains, ref_logps, objective, beta, ntp_weight):
+    n = logits.shape[0]
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    if not isinstance(chains, torch.Tensor) or chains.dtype != torch.int64 or chains.dim() != 2:
+        raise ValueError(f"chains must be an int64 tensor [B, K]; got {_describe(chains)}")
+    if chains.shape[0] == 0 or chains.shape[1] == 0:
+        raise ValueError(f"chains must hold at least one chain of at least one entry; got "
+                         f"shape {list(chains.shape)}")
+    if chains.device != logits.device:
+        raise ValueError(f"chains are on {chains.device} but logits on {logits.device}")
+    if (not isinstance(ref_logps, torch.Tensor) or not ref_logps.is_floating_point()
+            or tuple(ref_logps.shape) != (n,)):
+        raise ValueError(f"ref_logps must be a floating tensor [N] = [{n}]; got "
+                         f"{_describe(ref_logps)}")
+    if ref_logps.device != logits.device:
+        raise ValueError(f"ref_logps are on {ref_logps.device} but logits on {logits.device}")
+    for name, value in (("beta", beta), ("ntp_weight", ntp_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if chains.device.type == "cpu":
+        bad = (chains < -1) | (chains >= n)
+        if bad.any():
+            b, k = bad.nonzero()[0].tolist()
+            raise ValueError(f"chains[{b}, {k}] = {chains[b, k].item()} is neither a row index "
+                             f"in [0, {n}) nor -1 (padding)")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {list(x.shape)}, dtype {x.dtype}"
+    return f"{type(x).__name__}"

@@ -45,6 +45,8 @@ def dpo_loss(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     A chain with fewer than two real responses has no pair and contributes 0.
     """
+    if rewards.shape[-1] < 2:  # K = 1: no chain can have a pair
+        return torch.zeros_like(rewards[:, 0])
     has_pair = mask[:, 0] & mask[:, 1]
     margin = rewards[:, 0] - rewards[:, 1]
     return torch.where(has_pair, -F.logsigmoid(margin), torch.zeros_like(margin))
