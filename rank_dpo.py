@@ -899,7 +899,8 @@ def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_train
         logits, labels, index.to(logits.device),
         ref if ref is not None else torch.zeros(len(labels), device=logits.device),
         objective=args.objective, beta=args.beta, ntp_weight=args.ntp_weight,
-        backend=args.loss_backend)
+        backend=args.loss_backend, inplace_backward=True)   # logits come straight from the LM
+    # head, which needs only its input and weight for backward: their gradient may overwrite them
     counts = (labels != IGNORE_INDEX).sum(-1)
     stats = chain_stats(logps.detach().float(), ref, counts, index.to(logits.device), args.beta)
     return loss, stats
@@ -1030,8 +1031,11 @@ def load_checkpoint(path, args, model, optimizer, scheduler, rank, world) -> int
 
 def train(args) -> list[dict]:
     """Run training; returns the logged metrics (every rank returns the same numbers)."""
+    import warnings
+
     import torch.distributed as dist
     from tqdm.auto import tqdm
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft on transformers 5
     rank, world, device = setup_distributed()
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
@@ -1053,8 +1057,8 @@ def train(args) -> list[dict]:
     if len(chains) < global_batch:
         raise DataError(args.data, None, f"{len(chains)} chains, fewer than one global batch "
                         f"(batch_size x grad_accum x ranks = {global_batch})")
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:      # recompute activations in backward: memory for time
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = add_adapters(model, args)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,430 @@
+"""Tests for rank_dpo.py on the embedded tiny model: objectives, the DPO formula, the vision
+choice, encoding each video once per chain, torchrun DDP, exact resume, SIGTERM, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rank_dpo as R
+from gen_chains import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "yellow": (230, 230, 30)}
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Four synthetic clips (a coloured square moving right), chain and yes/no records."""
+    root = tmp_path_factory.mktemp("data")
+    os.makedirs(root / "videos")
+    chains = []
+    for i, colour in enumerate(COLOURS):
+        video = np.zeros((16, 64, 64, 3), np.uint8)
+        for t in range(16):
+            video[t, 24:40, 2 + 3 * t:14 + 3 * t] = COLOURS[colour]
+        np.save(root / "videos" / f"{i}.npy", video)
+        other = list(COLOURS)[(i + 1) % 4]
+        chains.append({"id": f"c{i}", "video": f"videos/{i}.npy",
+                       "prompt": "Describe this video in detail.",
+                       "chain": [f"A {colour} square moves from the left to the right.",
+                                 f"A {other} square moves from the left to the right.",
+                                 f"A {other} square moves from the right to the left.",
+                                 f"A {other} circle stays in the center."]})
+    yesno = [{"id": f"y{i}", "video": f"videos/{i}.npy", "response": "no",
+              "prompts": [f"Is the square {list(COLOURS)[(i + 2) % 4]} and moving up?",
+                          f"Is the square {list(COLOURS)[(i + 1) % 4]}?"]} for i in range(2)]
+    return {"root": str(root), "chains": chains, "yesno": yesno,
+            "two": write_jsonl(root / "two.jsonl", chains[:2]),
+            "mixed": write_jsonl(root / "mixed.jsonl", chains + yesno)}
+
+
+def run(data, out, *extra, objective="rank", steps=2, batch=2, path="two"):
+    argv = ["--data", data[path], "--output_dir", str(out), "--objective", objective,
+            "--lr", "3e-3", "--max_steps", str(steps), "--batch_size", str(batch),
+            "--save_every", "0", *map(str, extra)]
+    return R.train(R.parse_args(argv))
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def fresh_model(vision="lora", seed=0):
+    model, processor = R.build_tiny()
+    torch.manual_seed(seed)
+    args = R.parse_args(["--data", "x", "--output_dir", "x", "--vision", vision, "--lora_r", "4"])
+    return R.add_adapters(model, args), processor, args
+
+
+def perturb_adapters(model, scale=0.05, seed=1):
+    """Random non-zero LoRA B (and trained copies), so the policy differs from the reference."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny preset
+# ---------------------------------------------------------------------------------------------
+
+def test_tiny_is_deterministic_and_saved_base_reloads(tmp_path):
+    a, pa = R.build_tiny()
+    b, pb = R.build_tiny()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    text = "A red square moves from the left to the right."
+    assert pa.tokenizer(text).input_ids == pb.tokenizer(text).input_ids
+    assert len(pa.tokenizer(text).input_ids) <= 14          # captions stay short in tokens
+    a.save_pretrained(tmp_path)
+    pa.save_pretrained(tmp_path)
+    c, pc = R.load_model(str(tmp_path))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    assert pc.tokenizer(text).input_ids == pa.tokenizer(text).input_ids
+
+
+def test_patchify_matches_the_vision_tower_layout():
+    """Each merged token must be a 2x2 block of neighbouring patches: put a distinct value in
+    one 16x16 block of frame pair 1 and check exactly one merged group of 4 patches sees it."""
+    frames = np.zeros((4, 64, 64, 3), np.uint8)
+    frames[2:4, 16:32, 48:64] = 255                       # block row 1, column 3, time step 1
+    out = R.patchify_video(frames, patch_size=8, temporal_patch_size=2, merge_size=2, image_size=64)
+    assert out["video_grid_thw"].tolist() == [[2, 8, 8]]
+    patches = out["pixel_values_videos"]
+    assert patches.shape == (2 * 8 * 8, 3 * 2 * 8 * 8)
+    lit = (patches.max(-1).values > 1.0).nonzero().flatten().tolist()
+    group = 64 + (1 * 4 + 3) * 4                          # t=1, merged row 1, merged column 3
+    assert lit == list(range(group, group + 4))
+
+
+def test_load_video_formats(tmp_path, data):
+    clip = np.load(os.path.join(data["root"], "videos", "0.npy"))
+    assert R.load_video(os.path.join(data["root"], "videos", "0.npy"), 8).shape == (8, 64, 64, 3)
+    os.makedirs(tmp_path / "frames")
+    for t in range(5):
+        np.save(tmp_path / "frames" / f"{t:03d}.npy", clip[t])
+    folder = R.load_video(str(tmp_path / "frames"), 8)      # shorter clip: frames repeat
+    assert folder.shape == (8, 64, 64, 3) and np.array_equal(folder[-1], clip[4])
+    with pytest.raises(ValueError, match="unknown video format"):
+        R.load_video(str(tmp_path / "clip.gif"), 8)
+    np.save(tmp_path / "bad.npy", np.zeros((4, 64, 64), np.uint8))
+    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        R.load_video(str(tmp_path / "bad.npy"), 8)
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        (tmp_path / "clip.mp4").write_bytes(b"")
+        with pytest.raises(ImportError, match="PyAV"):
+            R.load_video(str(tmp_path / "clip.mp4"), 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass: the video is encoded once per chain, and that changes nothing numerically
+# ---------------------------------------------------------------------------------------------
+
+class VisionCounter:
+    """Counts vision-encoder calls and the videos they encode (rows of grid_thw)."""
+
+    def __init__(self, model):
+        self.calls = self.videos = 0
+        visual = next(m for n, m in model.named_modules() if n.endswith("model.visual"))
+        visual.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.calls += 1
+        self.videos += len(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
+
+
+@pytest.mark.parametrize("vision, passes", [("frozen", 1), ("lora", 2)])
+def test_video_encoded_once_per_chain(data, vision, passes):
+    model, processor, args = fresh_model(vision)
+    args.objective = "rank"
+    counter = VisionCounter(model)
+    chains = R.load_chains(data["two"], processor, "rank")
+    batch, index = R.collate(chains, processor, 8, 2048)
+    assert index.shape == (2, 4)
+    loss, _ = R.chain_loss_step(model, batch, index, args, vision_trainable=vision != "frozen")
+    loss.backward()
+    # 2 chains x 4 captions: 2 encodings per pass (reference + policy when the tower trains;
+    # a frozen tower is encoded once for both), never 8
+    assert (counter.calls, counter.videos) == (passes, 2 * passes)
+    if vision == "lora":          # the gradients of all 4 captions reach the one encoding
+        grads = [p.grad for n, p in model.named_parameters() if "visual" in n and p.requires_grad]
+        assert grads and all(g is not None for g in grads)
+
+
+def test_shared_video_embeddings_equal_per_caption_encoding(data):
+    """Scattering one encoding into K sequences == the model encoding the video K times."""
+    model, processor, _ = fresh_model("lora")
+    perturb_adapters(model)
+    frames = R.load_video(os.path.join(data["root"], "videos", "1.npy"), 8)
+    chain = data["chains"][1]["chain"]
+    shared = R.response_logps(model, processor, frames, ["Describe this video in detail."] * 4, chain)
+    vid = R.video_inputs(processor, frames)
+    rows = [(*R.encode_text(processor, "Describe this video in detail.", c, True), 0) for c in chain]
+    batch = R.make_batch(processor, rows, [vid], 2048)
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    pixel_values_videos=vid["pixel_values_videos"].repeat(4, 1),
+                    video_grid_thw=vid["video_grid_thw"].repeat(4, 1),
+                    mm_token_type_ids=(batch.input_ids == processor.video_token_id).int() * 2)
+    naive, _ = R.kernels.sequence_logps(out.logits[:, :-1], batch.labels)
+    torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-4)
+
+
+def test_dpo_equals_textbook_formula(data):
+    """The trainer's dpo loss == -log sigmoid(beta * ((pc - rc) - (pr - rr))) + ntp_weight * NTP,
+    with every log-prob recomputed independently, one response at a time."""
+    model, processor, args = fresh_model("lora")
+    perturb_adapters(model)
+    args.objective, args.beta, args.ntp_weight = "dpo", 0.5, 0.1
+    chains = R.load_chains(data["two"], processor, "dpo")
+    batch, index = R.collate(chains, processor, 8, 2048)
+    with torch.no_grad():
+        loss, _ = R.chain_loss_step(model, batch, index, args, vision_trainable=True)
+    expected = []
+    for record in data["chains"][:2]:
+        frames = R.load_video(os.path.join(data["root"], record["video"]), 8)
+        logp = lambda text: R.response_logps(model, processor, frames, [record["prompt"]], [text])[0]
+        chosen, rejected = record["chain"][:2]
+        pc, pr = logp(chosen), logp(rejected)
+        with model.disable_adapter():
+            rc, rr = logp(chosen), logp(rejected)
+        n_tokens = len(R.encode_text(processor, record["prompt"], chosen, True)[1])
+        expected.append(-F.logsigmoid(args.beta * ((pc - rc) - (pr - rr))) + 0.1 * (-pc / n_tokens))
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["rank", "dpo", "mpo", "hinge", "sft"])
+def test_each_objective_lowers_its_loss(data, tmp_path, objective):
+    # the whole data set is one batch, so every step sees the same chains
+    rows = run(data, tmp_path, "--lr_schedule", "constant", objective=objective, steps=5)
+    losses = [r["loss"] for r in rows]
+    assert losses[-1] < losses[0], losses
+    assert all(np.isfinite(list(r.values())).all() for r in rows)
+
+
+def test_yes_no_and_chain_records_train_together(data, tmp_path):
+    rows = run(data, tmp_path, "--max_chain", "3", "--grad_accum", "2", path="mixed", steps=3)
+    assert len(rows) == 3 and rows[0]["rank_acc"] >= 0
+    assert set(rows[0]) >= {"loss", "ntp", "margin", "rank_acc", "tokens_per_s", "peak_mem_mb"}
+    assert read_metrics(tmp_path) == rows
+    model, processor = R.build_tiny()
+    chains = R.load_chains(data["mixed"], processor, "rank", max_chain=3)
+    assert [len(c.rows) for c in chains] == [3, 3, 3, 3, 2, 2]
+    assert chains[-1].field == "prompts" and chains[-1].rows[0][1] == chains[-1].rows[1][1]
+
+
+@pytest.mark.parametrize("vision", ["frozen", "lora", "full"])
+def test_vision_choice(data, tmp_path, vision):
+    # gradients: frozen -> none on any vision parameter; lora/full -> on the trainable ones
+    model, processor, args = fresh_model(vision)
+    chains = R.load_chains(data["two"], processor, "rank")
+    batch, index = R.collate(chains, processor, 8, 2048)
+    loss, _ = R.chain_loss_step(model, batch, index, args, vision_trainable=vision != "frozen")
+    loss.backward()
+    vision_params = [(n, p) for n, p in model.named_parameters() if ".visual." in n]
+    if vision == "frozen":
+        assert all(p.grad is None and not p.requires_grad for _, p in vision_params)
+    else:
+        trained = [p for _, p in vision_params if p.requires_grad]
+        assert trained and all(p.grad is not None for p in trained)
+        assert sum(p.grad.abs().sum() for p in trained) > 0
+    # weights after a short run, through the saved adapter
+    run(data, tmp_path, "--vision", vision, steps=2)
+    before, _ = R.load_model("tiny")
+    after, _ = R.load_model("tiny", adapter=str(tmp_path))
+    same = [torch.equal(a, b) for (n, a), b in zip(before.model.visual.state_dict().items(),
+                                                    after.model.visual.state_dict().values())]
+    assert all(same) if vision == "frozen" else not all(same)
+    lm_same = [torch.equal(a, b) for a, b in zip(before.model.language_model.state_dict().values(),
+                                                  after.model.language_model.state_dict().values())]
+    assert not all(lm_same)                               # the language model trains in every mode
+
+
+def test_full_vision_reference_is_the_original_tower(data):
+    model, processor, args = fresh_model("full")
+    perturb_adapters(model)
+    frames = R.load_video(os.path.join(data["root"], "videos", "0.npy"), 8)
+    base, _ = R.build_tiny()
+    with torch.no_grad(), model.disable_adapter():
+        ref = R.response_logps(model, processor, frames, ["Describe."], ["A red square."])
+    expected = R.response_logps(base, processor, frames, ["Describe."], ["A red square."])
+    torch.testing.assert_close(ref, expected)
+
+
+def test_resume_reproduces_the_next_steps(data, tmp_path):
+    full = tmp_path / "full"
+    run(data, full, "--save_every", "2", "--batch_size", "1", path="mixed", steps=4, batch=1)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step-000004")          # as if killed after step 3
+    rows = run(data, part, "--save_every", "2", "--resume", path="mixed", steps=4, batch=1)
+    assert [r["step"] for r in rows] == [3, 4]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(full)[2:]]
+    assert [r["step"] for r in read_metrics(part)] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="already has checkpoints"):
+        run(data, part, path="mixed", steps=4, batch=1)
+
+
+def test_warm_start_is_the_reference(data, tmp_path):
+    run(data, tmp_path / "sft", objective="sft", steps=2)
+    rows = run(data, tmp_path / "rank", "--init", tmp_path / "sft", steps=2)
+    assert rows[0]["margin"] == 0.0            # policy == reference (the merged warm start)
+    sft, _ = R.load_model("tiny", adapter=str(tmp_path / "sft"))
+    ranked, _ = R.load_model("tiny", adapter=str(tmp_path / "rank"))   # merges sft, then rank
+    ckpt = os.path.join(tmp_path, "rank", "checkpoints", "step-000002")
+    from_ckpt, _ = R.load_model(os.path.join(tmp_path, "rank", "base"), adapter=ckpt)
+    w = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(sft.state_dict()[w], ranked.state_dict()[w])
+    torch.testing.assert_close(ranked.state_dict()[w], from_ckpt.state_dict()[w])
+
+
+def test_gradient_checkpointing_same_loss(data, tmp_path):
+    plain = run(data, tmp_path / "a", steps=1)
+    ckpt = run(data, tmp_path / "b", "--gradient_checkpointing", steps=1)
+    assert ckpt[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6)
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_process(cmd, timeout):
+    """Run a command in its own process group; on timeout, kill the whole group (torchrun's
+    workers included) so nothing is left running."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {stderr[-3000:]}")
+    return proc.returncode, stdout, stderr
+
+
+def test_torchrun_two_processes_match_one(data, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "rank_dpo.py"),
+           "--data", data["mixed"], "--output_dir", str(tmp_path / "ddp"), "--lr", "3e-3",
+           "--max_steps", "2", "--batch_size", "1", "--save_every", "0"]
+    returncode, _, stderr = run_process(cmd, timeout=300)
+    assert returncode == 0, stderr[-3000:]
+    ddp = read_metrics(tmp_path / "ddp")
+    single = run(data, tmp_path / "one", path="mixed", steps=2, batch=2)
+    assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
+    assert ddp[1]["loss"] == pytest.approx(single[1]["loss"], rel=1e-4)
+    assert os.path.isfile(tmp_path / "ddp" / "checkpoints" / "step-000002" / "rng-1.pt")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "rank_dpo.py"), "--data", data["mixed"],
+           "--output_dir", str(out), "--lr", "1e-3", "--max_steps", "100000", "--save_every", "0"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (os.path.exists(out / "metrics.jsonl") and os.path.getsize(out / "metrics.jsonl")):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "checkpoint saved" in stdout
+    last = read_metrics(out)[-1]["step"]
+    ckpt = R.latest_checkpoint(str(out))
+    assert ckpt.endswith(f"step-{last:06d}")
+    rows = run(data, out, "--resume", "--lr", "1e-3", path="mixed", steps=last + 1, batch=1)
+    assert [r["step"] for r in rows] == [last + 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming file, line and field
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, objective, pattern", [
+    ('{"id": "x", "prompt": "p", "chain": ["a", "b"]', "rank", r":1: malformed JSON"),
+    ({"id": "x", "video": "videos/missing.npy", "prompt": "p", "chain": ["a", "b"]}, "rank",
+     r":1: field 'video': video not found: .*missing\.npy"),
+    ({"id": "x", "prompt": "p", "chain": ["only one"]}, "dpo",
+     r":1: field 'chain': has 1 entry; the dpo objective needs at least 2"),
+    ({"id": "x", "prompts": ["q?"], "response": "no"}, "rank",
+     r":1: field 'prompts': has 1 entry"),
+    ({"id": "x", "prompt": "word " * 600, "chain": ["a", "b"]}, "rank",
+     r":1: field 'prompt': prompt is \d+ tokens, max_length is 512"),
+    ({"id": "x", "video": "videos/0.npy", "prompt": "p " * 480, "chain": ["a", "b"]}, "rank",
+     r":1: field 'prompt': prompt is \d+ tokens \(video included\)"),
+    ({"id": "x", "prompt": "p", "chain": ["a", 3]}, "rank", r":1: field 'chain': expected a list"),
+    ({"id": "x", "chain": ["a", "b"]}, "rank", r":1: field 'prompt': missing"),
+    ({"id": "x", "caption": "a"}, "rank", r":1: field 'chain': a record needs"),
+])
+def test_bad_records_name_file_line_field(data, tmp_path, line, objective, pattern):
+    path = write_jsonl(tmp_path / "bad.jsonl", [data["chains"][0], line][1:])
+    argv = ["--data", path, "--video_root", data["root"], "--objective", objective, "--output_dir",
+            str(tmp_path / "out"), "--max_length", "512", "--max_steps", "1", "--batch_size", "1"]
+    with pytest.raises(DataError, match=pattern) as err:
+        R.train(R.parse_args(argv))
+    assert str(err.value).startswith(path)
+
+
+def test_one_entry_chain_is_fine_for_sft(data, tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"id": "x", "prompt": "p", "chain": ["only one"]}])
+    rows = R.train(R.parse_args(["--data", path, "--objective", "sft", "--output_dir",
+                                 str(tmp_path / "out"), "--max_steps", "1"]))
+    assert len(rows) == 1
+
+
+def test_unknown_objective(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        R.parse_args(["--data", data["two"], "--output_dir", str(tmp_path), "--objective", "ppo"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'ppo'" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_clear_error(data, tmp_path, monkeypatch):
+    real_step = R.chain_loss_step
+
+    def poisoned(*args, **kwargs):          # as if the model had diverged
+        loss, stats = real_step(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(R, "chain_loss_step", poisoned)
+    with pytest.raises(FloatingPointError, match=r"step 1: loss is nan on chains \['c"):
+        run(data, tmp_path / "nan", steps=1)
+    assert not os.path.exists(tmp_path / "nan" / "checkpoints")    # nothing saved from a NaN
+
+
+def test_main_reports_data_errors_without_a_traceback(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["not json"])
+    returncode, _, stderr = run_process([sys.executable, os.path.join(ROOT, "rank_dpo.py"),
+                                         "--data", path, "--output_dir", str(tmp_path / "out")], 120)
+    assert returncode == 1
+    assert f"data error: {path}:1: malformed JSON" in stderr
+    assert "Traceback" not in stderr
