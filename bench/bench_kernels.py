@@ -37,7 +37,8 @@ import statistics
 import sys
 import time
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profile need not log to stderr
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
