@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,7 @@ moves moving move moved slides sliding slide bounces bouncing rotates rotating s
 stays staying stay remains still stationary static grows growing shrinks shrinking fades fading
 appears appearing disappears disappearing jumps falls rises drifts travels goes comes enters
 leaves exits stops starts turns changes becomes flashes blinks follows chases passes
+appear disappear
 up down upward downward leftward rightward diagonally horizontally vertically slowly quickly
 fast slow steadily smoothly
 one two three four five six seven eight nine ten zero once twice
@@ -86,6 +88,11 @@ _TINY_SENTENCES = [
     "Two yellow stars bounce up and down on a black background.",
     "The large purple box grows and then shrinks in the middle of the frame.",
     "First a white ring appears at the top, then it moves down to the bottom.",
+    "First, two small red circles appear at the bottom and move left. Then three large yellow "
+    "squares appear on the right and move down. Then the white squares disappear. Finally, "
+    "the red circles disappear. The background is gray.",
+    "First, a large green triangle appears in the center and moves up. Then one small blue "
+    "square appears at the top and moves right. The background is black.",
     "Is there a red circle in the video? Answer yes or no.",
     "Does the blue square move to the left? Answer yes or no.",
     "How many shapes are in the video?",
@@ -841,7 +848,9 @@ def add_adapters(model, args):
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
                         lora_dropout=0.0, target_modules=targets,
                         modules_to_save=vision if args.vision == "full" and vision else None)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():      # peft calls an API transformers 5 renamed
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return get_peft_model(model, config)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -1031,11 +1040,8 @@ def load_checkpoint(path, args, model, optimizer, scheduler, rank, world) -> int
 
 def train(args) -> list[dict]:
     """Run training; returns the logged metrics (every rank returns the same numbers)."""
-    import warnings
-
     import torch.distributed as dist
     from tqdm.auto import tqdm
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft on transformers 5
     rank, world, device = setup_distributed()
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
@@ -1136,6 +1142,7 @@ def train(args) -> list[dict]:
                        "rank_acc": right / max(n_pairs, 1), "lr": lr,
                        "grad_norm": float(grad_norm),
                        "tokens_per_s": summed[7].item() / (time.perf_counter() - t0),
+                       "step_time_s": time.perf_counter() - t0,
                        "peak_mem_mb": all_reduce_(torch.tensor([peak_memory_mb(device)]),
                                                   world, "max").item(),
                        "epoch": step * global_batch / len(chains)}

@@ -1,0 +1,445 @@
+#!/usr/bin/env python3
+"""Training benchmark (make bench-train): rank_dpo.py on the embedded tiny model, on CPU.
+
+1. tokens/s and peak memory per objective (video caption chains, K = 4);
+2. the vision-once saving: one training step with each chain's video encoded once and shared
+   by its K captions, against the stock way (every sequence carries its own copy of the video);
+3. TRL's DPOTrainer against rank_dpo.py --objective dpo on the same model, LoRA and text pairs
+   (TRL's DPOTrainer has no video input for this model). TRL is not a project dependency: it is
+   installed here, pinned by constraints.txt so torch/transformers stay as tested.
+
+Every training run is a separate process (peak memory is per process); ours and TRL's runs
+alternate so that load from other work on the machine hits both alike. Results go to
+bench/train.json and to the Training section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
+SHAPES = ["square", "circle", "triangle", "star"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: synthetic clips with caption chains, and text preference pairs for the TRL comparison
+# ---------------------------------------------------------------------------------------------
+
+def caption(colour, shape, direction):
+    return f"A {colour} {shape} moves from the {direction[0]} to the {direction[1]} of the frame."
+
+
+def make_video_chains(root: str, n: int, k: int) -> str:
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    records = []
+    for i in range(n):
+        video = rng.integers(0, 40, (16, 64, 64, 3), dtype=np.uint8)
+        np.save(os.path.join(root, "videos", f"{i}.npy"), video)
+        colour, shape = COLOURS[i % 6], SHAPES[i % 4]
+        chain = [caption(colour, shape, ("left", "right")),
+                 caption(COLOURS[(i + 1) % 6], shape, ("left", "right")),
+                 caption(COLOURS[(i + 1) % 6], SHAPES[(i + 1) % 4], ("left", "right")),
+                 caption(COLOURS[(i + 1) % 6], SHAPES[(i + 1) % 4], ("right", "left"))]
+        records.append({"id": f"v{i}", "video": f"videos/{i}.npy",
+                        "prompt": "Describe this video in detail.", "chain": chain[:k]})
+    path = os.path.join(root, "chains.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+def make_pairs(root: str, n: int) -> str:
+    os.makedirs(root, exist_ok=True)
+    records = []
+    for i in range(n):
+        colour, shape = COLOURS[i % 6], SHAPES[i % 4]
+        records.append({"id": f"p{i}", "prompt": f"Describe scene number {i} in detail.",
+                        "chain": [caption(colour, shape, ("left", "right")) + " It stays there.",
+                                  caption(COLOURS[(i + 3) % 6], shape, ("left", "right"))
+                                  + " It stays there."]})
+    path = os.path.join(root, "pairs.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (each run in its own process): peak RSS sampled while training only
+# ---------------------------------------------------------------------------------------------
+
+class RssSampler:
+    """Peak resident memory, sampled every 5 ms from /proc (CPU tensors have no allocator
+    statistics). Both trainers call `mark()` as each step starts; the baseline is taken at the
+    start of step 2, after the one-time costs both pay in step 1 (optimizer state, first
+    allocations, loading the loss extension), so peak - baseline is the memory a training step
+    needs on top of the model and data, and `peak` the whole process's high-water mark."""
+
+    def __init__(self):
+        self.baseline = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def mark(self):
+        self.marks = getattr(self, "marks", 0) + 1
+        if self.marks == 2:                       # the start of step 2: one-time costs are paid
+            self.baseline = self.peak = self.rss()
+
+    @staticmethod
+    def rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def worker_ours(a) -> dict:
+    import torch
+    import rank_dpo as R
+    torch.set_num_threads(a.threads)
+    argv = ["--model", "tiny", "--data", a.data, "--objective", a.objective, "--output_dir", a.out,
+            "--lr", "1e-4", "--max_steps", str(a.steps), "--batch_size", str(a.batch_size),
+            "--save_every", "0", "--vision", a.vision, "--lora_r", "16", "--lora_alpha", "32",
+            "--ntp_weight", str(a.ntp_weight), "--lr_schedule", "constant", "--num_frames", "8"]
+    args = R.parse_args(argv)
+    real_step = R.chain_loss_step
+
+    def marked_step(*args_, **kwargs):
+        mem.mark()
+        return real_step(*args_, **kwargs)
+
+    R.chain_loss_step = marked_step
+    with RssSampler() as mem:
+        rows = R.train(args)
+    return {"step_times": [r["step_time_s"] for r in rows],
+            "tokens_per_s": [r["tokens_per_s"] for r in rows],
+            "rss_baseline_mb": mem.baseline, "rss_peak_mb": mem.peak,
+            "losses": [r["loss"] for r in rows]}
+
+
+def worker_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    import rank_dpo as R
+    torch.set_num_threads(a.threads)
+    model, processor = R.build_tiny()
+    records = [json.loads(line) for line in open(a.data)]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chain"][0]}],
+                               "rejected": [{"role": "assistant", "content": r["chain"][1]}]}
+                              for r in records])
+    targets = [n for n, m in model.named_modules()          # the same LoRA as rank_dpo.py
+               if isinstance(m, torch.nn.Linear) and ".language_model." in n]
+    config = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch_size,
+                       max_steps=a.steps, learning_rate=1e-4, lr_scheduler_type="constant",
+                       beta=0.1, loss_type="sigmoid", logging_steps=1, save_strategy="no",
+                       report_to="none", use_cpu=True, bf16=False, max_length=512,
+                       gradient_checkpointing=False,        # TRL's default is on; ours is off
+                       dataloader_num_workers=0, disable_tqdm=True, seed=0)
+
+    class StepTimer(TrainerCallback):
+        times, start = [], None
+
+        def on_step_begin(self, *args, **kwargs):
+            mem.mark()
+            StepTimer.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            StepTimer.times.append(time.perf_counter() - StepTimer.start)
+
+    mem = RssSampler()
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data,
+                         processing_class=processor.tokenizer, callbacks=[StepTimer()],
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                target_modules=targets))
+    with mem:
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"step_times": StepTimer.times, "rss_baseline_mb": mem.baseline,
+            "rss_peak_mb": mem.peak, "losses": losses}
+
+
+def worker_vision(a) -> dict:
+    """One training step (reference + policy forward, backward) with the video encoded once per
+    chain vs once per caption, vision tower trainable (LoRA), B = 2 chains."""
+    import torch
+    import rank_dpo as R
+    torch.set_num_threads(a.threads)
+    stock_forward = R.forward_logits
+
+    def per_caption_forward(model, batch, video_embeds=None):
+        # the stock pipeline: each of the N sequences carries its own copy of its video
+        rows = [v for v in batch.video_of_row if v >= 0]
+        kwargs = {"pixel_values_videos": torch.cat([batch.videos[v]["pixel_values_videos"] for v in rows]),
+                  "video_grid_thw": torch.cat([batch.videos[v]["video_grid_thw"] for v in rows]),
+                  "mm_token_type_ids": (batch.input_ids == model.config.video_token_id).int() * 2}
+        real = batch.labels != R.IGNORE_INDEX
+        first = int(real.float().argmax(-1)[real.any(-1)].min())
+        keep = torch.arange(first, batch.labels.shape[1])
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    use_cache=False, logits_to_keep=keep, **kwargs)
+        return out.logits, batch.labels[:, first:]
+
+    results = {}
+    for k in (2, 4, 8):
+        root = tempfile.mkdtemp()
+        data = make_video_chains(root, 2, 4)
+        recs = [json.loads(line) for line in open(data)]
+        for r in recs:                                      # K captions per chain
+            r["chain"] = [r["chain"][i % 4] + (" again" * (i // 4)) for i in range(k)]
+        with open(data, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        model, processor = R.build_tiny()
+        args = R.parse_args(["--data", data, "--output_dir", root, "--vision", "lora"])
+        model = R.add_adapters(model, args)
+        counted = {"videos": 0}
+        model.base_model.model.model.visual.register_forward_pre_hook(
+            lambda m, args_, kw: counted.update(videos=counted["videos"] + len(kw["grid_thw"])),
+            with_kwargs=True)
+        chains = R.load_chains(data, processor, "rank")
+        batch, index = R.collate(chains, processor, 8, 2048)
+        row = {}
+        for name, forward in (("once_per_chain", stock_forward), ("once_per_caption", per_caption_forward)):
+            R.forward_logits = forward
+            times = []
+            for i in range(a.repeats + 1):              # the first is a warm-up, not timed
+                counted["videos"] = 0
+                t0 = time.perf_counter()
+                loss, _ = R.chain_loss_step(model, batch, index, args, vision_trainable=True)
+                loss.backward()
+                if i:
+                    times.append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+            # the minimum: the machine is shared, and other work only ever adds time
+            row[name] = {"step_s": min(times), "videos_encoded": counted["videos"]}
+        R.forward_logits = stock_forward
+        row["speedup"] = row["once_per_caption"]["step_s"] / row["once_per_chain"]["step_s"]
+        results[f"K={k}"] = row
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+def spawn(kind: str, **kw) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind]
+    for key, value in kw.items():
+        cmd += [f"--{key}", str(value)]
+    env = dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {kind} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ensure_trl() -> str:
+    try:
+        import trl
+    except ImportError:
+        print("installing TRL for the comparison (pinned by constraints.txt) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "trl", "-c",
+                        os.path.join(ROOT, "constraints.txt")], check=True)
+        import trl
+    return trl.__version__
+
+
+def machine() -> str:
+    """lscpu's model name (with family/model: a VM may show only the brand) and the cores."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        field = lambda name: (re.search(rf"^{name}:\s*(.+)$", out, re.M) or [None, "?"])[1].strip()
+        model = f"{field('Model name')} (family {field('CPU family')}, model {field('Model')})"
+        if field("Hypervisor vendor") != "?":
+            model += f", {field('Hypervisor vendor')} VM"
+    except (OSError, IndexError):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} CPU cores visible, shared with other work"
+
+
+def summarise(run: dict, tokens_per_step: float | None = None, skip: int = 1) -> dict:
+    times = run["step_times"][skip:]
+    step = statistics.median(times)
+    out = {"median_step_s": step, "peak_rss_mb": run["rss_peak_mb"],
+           "train_rss_mb": run["rss_peak_mb"] - run["rss_baseline_mb"]}
+    if tokens_per_step is not None:
+        out["tokens_per_s"] = tokens_per_step / step
+    elif "tokens_per_s" in run:
+        out["tokens_per_s"] = statistics.median(run["tokens_per_s"][skip:])
+    return out
+
+
+def pair_tokens(path: str) -> float:
+    """Real tokens of one (prompt + chosen) and one (prompt + rejected) sequence, on average."""
+    import rank_dpo as R
+    _, processor = R.build_tiny()
+    total, n = 0, 0
+    for line in open(path):
+        r = json.loads(line)
+        for response in r["chain"][:2]:
+            p, q = R.encode_text(processor, r["prompt"], response, False)
+            total += len(p) + len(q)
+        n += 1
+    return total / n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", choices=("ours", "trl", "vision"))
+    p.add_argument("--data")
+    p.add_argument("--out")
+    p.add_argument("--objective", default="dpo")
+    p.add_argument("--vision", default="lora")
+    p.add_argument("--ntp_weight", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every run")
+    p.add_argument("--json", default=os.path.join(HERE, "train.json"))
+    p.add_argument("--results_md", default=os.path.join(HERE, "RESULTS.md"))
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps({"ours": worker_ours, "trl": worker_trl, "vision": worker_vision}[a.worker](a)))
+        return
+
+    trl_version = ensure_trl()
+    import torch
+    import transformers
+    work = tempfile.mkdtemp(prefix="bench_train_")
+    chains = make_video_chains(os.path.join(work, "video"), 16, 4)
+    pairs = make_pairs(os.path.join(work, "text"), 32)
+    report = {"machine": machine(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "trl": trl_version,
+              "threads": a.threads, "steps": a.steps, "rounds": a.rounds, "gpu": "none in this task: the ~1B-parameter GPU run was not measured"}
+
+    print("1/3 objectives on video chains (tiny model, K=4, batch 2 chains, vision LoRA)", flush=True)
+    objectives = ("rank", "dpo", "mpo", "hinge", "sft")
+    runs = {o: [] for o in objectives}
+    for r in range(a.rounds):                  # rounds interleave, so load hits all alike
+        for objective in objectives:
+            run = spawn("ours", data=chains, out=os.path.join(work, f"run-{objective}-{r}"),
+                        objective=objective, steps=a.steps, batch_size=2, threads=a.threads)
+            runs[objective].append(summarise(run))
+            print(f"  {objective}: {runs[objective][-1]}", flush=True)
+    report["objectives"] = {o: min(rs, key=lambda x: x["median_step_s"]) for o, rs in runs.items()}
+
+    print("2/3 video encoded once per chain vs once per caption", flush=True)
+    report["vision_once"] = spawn("vision", threads=a.threads, repeats=a.repeats)
+    print(f"  {report['vision_once']}", flush=True)
+
+    print(f"3/3 TRL {trl_version} DPOTrainer vs rank_dpo.py --objective dpo (32 text pairs, "
+          "batch 4, LoRA r=16 on the language model)", flush=True)
+    tokens = 4 * pair_tokens(pairs)
+    ours_runs, trl_runs = [], []
+    for r in range(a.rounds):
+        ours_runs.append(summarise(spawn("ours", data=pairs, out=os.path.join(work, f"ours-{r}"),
+                                         objective="dpo", vision="frozen", ntp_weight=0.0,
+                                         steps=a.steps, batch_size=4, threads=a.threads), tokens))
+        trl_runs.append(summarise(spawn("trl", data=pairs, out=os.path.join(work, f"trl-{r}"),
+                                        steps=a.steps, batch_size=4, threads=a.threads), tokens))
+        print(f"  round {r + 1}: ours {ours_runs[-1]}\n           trl  {trl_runs[-1]}", flush=True)
+
+    def best(runs, key, fn):
+        return fn(x[key] for x in runs)
+
+    ours = {"tokens_per_s": best(ours_runs, "tokens_per_s", max),
+            "train_rss_mb": best(ours_runs, "train_rss_mb", min),
+            "peak_rss_mb": best(ours_runs, "peak_rss_mb", min)}
+    theirs = {"tokens_per_s": best(trl_runs, "tokens_per_s", max),
+              "train_rss_mb": best(trl_runs, "train_rss_mb", min),
+              "peak_rss_mb": best(trl_runs, "peak_rss_mb", min)}
+    report["vs_trl"] = {"tokens_per_step": tokens, "rounds": a.rounds, "ours": ours, "trl": theirs,
+                        "ours_runs": ours_runs, "trl_runs": trl_runs,
+                        "speed_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                        "train_memory_ratio": ours["train_rss_mb"] / max(theirs["train_rss_mb"], 1e-9),
+                        "peak_memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"]}
+    with open(a.json, "w") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report)
+    print(md)
+    write_section(a.results_md, md)
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Machine: {r['machine']}; torch {r['torch']}, transformers {r['transformers']}, "
+             f"{r['threads']} threads per run. GPU: {r['gpu']}. Raw numbers: `bench/train.json`.",
+             "", "**Per objective** (tiny Qwen2.5-VL, 8-frame 64x64 clips, chains of K = 4 "
+             "captions, 2 chains per step, LoRA on the LM and the vision tower; median step "
+             f"time over steps 2..{r['steps']}, the best of {r['rounds']} interleaved runs):", "",
+             "| objective | tokens/s | step (ms) | peak RSS (MiB) | step working memory (MiB) |",
+             "|---|---:|---:|---:|---:|"]
+    for name, o in r["objectives"].items():
+        lines.append(f"| {name} | {o['tokens_per_s']:.0f} | {1000 * o['median_step_s']:.0f} | "
+                     f"{o['peak_rss_mb']:.0f} | {o['train_rss_mb']:.0f} |")
+    lines += ["", "**Video encoded once per chain vs once per caption** (one training step: "
+              "reference + policy forward and backward, 2 chains, vision tower trainable (LoRA); "
+              "the fastest of 5 timed repeats):", "",
+              "| K captions | videos encoded (once / per caption) | step ms (once) | "
+              "step ms (per caption) | speed-up |", "|---|---|---:|---:|---:|"]
+    for k, v in r["vision_once"].items():
+        lines.append(f"| {k[2:]} | {v['once_per_chain']['videos_encoded']} / "
+                     f"{v['once_per_caption']['videos_encoded']} | "
+                     f"{1000 * v['once_per_chain']['step_s']:.0f} | "
+                     f"{1000 * v['once_per_caption']['step_s']:.0f} | {v['speedup']:.2f}x |")
+    t = r["vs_trl"]
+    lines += ["", f"**Against TRL {r['trl']} DPOTrainer** (the same tiny model, the same 32 text "
+              "pairs, batch 4, LoRA r=16 on the language model's linear layers, beta 0.1, no NTP "
+              f"term; best of {t['rounds']} alternating runs; TRL's DPOTrainer takes no video for "
+              "this model, so the pairs are text):", "",
+              "| trainer | tokens/s | peak RSS (MiB) | step working memory (MiB) |",
+              "|---|---:|---:|---:|",
+              f"| rank_dpo.py --objective dpo | {t['ours']['tokens_per_s']:.0f} | "
+              f"{t['ours']['peak_rss_mb']:.0f} | {t['ours']['train_rss_mb']:.0f} |",
+              f"| TRL DPOTrainer | {t['trl']['tokens_per_s']:.0f} | {t['trl']['peak_rss_mb']:.0f} | "
+              f"{t['trl']['train_rss_mb']:.0f} |", "",
+              f"Speed ratio (ours / TRL): **{t['speed_ratio']:.2f}x**; memory ratio (ours / TRL): "
+              f"{t['peak_memory_ratio']:.2f}x of peak RSS, {t['train_memory_ratio']:.2f}x of the "
+              "step working memory (RSS growth during steps 2..N)."]
+    return "\n".join(lines)
+
+
+def write_section(path: str, body: str) -> None:
+    """Replace the text under '## Training (`make bench-train`)' up to the next '## '."""
+    with open(path) as f:
+        text = f.read()
+    head = "## Training (`make bench-train`)"
+    start = text.index(head) + len(head)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt
+    with open(path, "w") as f:
+        f.write(text[:start] + "\n\n" + body.strip() + "\n" + text[end:])
+
+
+if __name__ == "__main__":
+    main()
