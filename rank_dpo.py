@@ -291,7 +291,16 @@ def merge_adapter(net, adapter: str):
     init = json.load(open(meta_path)).get("init") if os.path.isfile(meta_path) else None
     if init:                        # relative to the adapter: init/ in a run, ../../init in a checkpoint
         net = merge_adapter(net, os.path.join(adapter, init))
-    return PeftModel.from_pretrained(net, adapter).merge_and_unload()
+    with _quiet_peft():
+        return PeftModel.from_pretrained(net, adapter).merge_and_unload()
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 calls a transformers API that transformers 5 renamed: silence that warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 def tokenizer_of(processor):
@@ -848,8 +857,7 @@ def add_adapters(model, args):
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
                         lora_dropout=0.0, target_modules=targets,
                         modules_to_save=vision if args.vision == "full" and vision else None)
-    with warnings.catch_warnings():      # peft calls an API transformers 5 renamed
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    with _quiet_peft():
         return get_peft_model(model, config)
 
 
