@@ -72,7 +72,8 @@ def fused_chain_loss(logits: torch.Tensor, labels: torch.Tensor, chains: torch.T
     """The chain loss straight from the logits: (loss scalar, logps [N]).
 
     Same value and gradients as kernels.reference.fused_chain_loss (loss = mean over chains;
-    gradients reach the logits through both outputs). ref_logps [N] carry no gradient.
+    gradients reach the logits through both outputs). ref_logps [N] carry no gradient and
+    are cast to the logps' dtype (fp32, or fp64 for fp64 logits).
     """
     _check_sequence_args(logits, labels, ignore_index)
     _check_chain_args(logits, chains, ref_logps, objective, beta, ntp_weight)

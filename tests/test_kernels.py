@@ -153,19 +153,23 @@ def test_fused_chain_loss_matches_reference(backend, dtype, objective):
 
 @pytest.mark.parametrize("backend", COMPILED)
 def test_hinge_tie_gets_no_gradient(backend):
-    """A row twice in one chain ties with itself: max(0, 0) contributes no gradient, as
-    torch's clamp_min gives none at 0."""
+    """Two different rows with exactly equal logps tie: max(0, 0) contributes no gradient,
+    as torch's clamp_min gives none at 0 (a >= test would push the two rows apart)."""
     logits, labels = make_batch(5, 3, 4, 50, dtype=torch.float64, device=backend)
-    chains = torch.tensor([[0, 0, 1]], device=backend)
+    logits[1], labels[1] = logits[0], labels[0]  # rows 0 and 1: the same sequence
+    labels[0, -1] = labels[1, -1] = 3
+    chains = torch.tensor([[0, 1, 2]], device=backend)
     ref = torch.zeros(3, dtype=torch.float64, device=backend)
-    ones = torch.ones(3, dtype=torch.float64, device=backend)
+    no_weights = torch.zeros(3, dtype=torch.float64, device=backend)
     kwargs = dict(objective="hinge", ntp_weight=0.0)
-    (loss, _), grad = run(lambda x: kernels.fused_chain_loss(
-        x, labels, chains, ref, backend=backend, **kwargs), logits, ones * 0)
+    (loss, logps), grad = run(lambda x: kernels.fused_chain_loss(
+        x, labels, chains, ref, backend=backend, **kwargs), logits, no_weights)
     (loss_r, _), grad_r = run(lambda x: reference.fused_chain_loss(
-        x, labels, chains, ref, **kwargs), logits, ones * 0)
+        x, labels, chains, ref, **kwargs), logits, no_weights)
+    assert logps[0] == logps[1]
     assert_close(loss, loss_r, **value_tol(torch.float64))
     assert_close(grad, grad_r, **GRAD_TOL[torch.float64])
+    assert torch.equal(grad[0], grad[1])  # the tie pushed neither row
 
 
 @pytest.mark.parametrize("objective", kernels.OBJECTIVES)
