@@ -524,3 +524,15 @@ def test_build_command():
     assert done.returncode == 0, done.stderr
     assert "cpu: ready" in done.stdout and "matches the reference" in done.stdout
     assert "cuda: " in done.stdout
+
+
+def test_build_command_fails_loudly(monkeypatch, capsys):
+    """A failed build makes `python -m kernels --build` exit non-zero and say which one."""
+    from kernels.__main__ import main
+
+    def broken(kind, verbose=False):
+        raise build.BuildError(f"building the {kind} extension failed: c++ not found")
+
+    monkeypatch.setattr(build, "load", broken)
+    assert main(["--build"]) == 1
+    assert "cpu: BUILD FAILED" in capsys.readouterr().err
