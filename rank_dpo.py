@@ -675,13 +675,20 @@ def expected_video_tokens(processor, num_frames: int) -> int | None:
 
 def load_chains(path: str, processor, objective: str, video_root: str | None = None,
                 max_chain: int | None = None, max_length: int = 2048,
-                num_frames: int = 8) -> list[Chain]:
-    """Read, check and tokenize every record; any problem is a DataError naming file:line:field."""
+                num_frames: int = 8) -> tuple[list[Chain], int]:
+    """Read, check and tokenize every record; any problem is a DataError naming file:line:field.
+
+    Returns (chains, left_out): records gen_chains.py wrote with a status other than "ok"
+    (failed, no_preference) hold no ranking and are left out, and counted.
+    """
     video_tokens = expected_video_tokens(processor, num_frames)
     takes_video = isinstance(processor, TinyProcessor) or \
         getattr(processor, "video_processor", None) is not None
-    chains = []
+    chains, left_out = [], 0
     for line, record in read_jsonl(path):
+        if record.get("status", "ok") != "ok":
+            left_out += 1
+            continue
         if "chain" in record:
             field, responses = "chain", _string_list(path, line, record, "chain")
             prompts = [_string(path, line, record, "prompt")] * len(responses)
@@ -715,8 +722,9 @@ def load_chains(path: str, processor, objective: str, video_root: str | None = N
                                 "prompts" if field == "prompts" else "prompt")
         chains.append(Chain(str(record.get("id", f"{path}:{line}")), path, line, field, video, rows))
     if not chains:
-        raise DataError(path, None, "no records")
-    return chains
+        raise DataError(path, None, f"no usable records ({left_out} not ok)" if left_out
+                        else "no records")
+    return chains, left_out
 
 
 def collate(chains: list[Chain], processor, num_frames: int, max_length: int):
@@ -1065,8 +1073,11 @@ def train(args) -> list[dict]:
     model, processor = load_base(args.model, device=device)
     if args.init:
         model = merge_adapter(model, args.init)
-    chains = load_chains(args.data, processor, args.objective, args.video_root, args.max_chain,
-                         args.max_length, args.num_frames)
+    chains, left_out = load_chains(args.data, processor, args.objective, args.video_root,
+                                   args.max_chain, args.max_length, args.num_frames)
+    if rank == 0:
+        print(f"{args.data}: {len(chains)} chains"
+              + (f"; {left_out} records left out (status not 'ok')" if left_out else ""), flush=True)
     global_batch = args.batch_size * args.grad_accum * world
     if len(chains) < global_batch:
         raise DataError(args.data, None, f"{len(chains)} chains, fewer than one global batch "

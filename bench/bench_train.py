@@ -226,7 +226,7 @@ def worker_vision(a) -> dict:
         model.base_model.model.model.visual.register_forward_pre_hook(
             lambda m, args_, kw: counted.update(videos=counted["videos"] + len(kw["grid_thw"])),
             with_kwargs=True)
-        chains = R.load_chains(data, processor, "rank")
+        chains, _ = R.load_chains(data, processor, "rank")
         batch, index = R.collate(chains, processor, 8, 2048)
         row = {}
         for name, forward in (("once_per_chain", stock_forward), ("once_per_caption", per_caption_forward)):
@@ -323,7 +323,8 @@ def main() -> None:
     p.add_argument("--ntp_weight", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run: 1 keeps timings stable on a shared machine")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every run")
     p.add_argument("--json", default=os.path.join(HERE, "train.json"))

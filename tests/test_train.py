@@ -156,7 +156,7 @@ def test_video_encoded_once_per_chain(data, vision, passes):
     model, processor, args = fresh_model(vision)
     args.objective = "rank"
     counter = VisionCounter(model)
-    chains = R.load_chains(data["two"], processor, "rank")
+    chains, _ = R.load_chains(data["two"], processor, "rank")
     batch, index = R.collate(chains, processor, 8, 2048)
     assert index.shape == (2, 4)
     loss, _ = R.chain_loss_step(model, batch, index, args, vision_trainable=vision != "frozen")
@@ -194,7 +194,7 @@ def test_dpo_equals_textbook_formula(data):
     model, processor, args = fresh_model("lora")
     perturb_adapters(model)
     args.objective, args.beta, args.ntp_weight = "dpo", 0.5, 0.1
-    chains = R.load_chains(data["two"], processor, "dpo")
+    chains, _ = R.load_chains(data["two"], processor, "dpo")
     batch, index = R.collate(chains, processor, 8, 2048)
     with torch.no_grad():
         loss, _ = R.chain_loss_step(model, batch, index, args, vision_trainable=True)
@@ -230,8 +230,8 @@ def test_yes_no_and_chain_records_train_together(data, tmp_path):
     assert set(rows[0]) >= {"loss", "ntp", "margin", "rank_acc", "tokens_per_s", "peak_mem_mb"}
     assert read_metrics(tmp_path) == rows
     model, processor = R.build_tiny()
-    chains = R.load_chains(data["mixed"], processor, "rank", max_chain=3)
-    assert [len(c.rows) for c in chains] == [3, 3, 3, 3, 2, 2]
+    chains, left_out = R.load_chains(data["mixed"], processor, "rank", max_chain=3)
+    assert [len(c.rows) for c in chains] == [3, 3, 3, 3, 2, 2] and left_out == 0
     assert chains[-1].field == "prompts" and chains[-1].rows[0][1] == chains[-1].rows[1][1]
 
 
@@ -239,7 +239,7 @@ def test_yes_no_and_chain_records_train_together(data, tmp_path):
 def test_vision_choice(data, tmp_path, vision):
     # gradients: frozen -> none on any vision parameter; lora/full -> on the trainable ones
     model, processor, args = fresh_model(vision)
-    chains = R.load_chains(data["two"], processor, "rank")
+    chains, _ = R.load_chains(data["two"], processor, "rank")
     batch, index = R.collate(chains, processor, 8, 2048)
     loss, _ = R.chain_loss_step(model, batch, index, args, vision_trainable=vision != "frozen")
     loss.backward()
@@ -392,6 +392,21 @@ def test_bad_records_name_file_line_field(data, tmp_path, line, objective, patte
     with pytest.raises(DataError, match=pattern) as err:
         R.train(R.parse_args(argv))
     assert str(err.value).startswith(path)
+
+
+def test_records_gen_chains_marked_failed_are_left_out_and_counted(data, tmp_path, capsys):
+    failed = {"id": "f", "status": "failed", "reason": "step 2: every try rejected",
+              "partial_chain": ["a"]}
+    path = write_jsonl(tmp_path / "c.jsonl", [dict(data["chains"][0], status="ok"), failed])
+    _, processor = R.build_tiny()
+    chains, left_out = R.load_chains(path, processor, "rank", video_root=data["root"])
+    assert [c.id for c in chains] == ["c0"] and left_out == 1
+    R.train(R.parse_args(["--data", path, "--video_root", data["root"], "--output_dir",
+                          str(tmp_path / "out"), "--max_steps", "1"]))
+    assert "1 chains; 1 records left out (status not 'ok')" in capsys.readouterr().out
+    only_failed = write_jsonl(tmp_path / "f.jsonl", [failed])
+    with pytest.raises(DataError, match=r"no usable records \(1 not ok\)"):
+        R.load_chains(only_failed, processor, "rank")
 
 
 def test_one_entry_chain_is_fine_for_sft(data, tmp_path):
