@@ -329,7 +329,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every run")
     p.add_argument("--json", default=os.path.join(HERE, "train.json"))
     p.add_argument("--results_md", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from --json")
     a = p.parse_args()
+    if a.render:
+        with open(a.json) as f:
+            write_section(a.results_md, markdown(json.load(f)))
+        return
     if a.worker:
         print(json.dumps({"ours": worker_ours, "trl": worker_trl, "vision": worker_vision}[a.worker](a)))
         return
@@ -394,7 +399,7 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     lines = [f"Machine: {r['machine']}; torch {r['torch']}, transformers {r['transformers']}, "
-             f"{r['threads']} threads per run. GPU: {r['gpu']}. Raw numbers: `bench/train.json`.",
+             f"{r['threads']} torch thread(s) per run. GPU: {r['gpu']}. Raw numbers: `bench/train.json`.",
              "", "**Per objective** (tiny Qwen2.5-VL, 8-frame 64x64 clips, chains of K = 4 "
              "captions, 2 chains per step, LoRA on the LM and the vision tower; median step "
              f"time over steps 2..{r['steps']}, the best of {r['rounds']} interleaved runs):", "",
@@ -404,8 +409,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {o['tokens_per_s']:.0f} | {1000 * o['median_step_s']:.0f} | "
                      f"{o['peak_rss_mb']:.0f} | {o['train_rss_mb']:.0f} |")
     lines += ["", "**Video encoded once per chain vs once per caption** (one training step: "
-              "reference + policy forward and backward, 2 chains, vision tower trainable (LoRA); "
-              "the fastest of 5 timed repeats):", "",
+              "reference + policy forward and backward, 2 chains, vision tower trainable (LoRA), so "
+              "it is encoded for the reference and for the policy; the fastest of 5 timed "
+              "repeats):", "",
               "| K captions | videos encoded (once / per caption) | step ms (once) | "
               "step ms (per caption) | speed-up |", "|---|---|---:|---:|---:|"]
     for k, v in r["vision_once"].items():
@@ -416,8 +422,11 @@ def markdown(r: dict) -> str:
     t = r["vs_trl"]
     lines += ["", f"**Against TRL {r['trl']} DPOTrainer** (the same tiny model, the same 32 text "
               "pairs, batch 4, LoRA r=16 on the language model's linear layers, beta 0.1, no NTP "
-              f"term; best of {t['rounds']} alternating runs; TRL's DPOTrainer takes no video for "
-              "this model, so the pairs are text):", "",
+              "term, gradient checkpointing off in both (TRL's default is on); best of "
+              f"{t['rounds']} alternating runs; TRL's DPOTrainer takes no video for this model, so "
+              "the pairs are text). Peak RSS is the whole process, TRL's imports (datasets, "
+              "pandas, pyarrow) included; the step working memory is the RSS growth during steps "
+              "2..N:", "",
               "| trainer | tokens/s | peak RSS (MiB) | step working memory (MiB) |",
               "|---|---:|---:|---:|",
               f"| rank_dpo.py --objective dpo | {t['ours']['tokens_per_s']:.0f} | "
@@ -426,7 +435,7 @@ def markdown(r: dict) -> str:
               f"{t['trl']['train_rss_mb']:.0f} |", "",
               f"Speed ratio (ours / TRL): **{t['speed_ratio']:.2f}x**; memory ratio (ours / TRL): "
               f"{t['peak_memory_ratio']:.2f}x of peak RSS, {t['train_memory_ratio']:.2f}x of the "
-              "step working memory (RSS growth during steps 2..N)."]
+              "step working memory."]
     return "\n".join(lines)
 
 
