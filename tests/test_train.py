@@ -262,6 +262,21 @@ def test_vision_choice(data, tmp_path, vision):
     assert not all(lm_same)                               # the language model trains in every mode
 
 
+def test_modules_to_save_auto_trains_the_tiny_output_layer(data, tmp_path):
+    """LoRA alone cannot teach a random model (its frozen random lm_head caps confidence), so
+    'auto' trains the tiny preset's lm_head and final norm in full; 'none' leaves them."""
+    run(data, tmp_path / "auto", steps=1)
+    run(data, tmp_path / "none", "--modules_to_save", "none", steps=1)
+    base, _ = R.load_model("tiny")
+    auto, _ = R.load_model("tiny", adapter=str(tmp_path / "auto"))
+    none, _ = R.load_model("tiny", adapter=str(tmp_path / "none"))
+    assert not torch.equal(auto.lm_head.weight, base.lm_head.weight)
+    assert not torch.equal(auto.model.language_model.norm.weight, base.model.language_model.norm.weight)
+    assert torch.equal(none.lm_head.weight, base.lm_head.weight)
+    with pytest.raises(SystemExit, match="no module named nope"):
+        run(data, tmp_path / "bad", "--modules_to_save", "lm_head,nope", steps=1)
+
+
 def test_full_vision_reference_is_the_original_tower(data):
     model, processor, args = fresh_model("full")
     perturb_adapters(model)
