@@ -804,7 +804,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep_checkpoints", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss_backend", choices=("auto", "reference", "cpu", "cuda"), default="auto")
+    p.add_argument("--loss_backend", choices=kernels.BACKENDS, default="auto")
     p.add_argument("--init", metavar="ADAPTER_DIR", help="warm start: merge this saved adapter "
                    "first (e.g. an SFT run); it then is the reference model too")
     p.add_argument("--warmup_steps", type=int, default=0)

@@ -321,6 +321,27 @@ def test_gradient_checkpointing_same_loss(data, tmp_path):
     assert ckpt[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6)
 
 
+def test_a_causal_lm_from_a_local_path_trains_on_text(tmp_path):
+    """--model takes any Auto-loadable causal LM; its tokenizer then plays the processor."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2)).save_pretrained(tmp_path / "lm")
+    R.build_tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    path = write_jsonl(tmp_path / "text.jsonl", [
+        {"id": str(i), "prompt": "Describe the scene.", "chain": ["A red square.", "A blue circle."]}
+        for i in range(2)])
+    rows = R.train(R.parse_args(["--model", str(tmp_path / "lm"), "--data", path, "--output_dir",
+                                 str(tmp_path / "out"), "--max_steps", "3", "--batch_size", "2",
+                                 "--lr", "1e-2", "--vision", "full"]))
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    model, tokenizer = R.load_model(str(tmp_path / "lm"), adapter=str(tmp_path / "out"))
+    logps = R.response_logps(model, tokenizer, None, ["Describe the scene."] * 2,
+                             ["A red square.", "A blue circle."])
+    assert logps.shape == (2,) and bool((logps < 0).all())
+
+
 def _env():
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
