@@ -672,20 +672,6 @@ def cmd_compare(args) -> dict:
 # Model-side evaluation: generate, mcq, rank (rank_dpo's loader; torch only imported here)
 # ----------------------------------------------------------------------------------------------
 
-def video_path(path: str, line: int, rec: dict, video_root: str) -> str | None:
-    """The record's video resolved against --video_root; None for text-only records."""
-    video = rec.get("video")
-    if video is None:
-        return None
-    if not isinstance(video, str) or not video:
-        raise DataError(path, line, f"expected a path string, got {video!r}", field="video")
-    full = os.path.join(video_root, video)
-    if not os.path.exists(full):
-        raise DataError(path, line, f"{full} does not exist (paths are relative to --video_root)",
-                        field="video")
-    return full
-
-
 def _load(args, adapter: str | None):
     import torch
     from rank_dpo import load_model
@@ -695,11 +681,11 @@ def _load(args, adapter: str | None):
 
 def cmd_generate(args) -> dict:
     import torch
-    from rank_dpo import build_generation_inputs, load_video
+    from rank_dpo import build_generation_inputs, load_video, resolve_video
 
     data = load_by_id(args.data)
     jobs = [(rid, args.prompt or rec.get("prompt") or DEFAULT_PROMPT,
-             video_path(args.data, line, rec, args.video_root))
+             resolve_video(args.data, line, rec, args.video_root))
             for rid, (line, rec) in data.items()]  # every video checked before the model loads
     for rid, prompt, _ in jobs:
         if not isinstance(prompt, str):
@@ -753,12 +739,14 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
     Also returns how many records gen_chains wrote as failed ({"status": "failed"}); they hold
     no item and are counted in the results, not silently dropped.
     """
+    from rank_dpo import resolve_video
+
     items, failed = [], 0
     for line, rec in read_jsonl(path):
         rid = rec.get("id")
         if not isinstance(rid, str) or not rid:
             raise DataError(path, line, "missing or not a string", field="id")
-        if rec.get("status") == "failed":
+        if rec.get("status", "ok") != "ok":     # failed or no_preference: no item to score
             failed += 1
             continue
         if "chain" in rec:
@@ -780,7 +768,7 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
                                 f"got {answer!r}", field="answer")
             prompt = format_mcq(question, options)
             letters, answer = [letter(i) for i in range(len(options))], letter(answer)
-        items.append({"id": rid, "video": video_path(path, line, rec, video_root), "prompt": prompt,
+        items.append({"id": rid, "video": resolve_video(path, line, rec, video_root), "prompt": prompt,
                       "letters": sorted(set(letters)), "answer": answer})
     return items, failed
 
@@ -829,31 +817,20 @@ def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
     a yes/no chain            {"prompts": [best, ...], "response": "no"} (K prompts, one response).
     Also returns the number of records written as failed (see load_mcq).
     """
+    from rank_dpo import chain_record
+
     chains, failed = [], 0
     for line, rec in read_jsonl(path):
         rid = rec.get("id")
         if not isinstance(rid, str) or not rid:
             raise DataError(path, line, "missing or not a string", field="id")
-        if rec.get("status") == "failed":
+        if rec.get("status", "ok") != "ok":     # failed or no_preference: no item to score
             failed += 1
             continue
-        if "chain" in rec:
-            prompt, responses = require_text(path, line, rec, "prompt"), rec["chain"]
-            field = "chain"
-            prompts = [prompt] * (len(responses) if isinstance(responses, list) else 0)
-        elif "prompts" in rec:
-            prompts, field = rec["prompts"], "prompts"
-            response = require_text(path, line, rec, "response")
-            responses = [response] * (len(prompts) if isinstance(prompts, list) else 0)
-        else:
-            raise DataError(path, line, "neither 'chain' (with 'prompt') nor 'prompts' (with "
-                            "'response'): not a chain record", field="chain")
-        entries = rec[field]
-        if not (isinstance(entries, list) and len(entries) >= 2
-                and all(isinstance(e, str) for e in entries)):
+        field, prompts, responses, video = chain_record(path, line, rec, video_root)
+        if len(prompts) < 2:
             raise DataError(path, line, "expected a list of at least two strings", field=field)
-        chains.append({"id": rid, "video": video_path(path, line, rec, video_root),
-                       "prompts": prompts, "responses": responses})
+        chains.append({"id": rid, "video": video, "prompts": prompts, "responses": responses})
     return chains, failed
 
 

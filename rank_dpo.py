@@ -673,6 +673,39 @@ def expected_video_tokens(processor, num_frames: int) -> int | None:
     return t * (p.image_size // p.patch_size) ** 2 // p.merge_size ** 2
 
 
+def resolve_video(path: str, line: int, record: dict, video_root: str | None) -> str | None:
+    """The record's video resolved against video_root (default: the data file's folder);
+    None for text-only records. A missing file is a DataError naming file:line:video."""
+    if record.get("video") is None:
+        return None
+    video = os.path.join(video_root or os.path.dirname(path), _string(path, line, record, "video"))
+    if not os.path.exists(video):
+        raise DataError(path, line, f"video not found: {video} (paths are relative to "
+                        "--video_root, default the data file's folder)", "video")
+    return video
+
+
+def chain_record(path: str, line: int, record: dict,
+                 video_root: str | None = None) -> tuple[str, list[str], list[str], str | None]:
+    """One ranked record, checked: (field, prompts, responses, video path or None).
+
+    A caption chain {"prompt", "chain": [best, ..., worst]} has one prompt and K responses; a
+    yes/no chain {"prompts": [best, ...], "response": "no"} has K prompts and one response.
+    `field` names the ranked list, for error messages. Used by training and by eval_judge.py.
+    """
+    if "chain" in record:
+        field, responses = "chain", _string_list(path, line, record, "chain")
+        prompts = [_string(path, line, record, "prompt")] * len(responses)
+    elif "prompts" in record:
+        field, prompts = "prompts", _string_list(path, line, record, "prompts")
+        responses = [_string(path, line, record, "response")] * len(prompts)
+    else:
+        raise DataError(path, line, "a record needs 'chain' (responses ranked best first, "
+                        "with 'prompt') or 'prompts' (prompts ranked best first, with "
+                        "'response')", "chain")
+    return field, prompts, responses, resolve_video(path, line, record, video_root)
+
+
 def load_chains(path: str, processor, objective: str, video_root: str | None = None,
                 max_chain: int | None = None, max_length: int = 2048,
                 num_frames: int = 8) -> tuple[list[Chain], int]:
@@ -689,30 +722,15 @@ def load_chains(path: str, processor, objective: str, video_root: str | None = N
         if record.get("status", "ok") != "ok":
             left_out += 1
             continue
-        if "chain" in record:
-            field, responses = "chain", _string_list(path, line, record, "chain")
-            prompts = [_string(path, line, record, "prompt")] * len(responses)
-        elif "prompts" in record:
-            field, prompts = "prompts", _string_list(path, line, record, "prompts")
-            responses = [_string(path, line, record, "response")] * len(prompts)
-        else:
-            raise DataError(path, line, "a record needs 'chain' (responses ranked best first, "
-                            "with 'prompt') or 'prompts' (prompts ranked best first, with "
-                            "'response')", "chain")
+        field, prompts, responses, video = chain_record(path, line, record, video_root)
+        if video is not None and not takes_video:
+            raise DataError(path, line, "this model's processor takes no video", "video")
         if max_chain is not None:
             prompts, responses = prompts[:max_chain], responses[:max_chain]
         if not prompts or (objective in PREFERENCE_OBJECTIVES and len(prompts) < 2):
             raise DataError(path, line, f"has {len(prompts)} entr{'y' if len(prompts) == 1 else 'ies'}"
                             f"{' after --max_chain' if max_chain else ''}; the {objective} objective "
                             "needs at least 2, ranked best first", field)
-        video = None
-        if record.get("video") is not None:
-            video = _string(path, line, record, "video")
-            if not takes_video:
-                raise DataError(path, line, "this model's processor takes no video", "video")
-            video = os.path.join(video_root or os.path.dirname(path), video)
-            if not os.path.exists(video):
-                raise DataError(path, line, f"video not found: {video}", "video")
         rows = [encode_text(processor, p, r, video is not None) for p, r in zip(prompts, responses)]
         for prompt_ids, _ in rows:           # the placeholder becomes video_tokens tokens
             length = len(prompt_ids) + ((video_tokens or 1) - 1 if video else 0)

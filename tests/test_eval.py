@@ -370,7 +370,7 @@ def test_mcq_bad_items_name_file_and_line(tmp_path):
         E.load_mcq(path, str(tmp_path))
     path = write_jsonl(tmp_path / "mcq.jsonl", [{"id": "q1", "video": "nope.npy", "question": "?",
                                                  "options": OPTIONS, "answer": 1}])
-    with pytest.raises(E.DataError, match=r"mcq.jsonl:1: field 'video': .*nope.npy does not exist"):
+    with pytest.raises(E.DataError, match=r"mcq.jsonl:1: field 'video': video not found: .*nope.npy"):
         E.load_mcq(path, str(tmp_path))
 
 
