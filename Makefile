@@ -26,6 +26,10 @@ build: setup
 test: build
 	$(PYTHON) -m pytest -q tests
 
+# The whole pipeline on the embedded tiny model (scripts/demo.py; resumable: re-run after a kill).
+demo: build
+	$(PYTHON) scripts/demo.py --out runs/demo
+
 bench: bench-kernels bench-train bench-gen
 
 bench-kernels: build
