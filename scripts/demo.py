@@ -238,8 +238,10 @@ def compare(name: str, a_xs: list[float], b_xs: list[float], strict: bool) -> st
     mb, sb, nb = stats(b_xs)
     d = ma - mb
     se = math.sqrt((sa ** 2 if na > 1 else 0) / na + (sb ** 2 if nb > 1 else 0) / nb)
-    z = d / se if se > 0 else float("inf") * (1 if d > 0 else -1 if d < 0 else 0)
-    if d > 2 * se:
+    z = d / se if se > 0 else float("nan")
+    if na < 2 or nb < 2:
+        verdict = "not testable (needs at least 2 seeds for a spread)"
+    elif d > 2 * se:
         verdict = "**reproduced**"
     elif d > 0:
         verdict = "same direction, within noise (gap < 2 SE)"
@@ -264,7 +266,7 @@ def report(a, jobs: list[dict], wall: float) -> str:
              f"Machine: {a.machine}. Wall time of this run of `scripts/demo.py`: {wall / 60:.1f} min "
              f"({a.jobs} jobs in parallel, 1 torch thread each; set-up and pip excluded; resumed "
              f"steps count only the time they took in this run).", "",
-             f"Setting: `gen_chains.py synth --n {a.videos} --test_frac {a.test_frac}`, rules chains "
+             f"Setting: `gen_chains.py synth --n {a.videos} --test_frac {a.test_frac:.3g}`, rules chains "
              f"of {a.length + 1} captions (`--length {a.length}`); SFT warm start "
              f"{a.warm_steps} steps at lr {a.warm_lr}; every method then {a.steps} steps from it "
              f"(`--init`, also the reference) at lr {a.lr}, batch {a.batch_size}, beta {a.beta}; "
@@ -361,15 +363,15 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--videos", type=int, default=400, help="synthetic videos (train + test)")
-    p.add_argument("--test_frac", type=float, default=0.25)
+    p.add_argument("--videos", type=int, default=450, help="synthetic videos (train + test)")
+    p.add_argument("--test_frac", type=float, default=1 / 3)
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--length", type=int, default=4, help="degradation steps: chains of length+1")
     p.add_argument("--chain_lengths", default="2,3,4", help="--max_chain values besides the full chain")
     p.add_argument("--warm_steps", type=int, default=100)
     p.add_argument("--warm_lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--gen_videos", type=int, default=40, help="held-out videos captioned and judged")
