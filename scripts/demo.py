@@ -301,7 +301,9 @@ def report(a, jobs: list[dict], wall: float) -> str:
 
     lines += ["", "## The paper's claims, on held-out pairwise accuracy", "",
               "A gap counts as reproduced when it exceeds twice its standard error "
-              "(sqrt(sd_A^2/n_A + sd_B^2/n_B), spread over seeds; the test set is the same for all).", ""]
+              "(sqrt(sd_A^2/n_A + sd_B^2/n_B), spread over seeds). All runs share one test set, so "
+              "this is training noise only: which held-out chains were drawn is a further source of "
+              "error, shown per run as the bootstrap 95% interval in eval/NAME.rank.json.", ""]
     lines.append(compare("rank >= mpo", acc["rank"], acc["mpo"], strict=False))
     lines.append(compare("mpo >= dpo", acc["mpo"], acc["dpo"], strict=False))
     lines.append(compare("dpo > sft", acc["dpo"], acc["sft"], strict=True))
