@@ -178,9 +178,11 @@ def run_all(a, jobs: list[dict]) -> None:
         train(a, job["name"], job["args"], 1)
         evaluate(a, job["name"], 1)
         del running[job["name"]]
-        done[0] += 1
+        with PRINT_LOCK:
+            done[0] += 1
+            k = done[0]
         acc = read_rank(a, job["name"])["pairwise"]
-        say(f"{done[0]:2d}/{len(jobs)} {job['name']:<22s} held-out pairwise acc {acc:.3f}"
+        say(f"{k:2d}/{len(jobs)} {job['name']:<22s} held-out pairwise acc {acc:.3f}"
             f"  ({time.time() - t:.0f} s)")
 
     def heartbeat():
