@@ -773,16 +773,27 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
     return items, failed
 
 
-def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> list[dict]:
-    """For each item, the log-probability of every option letter as the response; the prediction
-    is the letter with the highest one (no sampling, no parsing of free text)."""
+def chain_logps(model, processor, chains: list[dict], num_frames: int) -> list[np.ndarray]:
+    """Sequence log-prob of every entry of every item {"video", "prompts", "responses"}
+    (the video encoded once per item). Serves rank (chains) and mcq (one entry per letter)."""
     from rank_dpo import load_video, response_logps
 
     out = []
-    for item in items:
-        video = load_video(item["video"], num_frames) if item["video"] else None
+    for chain in chains:
+        video = load_video(chain["video"], num_frames) if chain["video"] else None
+        lp = response_logps(model, processor, video, chain["prompts"], chain["responses"])
+        out.append(lp.double().cpu().numpy())
+    return out
+
+
+def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> list[dict]:
+    """For each item, the log-probability of every option letter as the response; the prediction
+    is the letter with the highest one (no sampling, no parsing of free text)."""
+    options = [{"video": item["video"], "prompts": [item["prompt"]] * len(item["letters"]),
+                "responses": item["letters"]} for item in items]
+    out = []
+    for item, lp in zip(items, chain_logps(model, processor, options, num_frames)):
         letters = item["letters"]
-        lp = response_logps(model, processor, video, [item["prompt"]] * len(letters), letters)
         pred = letters[int(lp.argmax())]
         out.append({"id": item["id"], "pred": pred, "answer": item["answer"],
                     "correct": pred == item["answer"],
@@ -832,18 +843,6 @@ def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
             raise DataError(path, line, "expected a list of at least two strings", field=field)
         chains.append({"id": rid, "video": video, "prompts": prompts, "responses": responses})
     return chains, failed
-
-
-def chain_logps(model, processor, chains: list[dict], num_frames: int) -> list[np.ndarray]:
-    """Sequence log-prob of every entry of every chain (the video encoded once per chain)."""
-    from rank_dpo import load_video, response_logps
-
-    out = []
-    for chain in chains:
-        video = load_video(chain["video"], num_frames) if chain["video"] else None
-        lp = response_logps(model, processor, video, chain["prompts"], chain["responses"])
-        out.append(lp.double().cpu().numpy())
-    return out
 
 
 def ranking_summary(scores: list[np.ndarray]) -> dict:
