@@ -5,7 +5,7 @@ Subcommands (each writes a results JSON and prints a markdown table):
 
     generate  batched greedy decoding of a detailed caption per video        -> {"id", "caption"}
     judge     reference-based judge on four axes, 1-10 each (an LLM, or the offline `rules`
-              judge that checks a caption against the stored facts of a synthetic video)
+              judge of synthetic.py that checks a caption against a synthetic video's facts)
     agree     Spearman (and Kendall) correlation per axis between two judges' score files
     compare   head-to-head win/tie/loss of two caption files, judged in both orders
     mcq       multiple-choice accuracy: the answer whose letter has the highest log-probability
@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from gen_chains import (DEFAULT_PROMPT, ChatClient, DataError, ResumableJsonl, add_client_args,
-                        format_mcq, map_resumable, match_facts, parse_json_object, read_jsonl,
+                        format_mcq, map_resumable, parse_json_object, read_jsonl,
                         score_answer)
 
 AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
@@ -354,65 +354,6 @@ def combine_orders(first: str, second: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The rules judge: the offline judge for the synthetic set, from the video's stored facts
-# ----------------------------------------------------------------------------------------------
-
-def _scale(fraction: float) -> float:
-    """[0, 1] -> [1, 10], so the rules judge speaks the LLM judge's scale."""
-    return round(SCORE_MIN + (SCORE_MAX - SCORE_MIN) * min(max(fraction, 0.0), 1.0), 2)
-
-
-def repetition_free(caption: str) -> float:
-    """Share of the caption's words that are not repeats; 0.0 for an empty caption.
-
-    A repeat is what degenerate generation produces: a sentence said before, or a span of one to
-    four words said twice in a row ("red red", "a ball a ball"). A description of different
-    things may reuse phrases ("on the left and" for two groups on the left), so phrase reuse
-    alone is not counted.
-    """
-    sentences = [re.findall(r"\w+", s.lower()) for s in re.split(r"[.!?;\n]+", caption)]
-    sentences = [words for words in sentences if words]
-    total = sum(len(w) for w in sentences)
-    if total == 0:
-        return 0.0
-    seen, repeated = set(), 0
-    for words in sentences:
-        if tuple(words) in seen:
-            repeated += len(words)
-            continue
-        seen.add(tuple(words))
-        marked = set()
-        for n in range(1, 5):
-            for i in range(len(words) - 2 * n + 1):
-                if words[i:i + n] == words[i + n:i + 2 * n]:
-                    marked.update(range(i + n, i + 2 * n))
-        repeated += len(marked)
-    return 1 - repeated / total
-
-
-def rules_scores(caption: str, facts) -> tuple[dict[str, float], dict]:
-    """Score a caption against the video's facts on the four axes; also return match_facts' counts.
-
-    relevance            precision: correct / (correct + wrong)  (nothing stated -> 1)
-    descriptiveness      recall:    correct / total
-    temporal_consistency precision again, halved when the events are told in the wrong order
-                         (so equal to relevance when the order is right or not stated)
-    fluency              repetition_free(caption): the one language fault a rule can see
-    Each fraction maps linearly onto 1..10, so the gold caption gets 10 on every axis and
-    every corrupted fact lowers relevance and descriptiveness.
-    """
-    m = match_facts(caption, facts)
-    stated = m["correct"] + m["wrong"]
-    precision = m["correct"] / stated if stated else 0.0
-    recall = m["correct"] / m["total"] if m["total"] else 0.0
-    order_factor = 0.5 if m.get("order_correct") is False else 1.0
-    scores = {"relevance": _scale(precision), "descriptiveness": _scale(recall),
-              "temporal_consistency": _scale(precision * order_factor),
-              "fluency": _scale(repetition_free(caption))}
-    return scores, m
-
-
-# ----------------------------------------------------------------------------------------------
 # Files: records keyed by id, results JSON, markdown tables
 # ----------------------------------------------------------------------------------------------
 
@@ -562,8 +503,10 @@ def cmd_judge(args) -> dict:
     jobs = [{"id": rid, "caption": require_text(args.pred, line, rec, "caption")}
             for rid, (line, rec) in preds.items()]
     if args.judge == "rules":
+        import synthetic
+
         def judge_one(job):
-            scores, counts = rules_scores(job["caption"], reference[job["id"]])
+            scores, counts = synthetic.rules_scores(job["caption"], reference[job["id"]])
             return {"id": job["id"], "judge": "rules", "scores": scores, "facts": counts}
         concurrency = 1  # pure Python, microseconds a caption
     else:
@@ -624,10 +567,11 @@ def cmd_compare(args) -> dict:
     jobs = [{"id": rid, "a": require_text(args.a, *a[rid], "caption"),
              "b": require_text(args.b, *b[rid], "caption")} for rid in both]
     if args.judge == "rules":
+        import synthetic
         # Deterministic and symmetric: no position to be biased by, one scoring of each caption.
         def compare_one(job):
-            sa, _ = rules_scores(job["a"], reference[job["id"]])
-            sb, _ = rules_scores(job["b"], reference[job["id"]])
+            sa, _ = synthetic.rules_scores(job["a"], reference[job["id"]])
+            sb, _ = synthetic.rules_scores(job["b"], reference[job["id"]])
             ma, mb = np.mean(list(sa.values())), np.mean(list(sb.values()))
             result = "win" if ma > mb else "loss" if mb > ma else "tie"
             return {"id": job["id"], "judge": "rules", "a_scores": sa, "b_scores": sb, "result": result}

@@ -15,9 +15,9 @@ Subcommands (records are JSONL, see DESIGN.md):
   reward     LLaVA-Hound-DPO's LM reward: caption as evidence, score sampled answers, rank them
 
 Read top to bottom: input/output that never loses or duplicates a record; the one HTTP client
-and reading JSON out of LLM text; the error types; the synthetic scenes, their captions and the
-fact matcher; the rule backend; checking each LLM degradation step; the LM reward; then one
-function per subcommand and the command line.
+and reading JSON out of LLM text; the error types; checking each LLM degradation step; the LM
+reward; then one function per subcommand and the command line. The embedded toy world (`synth`
+and the offline `--backend rules`) lives in synthetic.py, imported only by those paths.
 """
 from __future__ import annotations
 
@@ -622,430 +622,6 @@ def applicable_error_types(caption: str) -> list[str]:
 
 
 # =============================================================================================
-# The synthetic scenes: coloured shapes that appear, move and disappear
-# =============================================================================================
-# Every fact is drawn uniformly and independently from a small closed set (colours without
-# replacement, so "the red circle" names one object), and event orders uniformly among the
-# valid ones. So any caption, gold or corrupted, is an equally likely text: only the video
-# can tell them apart. Captions are rendered from the facts by one template, so a corrupted
-# fact set renders to a caption with the same wording and structure.
-
-SHAPES = ("circle", "square", "triangle")
-COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 100, 235),
-          "yellow": (235, 215, 40), "white": (240, 240, 240)}
-SIZES = {"small": 8, "large": 13}
-COUNTS = (1, 2, 3)
-COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
-POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
-POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
-                    "bottom": "at the bottom", "center": "in the center"}
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-BACKGROUNDS = {"black": (0, 0, 0), "gray": (110, 110, 110)}
-OBJECT_FACTS = ("count", "size", "color", "shape", "position", "direction")
-CHOICES = {"count": COUNTS, "size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES,
-           "position": tuple(POSITIONS), "direction": tuple(DIRECTIONS)}
-MOTION_PIXELS = 12                         # how far a group travels while visible
-
-
-def sample_scene(rng: random.Random, num_frames: int = 16) -> dict:
-    """Facts of one scene: background, 2-3 object groups, and the order of their events."""
-    n = rng.choice((2, 3))
-    colors = rng.sample(list(COLORS), n)
-    objects = [{"count": rng.choice(COUNTS), "size": rng.choice(list(SIZES)), "color": colors[i],
-                "shape": rng.choice(SHAPES), "position": rng.choice(list(POSITIONS)),
-                "direction": rng.choice(list(DIRECTIONS))} for i in range(n)]
-    leaves = [rng.random() < 0.5 for _ in range(n)]
-    events = [("appear", i) for i in range(n)] + [("disappear", i) for i in range(n) if leaves[i]]
-    while True:                            # a uniform valid order: each group appears before it leaves
-        rng.shuffle(events)
-        if all(events.index(("appear", i)) < events.index(("disappear", i)) for i in range(n) if leaves[i]):
-            break
-    # Number the groups by when they appear, so the gold caption introduces them in index order.
-    first = sorted(range(n), key=lambda i: events.index(("appear", i)))
-    rename = {old: new for new, old in enumerate(first)}
-    objects = [objects[old] for old in first]
-    events = [[kind, rename[i]] for kind, i in events]
-    # Events are spread over the first ~70% of the clip so the last group is seen moving.
-    last = max(1, round(0.7 * (num_frames - 1)))
-    frames = [round(e * last / max(1, len(events) - 1)) for e in range(len(events))]
-    return {"background": rng.choice(list(BACKGROUNDS)), "objects": objects, "events": events,
-            "frames": frames}
-
-
-def _shape_mask(shape: str, size: int):
-    import numpy as np
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    if shape == "circle":
-        return (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (size / 2) ** 2
-    if shape == "triangle":                # pointing up: wider towards the bottom
-        return np.abs(xx - size / 2) <= yy / 2
-    return np.ones((size, size), bool)
-
-
-def _group_offsets(count: int, size: int) -> list[tuple[float, float]]:
-    d = size + 3                           # a tight cluster: side by side, or a little pyramid
-    return {1: [(0, 0)], 2: [(-d / 2, 0), (d / 2, 0)],
-            3: [(-d / 2, d / 2), (d / 2, d / 2), (0, -d / 2)]}[count]
-
-
-def render_scene(facts: dict, num_frames: int = 16, size: int = 64):
-    """uint8 [T, H, W, 3]: each group is drawn from its appear frame until its disappear frame,
-    moving MOTION_PIXELS in its direction at constant speed."""
-    import numpy as np
-    video = np.empty((num_frames, size, size, 3), np.uint8)
-    video[:] = BACKGROUNDS[facts["background"]]
-    scale = size / 64
-    span = {}
-    for (kind, i), t in zip(facts["events"], facts["frames"]):
-        span.setdefault(i, [None, num_frames])[0 if kind == "appear" else 1] = t
-    for i, obj in enumerate(facts["objects"]):
-        start, stop = span[i]
-        px = max(2, round(SIZES[obj["size"]] * scale))
-        mask = _shape_mask(obj["shape"], px)
-        color = np.array(COLORS[obj["color"]], np.uint8)
-        cx0, cy0 = (c * scale for c in POSITIONS[obj["position"]])
-        dx, dy = DIRECTIONS[obj["direction"]]
-        for t in range(start, stop):
-            frac = (t - start) / max(1, stop - start - 1)
-            cx, cy = cx0 + dx * MOTION_PIXELS * scale * frac, cy0 + dy * MOTION_PIXELS * scale * frac
-            for ox, oy in _group_offsets(obj["count"], px):
-                x0, y0 = round(cx + ox - px / 2), round(cy + oy - px / 2)
-                xs, ys = slice(max(0, x0), min(size, x0 + px)), slice(max(0, y0), min(size, y0 + px))
-                if xs.start >= xs.stop or ys.start >= ys.stop:
-                    continue               # moved fully out of the frame
-                m = mask[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
-                video[t, ys, xs][m] = color
-    return video
-
-
-def _plural(obj: dict) -> bool:
-    return obj["count"] > 1
-
-
-def noun_phrase(obj: dict) -> str:
-    noun = obj["shape"] + ("s" if _plural(obj) else "")
-    return f"{COUNT_WORDS[obj['count']]} {obj['size']} {obj['color']} {noun}"
-
-
-def caption_from_facts(facts: dict) -> str:
-    """The detailed caption: one sentence per event in order, then the background. Connectives
-    depend only on the sentence's position, so swapping two events keeps the wording."""
-    objects, events = facts["objects"], facts["events"]
-    sentences = []
-    for e, (kind, i) in enumerate(events):
-        lead = "First," if e == 0 else "Finally," if e == len(events) - 1 else "Then"
-        obj = objects[i]
-        many = _plural(obj)
-        if kind == "appear":
-            body = (f"{noun_phrase(obj)} {'appear' if many else 'appears'} {POSITION_PHRASES[obj['position']]}"
-                    f" and {'move' if many else 'moves'} {obj['direction']}")
-        else:
-            body = (f"the {obj['color']} {obj['shape']}{'s' if many else ''} "
-                    f"{'disappear' if many else 'disappears'}")
-        sentences.append(f"{lead} {body}.")
-    sentences.append(f"The background is {facts['background']}.")
-    return " ".join(sentences)
-
-
-# ---------------------------------------------------------------------------------------------
-# match_facts: which of a scene's facts a caption states correctly, wrongly, or not at all
-# ---------------------------------------------------------------------------------------------
-# A tolerant reader for the template's vocabulary plus common synonyms. It finds object
-# mentions (a shape word with the count/size/colour words before it and the position and
-# motion phrases after it), aligns them to the scene's objects (the assignment that agrees on
-# most facts), and checks the order of the appear/disappear events it can place. Repeated
-# sentences describe the same object once; mentions that match no object are hallucinations.
-
-SHAPE_SYNONYMS = {"circle": "circle", "disc": "circle", "disk": "circle", "ball": "circle", "dot": "circle",
-                  "square": "square", "box": "square", "block": "square", "rectangle": "square",
-                  "triangle": "triangle"}
-SIZE_SYNONYMS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
-                 "huge": "large"}
-COUNT_SYNONYMS = {"a": 1, "an": 1, "one": 1, "single": 1, "1": 1, "two": 2, "2": 2, "pair": 2,
-                  "three": 3, "3": 3, "four": 4, "4": 4, "five": 5, "5": 5}
-LOCATION_SYNONYMS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "center": "center",
-                     "centre": "center", "middle": "center", "upper": "top", "lower": "bottom"}
-DIRECTION_SYNONYMS = {"left": "left", "leftward": "left", "leftwards": "left", "right": "right",
-                      "rightward": "right", "rightwards": "right", "up": "up", "upward": "up",
-                      "upwards": "up", "down": "down", "downward": "down", "downwards": "down"}
-APPEAR_WORDS = set("appear appears appeared appearing enter enters entered emerge emerges emerged".split())
-DISAPPEAR_WORDS = set("disappear disappears disappeared disappearing vanish vanishes vanished leave leaves "
-                      "exit exits fade fades".split())
-MOVE_WORDS = _inflect("move slide go head travel drift") | {"goes", "went", "moving"}
-PLACE_PREPOSITIONS = {"on", "at", "in", "from", "near"}
-NP_WORDS = set(COUNT_SYNONYMS) | set(SIZE_SYNONYMS) | set(COLORS) | {"the", "another"}
-BACKGROUND_SYNONYMS = {"black": "black", "gray": "gray", "grey": "gray", "white": "white",
-                       "dark": "black"}
-
-
-def _sentences(text: str) -> list[list[str]]:
-    return [w for w in (re.findall(r"[a-z]+|\d+", s) for s in re.split(r"[.!?;\n]+", text.lower())) if w]
-
-
-def _shape_word(word: str) -> tuple[str, bool] | None:
-    """("circle", plural?) for circle / circles / boxes / ...; None for other words."""
-    for stem, plural in ((word, False), (word[:-1], True), (word[:-2], True)):
-        if stem in SHAPE_SYNONYMS and (not plural or word.endswith("s")):
-            return SHAPE_SYNONYMS[stem], plural
-    return None
-
-
-def _mentions(caption: str) -> list[dict]:
-    """Object mentions in text order: {"kind": appear|disappear|None, "facts": {...}, "pos": n}."""
-    mentions, pos = [], 0
-    for words in _sentences(caption):
-        shape_at = [i for i, w in enumerate(words) if _shape_word(w)]
-        starts = []
-        for i in shape_at:                 # a noun phrase: the shape and the NP words before it
-            j = i
-            while j > 0 and words[j - 1] in NP_WORDS and (not starts or j - 1 > shape_at[len(starts) - 1]):
-                j -= 1
-            starts.append(j)
-        sentence_mentions = []
-        for n, i in enumerate(shape_at):
-            shape, plural = _shape_word(words[i])
-            np_words = words[starts[n]:i]
-            tail = words[i + 1:starts[n + 1] if n + 1 < len(shape_at) else len(words)]
-            facts = {"shape": shape, "count": None, "size": None, "color": None,
-                     "position": None, "direction": None}
-            for w in np_words:
-                if w in COUNT_SYNONYMS and facts["count"] is None:
-                    facts["count"] = COUNT_SYNONYMS[w]
-                elif w in SIZE_SYNONYMS and facts["size"] is None:
-                    facts["size"] = SIZE_SYNONYMS[w]
-                elif w in COLORS and facts["color"] is None:
-                    facts["color"] = w
-            if facts["count"] is None and not plural:
-                facts["count"] = 1         # "the red circle": singular says one
-            used = set()
-            for k, w in enumerate(tail):   # direction: a motion verb, then (to the) left/right/up/down
-                if w in MOVE_WORDS:
-                    for m in range(k + 1, min(k + 5, len(tail))):
-                        if tail[m] in DIRECTION_SYNONYMS:
-                            facts["direction"] = DIRECTION_SYNONYMS[tail[m]]
-                            used.add(m)
-                            break
-                        if tail[m] not in {"to", "the", "towards", "toward", "slowly", "quickly", "steadily"}:
-                            break
-                    if facts["direction"]:
-                        break
-            for k, w in enumerate(tail):   # position: on/at/in/from (the) left/top/center/...
-                if k not in used and w in LOCATION_SYNONYMS and PLACE_PREPOSITIONS & set(tail[max(0, k - 3):k]):
-                    facts["position"] = LOCATION_SYNONYMS[w]
-                    break
-            kind = ("disappear" if DISAPPEAR_WORDS & set(tail) else
-                    "appear" if APPEAR_WORDS & set(tail) else None)
-            sentence_mentions.append({"kind": kind, "facts": facts, "pos": pos})
-            pos += 1
-        # "The red circle and the blue square disappear": a verbless mention takes the next verb.
-        for n in range(len(sentence_mentions) - 2, -1, -1):
-            if sentence_mentions[n]["kind"] is None:
-                sentence_mentions[n]["kind"] = sentence_mentions[n + 1]["kind"]
-        mentions += sentence_mentions
-    return mentions
-
-
-def _background_said(caption: str) -> str | None:
-    for words in _sentences(caption):
-        if "background" in words or "backdrop" in words:
-            for w in words:
-                if w in BACKGROUND_SYNONYMS:
-                    return BACKGROUND_SYNONYMS[w]
-    return None
-
-
-def _agreement(said: dict, true: dict) -> tuple[int, int]:
-    right = sum(said[k] is not None and said[k] == true[k] for k in OBJECT_FACTS)
-    wrong = sum(said[k] is not None and said[k] != true[k] for k in OBJECT_FACTS)
-    return right, wrong
-
-
-def match_facts(caption: str, facts: dict) -> dict:
-    """Count a scene's facts that `caption` states correctly, wrongly, or not at all.
-
-    Facts: the background, six per object group (count, size, colour, shape, position,
-    direction) and the order of events, so total = 2 + 6 * groups. The gold caption gives
-    correct == total; the rule backend's k-th chain caption gives wrong == k. Also returned:
-    order_correct (None when fewer than two events are placed), hallucinated (object mentions
-    that match nothing, each also counted in wrong) and by_kind {fact: {correct, wrong, missing}}.
-    """
-    objects = facts["objects"]
-    mentions = _mentions(caption or "")
-    # Descriptions (not disappearances), repeats merged: same colour and shape = same object.
-    groups: list[dict] = []
-    for m in mentions:
-        if m["kind"] == "disappear":
-            continue
-        key = (m["facts"]["color"], m["facts"]["shape"])
-        same = next((g for g in groups if key[0] and (g["facts"]["color"], g["facts"]["shape"]) == key), None)
-        if same is None:
-            groups.append({"facts": dict(m["facts"]), "pos": m["pos"], "appear": m["kind"] == "appear"})
-        else:
-            for k, v in m["facts"].items():
-                if same["facts"][k] is None:
-                    same["facts"][k] = v
-            same["appear"] = same["appear"] or m["kind"] == "appear"
-    groups = groups[:8]
-
-    # The alignment of groups to objects that agrees on the most facts (few objects: brute force).
-    best, best_key = {}, (-1, 0)
-
-    def search(i: int, used: frozenset, assign: dict, right: int, wrong: int) -> None:
-        nonlocal best, best_key
-        if i == len(objects):
-            if (right, -wrong) > best_key:
-                best, best_key = dict(assign), (right, -wrong)
-            return
-        search(i + 1, used, assign, right, wrong)
-        for g, grp in enumerate(groups):
-            if g not in used:
-                r, w = _agreement(grp["facts"], objects[i])
-                if r:
-                    assign[i] = g
-                    search(i + 1, used | {g}, assign, right + r, wrong + w)
-                    del assign[i]
-
-    search(0, frozenset(), {}, 0, 0)
-
-    by_kind = {k: Counter() for k in ("background", *OBJECT_FACTS, "order")}
-    said_bg = _background_said(caption or "")
-    by_kind["background"]["missing" if said_bg is None else
-                          "correct" if said_bg == facts["background"] else "wrong"] += 1
-    for i, obj in enumerate(objects):
-        said = groups[best[i]]["facts"] if i in best else {}
-        for k in OBJECT_FACTS:
-            v = said.get(k)
-            by_kind[k]["missing" if v is None else "correct" if v == obj[k] else "wrong"] += 1
-    hallucinated = len(groups) - len(best)
-
-    # Events the caption places in time: appearances of aligned groups, and disappearances of
-    # the object named by the same colour and shape as an aligned group (or by its true ones).
-    group_to_obj = {g: i for i, g in best.items()}
-    placed = []
-    for m in mentions:
-        if m["kind"] == "appear":
-            g = next((g for g, grp in enumerate(groups) if grp["pos"] == m["pos"]), None)
-            if g in group_to_obj:
-                placed.append(("appear", group_to_obj[g]))
-        elif m["kind"] == "disappear":
-            key = (m["facts"]["color"], m["facts"]["shape"])
-            i = next((group_to_obj[g] for g, grp in enumerate(groups)
-                      if g in group_to_obj and (grp["facts"]["color"], grp["facts"]["shape"]) == key), None)
-            if i is None:
-                hits = [i for i, o in enumerate(objects) if key[0] == o["color"] and key[1] == o["shape"]]
-                i = hits[0] if len(hits) == 1 else None
-            if i is not None:
-                placed.append(("disappear", i))
-    placed = list(dict.fromkeys(placed))   # a repeated sentence places an event once
-    truth = {tuple(e): n for n, e in enumerate(facts["events"])}
-    if len(placed) < 2:
-        order_correct = None
-    elif any(e not in truth for e in placed):
-        order_correct = False              # a disappearance that never happens
-    else:
-        ranks = [truth[e] for e in placed]
-        order_correct = ranks == sorted(ranks)
-    by_kind["order"]["missing" if order_correct is None else "correct" if order_correct else "wrong"] += 1
-
-    totals = Counter()
-    for c in by_kind.values():
-        totals.update(c)
-    return {"correct": totals["correct"], "wrong": totals["wrong"] + hallucinated,
-            "missing": totals["missing"], "total": 2 + 6 * len(objects), "order_correct": order_correct,
-            "hallucinated": hallucinated, "by_kind": {k: dict(v) for k, v in by_kind.items()}}
-
-
-# =============================================================================================
-# The rule backend: offline, deterministic degradation of synthetic captions via their facts
-# =============================================================================================
-# One step changes one fact not changed before (so errors accumulate and never cancel) and
-# re-renders the caption from the changed facts, so wording and structure stay. The fact's
-# type is sampled uniformly among the types that still have an unchanged fact, then the fact.
-# Every step is checked with match_facts: the k-th caption states exactly k facts wrongly.
-
-FACT_TYPES = {"background": "scene", "order": "temporal", "count": "count", "size": "attribute",
-              "color": "color", "shape": "object", "position": "spatial", "direction": "direction"}
-
-
-def _fact_slots(facts: dict) -> list[tuple]:
-    """Every corruptible fact: ("background",), ("order",), (object index, fact name)."""
-    slots = [("background",)]
-    if any(facts["events"][e][1] != facts["events"][e + 1][1] for e in range(len(facts["events"]) - 1)):
-        slots.append(("order",))
-    slots += [(i, k) for i in range(len(facts["objects"])) for k in OBJECT_FACTS]
-    return slots
-
-
-def _slot_type(slot: tuple) -> str:
-    return FACT_TYPES[slot[-1]]
-
-
-def _describe(obj: dict) -> str:
-    return f"{obj['color']} {obj['shape']}{'s' if obj['count'] > 1 else ''}"
-
-
-def corrupt_fact(facts: dict, slot: tuple, rng: random.Random) -> tuple[dict, str]:
-    """A copy of facts with the slot's fact changed, and a short description of the change."""
-    new = json.loads(json.dumps(facts))
-    if slot == ("background",):
-        old = new["background"]
-        new["background"] = rng.choice([b for b in BACKGROUNDS if b != old])
-        return new, f"background: {old} -> {new['background']}"
-    if slot == ("order",):
-        ev = new["events"]
-        pairs = [e for e in range(len(ev) - 1) if ev[e][1] != ev[e + 1][1]]
-        e = rng.choice(pairs)
-        names = [f"{_describe(new['objects'][i])} {kind}" for kind, i in ev[e:e + 2]]
-        ev[e], ev[e + 1] = ev[e + 1], ev[e]
-        return new, f"order: '{names[0]}' and '{names[1]}' swapped"
-    i, key = slot
-    obj = new["objects"][i]
-    old = obj[key]
-    options = [v for v in CHOICES[key] if v != old]
-    if key == "color":                     # colours stay unique so "the red circle" names one group
-        options = [v for v in options if all(o["color"] != v for o in new["objects"])]
-    obj[key] = rng.choice(options)
-    return new, f"{_describe(facts['objects'][i])}: {key} {old} -> {obj[key]}"
-
-
-def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = False
-                ) -> tuple[list[str], list[dict | None]]:
-    """c0..cK for a synthetic record, ck holding exactly k wrong facts (checked).
-    unconditioned: sample the fact uniformly (types with more facts come up more often)."""
-    facts, gold = record["facts"], record["caption"]
-    rng = random.Random(f"{seed}:{record['id']}")
-    chain, errors, current, used = [gold], [None], facts, set()
-    for k in range(1, length + 1):
-        for _ in range(50):
-            free = [s for s in _fact_slots(facts) if s not in used]
-            types = sorted({_slot_type(s) for s in free})
-            if not types:
-                raise ValueError(f"record {record['id']!r}: only {k - 1} facts can be changed, "
-                                 f"--length {length} asks for more")
-            if unconditioned:
-                slot = rng.choice(free)
-                etype = _slot_type(slot)
-            else:
-                etype = rng.choice(types)
-                slot = rng.choice([s for s in free if _slot_type(s) == etype])
-            candidate, detail = corrupt_fact(current, slot, rng)
-            caption = caption_from_facts(candidate)
-            m = match_facts(caption, facts)
-            if m["wrong"] == k and m["correct"] == m["total"] - k:
-                break
-            # Rare: enough changes to one group make it look like another group to the matcher.
-            # Try another fact rather than emit a chain whose order the matcher cannot confirm.
-        else:
-            raise ValueError(f"record {record['id']!r}: no change at step {k} keeps the chain exact "
-                             "(after this many changes the groups become hard to tell apart)")
-        used.add(slot)
-        current = candidate
-        chain.append(caption)
-        errors.append({"type": etype, "detail": detail})
-    return chain, errors
-
-
-# =============================================================================================
 # Checking one LLM degradation step
 # =============================================================================================
 # A small LLM wraps its answer ("Sure! Here is the modified caption:", quotes, markdown, a
@@ -1359,38 +935,15 @@ def _limits(args) -> StepLimits:
     return StepLimits(max_edit_frac=args.max_edit_frac, max_length_change=args.max_length_change)
 
 
-def _atomic_write_jsonl(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def cmd_synth(args) -> dict:
-    """Synthetic videos + gold captions + facts -> DIR/train.jsonl, DIR/test.jsonl, DIR/videos/.
-    Deterministic by seed; each file is written whole then renamed, so a re-run after a kill
-    simply redoes the set."""
-    import numpy as np
+    """The embedded data set (synthetic.py): videos, gold captions and facts ->
+    DIR/train.jsonl, DIR/test.jsonl, DIR/videos/. Deterministic by seed; re-run after a kill."""
+    import synthetic
     if args.n < 1:
         raise SystemExit("synth: --n must be at least 1")
-    video_dir = os.path.join(args.out, "videos")
-    os.makedirs(video_dir, exist_ok=True)
-    n_test = min(args.n - 1, round(args.n * args.test_frac)) if args.n > 1 else 0
-    records = []
-    for i in range(args.n):
-        facts = sample_scene(random.Random(f"synth:{args.seed}:{i}"), args.frames)
-        rid = f"syn-{args.seed}-{i:06d}"
-        rel = f"videos/{rid}.npy"
-        tmp = os.path.join(args.out, rel + ".tmp.npy")
-        np.save(tmp, render_scene(facts, args.frames, args.size))
-        os.replace(tmp, os.path.join(args.out, rel))
-        records.append({"id": rid, "caption": caption_from_facts(facts), "video": rel, "facts": facts})
-    _atomic_write_jsonl(os.path.join(args.out, "train.jsonl"), records[:args.n - n_test])
-    _atomic_write_jsonl(os.path.join(args.out, "test.jsonl"), records[args.n - n_test:])
-    return _finish("synth", {"train": args.n - n_test, "test": n_test, "out": args.out})
+    train, test = synthetic.write_dataset(args.out, args.n, args.seed, args.test_frac, args.frames,
+                                          args.size)
+    return _finish("synth", {"train": train, "test": test, "out": args.out})
 
 
 def recaption_messages(captions: list[str]) -> list[dict]:
@@ -1451,8 +1004,9 @@ def cmd_chains(args) -> dict:
 
     def one(rec: dict) -> dict:
         if client is None:
+            import synthetic
             try:
-                chain, errors = rules_chain(rec, args.length, args.seed, args.unconditioned)
+                chain, errors = synthetic.rules_chain(rec, args.length, args.seed, args.unconditioned)
             except ValueError as e:
                 raise StepFailed(str(e)) from None
             for e in errors[1:]:
@@ -1481,18 +1035,11 @@ def cmd_inject(args) -> dict:
         rng = random.Random(f"{args.seed}:{rec['id']}")
         gold, negatives, errors = rec["caption"], [], []
         if client is None:
-            free = _fact_slots(rec["facts"])
-            while free and len(negatives) < args.length:
-                etype = rng.choice(sorted({_slot_type(s) for s in free}))   # type first, as in chains
-                slot = rng.choice([s for s in free if _slot_type(s) == etype])
-                free.remove(slot)
-                facts, detail = corrupt_fact(rec["facts"], slot, rng)
-                caption = caption_from_facts(facts)
-                if match_facts(caption, rec["facts"])["wrong"] == 1 and caption not in negatives:
-                    negatives.append(caption)
-                    errors.append({"type": etype, "detail": detail})
-            if len(negatives) < args.length:
-                raise StepFailed(f"only {len(negatives)} distinct one-fact changes, --length {args.length}")
+            import synthetic
+            made = synthetic.inject_negatives(rec, args.length, rng)
+            if made is None:
+                raise StepFailed(f"too few distinct one-fact changes for --length {args.length}")
+            negatives, errors = made
         else:
             types = applicable_error_types(gold)
             if not types:
@@ -1569,38 +1116,6 @@ def cmd_ynq(args) -> dict:
     return _finish("ynq", run, left_out=failed)
 
 
-def _event_sentence(obj: dict) -> str:
-    many = obj["count"] > 1
-    text = (f"{noun_phrase(obj)} {'appear' if many else 'appears'} {POSITION_PHRASES[obj['position']]} "
-            f"and {'move' if many else 'moves'} {obj['direction']}.")
-    return text[0].upper() + text[1:]
-
-
-def lfmcqa_from_facts(facts: dict, rng: random.Random) -> tuple[str, list[str], int]:
-    """A question about one group's entrance with five long answers, one correct, each wrong one
-    a single changed fact of the same sentence (so the text alone does not give it away)."""
-    appear = [i for kind, i in facts["events"] if kind == "appear"]
-    nth = rng.randrange(len(appear))
-    ordinal = "last" if nth == len(appear) - 1 else ["first", "second"][nth]
-    obj = facts["objects"][appear[nth]]
-    question = f"Which shapes are the {ordinal} to appear in the video, and what do they do?"
-    correct = _event_sentence(obj)
-    wrong = []
-    keys = list(OBJECT_FACTS)
-    rng.shuffle(keys)
-    for key in keys:
-        if len(wrong) == 4:
-            break
-        options = [v for v in CHOICES[key] if v != obj[key]]
-        if key == "color":
-            options = [v for v in options if all(o["color"] != v for o in facts["objects"])]
-        if options:
-            wrong.append(_event_sentence({**obj, key: rng.choice(options)}))
-    options = [correct, *wrong]
-    rng.shuffle(options)
-    return question, options, options.index(correct)
-
-
 def lfmcqa_messages(caption: str) -> list[dict]:
     user = (f"Video description:\n{caption}\n\nWrite one multiple-choice question about this video that "
             "needs its details or the order of its events to answer. Give five answer choices, each a "
@@ -1637,7 +1152,8 @@ def cmd_lfmcqa(args) -> dict:
     def one(rec: dict) -> dict:
         rng = random.Random(f"{args.seed}:{rec['id']}")
         if client is None:
-            question, options, answer = lfmcqa_from_facts(rec["facts"], rng)
+            import synthetic
+            question, options, answer = synthetic.lfmcqa_from_facts(rec["facts"], rng)
         else:
             for _ in range(args.step_tries):
                 parsed = parse_lfmcqa(client.chat(lfmcqa_messages(rec["caption"])).text)

@@ -11,10 +11,11 @@ sft). The loss itself lives in kernels/ (kernels/reference.py is its readable sp
         --output_dir runs/rank
     torchrun --nproc_per_node 8 rank_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct ...
 
-Reading order: (1) the embedded tiny model, (2) loading models and videos, (3) turning
-prompts/responses/videos into token batches, (4) the forward pass that encodes each video
-once per chain, (5) the data, (6) the training loop with DDP, checkpoints and resume.
-Importing this file has no side effects; eval_judge.py reuses sections 2-4.
+Reading order: (1) loading models and videos, (2) turning prompts/responses/videos into token
+batches, (3) the forward pass that encodes each video once per chain, (4) the data, (5) the
+training loop with DDP, checkpoints and resume. `--model tiny` (the embedded ~1M-parameter
+model, built from a config) lives in synthetic.py with the rest of the toy world.
+Importing this file has no side effects; eval_judge.py reuses sections 1-3.
 """
 from __future__ import annotations
 
@@ -43,219 +44,24 @@ from gen_chains import DataError, read_jsonl
 IGNORE_INDEX = -100
 
 # ================================================================================================
-# 1. The embedded "tiny" preset: a Qwen2.5-VL-architecture model built from a config, with its
-#    own small byte-level BPE tokenizer trained at build time. Nothing is downloaded; the same
-#    seed gives the same weights and the same tokenizer every time (every DDP rank builds it).
-# ================================================================================================
-
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                       "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-# The corpus the tiny tokenizer learns its merges from: the words of synthetic scene captions,
-# prompts and questions, so they encode in few tokens. Byte-level BPE still encodes any text.
-_TINY_WORDS = """
-a an the this that these those there here it its is are was were be being been has have had
-and or but not no yes of in on at to from into onto over under above below near next beside
-between across along around through toward towards away behind front back while then after
-before first second third last later finally again still also only both each every all some
-red green blue yellow orange purple pink white black gray grey brown cyan magenta gold silver
-dark light bright pale
-circle circles square squares triangle triangles star stars ball balls box boxes ring rings
-cross crosses diamond diamonds rectangle rectangles disk disks dot dots shape shapes object
-objects block blocks line lines hexagon heart
-small large big tiny huge medium little larger smaller bigger
-left right top bottom center centre middle upper lower corner corners side edge edges frame
-screen background foreground scene picture image video clip
-moves moving move moved slides sliding slide bounces bouncing rotates rotating spins spinning
-stays staying stay remains still stationary static grows growing shrinks shrinking fades fading
-appears appearing disappears disappearing jumps falls rises drifts travels goes comes enters
-leaves exits stops starts turns changes becomes flashes blinks follows chases passes
-appear disappear
-up down upward downward leftward rightward diagonally horizontally vertically slowly quickly
-fast slow steadily smoothly
-one two three four five six seven eight nine ten zero once twice
-color colour colors colours position positions motion direction speed size count number
-describe this video in detail what is the color of which where how many does do did move
-question answer true false correct wrong option options choose best letter user assistant system
-caption captions describe describes showing shows shown show depicts contains visible
-A B C D E
-"""
-_TINY_SENTENCES = [
-    "Describe this video in detail.",
-    "Describe the video.",
-    "A red circle moves from the left to the right while a blue square stays in the center.",
-    "A small green triangle slides from the top left corner toward the bottom right corner.",
-    "Two yellow stars bounce up and down on a black background.",
-    "The large purple box grows and then shrinks in the middle of the frame.",
-    "First a white ring appears at the top, then it moves down to the bottom.",
-    "First, two small red circles appear at the bottom and move left. Then three large yellow "
-    "squares appear on the right and move down. Then the white squares disappear. Finally, "
-    "the red circles disappear. The background is gray.",
-    "First, a large green triangle appears in the center and moves up. Then one small blue "
-    "square appears at the top and moves right. The background is black.",
-    "Is there a red circle in the video? Answer yes or no.",
-    "Does the blue square move to the left? Answer yes or no.",
-    "How many shapes are in the video?",
-    "What color is the triangle?",
-    "Which option best describes the video? Answer with the letter.",
-    "A. a red circle\nB. a blue square\nC. a green triangle\nD. a yellow star\nE. a purple box",
-    "yes", "no", "Yes.", "No.",
-]
-
-
-def tiny_corpus() -> list[str]:
-    words = _TINY_WORDS.split()
-    return _TINY_SENTENCES + [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)] + \
-        [" " + w for w in words] + [w.capitalize() for w in words]
-
-
-# Qwen's chat format (<|im_start|>role ... <|im_end|>) without the default system prompt,
-# which would only make the tiny model's sequences longer.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-# Sized for CPU: ~1M parameters. Vision: 8x8 patches of 64x64 frames, merged 2x2 into 4x4 tokens
-# per pair of frames (temporal patch 2), so an 8-frame clip is 64 video tokens that still carry
-# colour (per-pixel RGB in the patch), position (2-D rotary positions) and motion (time).
-TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, patch_size=8,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=64,
-                   fullatt_block_indexes=[1], tokens_per_second=2)
-TINY_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                  "mrope_section": [4, 6, 6]})
-TINY_IMAGE_SIZE = 64
-TINY_VOCAB = 1024
-
-
-class TinyProcessor:
-    """The tiny preset's processor: its tokenizer (with the chat template) and the frame -> patch
-    step of its vision tower.
-
-    It stands in for Qwen2_5_VLProcessor because that processor's video half needs torchvision,
-    which is not a dependency here. Hub models use their official processor (see
-    `video_inputs`); the tiny model uses `patchify_video`, which lays patches out exactly as
-    Qwen2-VL's video processor does (same flattening order, so the same vision tower code runs).
-    """
-
-    def __init__(self, tokenizer, patch_size: int, temporal_patch_size: int, merge_size: int,
-                 image_size: int = TINY_IMAGE_SIZE):
-        self.tokenizer = tokenizer
-        self.patch_size, self.temporal_patch_size = patch_size, temporal_patch_size
-        self.merge_size, self.image_size = merge_size, image_size
-        self.video_token = "<|video_pad|>"
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        self.chat_template = tokenizer.chat_template
-
-    def apply_chat_template(self, messages, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
-    def settings(self) -> dict:
-        return dict(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
-                    merge_size=self.merge_size, image_size=self.image_size)
-
-    def save_pretrained(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
-        self.tokenizer.save_pretrained(path)
-        with open(os.path.join(path, "tiny_processor.json"), "w") as f:
-            json.dump(self.settings(), f, indent=1)
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "TinyProcessor":
-        from transformers import AutoTokenizer
-        with open(os.path.join(path, "tiny_processor.json")) as f:
-            settings = json.load(f)
-        return cls(AutoTokenizer.from_pretrained(path), **settings)
-
-
-def build_tiny_tokenizer():
-    """Byte-level BPE trained on the embedded corpus (deterministic: no randomness in training)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=TINY_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(tiny_corpus(), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>",
-                                        extra_special_tokens={"video_token": "<|video_pad|>"})
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny(seed: int = 0):
-    """The tiny Qwen2.5-VL: random weights from `seed`, its tokenizer and processor."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    tokenizer = build_tiny_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in TINY_SPECIAL_TOKENS}
-    vocab = 64 * math.ceil(len(tokenizer) / 64)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(TINY_TEXT, vocab_size=vocab, bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    with _seeded(seed):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    processor = TinyProcessor(tokenizer, TINY_VISION["patch_size"],
-                              TINY_VISION["temporal_patch_size"], TINY_VISION["spatial_merge_size"])
-    return model, processor
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Run a block under a fixed torch seed without disturbing the caller's RNG stream."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
-
-
-# ================================================================================================
-# 2. Loading: one model loader (the trainer and eval_judge.py both use it) and one video reader.
+# 1. Loading: one model loader (the trainer and eval_judge.py both use it) and one video reader.
 # ================================================================================================
 
 RUN_META = "rank_dpo.json"      # written next to the adapter: base model, init chain, run args
 
 
 def load_base(model: str, *, device="cpu", dtype=None):
-    """(model, processor) for "tiny", a directory saved by rank_dpo.py, a local path or a hub name.
+    """(model, processor) for "tiny" (synthetic.py), a local path or a hub name.
 
     A vision-language model (anything AutoModelForImageTextToText knows) comes with its
     AutoProcessor; any other causal LM with its tokenizer, which then plays the processor.
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
-                              AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration)
+                              AutoProcessor, AutoTokenizer)
+    import synthetic
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    if model == "tiny":
-        net, processor = build_tiny()
-    elif os.path.isfile(os.path.join(model, "tiny_processor.json")):
-        net = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32)
-        processor = TinyProcessor.from_pretrained(model)
+    if synthetic.is_tiny(model):
+        net, processor = synthetic.load_tiny(model)
     else:
         config = AutoConfig.from_pretrained(model)
         if type(config) in AutoModelForImageTextToText._model_mapping:
@@ -374,7 +180,7 @@ def _decode_video(path: str, num_frames: int) -> np.ndarray:
 
 
 # ================================================================================================
-# 3. From text and frames to token batches. Every prompt goes through the processor's chat
+# 2. From text and frames to token batches. Every prompt goes through the processor's chat
 #    template; the video placeholder is expanded to as many tokens as the vision tower outputs.
 # ================================================================================================
 
@@ -424,38 +230,8 @@ def video_token_id(processor) -> int:
         tokenizer_of(processor).convert_tokens_to_ids(processor.video_token)
 
 
-def patchify_video(frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int,
-                   image_size: int) -> dict:
-    """uint8 [T, H, W, 3] -> Qwen2-VL vision input: flat patches and the (t, h, w) patch grid.
-
-    Frames are resized to image_size x image_size, scaled to [0, 1], normalised with CLIP's
-    mean/std, and cut into temporal_patch_size x patch_size x patch_size patches ordered so
-    that each merge_size x merge_size block of neighbours is contiguous (the patch merger
-    concatenates them). The layout matches transformers' Qwen2VLVideoProcessor.patchify.
-    """
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
-    if video.shape[-2:] != (image_size, image_size):
-        video = F.interpolate(video, size=(image_size, image_size), mode="bilinear",
-                              antialias=True, align_corners=False)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    video = (video - mean) / std
-    if pad := -video.shape[0] % temporal_patch_size:          # repeat the last frame
-        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
-    t, c = video.shape[0] // temporal_patch_size, video.shape[1]
-    h = w = image_size // patch_size
-    m, p = merge_size, patch_size
-    patches = video.view(t, temporal_patch_size, c, h // m, m, p, w // m, m, p)
-    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)     # t, bh, bw, mh, mw, c, tp, ph, pw
-    patches = patches.reshape(t * h * w, c * temporal_patch_size * p * p)
-    return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([[t, h, w]])}
-
-
 def video_inputs(processor, frames: np.ndarray) -> dict:
-    """Vision-tower inputs for one video: the official video processor where the processor has
-    one (hub models), the tiny patchifier otherwise."""
-    if isinstance(processor, TinyProcessor):
-        return patchify_video(frames, **processor.settings())
+    """Vision-tower inputs for one video, from the processor's own video processor."""
     if getattr(processor, "video_processor", None) is None:
         raise ValueError("this model's processor has no video processor; use text-only records")
     out = processor.video_processor(videos=[frames], return_tensors="pt")
@@ -464,9 +240,7 @@ def video_inputs(processor, frames: np.ndarray) -> dict:
 
 def video_token_count(processor, grid_thw: torch.Tensor) -> int:
     """How many placeholder tokens one video takes: its patch grid over merge x merge blocks."""
-    merge = processor.merge_size if isinstance(processor, TinyProcessor) else \
-        processor.video_processor.merge_size
-    return int(grid_thw.prod()) // merge ** 2
+    return int(grid_thw.prod()) // processor.video_processor.merge_size ** 2
 
 
 @dataclass
@@ -532,7 +306,7 @@ def make_batch(processor, rows: list[tuple[list[int], list[int], int]], videos: 
 
 
 # ================================================================================================
-# 4. The forward pass. Each distinct video goes through the vision encoder ONCE (all videos of a
+# 3. The forward pass. Each distinct video goes through the vision encoder ONCE (all videos of a
 #    batch in one call); its embeddings are then placed into every sequence that shows it, via
 #    the model's own `mm_encoder_outputs` input, so the model's own code scatters them into the
 #    video-token slots and computes its rotary (mrope) positions. With a trainable vision tower,
@@ -629,7 +403,7 @@ def build_generation_inputs(processor, prompts: list[str],
 
 
 # ================================================================================================
-# 5. Data. A record is a chain of responses ranked best first under one prompt
+# 4. Data. A record is a chain of responses ranked best first under one prompt
 #    {"id", "video"?, "prompt", "chain": [...]}, or a yes/no chain of prompts ranked best first
 #    under one fixed response {"id", "video"?, "prompts": [...], "response": "no"}. Both become
 #    K (prompt, response) pairs that share the record's video. Everything is checked up front.
@@ -664,13 +438,12 @@ def _string(path, line, record, field) -> str:
 
 
 def expected_video_tokens(processor, num_frames: int) -> int | None:
-    """Video tokens per clip when known without reading the video (the tiny model resizes every
-    clip to one size); None for hub processors, whose count depends on the frame size."""
-    if not isinstance(processor, TinyProcessor):
+    """Video tokens per clip when known without reading the video (a processor that resizes every
+    clip to one size, like the tiny preset's); None when the count depends on the frame size."""
+    vp = getattr(processor, "video_processor", None)
+    if not hasattr(vp, "image_size"):
         return None
-    p = processor
-    t = math.ceil(num_frames / p.temporal_patch_size)
-    return t * (p.image_size // p.patch_size) ** 2 // p.merge_size ** 2
+    return vp.get_num_of_video_patches(num_frames) // vp.merge_size ** 2
 
 
 def resolve_video(path: str, line: int, record: dict, video_root: str | None) -> str | None:
@@ -715,8 +488,7 @@ def load_chains(path: str, processor, objective: str, video_root: str | None = N
     (failed, no_preference) hold no ranking and are left out, and counted.
     """
     video_tokens = expected_video_tokens(processor, num_frames)
-    takes_video = isinstance(processor, TinyProcessor) or \
-        getattr(processor, "video_processor", None) is not None
+    takes_video = getattr(processor, "video_processor", None) is not None
     chains, left_out = [], 0
     for line, record in read_jsonl(path):
         if record.get("status", "ok") != "ok":
@@ -789,7 +561,7 @@ def step_batches(n_chains: int, step: int, seed: int, batch_size: int, grad_accu
 
 
 # ================================================================================================
-# 6. Training: arguments, LoRA and the vision choice, DDP, the step, checkpoints, the loop.
+# 5. Training: arguments, LoRA and the vision choice, DDP, the step, checkpoints, the loop.
 # ================================================================================================
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -892,16 +664,13 @@ def add_adapters(model, args):
 
 
 def full_modules(model, args) -> list[str]:
-    """--modules_to_save. 'auto' trains the tiny preset's output layer and final norm in full:
-    a randomly initialised model cannot learn through LoRA alone, because its frozen random
-    lm_head (rows of norm ~0.2) caps how confident any next-token prediction can get (SFT
-    stalls near 5 nats/token; with these two trained it reaches ~1.6 in 100 steps).
-    Pretrained models need nothing of the kind."""
+    """--modules_to_save: modules trained in full beside LoRA. 'auto' is none for pretrained
+    models, and the output layer and final norm for the tiny preset (synthetic.py says why)."""
+    import synthetic
     if args.modules_to_save == "none":
         return []
     if args.modules_to_save == "auto":
-        tiny = args.model == "tiny" or os.path.isfile(os.path.join(args.model, "tiny_processor.json"))
-        return ["lm_head", "model.language_model.norm"] if tiny else []
+        return list(synthetic.TINY_FULL_MODULES) if synthetic.is_tiny(args.model) else []
     names = [n.strip() for n in args.modules_to_save.split(",") if n.strip()]
     present = {n for n, _ in model.named_modules()}
     missing = [n for n in names if n not in present and not any(p.endswith("." + n) for p in present)]
@@ -1151,10 +920,9 @@ def train(args) -> list[dict]:
         write_meta(out, args, "init" if args.init else None)
         if args.init and not resume_from:
             copy_adapter(args.init, os.path.join(out, "init"))
-        if isinstance(processor, TinyProcessor) and not os.path.isdir(os.path.join(out, "base")):
-            base, _ = build_tiny()                      # the saved base: load_model(OUT/base)
-            base.save_pretrained(os.path.join(out, "base"))
-            processor.save_pretrained(os.path.join(out, "base"))
+        if args.model == "tiny" and not os.path.isdir(os.path.join(out, "base")):
+            import synthetic                            # the saved base: load_model(OUT/base)
+            synthetic.save_tiny_base(os.path.join(out, "base"))
         kept = []                                       # drop metrics past the resumed step
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:

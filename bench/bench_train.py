@@ -152,8 +152,9 @@ def worker_trl(a) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
     import rank_dpo as R
+    import synthetic
     torch.set_num_threads(a.threads)
-    model, processor = R.build_tiny()
+    model, processor = synthetic.build_tiny()
     records = [json.loads(line) for line in open(a.data)]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "chosen": [{"role": "assistant", "content": r["chain"][0]}],
@@ -195,6 +196,7 @@ def worker_vision(a) -> dict:
     chain vs once per caption, vision tower trainable (LoRA), B = 2 chains."""
     import torch
     import rank_dpo as R
+    import synthetic
     torch.set_num_threads(a.threads)
     stock_forward = R.forward_logits
 
@@ -220,7 +222,7 @@ def worker_vision(a) -> dict:
             r["chain"] = [r["chain"][i % 4] + (" again" * (i // 4)) for i in range(k)]
         with open(data, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
-        model, processor = R.build_tiny()
+        model, processor = synthetic.build_tiny()
         args = R.parse_args(["--data", data, "--output_dir", root, "--vision", "lora"])
         model = R.add_adapters(model, args)
         counted = {"videos": 0}
@@ -303,7 +305,8 @@ def summarise(run: dict, tokens_per_step: float | None = None, skip: int = 1) ->
 def pair_tokens(path: str) -> float:
     """Real tokens of one (prompt + chosen) and one (prompt + rejected) sequence, on average."""
     import rank_dpo as R
-    _, processor = R.build_tiny()
+    import synthetic
+    _, processor = synthetic.build_tiny()
     total, n = 0, 0
     for line in open(path):
         r = json.loads(line)

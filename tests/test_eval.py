@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import eval_judge as E
+import synthetic
 from fake_llm import FakeLLM, Reply
 
 GOOD = '{"relevance": 8, "descriptiveness": 7, "temporal_consistency": 9, "fluency": 10}'
@@ -503,7 +504,7 @@ CHAIN = [
 
 
 def test_rules_judge_gold_gets_ten_and_corruption_lowers_scores():
-    scores = [E.rules_scores(c, FACTS) for c in CHAIN]
+    scores = [synthetic.rules_scores(c, FACTS) for c in CHAIN]
     assert scores[0][0] == {axis: 10.0 for axis in E.AXES}
     assert scores[0][1]["correct"] == scores[0][1]["total"]
     for k, (s, counts) in enumerate(scores):
@@ -518,12 +519,12 @@ def test_rules_judge_gold_gets_ten_and_corruption_lowers_scores():
 
 def test_rules_judge_omission_repetition_and_empty():
     first_sentence = GOLD.split(". ")[0] + "."
-    s, _ = E.rules_scores(first_sentence, FACTS)       # true but incomplete
+    s, _ = synthetic.rules_scores(first_sentence, FACTS)       # true but incomplete
     assert s["relevance"] == 10.0 and s["descriptiveness"] < 6
-    s, _ = E.rules_scores(first_sentence + " " + GOLD, FACTS)   # complete, but says one thing twice
+    s, _ = synthetic.rules_scores(first_sentence + " " + GOLD, FACTS)   # complete, but says one thing twice
     assert s["relevance"] == 10.0 and s["descriptiveness"] == 10.0 and s["fluency"] < 10.0
-    assert E.rules_scores("", FACTS)[0] == {axis: 1.0 for axis in E.AXES}
-    assert E.repetition_free("a red red red circle") == pytest.approx(3 / 5)
+    assert synthetic.rules_scores("", FACTS)[0] == {axis: 1.0 for axis in E.AXES}
+    assert synthetic.repetition_free("a red red red circle") == pytest.approx(3 / 5)
 
 
 def test_judge_and_compare_cli_with_rules(tmp_path):

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import gen_chains as gc
+import synthetic
 from fake_llm import FakeLLM, Reply
 
 KEY = "sk-test-SECRET-0123456789abcdef"
@@ -182,8 +183,8 @@ def test_synth_writes_videos_captions_and_facts(synth_dir, tmp_path):
     for rec in train + test:
         video = np.load(synth_dir / rec["video"])
         assert video.shape == (16, 64, 64, 3) and video.dtype == np.uint8
-        assert rec["caption"] == gc.caption_from_facts(rec["facts"])
-        m = gc.match_facts(rec["caption"], rec["facts"])
+        assert rec["caption"] == synthetic.caption_from_facts(rec["facts"])
+        m = synthetic.match_facts(rec["caption"], rec["facts"])
         assert m["correct"] == m["total"] == 2 + 6 * len(rec["facts"]["objects"]) and m["wrong"] == 0
         assert m["order_correct"] is True
         vocab |= set(gc._tokens(rec["caption"]))
@@ -202,10 +203,10 @@ def test_rendered_video_shows_its_facts():
                           "position": "left", "direction": "up"},
                          {"count": 3, "size": "small", "color": "blue", "shape": "circle",
                           "position": "right", "direction": "left"}]}
-    video = gc.render_scene(facts)
-    red = np.all(video == gc.COLORS["red"], axis=-1)
-    blue = np.all(video == gc.COLORS["blue"], axis=-1)
-    assert np.all(video[:, 0, 32] == gc.BACKGROUNDS["gray"])
+    video = synthetic.render_scene(facts)
+    red = np.all(video == synthetic.COLORS["red"], axis=-1)
+    blue = np.all(video == synthetic.COLORS["blue"], axis=-1)
+    assert np.all(video[:, 0, 32] == synthetic.BACKGROUNDS["gray"])
     assert red[:10].any(axis=(1, 2)).all() and not red[10:].any()        # visible frames 0..9
     assert not blue[:5].any() and blue[5:].any(axis=(1, 2)).all()        # appears at frame 5
     ys, xs = np.nonzero(red[0])
@@ -214,7 +215,7 @@ def test_rendered_video_shows_its_facts():
     bx0, bx1 = np.nonzero(blue[5])[1].mean(), np.nonzero(blue[15])[1].mean()
     assert bx0 > 40 and bx1 < bx0 - 8                                     # right, moving left
     assert red[0].sum() == 13 * 13                                        # one large square
-    assert blue[5].sum() == 3 * gc._shape_mask("circle", gc.SIZES["small"]).sum()   # three small circles
+    assert blue[5].sum() == 3 * synthetic._shape_mask("circle", synthetic.SIZES["small"]).sum()   # three small circles
 
 
 def test_rules_chains_unconditioned_and_too_long(synth_dir, tmp_path):
@@ -223,7 +224,7 @@ def test_rules_chains_unconditioned_and_too_long(synth_dir, tmp_path):
                  "--out", str(out), "--length", "5"])
     facts = {r["id"]: r["facts"] for r in lines(synth_dir / "test.jsonl")}
     for rec in lines(out):
-        assert [gc.match_facts(c, facts[rec["id"]])["wrong"] for c in rec["chain"]] == [0, 1, 2, 3, 4, 5]
+        assert [synthetic.match_facts(c, facts[rec["id"]])["wrong"] for c in rec["chain"]] == [0, 1, 2, 3, 4, 5]
     assert sum(s["steps_by_type"].values()) == 5 * 4
     # More steps than a scene has facts: written as failed, with the reason.
     s = gc.main(["chains", "--backend", "rules", "--in", str(synth_dir / "test.jsonl"),
@@ -236,15 +237,15 @@ def test_rules_chain_kth_caption_has_exactly_k_wrong_facts(synth_dir):
     records = lines(synth_dir / "train.jsonl")
     seen_types = set()
     for rec in records:
-        chain, errors = gc.rules_chain(rec, 6, seed=0)
+        chain, errors = synthetic.rules_chain(rec, 6, seed=0)
         assert len(chain) == 7 and errors[0] is None and len(set(chain)) == 7
         for k, caption in enumerate(chain):
-            m = gc.match_facts(caption, rec["facts"])
+            m = synthetic.match_facts(caption, rec["facts"])
             assert (m["wrong"], m["correct"], m["missing"]) == (k, m["total"] - k, 0), (k, caption)
         seen_types |= {e["type"] for e in errors[1:]}
-        assert gc.rules_chain(rec, 6, seed=0) == (chain, errors)          # deterministic by seed
+        assert synthetic.rules_chain(rec, 6, seed=0) == (chain, errors)          # deterministic by seed
     assert seen_types == {"scene", "temporal", "count", "attribute", "color", "object", "spatial", "direction"}
-    assert any(gc.rules_chain(r, 6, seed=1)[0] != gc.rules_chain(r, 6, seed=0)[0] for r in records[:3])
+    assert any(synthetic.rules_chain(r, 6, seed=1)[0] != synthetic.rules_chain(r, 6, seed=0)[0] for r in records[:3])
 
 
 def test_match_facts_on_model_written_text():
@@ -254,35 +255,35 @@ def test_match_facts_on_model_written_text():
                           "position": "left", "direction": "up"},
                          {"count": 1, "size": "large", "color": "blue", "shape": "square",
                           "position": "top", "direction": "right"}]}
-    gold = gc.caption_from_facts(facts)
-    assert gc.match_facts(gold, facts)["correct"] == 14
+    gold = synthetic.caption_from_facts(facts)
+    assert synthetic.match_facts(gold, facts)["correct"] == 14
     # Paraphrase with synonyms: every fact still read.
     para = ("Two little red balls enter from the left and head upwards, then a big blue box shows up at the "
             "top and drifts to the right; later the red balls vanish. The backdrop is black.")
-    m = gc.match_facts(para, facts)
+    m = synthetic.match_facts(para, facts)
     assert (m["correct"], m["wrong"], m["missing"], m["order_correct"]) == (14, 0, 0, True)
     # Partial: only one object, in other words.
-    m = gc.match_facts("Two little red balls show up on the left side and slide upwards.", facts)
+    m = synthetic.match_facts("Two little red balls show up on the left side and slide upwards.", facts)
     assert (m["correct"], m["wrong"], m["missing"]) == (6, 0, 8) and m["order_correct"] is None
     # Repetitive: the same sentence three times counts once.
     rep = "A big blue box appears at the top and moves to the right. " * 3
-    m = gc.match_facts(rep, facts)
+    m = synthetic.match_facts(rep, facts)
     assert (m["correct"], m["wrong"], m["hallucinated"]) == (6, 0, 0)
     # Wrong facts, a hallucinated object and events out of order.
     bad = ("First, a large blue square appears at the top and moves left. Then two small red circles "
            "appear on the left and move up. Then a green triangle appears. Finally, the red circles "
            "disappear. The background is gray.")
-    m = gc.match_facts(bad, facts)
+    m = synthetic.match_facts(bad, facts)
     assert m["by_kind"]["direction"] == {"correct": 1, "wrong": 1}
     assert m["by_kind"]["background"] == {"wrong": 1}
     assert m["order_correct"] is False and m["hallucinated"] == 1
     assert m["wrong"] == 1 + 1 + 1 + 1                        # direction, background, order, green triangle
     # Garbled and empty text state nothing.
     for text in ("", "colour colour the the and", "asdf qwer zxcv"):
-        m = gc.match_facts(text, facts)
+        m = synthetic.match_facts(text, facts)
         assert (m["correct"], m["wrong"], m["missing"]) == (0, 0, 14)
     # A disappearance that never happens is an order error.
-    m = gc.match_facts("A large blue square appears at the top. Then the blue square disappears.", facts)
+    m = synthetic.match_facts("A large blue square appears at the top. Then the blue square disappears.", facts)
     assert m["order_correct"] is False
 
 
@@ -610,7 +611,7 @@ def test_inject_rules_gives_k_one_error_negatives(synth_dir, tmp_path):
     facts = {r["id"]: r["facts"] for r in lines(synth_dir / "train.jsonl")}
     for rec in lines(out):
         assert rec["ranking"] == "best_only" and len(rec["chain"]) == 5 and len(set(rec["chain"])) == 5
-        assert [gc.match_facts(c, facts[rec["id"]])["wrong"] for c in rec["chain"]] == [0, 1, 1, 1, 1]
+        assert [synthetic.match_facts(c, facts[rec["id"]])["wrong"] for c in rec["chain"]] == [0, 1, 1, 1, 1]
 
 
 def test_inject_http(synth_dir, tmp_path):
@@ -668,8 +669,8 @@ def test_lfmcqa_rules(synth_dir, tmp_path):
         assert len(rec["options"]) == 5 and len(set(rec["options"])) == 5 and rec["question"].endswith("?")
         f = facts[rec["id"]]
         right = rec["options"][rec["answer"]]
-        assert gc.match_facts(right, f)["wrong"] == 0
-        assert all(gc.match_facts(o, f)["wrong"] >= 1 for i, o in enumerate(rec["options"]) if i != rec["answer"])
+        assert synthetic.match_facts(right, f)["wrong"] == 0
+        assert all(synthetic.match_facts(o, f)["wrong"] >= 1 for i, o in enumerate(rec["options"]) if i != rec["answer"])
 
 
 def test_lfmcqa_http(tmp_path):
@@ -755,8 +756,8 @@ def test_text_alone_cannot_tell_gold_from_corrupted():
         return w + [a + "_" + b for a, b in zip(w, w[1:])]
     pairs = []
     for s in range(3000):
-        facts = gc.sample_scene(random.Random(f"nb:{s}"))
-        chain, _ = gc.rules_chain({"id": str(s), "caption": gc.caption_from_facts(facts), "facts": facts}, 2, 0)
+        facts = synthetic.sample_scene(random.Random(f"nb:{s}"))
+        chain, _ = synthetic.rules_chain({"id": str(s), "caption": synthetic.caption_from_facts(facts), "facts": facts}, 2, 0)
         pairs.append((chain[0], chain[random.Random(s).choice((1, 2))]))
     counts = {0: Counter(), 1: Counter()}
     for gold, bad in pairs[:2000]:

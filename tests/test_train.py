@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import rank_dpo as R
+import synthetic
 from gen_chains import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,7 @@ def read_metrics(out):
 
 
 def fresh_model(vision="lora", seed=0):
-    model, processor = R.build_tiny()
+    model, processor = synthetic.build_tiny()
     torch.manual_seed(seed)
     args = R.parse_args(["--data", "x", "--output_dir", "x", "--vision", vision, "--lora_r", "4"])
     return R.add_adapters(model, args), processor, args
@@ -96,8 +97,8 @@ def perturb_adapters(model, scale=0.05, seed=1):
 # ---------------------------------------------------------------------------------------------
 
 def test_tiny_is_deterministic_and_saved_base_reloads(tmp_path):
-    a, pa = R.build_tiny()
-    b, pb = R.build_tiny()
+    a, pa = synthetic.build_tiny()
+    b, pb = synthetic.build_tiny()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     text = "A red square moves from the left to the right."
     assert pa.tokenizer(text).input_ids == pb.tokenizer(text).input_ids
@@ -114,7 +115,7 @@ def test_patchify_matches_the_vision_tower_layout():
     one 16x16 block of frame pair 1 and check exactly one merged group of 4 patches sees it."""
     frames = np.zeros((4, 64, 64, 3), np.uint8)
     frames[2:4, 16:32, 48:64] = 255                       # block row 1, column 3, time step 1
-    out = R.patchify_video(frames, patch_size=8, temporal_patch_size=2, merge_size=2, image_size=64)
+    out = synthetic.patchify_video(frames, patch_size=8, temporal_patch_size=2, merge_size=2, image_size=64)
     assert out["video_grid_thw"].tolist() == [[2, 8, 8]]
     patches = out["pixel_values_videos"]
     assert patches.shape == (2 * 8 * 8, 3 * 2 * 8 * 8)
@@ -239,7 +240,7 @@ def test_yes_no_and_chain_records_train_together(data, tmp_path):
     assert len(rows) == 3 and rows[0]["rank_acc"] >= 0
     assert set(rows[0]) >= {"loss", "ntp", "margin", "rank_acc", "tokens_per_s", "peak_mem_mb"}
     assert read_metrics(tmp_path) == rows
-    model, processor = R.build_tiny()
+    model, processor = synthetic.build_tiny()
     chains, left_out = R.load_chains(data["mixed"], processor, "rank", max_chain=3)
     assert [len(c.rows) for c in chains] == [3, 3, 3, 3, 2, 2] and left_out == 0
     assert chains[-1].field == "prompts" and chains[-1].rows[0][1] == chains[-1].rows[1][1]
@@ -291,7 +292,7 @@ def test_full_vision_reference_is_the_original_tower(data):
     model, processor, args = fresh_model("full")
     perturb_adapters(model)
     frames = R.load_video(os.path.join(data["root"], "videos", "0.npy"), 8)
-    base, _ = R.build_tiny()
+    base, _ = synthetic.build_tiny()
     with torch.no_grad(), model.disable_adapter():
         ref = R.response_logps(model, processor, frames, ["Describe."], ["A red square."])
     expected = R.response_logps(base, processor, frames, ["Describe."], ["A red square."])
@@ -338,7 +339,7 @@ def test_a_causal_lm_from_a_local_path_trains_on_text(tmp_path):
     Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=1, num_attention_heads=4,
                                  num_key_value_heads=2)).save_pretrained(tmp_path / "lm")
-    R.build_tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    synthetic.build_tiny_tokenizer().save_pretrained(tmp_path / "lm")
     path = write_jsonl(tmp_path / "text.jsonl", [
         {"id": str(i), "prompt": "Describe the scene.", "chain": ["A red square.", "A blue circle."]}
         for i in range(2)])
@@ -444,7 +445,7 @@ def test_records_gen_chains_marked_failed_are_left_out_and_counted(data, tmp_pat
     failed = {"id": "f", "status": "failed", "reason": "step 2: every try rejected",
               "partial_chain": ["a"]}
     path = write_jsonl(tmp_path / "c.jsonl", [dict(data["chains"][0], status="ok"), failed])
-    _, processor = R.build_tiny()
+    _, processor = synthetic.build_tiny()
     chains, left_out = R.load_chains(path, processor, "rank", video_root=data["root"])
     assert [c.id for c in chains] == ["c0"] and left_out == 1
     R.train(R.parse_args(["--data", path, "--video_root", data["root"], "--output_dir",

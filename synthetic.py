@@ -1,0 +1,871 @@
+#!/usr/bin/env python3
+"""synthetic.py: the embedded toy world, kept apart from the real tools.
+
+Everything here exists so that the whole method runs offline, on CPU, with nothing downloaded:
+
+  scenes      coloured shapes that appear, move and disappear: facts, frames, a gold caption
+  matcher     which facts a caption states rightly or wrongly (`match_facts`)
+  rules       the offline degrader: change one fact at a time (`rules_chain`, `inject_negatives`),
+              long-form multiple choice from facts (`lfmcqa_from_facts`), the data set (`write_dataset`)
+  judge       the offline caption judge from the facts (`rules_scores`)
+  tiny model  a ~1M-parameter Qwen2.5-VL built from a config, with its own BPE tokenizer and a
+              processor shaped like the hub's (`build_tiny`, `load_tiny`, `TinyProcessor`)
+
+The tools reach it through their usual command lines: `gen_chains.py synth`, `--backend rules`,
+`rank_dpo.py --model tiny`, `eval_judge.py judge --judge rules`. None of the tools needs this
+file to work on real data and real models, and this file imports none of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TINY_PROCESSOR_FILE = "tiny_processor.json"     # marks a saved tiny model directory
+# The tiny preset's modules trained in full beside LoRA (`rank_dpo.py --modules_to_save auto`):
+# a randomly initialised model cannot learn through LoRA alone, because its frozen random lm_head
+# (rows of norm ~0.2) caps how confident any next-token prediction can get (SFT stalls near
+# 5 nats/token; with these two trained it reaches ~1.6 in 100 steps).
+TINY_FULL_MODULES = ["lm_head", "model.language_model.norm"]
+
+# =============================================================================================
+# The synthetic scenes: coloured shapes that appear, move and disappear
+# =============================================================================================
+# Every fact is drawn uniformly and independently from a small closed set (colours without
+# replacement, so "the red circle" names one object), and event orders uniformly among the
+# valid ones. So any caption, gold or corrupted, is an equally likely text: only the video
+# can tell them apart. Captions are rendered from the facts by one template, so a corrupted
+# fact set renders to a caption with the same wording and structure.
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 100, 235),
+          "yellow": (235, 215, 40), "white": (240, 240, 240)}
+SIZES = {"small": 8, "large": 13}
+COUNTS = (1, 2, 3)
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
+                    "bottom": "at the bottom", "center": "in the center"}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BACKGROUNDS = {"black": (0, 0, 0), "gray": (110, 110, 110)}
+OBJECT_FACTS = ("count", "size", "color", "shape", "position", "direction")
+CHOICES = {"count": COUNTS, "size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES,
+           "position": tuple(POSITIONS), "direction": tuple(DIRECTIONS)}
+MOTION_PIXELS = 12                         # how far a group travels while visible
+
+
+def sample_scene(rng: random.Random, num_frames: int = 16) -> dict:
+    """Facts of one scene: background, 2-3 object groups, and the order of their events."""
+    n = rng.choice((2, 3))
+    colors = rng.sample(list(COLORS), n)
+    objects = [{"count": rng.choice(COUNTS), "size": rng.choice(list(SIZES)), "color": colors[i],
+                "shape": rng.choice(SHAPES), "position": rng.choice(list(POSITIONS)),
+                "direction": rng.choice(list(DIRECTIONS))} for i in range(n)]
+    leaves = [rng.random() < 0.5 for _ in range(n)]
+    events = [("appear", i) for i in range(n)] + [("disappear", i) for i in range(n) if leaves[i]]
+    while True:                            # a uniform valid order: each group appears before it leaves
+        rng.shuffle(events)
+        if all(events.index(("appear", i)) < events.index(("disappear", i)) for i in range(n) if leaves[i]):
+            break
+    # Number the groups by when they appear, so the gold caption introduces them in index order.
+    first = sorted(range(n), key=lambda i: events.index(("appear", i)))
+    rename = {old: new for new, old in enumerate(first)}
+    objects = [objects[old] for old in first]
+    events = [[kind, rename[i]] for kind, i in events]
+    # Events are spread over the first ~70% of the clip so the last group is seen moving.
+    last = max(1, round(0.7 * (num_frames - 1)))
+    frames = [round(e * last / max(1, len(events) - 1)) for e in range(len(events))]
+    return {"background": rng.choice(list(BACKGROUNDS)), "objects": objects, "events": events,
+            "frames": frames}
+
+
+def _shape_mask(shape: str, size: int):
+    import numpy as np
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    if shape == "circle":
+        return (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":                # pointing up: wider towards the bottom
+        return np.abs(xx - size / 2) <= yy / 2
+    return np.ones((size, size), bool)
+
+
+def _group_offsets(count: int, size: int) -> list[tuple[float, float]]:
+    d = size + 3                           # a tight cluster: side by side, or a little pyramid
+    return {1: [(0, 0)], 2: [(-d / 2, 0), (d / 2, 0)],
+            3: [(-d / 2, d / 2), (d / 2, d / 2), (0, -d / 2)]}[count]
+
+
+def render_scene(facts: dict, num_frames: int = 16, size: int = 64):
+    """uint8 [T, H, W, 3]: each group is drawn from its appear frame until its disappear frame,
+    moving MOTION_PIXELS in its direction at constant speed."""
+    import numpy as np
+    video = np.empty((num_frames, size, size, 3), np.uint8)
+    video[:] = BACKGROUNDS[facts["background"]]
+    scale = size / 64
+    span = {}
+    for (kind, i), t in zip(facts["events"], facts["frames"]):
+        span.setdefault(i, [None, num_frames])[0 if kind == "appear" else 1] = t
+    for i, obj in enumerate(facts["objects"]):
+        start, stop = span[i]
+        px = max(2, round(SIZES[obj["size"]] * scale))
+        mask = _shape_mask(obj["shape"], px)
+        color = np.array(COLORS[obj["color"]], np.uint8)
+        cx0, cy0 = (c * scale for c in POSITIONS[obj["position"]])
+        dx, dy = DIRECTIONS[obj["direction"]]
+        for t in range(start, stop):
+            frac = (t - start) / max(1, stop - start - 1)
+            cx, cy = cx0 + dx * MOTION_PIXELS * scale * frac, cy0 + dy * MOTION_PIXELS * scale * frac
+            for ox, oy in _group_offsets(obj["count"], px):
+                x0, y0 = round(cx + ox - px / 2), round(cy + oy - px / 2)
+                xs, ys = slice(max(0, x0), min(size, x0 + px)), slice(max(0, y0), min(size, y0 + px))
+                if xs.start >= xs.stop or ys.start >= ys.stop:
+                    continue               # moved fully out of the frame
+                m = mask[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+                video[t, ys, xs][m] = color
+    return video
+
+
+def _plural(obj: dict) -> bool:
+    return obj["count"] > 1
+
+
+def noun_phrase(obj: dict) -> str:
+    noun = obj["shape"] + ("s" if _plural(obj) else "")
+    return f"{COUNT_WORDS[obj['count']]} {obj['size']} {obj['color']} {noun}"
+
+
+def caption_from_facts(facts: dict) -> str:
+    """The detailed caption: one sentence per event in order, then the background. Connectives
+    depend only on the sentence's position, so swapping two events keeps the wording."""
+    objects, events = facts["objects"], facts["events"]
+    sentences = []
+    for e, (kind, i) in enumerate(events):
+        lead = "First," if e == 0 else "Finally," if e == len(events) - 1 else "Then"
+        obj = objects[i]
+        many = _plural(obj)
+        if kind == "appear":
+            body = (f"{noun_phrase(obj)} {'appear' if many else 'appears'} {POSITION_PHRASES[obj['position']]}"
+                    f" and {'move' if many else 'moves'} {obj['direction']}")
+        else:
+            body = (f"the {obj['color']} {obj['shape']}{'s' if many else ''} "
+                    f"{'disappear' if many else 'disappears'}")
+        sentences.append(f"{lead} {body}.")
+    sentences.append(f"The background is {facts['background']}.")
+    return " ".join(sentences)
+
+
+# ---------------------------------------------------------------------------------------------
+# match_facts: which of a scene's facts a caption states correctly, wrongly, or not at all
+# ---------------------------------------------------------------------------------------------
+# A tolerant reader for the template's vocabulary plus common synonyms. It finds object
+# mentions (a shape word with the count/size/colour words before it and the position and
+# motion phrases after it), aligns them to the scene's objects (the assignment that agrees on
+# most facts), and checks the order of the appear/disappear events it can place. Repeated
+# sentences describe the same object once; mentions that match no object are hallucinations.
+
+SHAPE_SYNONYMS = {"circle": "circle", "disc": "circle", "disk": "circle", "ball": "circle", "dot": "circle",
+                  "square": "square", "box": "square", "block": "square", "rectangle": "square",
+                  "triangle": "triangle"}
+SIZE_SYNONYMS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
+                 "huge": "large"}
+COUNT_SYNONYMS = {"a": 1, "an": 1, "one": 1, "single": 1, "1": 1, "two": 2, "2": 2, "pair": 2,
+                  "three": 3, "3": 3, "four": 4, "4": 4, "five": 5, "5": 5}
+LOCATION_SYNONYMS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "center": "center",
+                     "centre": "center", "middle": "center", "upper": "top", "lower": "bottom"}
+DIRECTION_SYNONYMS = {"left": "left", "leftward": "left", "leftwards": "left", "right": "right",
+                      "rightward": "right", "rightwards": "right", "up": "up", "upward": "up",
+                      "upwards": "up", "down": "down", "downward": "down", "downwards": "down"}
+APPEAR_WORDS = set("appear appears appeared appearing enter enters entered emerge emerges emerged".split())
+DISAPPEAR_WORDS = set("disappear disappears disappeared disappearing vanish vanishes vanished leave leaves "
+                      "exit exits fade fades".split())
+MOVE_WORDS = {stem + end for stem in ("move", "slide", "go", "head", "travel", "drift")
+              for end in ("", "s", "es", "d", "ed", "ing")} | {"goes", "went", "moving", "sliding"}
+PLACE_PREPOSITIONS = {"on", "at", "in", "from", "near"}
+NP_WORDS = set(COUNT_SYNONYMS) | set(SIZE_SYNONYMS) | set(COLORS) | {"the", "another"}
+BACKGROUND_SYNONYMS = {"black": "black", "gray": "gray", "grey": "gray", "white": "white",
+                       "dark": "black"}
+
+
+def _sentences(text: str) -> list[list[str]]:
+    return [w for w in (re.findall(r"[a-z]+|\d+", s) for s in re.split(r"[.!?;\n]+", text.lower())) if w]
+
+
+def _shape_word(word: str) -> tuple[str, bool] | None:
+    """("circle", plural?) for circle / circles / boxes / ...; None for other words."""
+    for stem, plural in ((word, False), (word[:-1], True), (word[:-2], True)):
+        if stem in SHAPE_SYNONYMS and (not plural or word.endswith("s")):
+            return SHAPE_SYNONYMS[stem], plural
+    return None
+
+
+def _mentions(caption: str) -> list[dict]:
+    """Object mentions in text order: {"kind": appear|disappear|None, "facts": {...}, "pos": n}."""
+    mentions, pos = [], 0
+    for words in _sentences(caption):
+        shape_at = [i for i, w in enumerate(words) if _shape_word(w)]
+        starts = []
+        for i in shape_at:                 # a noun phrase: the shape and the NP words before it
+            j = i
+            while j > 0 and words[j - 1] in NP_WORDS and (not starts or j - 1 > shape_at[len(starts) - 1]):
+                j -= 1
+            starts.append(j)
+        sentence_mentions = []
+        for n, i in enumerate(shape_at):
+            shape, plural = _shape_word(words[i])
+            np_words = words[starts[n]:i]
+            tail = words[i + 1:starts[n + 1] if n + 1 < len(shape_at) else len(words)]
+            facts = {"shape": shape, "count": None, "size": None, "color": None,
+                     "position": None, "direction": None}
+            for w in np_words:
+                if w in COUNT_SYNONYMS and facts["count"] is None:
+                    facts["count"] = COUNT_SYNONYMS[w]
+                elif w in SIZE_SYNONYMS and facts["size"] is None:
+                    facts["size"] = SIZE_SYNONYMS[w]
+                elif w in COLORS and facts["color"] is None:
+                    facts["color"] = w
+            if facts["count"] is None and not plural:
+                facts["count"] = 1         # "the red circle": singular says one
+            used = set()
+            for k, w in enumerate(tail):   # direction: a motion verb, then (to the) left/right/up/down
+                if w in MOVE_WORDS:
+                    for m in range(k + 1, min(k + 5, len(tail))):
+                        if tail[m] in DIRECTION_SYNONYMS:
+                            facts["direction"] = DIRECTION_SYNONYMS[tail[m]]
+                            used.add(m)
+                            break
+                        if tail[m] not in {"to", "the", "towards", "toward", "slowly", "quickly", "steadily"}:
+                            break
+                    if facts["direction"]:
+                        break
+            for k, w in enumerate(tail):   # position: on/at/in/from (the) left/top/center/...
+                if k not in used and w in LOCATION_SYNONYMS and PLACE_PREPOSITIONS & set(tail[max(0, k - 3):k]):
+                    facts["position"] = LOCATION_SYNONYMS[w]
+                    break
+            kind = ("disappear" if DISAPPEAR_WORDS & set(tail) else
+                    "appear" if APPEAR_WORDS & set(tail) else None)
+            sentence_mentions.append({"kind": kind, "facts": facts, "pos": pos})
+            pos += 1
+        # "The red circle and the blue square disappear": a verbless mention takes the next verb.
+        for n in range(len(sentence_mentions) - 2, -1, -1):
+            if sentence_mentions[n]["kind"] is None:
+                sentence_mentions[n]["kind"] = sentence_mentions[n + 1]["kind"]
+        mentions += sentence_mentions
+    return mentions
+
+
+def _background_said(caption: str) -> str | None:
+    for words in _sentences(caption):
+        if "background" in words or "backdrop" in words:
+            for w in words:
+                if w in BACKGROUND_SYNONYMS:
+                    return BACKGROUND_SYNONYMS[w]
+    return None
+
+
+def _agreement(said: dict, true: dict) -> tuple[int, int]:
+    right = sum(said[k] is not None and said[k] == true[k] for k in OBJECT_FACTS)
+    wrong = sum(said[k] is not None and said[k] != true[k] for k in OBJECT_FACTS)
+    return right, wrong
+
+
+def match_facts(caption: str, facts: dict) -> dict:
+    """Count a scene's facts that `caption` states correctly, wrongly, or not at all.
+
+    Facts: the background, six per object group (count, size, colour, shape, position,
+    direction) and the order of events, so total = 2 + 6 * groups. The gold caption gives
+    correct == total; the rule backend's k-th chain caption gives wrong == k. Also returned:
+    order_correct (None when fewer than two events are placed), hallucinated (object mentions
+    that match nothing, each also counted in wrong) and by_kind {fact: {correct, wrong, missing}}.
+    """
+    objects = facts["objects"]
+    mentions = _mentions(caption or "")
+    # Descriptions (not disappearances), repeats merged: same colour and shape = same object.
+    groups: list[dict] = []
+    for m in mentions:
+        if m["kind"] == "disappear":
+            continue
+        key = (m["facts"]["color"], m["facts"]["shape"])
+        same = next((g for g in groups if key[0] and (g["facts"]["color"], g["facts"]["shape"]) == key), None)
+        if same is None:
+            groups.append({"facts": dict(m["facts"]), "pos": m["pos"], "appear": m["kind"] == "appear"})
+        else:
+            for k, v in m["facts"].items():
+                if same["facts"][k] is None:
+                    same["facts"][k] = v
+            same["appear"] = same["appear"] or m["kind"] == "appear"
+    groups = groups[:8]
+
+    # The alignment of groups to objects that agrees on the most facts (few objects: brute force).
+    best, best_key = {}, (-1, 0)
+
+    def search(i: int, used: frozenset, assign: dict, right: int, wrong: int) -> None:
+        nonlocal best, best_key
+        if i == len(objects):
+            if (right, -wrong) > best_key:
+                best, best_key = dict(assign), (right, -wrong)
+            return
+        search(i + 1, used, assign, right, wrong)
+        for g, grp in enumerate(groups):
+            if g not in used:
+                r, w = _agreement(grp["facts"], objects[i])
+                if r:
+                    assign[i] = g
+                    search(i + 1, used | {g}, assign, right + r, wrong + w)
+                    del assign[i]
+
+    search(0, frozenset(), {}, 0, 0)
+
+    by_kind = {k: Counter() for k in ("background", *OBJECT_FACTS, "order")}
+    said_bg = _background_said(caption or "")
+    by_kind["background"]["missing" if said_bg is None else
+                          "correct" if said_bg == facts["background"] else "wrong"] += 1
+    for i, obj in enumerate(objects):
+        said = groups[best[i]]["facts"] if i in best else {}
+        for k in OBJECT_FACTS:
+            v = said.get(k)
+            by_kind[k]["missing" if v is None else "correct" if v == obj[k] else "wrong"] += 1
+    hallucinated = len(groups) - len(best)
+
+    # Events the caption places in time: appearances of aligned groups, and disappearances of
+    # the object named by the same colour and shape as an aligned group (or by its true ones).
+    group_to_obj = {g: i for i, g in best.items()}
+    placed = []
+    for m in mentions:
+        if m["kind"] == "appear":
+            g = next((g for g, grp in enumerate(groups) if grp["pos"] == m["pos"]), None)
+            if g in group_to_obj:
+                placed.append(("appear", group_to_obj[g]))
+        elif m["kind"] == "disappear":
+            key = (m["facts"]["color"], m["facts"]["shape"])
+            i = next((group_to_obj[g] for g, grp in enumerate(groups)
+                      if g in group_to_obj and (grp["facts"]["color"], grp["facts"]["shape"]) == key), None)
+            if i is None:
+                hits = [i for i, o in enumerate(objects) if key[0] == o["color"] and key[1] == o["shape"]]
+                i = hits[0] if len(hits) == 1 else None
+            if i is not None:
+                placed.append(("disappear", i))
+    placed = list(dict.fromkeys(placed))   # a repeated sentence places an event once
+    truth = {tuple(e): n for n, e in enumerate(facts["events"])}
+    if len(placed) < 2:
+        order_correct = None
+    elif any(e not in truth for e in placed):
+        order_correct = False              # a disappearance that never happens
+    else:
+        ranks = [truth[e] for e in placed]
+        order_correct = ranks == sorted(ranks)
+    by_kind["order"]["missing" if order_correct is None else "correct" if order_correct else "wrong"] += 1
+
+    totals = Counter()
+    for c in by_kind.values():
+        totals.update(c)
+    return {"correct": totals["correct"], "wrong": totals["wrong"] + hallucinated,
+            "missing": totals["missing"], "total": 2 + 6 * len(objects), "order_correct": order_correct,
+            "hallucinated": hallucinated, "by_kind": {k: dict(v) for k, v in by_kind.items()}}
+
+
+# =============================================================================================
+# The rule backend: offline, deterministic degradation of synthetic captions via their facts
+# =============================================================================================
+# One step changes one fact not changed before (so errors accumulate and never cancel) and
+# re-renders the caption from the changed facts, so wording and structure stay. The fact's
+# type is sampled uniformly among the types that still have an unchanged fact, then the fact.
+# Every step is checked with match_facts: the k-th caption states exactly k facts wrongly.
+
+FACT_TYPES = {"background": "scene", "order": "temporal", "count": "count", "size": "attribute",
+              "color": "color", "shape": "object", "position": "spatial", "direction": "direction"}
+
+
+def _fact_slots(facts: dict) -> list[tuple]:
+    """Every corruptible fact: ("background",), ("order",), (object index, fact name)."""
+    slots = [("background",)]
+    if any(facts["events"][e][1] != facts["events"][e + 1][1] for e in range(len(facts["events"]) - 1)):
+        slots.append(("order",))
+    slots += [(i, k) for i in range(len(facts["objects"])) for k in OBJECT_FACTS]
+    return slots
+
+
+def _slot_type(slot: tuple) -> str:
+    return FACT_TYPES[slot[-1]]
+
+
+def _describe(obj: dict) -> str:
+    return f"{obj['color']} {obj['shape']}{'s' if obj['count'] > 1 else ''}"
+
+
+def corrupt_fact(facts: dict, slot: tuple, rng: random.Random) -> tuple[dict, str]:
+    """A copy of facts with the slot's fact changed, and a short description of the change."""
+    new = json.loads(json.dumps(facts))
+    if slot == ("background",):
+        old = new["background"]
+        new["background"] = rng.choice([b for b in BACKGROUNDS if b != old])
+        return new, f"background: {old} -> {new['background']}"
+    if slot == ("order",):
+        ev = new["events"]
+        pairs = [e for e in range(len(ev) - 1) if ev[e][1] != ev[e + 1][1]]
+        e = rng.choice(pairs)
+        names = [f"{_describe(new['objects'][i])} {kind}" for kind, i in ev[e:e + 2]]
+        ev[e], ev[e + 1] = ev[e + 1], ev[e]
+        return new, f"order: '{names[0]}' and '{names[1]}' swapped"
+    i, key = slot
+    obj = new["objects"][i]
+    old = obj[key]
+    options = [v for v in CHOICES[key] if v != old]
+    if key == "color":                     # colours stay unique so "the red circle" names one group
+        options = [v for v in options if all(o["color"] != v for o in new["objects"])]
+    obj[key] = rng.choice(options)
+    return new, f"{_describe(facts['objects'][i])}: {key} {old} -> {obj[key]}"
+
+
+def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = False
+                ) -> tuple[list[str], list[dict | None]]:
+    """c0..cK for a synthetic record, ck holding exactly k wrong facts (checked).
+    unconditioned: sample the fact uniformly (types with more facts come up more often)."""
+    facts, gold = record["facts"], record["caption"]
+    rng = random.Random(f"{seed}:{record['id']}")
+    chain, errors, current, used = [gold], [None], facts, set()
+    for k in range(1, length + 1):
+        for _ in range(50):
+            free = [s for s in _fact_slots(facts) if s not in used]
+            types = sorted({_slot_type(s) for s in free})
+            if not types:
+                raise ValueError(f"record {record['id']!r}: only {k - 1} facts can be changed, "
+                                 f"--length {length} asks for more")
+            if unconditioned:
+                slot = rng.choice(free)
+                etype = _slot_type(slot)
+            else:
+                etype = rng.choice(types)
+                slot = rng.choice([s for s in free if _slot_type(s) == etype])
+            candidate, detail = corrupt_fact(current, slot, rng)
+            caption = caption_from_facts(candidate)
+            m = match_facts(caption, facts)
+            if m["wrong"] == k and m["correct"] == m["total"] - k:
+                break
+            # Rare: enough changes to one group make it look like another group to the matcher.
+            # Try another fact rather than emit a chain whose order the matcher cannot confirm.
+        else:
+            raise ValueError(f"record {record['id']!r}: no change at step {k} keeps the chain exact "
+                             "(after this many changes the groups become hard to tell apart)")
+        used.add(slot)
+        current = candidate
+        chain.append(caption)
+        errors.append({"type": etype, "detail": detail})
+    return chain, errors
+
+def _event_sentence(obj: dict) -> str:
+    many = obj["count"] > 1
+    text = (f"{noun_phrase(obj)} {'appear' if many else 'appears'} {POSITION_PHRASES[obj['position']]} "
+            f"and {'move' if many else 'moves'} {obj['direction']}.")
+    return text[0].upper() + text[1:]
+
+
+def lfmcqa_from_facts(facts: dict, rng: random.Random) -> tuple[str, list[str], int]:
+    """A question about one group's entrance with five long answers, one correct, each wrong one
+    a single changed fact of the same sentence (so the text alone does not give it away)."""
+    appear = [i for kind, i in facts["events"] if kind == "appear"]
+    nth = rng.randrange(len(appear))
+    ordinal = "last" if nth == len(appear) - 1 else ["first", "second"][nth]
+    obj = facts["objects"][appear[nth]]
+    question = f"Which shapes are the {ordinal} to appear in the video, and what do they do?"
+    correct = _event_sentence(obj)
+    wrong = []
+    keys = list(OBJECT_FACTS)
+    rng.shuffle(keys)
+    for key in keys:
+        if len(wrong) == 4:
+            break
+        options = [v for v in CHOICES[key] if v != obj[key]]
+        if key == "color":
+            options = [v for v in options if all(o["color"] != v for o in facts["objects"])]
+        if options:
+            wrong.append(_event_sentence({**obj, key: rng.choice(options)}))
+    options = [correct, *wrong]
+    rng.shuffle(options)
+    return question, options, options.index(correct)
+
+
+def inject_negatives(record: dict, length: int, rng: random.Random
+                     ) -> tuple[list[str], list[dict]] | None:
+    """The error-injection baseline from facts: `length` distinct captions, each the gold caption
+    with ONE fact changed (type sampled first, as in chains); None if there are too few."""
+    negatives, errors = [], []
+    free = _fact_slots(record["facts"])
+    while free and len(negatives) < length:
+        etype = rng.choice(sorted({_slot_type(s) for s in free}))
+        slot = rng.choice([s for s in free if _slot_type(s) == etype])
+        free.remove(slot)
+        facts, detail = corrupt_fact(record["facts"], slot, rng)
+        caption = caption_from_facts(facts)
+        if match_facts(caption, record["facts"])["wrong"] == 1 and caption not in negatives:
+            negatives.append(caption)
+            errors.append({"type": etype, "detail": detail})
+    return (negatives, errors) if len(negatives) == length else None
+
+
+def write_dataset(out: str, n: int, seed: int = 0, test_frac: float = 0.1, frames: int = 16,
+                  size: int = 64) -> tuple[int, int]:
+    """Synthetic videos + gold captions + facts -> OUT/train.jsonl, OUT/test.jsonl, OUT/videos/.
+
+    Deterministic by seed; each file is written whole then renamed, so a re-run after a kill
+    simply redoes the set. Returns (train, test) counts."""
+    video_dir = os.path.join(out, "videos")
+    os.makedirs(video_dir, exist_ok=True)
+    n_test = min(n - 1, round(n * test_frac)) if n > 1 else 0
+    records = []
+    for i in range(n):
+        facts = sample_scene(random.Random(f"synth:{seed}:{i}"), frames)
+        rid = f"syn-{seed}-{i:06d}"
+        rel = f"videos/{rid}.npy"
+        tmp = os.path.join(out, rel + ".tmp.npy")
+        np.save(tmp, render_scene(facts, frames, size))
+        os.replace(tmp, os.path.join(out, rel))
+        records.append({"id": rid, "caption": caption_from_facts(facts), "video": rel, "facts": facts})
+    _write_jsonl_atomically(os.path.join(out, "train.jsonl"), records[:n - n_test])
+    _write_jsonl_atomically(os.path.join(out, "test.jsonl"), records[n - n_test:])
+    return n - n_test, n_test
+
+
+def _write_jsonl_atomically(path: str, records: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# The rules judge: the offline caption judge for the synthetic set, from the video's stored facts
+# =============================================================================================
+
+SCORE_MIN, SCORE_MAX = 1, 10                # the LLM judge's scale, so the two judges compare
+
+def _scale(fraction: float) -> float:
+    """[0, 1] -> [1, 10], the LLM judge's scale (eval_judge.py)."""
+    return round(SCORE_MIN + (SCORE_MAX - SCORE_MIN) * min(max(fraction, 0.0), 1.0), 2)
+
+
+def repetition_free(caption: str) -> float:
+    """Share of the caption's words that are not repeats; 0.0 for an empty caption.
+
+    A repeat is what degenerate generation produces: a sentence said before, or a span of one to
+    four words said twice in a row ("red red", "a ball a ball"). A description of different
+    things may reuse phrases ("on the left and" for two groups on the left), so phrase reuse
+    alone is not counted.
+    """
+    sentences = [re.findall(r"\w+", s.lower()) for s in re.split(r"[.!?;\n]+", caption)]
+    sentences = [words for words in sentences if words]
+    total = sum(len(w) for w in sentences)
+    if total == 0:
+        return 0.0
+    seen, repeated = set(), 0
+    for words in sentences:
+        if tuple(words) in seen:
+            repeated += len(words)
+            continue
+        seen.add(tuple(words))
+        marked = set()
+        for n in range(1, 5):
+            for i in range(len(words) - 2 * n + 1):
+                if words[i:i + n] == words[i + n:i + 2 * n]:
+                    marked.update(range(i + n, i + 2 * n))
+        repeated += len(marked)
+    return 1 - repeated / total
+
+
+def rules_scores(caption: str, facts) -> tuple[dict[str, float], dict]:
+    """Score a caption against the video's facts on the four axes; also return match_facts' counts.
+
+    relevance            precision: correct / (correct + wrong)  (nothing stated -> 1)
+    descriptiveness      recall:    correct / total
+    temporal_consistency precision again, halved when the events are told in the wrong order
+                         (so equal to relevance when the order is right or not stated)
+    fluency              repetition_free(caption): the one language fault a rule can see
+    Each fraction maps linearly onto 1..10, so the gold caption gets 10 on every axis and
+    every corrupted fact lowers relevance and descriptiveness.
+    """
+    m = match_facts(caption, facts)
+    stated = m["correct"] + m["wrong"]
+    precision = m["correct"] / stated if stated else 0.0
+    recall = m["correct"] / m["total"] if m["total"] else 0.0
+    order_factor = 0.5 if m.get("order_correct") is False else 1.0
+    scores = {"relevance": _scale(precision), "descriptiveness": _scale(recall),
+              "temporal_consistency": _scale(precision * order_factor),
+              "fluency": _scale(repetition_free(caption))}
+    return scores, m
+
+
+# =============================================================================================
+# The embedded "tiny" preset: a Qwen2.5-VL-architecture model built from a config, with its
+# own small byte-level BPE tokenizer trained at build time. Nothing is downloaded; the same
+# seed gives the same weights and the same tokenizer every time (every DDP rank builds it).
+# ================================================================================================
+
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+# The corpus the tiny tokenizer learns its merges from: the words of synthetic scene captions,
+# prompts and questions, so they encode in few tokens. Byte-level BPE still encodes any text.
+_TINY_WORDS = """
+a an the this that these those there here it its is are was were be being been has have had
+and or but not no yes of in on at to from into onto over under above below near next beside
+between across along around through toward towards away behind front back while then after
+before first second third last later finally again still also only both each every all some
+red green blue yellow orange purple pink white black gray grey brown cyan magenta gold silver
+dark light bright pale
+circle circles square squares triangle triangles star stars ball balls box boxes ring rings
+cross crosses diamond diamonds rectangle rectangles disk disks dot dots shape shapes object
+objects block blocks line lines hexagon heart
+small large big tiny huge medium little larger smaller bigger
+left right top bottom center centre middle upper lower corner corners side edge edges frame
+screen background foreground scene picture image video clip
+moves moving move moved slides sliding slide bounces bouncing rotates rotating spins spinning
+stays staying stay remains still stationary static grows growing shrinks shrinking fades fading
+appears appearing disappears disappearing jumps falls rises drifts travels goes comes enters
+leaves exits stops starts turns changes becomes flashes blinks follows chases passes
+appear disappear
+up down upward downward leftward rightward diagonally horizontally vertically slowly quickly
+fast slow steadily smoothly
+one two three four five six seven eight nine ten zero once twice
+color colour colors colours position positions motion direction speed size count number
+describe this video in detail what is the color of which where how many does do did move
+question answer true false correct wrong option options choose best letter user assistant system
+caption captions describe describes showing shows shown show depicts contains visible
+A B C D E
+"""
+_TINY_SENTENCES = [
+    "Describe this video in detail.",
+    "Describe the video.",
+    "A red circle moves from the left to the right while a blue square stays in the center.",
+    "A small green triangle slides from the top left corner toward the bottom right corner.",
+    "Two yellow stars bounce up and down on a black background.",
+    "The large purple box grows and then shrinks in the middle of the frame.",
+    "First a white ring appears at the top, then it moves down to the bottom.",
+    "First, two small red circles appear at the bottom and move left. Then three large yellow "
+    "squares appear on the right and move down. Then the white squares disappear. Finally, "
+    "the red circles disappear. The background is gray.",
+    "First, a large green triangle appears in the center and moves up. Then one small blue "
+    "square appears at the top and moves right. The background is black.",
+    "Is there a red circle in the video? Answer yes or no.",
+    "Does the blue square move to the left? Answer yes or no.",
+    "How many shapes are in the video?",
+    "What color is the triangle?",
+    "Which option best describes the video? Answer with the letter.",
+    "A. a red circle\nB. a blue square\nC. a green triangle\nD. a yellow star\nE. a purple box",
+    "yes", "no", "Yes.", "No.",
+]
+
+
+def tiny_corpus() -> list[str]:
+    words = _TINY_WORDS.split()
+    return _TINY_SENTENCES + [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)] + \
+        [" " + w for w in words] + [w.capitalize() for w in words]
+
+
+# Qwen's chat format (<|im_start|>role ... <|im_end|>) without the default system prompt,
+# which would only make the tiny model's sequences longer.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Sized for CPU: ~1M parameters. Vision: 8x8 patches of 64x64 frames, merged 2x2 into 4x4 tokens
+# per pair of frames (temporal patch 2), so an 8-frame clip is 64 video tokens that still carry
+# colour (per-pixel RGB in the patch), position (2-D rotary positions) and motion (time).
+TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, patch_size=8,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=64,
+                   fullatt_block_indexes=[1], tokens_per_second=2)
+TINY_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                  "mrope_section": [4, 6, 6]})
+TINY_IMAGE_SIZE = 64
+TINY_VOCAB = 1024
+
+
+class TinyVideoProcessor:
+    """Frames -> the tiny vision tower's input, with the interface of transformers' Qwen2-VL
+    video processor (`__call__(videos=..., return_tensors="pt")`, `merge_size`,
+    `get_num_of_video_patches`), so the tools treat the tiny model like any hub VLM.
+
+    Every clip is resized to image_size x image_size: the tiny model sees one frame size, so the
+    video flags that choose a resolution (--max_pixels, --fps) do not apply to it.
+    """
+
+    def __init__(self, patch_size: int, temporal_patch_size: int, merge_size: int,
+                 image_size: int = TINY_IMAGE_SIZE):
+        self.patch_size, self.temporal_patch_size = patch_size, temporal_patch_size
+        self.merge_size, self.image_size = merge_size, image_size
+
+    def settings(self) -> dict:
+        return dict(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+                    merge_size=self.merge_size, image_size=self.image_size)
+
+    def __call__(self, videos, return_tensors: str = "pt", **_ignored) -> dict:
+        if return_tensors != "pt":
+            raise ValueError("the tiny video processor returns torch tensors only")
+        outs = [patchify_video(np.asarray(v), **self.settings()) for v in videos]
+        return {"pixel_values_videos": torch.cat([o["pixel_values_videos"] for o in outs]),
+                "video_grid_thw": torch.cat([o["video_grid_thw"] for o in outs])}
+
+    def get_num_of_video_patches(self, num_frames: int, height: int = 0, width: int = 0,
+                                 videos_kwargs=None) -> int:
+        """Patches of one clip (before merging), whatever its frame size (it is resized)."""
+        side = self.image_size // self.patch_size
+        return math.ceil(num_frames / self.temporal_patch_size) * side * side
+
+
+class TinyProcessor:
+    """The tiny preset's processor: its tokenizer (with the chat template) and its video processor.
+
+    Shaped like a hub processor (tokenizer, video_processor, video_token, apply_chat_template,
+    save_pretrained / from_pretrained), so the tools need no special case for it. It does not
+    build on Qwen2_5_VLProcessor so that the tiny path runs without torchvision.
+    """
+
+    def __init__(self, tokenizer, patch_size: int, temporal_patch_size: int, merge_size: int,
+                 image_size: int = TINY_IMAGE_SIZE):
+        self.tokenizer = tokenizer
+        self.video_processor = TinyVideoProcessor(patch_size, temporal_patch_size, merge_size,
+                                                  image_size)
+        self.video_token = "<|video_pad|>"
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def save_pretrained(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, TINY_PROCESSOR_FILE), "w") as f:
+            json.dump(self.video_processor.settings(), f, indent=1)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "TinyProcessor":
+        from transformers import AutoTokenizer
+        with open(os.path.join(path, TINY_PROCESSOR_FILE)) as f:
+            settings = json.load(f)
+        return cls(AutoTokenizer.from_pretrained(path), **settings)
+
+
+def build_tiny_tokenizer():
+    """Byte-level BPE trained on the embedded corpus (deterministic: no randomness in training)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=TINY_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(tiny_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>",
+                                        extra_special_tokens={"video_token": "<|video_pad|>"})
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny(seed: int = 0):
+    """The tiny Qwen2.5-VL: random weights from `seed`, its tokenizer and processor."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tokenizer = build_tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in TINY_SPECIAL_TOKENS}
+    vocab = 64 * math.ceil(len(tokenizer) / 64)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(TINY_TEXT, vocab_size=vocab, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    with _seeded(seed):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    processor = TinyProcessor(tokenizer, TINY_VISION["patch_size"],
+                              TINY_VISION["temporal_patch_size"], TINY_VISION["spatial_merge_size"])
+    return model, processor
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run a block under a fixed torch seed without disturbing the caller's RNG stream."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def patchify_video(frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int,
+                   image_size: int) -> dict:
+    """uint8 [T, H, W, 3] -> Qwen2-VL vision input: flat patches and the (t, h, w) patch grid.
+
+    Frames are resized to image_size x image_size, scaled to [0, 1], normalised with CLIP's
+    mean/std, and cut into temporal_patch_size x patch_size x patch_size patches ordered so
+    that each merge_size x merge_size block of neighbours is contiguous (the patch merger
+    concatenates them). The layout matches transformers' Qwen2VLVideoProcessor.patchify.
+    """
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    if video.shape[-2:] != (image_size, image_size):
+        video = F.interpolate(video, size=(image_size, image_size), mode="bilinear",
+                              antialias=True, align_corners=False)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    video = (video - mean) / std
+    if pad := -video.shape[0] % temporal_patch_size:          # repeat the last frame
+        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+    t, c = video.shape[0] // temporal_patch_size, video.shape[1]
+    h = w = image_size // patch_size
+    m, p = merge_size, patch_size
+    patches = video.view(t, temporal_patch_size, c, h // m, m, p, w // m, m, p)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)     # t, bh, bw, mh, mw, c, tp, ph, pw
+    patches = patches.reshape(t * h * w, c * temporal_patch_size * p * p)
+    return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([[t, h, w]])}
+
+
+def is_tiny(model: str) -> bool:
+    """Whether `model` names the tiny preset: "tiny" or a directory a tiny model was saved to."""
+    return model == "tiny" or os.path.isfile(os.path.join(model, TINY_PROCESSOR_FILE))
+
+
+def load_tiny(model: str = "tiny"):
+    """(model in fp32, processor): built from the config for "tiny", else loaded from a saved dir."""
+    if model == "tiny":
+        return build_tiny()
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    return (Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32),
+            TinyProcessor.from_pretrained(model))
+
+
+def save_tiny_base(path: str) -> None:
+    """The untrained tiny model and its processor, saved so that `--model PATH` reloads it."""
+    model, processor = build_tiny()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
