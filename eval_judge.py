@@ -4,6 +4,7 @@
 Subcommands (each writes a results JSON and prints a markdown table):
 
     generate  batched greedy decoding of a detailed caption per video        -> {"id", "caption"}
+    sample    N sampled responses per video / question (on-policy data)     -> {"id", "answers"}
     judge     reference-based judge on four axes, 1-10 each (an LLM, or the offline `rules`
               judge of synthetic.py that checks a caption against a synthetic video's facts)
     agree     Spearman (and Kendall) correlation per axis between two judges' score files
@@ -31,8 +32,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from gen_chains import (DEFAULT_PROMPT, ChatClient, DataError, ResumableJsonl, add_client_args,
-                        format_mcq, map_resumable, parse_json_object, read_jsonl,
+from gen_chains import (DEFAULT_PROMPT, ChatClient, DataError, OutputLocked, ResumableJsonl,
+                        add_client_args, format_mcq, map_resumable, parse_json_object, read_jsonl,
                         score_answer)
 
 AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
@@ -669,6 +670,83 @@ def cmd_generate(args) -> dict:
     return report(results, table, args.results or sibling(args.out, ".results.json"))
 
 
+def record_seed(seed: int, rid: str) -> int:
+    """The sampling seed of one record: a hash of --seed and its id, so a resumed run draws exactly
+    what an uninterrupted one would (no dependence on which records came before)."""
+    import hashlib
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rid}".encode()).digest()[:8], "little") % 2 ** 63
+
+
+def cmd_sample(args) -> dict:
+    """N sampled responses per record (per video; per question when the record has one):
+    {"id", "video"?, "prompt" | "question", "caption"? (passed through), "answers": [N]}.
+
+    The N samples of a record are one generate call (num_return_sequences=N): the video is read
+    and preprocessed once for its N samples. Seeded per record (record_seed), so the output does not
+    depend on where a run was killed and resumed. --temperature 0 is greedy decoding (N must be 1).
+    """
+    import torch
+    from rank_dpo import build_generation_inputs, load_video, resolve_video
+
+    if args.num_samples < 1:
+        raise SystemExit("sample: --num_samples must be at least 1")
+    if args.temperature == 0 and args.num_samples != 1:
+        raise SystemExit("sample: --temperature 0 is greedy decoding; it gives one answer (--num_samples 1)")
+    data = load_by_id(args.data, skip_failed=True)
+    jobs = []
+    for rid, (line, rec) in data.items():    # every record checked before the model loads
+        key = "question" if rec.get("question") is not None else "prompt"
+        prompt = rec.get(key) if key == "question" else (args.prompt or rec.get("prompt") or DEFAULT_PROMPT)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(args.data, line, "expected a non-empty string", field=key)
+        jobs.append({"id": rid, "key": key, "prompt": prompt, "record": rec,
+                     "video_path": resolve_video(args.data, line, rec, args.video_root)})
+    out = ResumableJsonl(args.out)
+    todo = [job for job in jobs if job["id"] not in out.done_ids]
+    start, n_words = time.monotonic(), []
+    try:
+        if todo:
+            model, processor = _load(args, args.adapter)
+            tokenizer = getattr(processor, "tokenizer", processor)
+            greedy = args.temperature == 0
+            for n, job in enumerate(todo, 1):
+                video = load_video(job["video_path"], args.num_frames) if job["video_path"] else None
+                inputs = build_generation_inputs(processor, [job["prompt"]], [video])
+                inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+                torch.manual_seed(record_seed(args.seed, job["id"]))
+                sampling = {} if greedy else {"do_sample": True, "temperature": args.temperature,
+                                              "top_p": args.top_p, "top_k": 0}
+                with torch.no_grad():
+                    ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                                         num_return_sequences=args.num_samples,
+                                         pad_token_id=tokenizer.pad_token_id,
+                                         **({"do_sample": False} if greedy else sampling))
+                texts = [t.strip() for t in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
+                                                                     skip_special_tokens=True)]
+                rec = job["record"]
+                result = {"id": job["id"], job["key"]: job["prompt"], "answers": texts}
+                for passthrough in ("video", "caption", "answer", "caption_id"):
+                    if rec.get(passthrough) is not None:
+                        result[passthrough] = rec[passthrough]
+                out.append(result)
+                n_words += [len(t.split()) for t in texts]
+                if n % 10 == 0 or n == len(todo):
+                    print(f"sample: {n}/{len(todo)}", file=sys.stderr)
+    finally:
+        out.close()
+    seconds = time.monotonic() - start
+    results = {"command": "sample", "model": args.model, "adapter": args.adapter, "data": args.data,
+               "out": args.out, "n": len(jobs), "sampled": len(todo), "skipped": len(jobs) - len(todo),
+               "num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
+               "seed": args.seed, "seconds": round(seconds, 3),
+               "mean_words": float(np.mean(n_words)) if n_words else None}
+    table = markdown_table(("records", "sampled now", "already done", "answers each", "seconds",
+                            "mean words"),
+                           [(len(jobs), len(todo), len(jobs) - len(todo), args.num_samples,
+                             fmt(seconds, 1), fmt(results["mean_words"], 1))])
+    return report(results, table, args.results or sibling(args.out, ".results.json"))
+
+
 def letter(i: int) -> str:
     return chr(ord("A") + i)
 
@@ -951,6 +1029,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max_new_tokens", type=int, default=128)
     results_arg(sp, "<out>.results.json")
 
+    sp = sub.add_parser("sample", help="N sampled responses per video / question (resumable)")
+    model_args(sp)
+    sp.add_argument("--out", required=True,
+                    help="samples JSONL: {id, video?, prompt | question, caption?, answers: [N]}")
+    sp.add_argument("--num_samples", type=int, default=4, help="responses per record")
+    sp.add_argument("--temperature", type=float, default=1.0, help="0: greedy (one response)")
+    sp.add_argument("--top_p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed (per record: hash of seed + id)")
+    sp.add_argument("--prompt", default=None,
+                    help=f"for records without a question: default the record's prompt, else {DEFAULT_PROMPT!r}")
+    sp.add_argument("--max_new_tokens", type=int, default=128)
+    results_arg(sp, "<out>.results.json")
+
     sp = sub.add_parser("judge", help="score captions against references on four axes")
     sp.add_argument("--pred", required=True, help="captions JSONL: {id, caption}")
     sp.add_argument("--ref", required=True,
@@ -995,7 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"generate": cmd_generate, "judge": cmd_judge, "agree": cmd_agree, "compare": cmd_compare,
+COMMANDS = {"generate": cmd_generate, "sample": cmd_sample, "judge": cmd_judge, "agree": cmd_agree, "compare": cmd_compare,
             "mcq": cmd_mcq, "rank": cmd_rank, "reward": cmd_reward}
 
 
@@ -1008,7 +1099,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return COMMANDS[args.command](args)
-    except DataError as e:
+    except (DataError, OutputLocked) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -25,6 +25,7 @@ import argparse
 import concurrent.futures as cf
 import difflib
 import email.utils
+import fcntl
 import json
 import logging
 import os
@@ -106,14 +107,40 @@ def _type_names(kind) -> str:
                        for k in kinds)
 
 
+class OutputLocked(RuntimeError):
+    """Another live process is writing the same output file."""
+
+
+def lock_output(path: str) -> int:
+    """Take the one-writer lock of an output file: flock on the sidecar PATH.lock, which holds the
+    holder's pid. The kernel drops a flock when its holder dies, so a killed run never blocks the
+    next one; a live holder makes this raise OutputLocked at once, naming the file and the pid.
+    Returns the lock's fd (closing it releases the lock)."""
+    lock_path = path + ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise OutputLocked(f"{path}: another run (pid {holder}) is writing this file; wait for it "
+                           f"to finish or stop it (lock: {lock_path})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class ResumableJsonl:
-    """An append-only JSONL output that survives kill -9.
+    """An append-only JSONL output that survives kill -9, with one writer at a time.
 
     Each finished record is one line written with a single write, then flushed and fsynced, so
     at any instant the file holds complete lines plus at most one torn last line. Opening the
     file repairs that torn line (a tail that is not a complete JSON object is cut off) and
     collects the ids already written; a run skips those, so re-running the same command
-    finishes the job with every id exactly once.
+    finishes the job with every id exactly once. The file is locked (lock_output) from before
+    the scan until close, so two runs on one file cannot write the same id twice.
     """
 
     def __init__(self, path: str, drop_failed: bool = False):
@@ -121,9 +148,15 @@ class ResumableJsonl:
         self.done_ids: set[str] = set()
         self.repaired = False
         self._lock = threading.Lock()
+        self._fd = None
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._repair_and_scan(drop_failed)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock_fd = lock_output(path)
+        try:
+            self._repair_and_scan(drop_failed)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def _repair_and_scan(self, drop_failed: bool) -> None:
         if not os.path.exists(self.path):
@@ -187,6 +220,9 @@ class ResumableJsonl:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)            # releases the flock; the .lock file stays, harmless
+            self._lock_fd = None
 
     def __enter__(self) -> "ResumableJsonl":
         return self
@@ -1279,7 +1315,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{args.command}: --length must be at least 1")
     try:
         return args.fn(args)
-    except (DataError, ChatError) as e:
+    except (DataError, ChatError, OutputLocked) as e:
         raise SystemExit(f"{args.command}: {e}") from None
 
 
