@@ -725,7 +725,7 @@ def cmd_sample(args) -> dict:
                                                                      skip_special_tokens=True)]
                 rec = job["record"]
                 result = {"id": job["id"], job["key"]: job["prompt"], "answers": texts}
-                for passthrough in ("video", "caption", "answer", "caption_id"):
+                for passthrough in ("video", "caption", "caption_id"):  # not "answer": the gold one
                     if rec.get(passthrough) is not None:
                         result[passthrough] = rec[passthrough]
                 out.append(result)
@@ -941,8 +941,9 @@ def cmd_reward(args) -> dict:
     returns a yes/no correctness verdict and a 0-5 score (the same call that ranks sampled answers
     for training, so evaluation and data generation use one definition of the reward).
 
-    Input records: {"id", "question", "answer", "caption"?, "caption_id"?}; the caption is the
-    record's own, or the one with id caption_id (else id) in --captions.
+    Input records: {"id", "question", "answer" | "answers": [one], "caption"?, "caption_id"?}: a
+    `sample --num_samples 1` file scores the model's answer. The caption is the record's own, or
+    the one with id caption_id (else id) in --captions.
     """
     captions = load_by_id(args.captions, ("caption",)) if args.captions else {}
     jobs = []
@@ -958,9 +959,16 @@ def cmd_reward(args) -> dict:
                 raise DataError(args.data, line, f"no caption: none in the record and no id {key!r} in "
                                 f"{args.captions or '--captions (not given)'}", field="caption")
             caption = require_text(args.captions, *captions[key], "caption")
+        if rec.get("answers") is not None:   # `sample --num_samples 1` output: the model's answer
+            answers = rec["answers"]
+            if not (isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)):
+                raise DataError(args.data, line, "expected one answer string (sample with "
+                                "--num_samples 1 for evaluation)", field="answers")
+            answer = answers[0]
+        else:
+            answer = require_text(args.data, line, rec, "answer")
         jobs.append({"id": rid, "caption": caption,
-                     "question": require_text(args.data, line, rec, "question"),
-                     "answer": require_text(args.data, line, rec, "answer")})
+                     "question": require_text(args.data, line, rec, "question"), "answer": answer})
     client = ChatClient.from_args(args)
 
     def reward_one(job):

@@ -13,6 +13,10 @@ Subcommands (records are JSONL, see DESIGN.md):
   mcq, ynq   chains -> multiple-choice chains / yes-no chains
   lfmcqa     a description -> a question with five long answer choices, one correct
   reward     LLaVA-Hound-DPO's LM reward: caption as evidence, score sampled answers, rank them
+  qa         detailed captions -> question-answer pairs (LLaVA-Hound's instruction data)
+  improve    Response Improvement: the teacher's correction of a sampled caption > the sample
+  compare    Response Comparison: the teacher's pick of two sampled captions (asked in both orders)
+  rlaifv     RLAIF-V: claims per sample, each checked against the reference; ranked by support
 
 Read top to bottom: input/output that never loses or duplicates a record; the one HTTP client
 and reading JSON out of LLM text; the error types; checking each LLM degradation step; the LM
@@ -1236,6 +1240,325 @@ def cmd_reward(args) -> dict:
 
 
 # =============================================================================================
+# On-policy data: QA from captions (LLaVA-Hound), and the paper's on-policy baselines
+# (Response Improvement, Response Comparison, RLAIF-V) over the model's own samples
+# =============================================================================================
+
+def ask_validated(client: ChatClient, messages: list[dict], parse: Callable[[str], object],
+                  tries: int, stats: RunStats, calls: list[int], max_tokens: int = 400):
+    """Ask until parse(reply) gives a value (not None); a refusal or an unreadable reply is
+    counted under stats["rejected"] and asked again; after `tries` a StepFailed (the record is
+    written as failed with the reason). calls[0] counts the requests (the data cost)."""
+    reasons = []
+    for _ in range(tries):
+        calls[0] += 1
+        text = client.chat(messages, max_tokens=max_tokens).text
+        value = parse(text)
+        if value is not None:
+            return value
+        reason = "refused" if parse_json_object(text) is None and REFUSAL.search(text) else "unreadable"
+        stats.add("rejected", reason)
+        reasons.append(reason)
+    raise StepFailed(f"every try rejected ({', '.join(reasons)})")
+
+
+def qa_messages(caption: str, n: int) -> list[dict]:
+    user = (f"Video description:\n{caption}\n\nWrite {n} questions about this video that the "
+            "description answers (objects, colours, counts, actions, positions, directions, the order "
+            "of events, the scene), each with its correct answer in one or two full sentences taken "
+            "only from the description. Reply with JSON only: "
+            '{"qa": [{"question": "...", "answer": "..."}, ...]}')
+    return [{"role": "system", "content": "You write video question-answer pairs from detailed video "
+             "descriptions, for instruction tuning."},
+            {"role": "user", "content": user}]
+
+
+def parse_qa(text: str) -> list[dict] | None:
+    obj = parse_json_object(text) or {}
+    items = obj.get("qa", obj.get("questions"))
+    if not isinstance(items, list):
+        return None
+    out, seen = [], set()
+    for it in items:
+        if not isinstance(it, dict):
+            continue
+        q, a = it.get("question"), it.get("answer")
+        if isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip() and q.strip() not in seen:
+            seen.add(q.strip())
+            out.append({"question": q.strip(), "answer": " ".join(a.split())})
+    return out or None
+
+
+def qa_items_path(out: str) -> str:
+    return re.sub(r"\.jsonl$", "", out) + ".items.jsonl"
+
+
+def write_qa_items(out: str, prompt_field: bool = True) -> tuple[str, int]:
+    """Flatten qa's per-video records into one record per question (what SFT, `sample` and
+    `eval_judge.py reward` read): {"id": VIDEO-qK, "video"?, "caption", "question", "answer",
+    "prompt", "chain": [answer]}. Rewritten atomically from the whole output on every run."""
+    path, n = qa_items_path(out), 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _, rec in read_jsonl(out):
+            if rec.get("status") != "ok":
+                continue
+            for k, item in enumerate(rec["qa"]):
+                row = {"id": f"{rec['id']}-q{k}", **{x: rec[x] for x in ("video",) if x in rec},
+                       "caption": rec["caption"], "question": item["question"], "answer": item["answer"],
+                       "prompt": item["question"], "chain": [item["answer"]], "source": "qa"}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    os.replace(tmp, path)
+    return path, n
+
+
+def cmd_qa(args) -> dict:
+    """LLaVA-Hound's instruction data: an LLM writes question-answer pairs from each detailed
+    caption -> OUT (one record per video, resumable) and OUT.items.jsonl (one per question)."""
+    require = {"caption": str, **({"facts": dict} if args.backend == "rules" else {})}
+    found, left_out = read_records(args.inp, require)
+    client = ChatClient.from_args(args) if args.backend == "http" else None
+    stats = RunStats()
+
+    def one(rec: dict) -> dict:
+        calls = [0]
+        if client is None:
+            import synthetic
+            qa = synthetic.qa_from_facts(rec["facts"], random.Random(f"{args.seed}:{rec['id']}"), args.n)
+            calls[0] = 1
+        else:
+            qa = ask_validated(client, qa_messages(rec["caption"], args.n), parse_qa, args.step_tries,
+                               stats, calls, max_tokens=120 * args.n)[:args.n]
+        stats.add("questions", "written", len(qa))
+        return {**_base_record(rec), "caption": rec["caption"], "qa": qa, "source": "qa",
+                "llm_calls": calls[0], "status": "ok"}
+
+    run = map_resumable([r for _, r in found], one, args.out, args.concurrency if client else 1,
+                        f"qa ({args.backend})", args.retry_failed)
+    items, n = write_qa_items(args.out)
+    return _finish("qa", {**run, "items": items, "questions": n}, stats, client, left_out)
+
+
+def read_samples(path: str, min_answers: int = 1) -> tuple[list[dict], int]:
+    """`eval_judge.py sample` output: every record needs `answers`, a list of non-empty strings."""
+    found, left_out = read_records(path, {"answers": list})
+    for line, rec in found:
+        if len(rec["answers"]) < min_answers or not all(isinstance(a, str) for a in rec["answers"]):
+            raise DataError(path, line, f"expected at least {min_answers} answer strings "
+                            "(the output of `eval_judge.py sample`)", "answers")
+    return [rec for _, rec in found], left_out
+
+
+def read_refs(path: str, rules: bool) -> dict[str, dict]:
+    """The reference captions by id ({"id", "caption"}; the rules backend also needs `facts`)."""
+    found, _ = read_records(path, {"caption": str, **({"facts": dict} if rules else {})})
+    return {rec["id"]: rec for _, rec in found}
+
+
+def _onpolicy_inputs(args, min_answers: int) -> tuple[list[dict], dict[str, dict], int]:
+    samples, left_out = read_samples(args.inp, min_answers)
+    refs = read_refs(args.ref, args.backend == "rules")
+    for line_rec in samples:
+        if line_rec["id"] not in refs:
+            line = next(ln for ln, r in read_jsonl(args.inp) if r.get("id") == line_rec["id"])
+            raise DataError(args.inp, line, f"no reference caption with id {line_rec['id']!r} in "
+                            f"{args.ref}", "id")
+    return samples, refs, left_out
+
+
+def _pair_record(rec: dict, better: str, worse: str, source: str, calls: int, **extra) -> dict:
+    return {**_base_record(rec), "prompt": rec.get("prompt", rec.get("question", DEFAULT_PROMPT)),
+            "chain": [better, worse], "source": source, "llm_calls": calls, **extra, "status": "ok"}
+
+
+def improve_messages(reference: str, caption: str) -> list[dict]:
+    user = (f"Reference description of a video (correct):\n{reference}\n\nA model's caption of the "
+            f"same video:\n{caption}\n\nRewrite the model's caption so that it is correct: fix every "
+            "statement the reference contradicts, drop what it does not support, add what the caption "
+            "misses; keep the caption's style. Reply with JSON only: {\"caption\": \"<the corrected caption>\"}")
+    return [{"role": "system", "content": "You are a teacher who corrects video captions against a "
+             "reference description."}, {"role": "user", "content": user}]
+
+
+def parse_caption_reply(text: str) -> str | None:
+    caption, obj = clean_reply(text)
+    if not caption or (not obj and REFUSAL.search(caption) and len(caption.split()) < 25):
+        return None
+    return caption
+
+
+def cmd_improve(args) -> dict:
+    """Response Improvement: the teacher corrects the model's caption against the reference;
+    pair: corrected > sampled (the first sample of each record)."""
+    samples, refs, left_out = _onpolicy_inputs(args, 1)
+    client = ChatClient.from_args(args) if args.backend == "http" else None
+    stats = RunStats()
+
+    def one(rec: dict) -> dict:
+        ref, sample, calls = refs[rec["id"]], rec["answers"][0], [0]
+        if client is None:
+            import synthetic
+            improved, calls[0] = synthetic.rules_improve(sample, ref["facts"]), 1
+        else:
+            improved = ask_validated(client, improve_messages(ref["caption"], sample), parse_caption_reply,
+                                     args.step_tries, stats, calls,
+                                     max_tokens=max(128, 3 * len(ref["caption"].split())))
+        if _tokens(improved) == _tokens(sample):
+            stats.add("no_preference", "already correct")
+            return {**_base_record(rec), "source": "improve", "llm_calls": calls[0],
+                    "status": "no_preference", "reason": "the teacher left the sample unchanged"}
+        return _pair_record(rec, improved, sample, "improve", calls[0])
+
+    run = map_resumable(samples, one, args.out, args.concurrency if client else 1,
+                        f"improve ({args.backend})", args.retry_failed)
+    return _finish("improve", run, stats, client, left_out)
+
+
+def pick_messages(reference: str, first: str, second: str) -> list[dict]:
+    user = (f"Reference description of a video (correct):\n{reference}\n\nCaption 1:\n{first}\n\n"
+            f"Caption 2:\n{second}\n\nWhich caption describes the video better: more correct facts, "
+            "fewer wrong ones? Reply with JSON only: {\"better\": 1 or 2}")
+    return [{"role": "system", "content": "You are a teacher who compares video captions against a "
+             "reference description."}, {"role": "user", "content": user}]
+
+
+def parse_pick(text: str) -> str | None:
+    obj = parse_json_object(text) or {}
+    value = obj.get("better", obj.get("choice"))
+    if value is None:
+        m = re.search(r"\b(?:caption|better)\W{0,4}([12])\b", text or "", re.I)
+        value = m.group(1) if m else None
+    value = str(value).strip() if value is not None else ""
+    return value if value in ("1", "2") else None
+
+
+def cmd_compare(args) -> dict:
+    """Response Comparison: the teacher picks the better of two samples, asked twice with the
+    positions swapped; a pair only when both orders agree (disagreements are written as
+    no_preference and counted: that is the position bias cancelled)."""
+    samples, refs, left_out = _onpolicy_inputs(args, 2)
+    client = ChatClient.from_args(args) if args.backend == "http" else None
+    stats = RunStats()
+
+    def one(rec: dict) -> dict:
+        ref, calls = refs[rec["id"]], [0]
+        a, b = next(((x, y) for i, x in enumerate(rec["answers"]) for y in rec["answers"][i + 1:]
+                     if _tokens(x) != _tokens(y)), (rec["answers"][0], rec["answers"][1]))
+        if _tokens(a) == _tokens(b):
+            stats.add("no_preference", "identical samples")
+            return {**_base_record(rec), "source": "compare", "llm_calls": 0, "status": "no_preference",
+                    "reason": "all samples are the same text"}
+        if client is None:
+            import synthetic
+            qa, qb = (synthetic.caption_quality(x, ref["facts"]) for x in (a, b))
+            picks = ["1" if qa > qb else "2" if qb > qa else "tie", "2" if qa > qb else "1" if qb > qa else "tie"]
+            calls[0] = 2
+        else:
+            picks = [ask_validated(client, pick_messages(ref["caption"], x, y), parse_pick, args.step_tries,
+                                   stats, calls, max_tokens=64) for x, y in ((a, b), (b, a))]
+        a_wins = [picks[0] == "1", picks[1] == "2"]
+        if all(a_wins) or not any(a_wins) and "tie" not in picks:
+            better, worse = (a, b) if all(a_wins) else (b, a)
+            stats.add("decided", "both orders agree")
+            return _pair_record(rec, better, worse, "compare", calls[0], picks=picks)
+        stats.add("no_preference", "orders disagree")
+        return {**_base_record(rec), "source": "compare", "llm_calls": calls[0], "picks": picks,
+                "status": "no_preference", "reason": "the two orders disagree (position bias or a tie)"}
+
+    run = map_resumable(samples, one, args.out, args.concurrency if client else 1,
+                        f"compare ({args.backend})", args.retry_failed)
+    return _finish("compare", run, stats, client, left_out)
+
+
+def claims_messages(caption: str) -> list[dict]:
+    user = (f"Caption of a video:\n{caption}\n\nSplit the caption into atomic claims: short, "
+            "self-contained statements, each stating one fact about the video. Reply with JSON only: "
+            '{"claims": ["...", "..."]}')
+    return [{"role": "system", "content": "You split text into atomic factual claims."},
+            {"role": "user", "content": user}]
+
+
+def verify_messages(reference: str, claim: str) -> list[dict]:
+    user = (f"Reference description of a video (correct):\n{reference}\n\nClaim: {claim}\n\n"
+            'Does the reference support the claim? Reply with JSON only: {"verdict": "yes" or "no"}')
+    return [{"role": "system", "content": "You check claims about a video against its reference "
+             "description."}, {"role": "user", "content": user}]
+
+
+def parse_claims(text: str) -> list[str] | None:
+    obj = parse_json_object(text) or {}
+    claims = obj.get("claims")
+    if not isinstance(claims, list):
+        return None
+    claims = [" ".join(c.split()) for c in claims if isinstance(c, str) and c.strip()]
+    return claims or None
+
+
+def parse_claim_verdict(text: str) -> bool | None:
+    obj = parse_json_object(text) or {}
+    v = obj.get("verdict", obj.get("supported"))
+    if isinstance(v, bool):
+        return v
+    v = str(v or "").strip().lower()
+    if v not in ("yes", "no"):
+        m = re.search(r"\bverdict\W{0,6}(yes|no)\b", text or "", re.I)
+        v = m.group(1).lower() if m else ""
+    return {"yes": True, "no": False}.get(v)
+
+
+def rank_by_support(answers: list[str], supported: list[int], claims: list[int], pairs: bool) -> list[int]:
+    """RLAIF-V's order: share of supported claims, ties broken by the count of supported claims;
+    one sample per distinct (share, count), so the list is strictly ordered."""
+    key = lambda i: (supported[i] / claims[i] if claims[i] else 0.0, supported[i])
+    order = sorted(range(len(answers)), key=lambda i: (-key(i)[0], -key(i)[1], i))
+    kept, seen = [], set()
+    for i in order:
+        if key(i) not in seen and _tokens(answers[i]) not in [_tokens(answers[j]) for j in kept]:
+            seen.add(key(i))
+            kept.append(i)
+    return [kept[0], kept[-1]] if pairs and len(kept) >= 2 else kept
+
+
+def cmd_rlaifv(args) -> dict:
+    """RLAIF-V: claims extracted from each sample, each claim checked against the reference,
+    samples ranked by the share of supported claims (ties: by count) -> a ranked chain."""
+    samples, refs, left_out = _onpolicy_inputs(args, 2)
+    client = ChatClient.from_args(args) if args.backend == "http" else None
+    stats = RunStats()
+
+    def one(rec: dict) -> dict:
+        ref, calls, supported, n_claims = refs[rec["id"]], [0], [], []
+        for answer in rec["answers"]:
+            if client is None:
+                import synthetic
+                claims = synthetic.rules_claims(answer)
+                verdicts = [synthetic.rules_supported(c, ref["facts"]) for c in claims]
+                calls[0] += 1 + len(claims)
+            else:
+                claims = ask_validated(client, claims_messages(answer), parse_claims, args.step_tries, stats,
+                                       calls, max_tokens=max(128, 3 * len(answer.split())))
+                verdicts = [ask_validated(client, verify_messages(ref["caption"], c), parse_claim_verdict,
+                                          args.step_tries, stats, calls, max_tokens=32) for c in claims]
+            n_claims.append(len(claims))
+            supported.append(sum(verdicts))
+        ranked = rank_by_support(rec["answers"], supported, n_claims, args.pairs)
+        base = {**_base_record(rec), "source": "rlaifv", "llm_calls": calls[0],
+                "support": [{"answer": a, "claims": c, "supported": s}
+                            for a, c, s in zip(rec["answers"], n_claims, supported)]}
+        if len(ranked) < 2:
+            stats.add("no_preference", "all samples equally supported")
+            return {**base, "status": "no_preference", "reason": "every sample has the same support"}
+        stats.add("chain_length", str(len(ranked)))
+        return {**base, "prompt": rec.get("prompt", rec.get("question", DEFAULT_PROMPT)),
+                "chain": [rec["answers"][i] for i in ranked], "status": "ok"}
+
+    run = map_resumable(samples, one, args.out, args.concurrency if client else 1,
+                        f"rlaifv ({args.backend})", args.retry_failed)
+    return _finish("rlaifv", run, stats, client, left_out)
+
+
+# =============================================================================================
 # Command line
 # =============================================================================================
 
@@ -1304,6 +1627,23 @@ def build_parser() -> argparse.ArgumentParser:
     io(w)
     w.add_argument("--pairs", action="store_true", help="keep only the best and the worst answer")
     w.set_defaults(fn=cmd_reward)
+
+    a = sub.add_parser("qa", help="captions -> question-answer pairs (LLaVA-Hound's instruction data)")
+    io(a, backend=True)
+    a.add_argument("--n", type=int, default=3, help="questions per caption")
+    a.set_defaults(fn=cmd_qa)
+
+    for name, fn, text in (
+            ("improve", cmd_improve, "Response Improvement: teacher-corrected caption > the sample"),
+            ("compare", cmd_compare, "Response Comparison: the teacher's pick of two samples, both orders"),
+            ("rlaifv", cmd_rlaifv, "RLAIF-V: samples ranked by their share of supported claims")):
+        c = sub.add_parser(name, help=text)
+        io(c, backend=True)
+        c.add_argument("--ref", required=True,
+                       help="reference captions JSONL {id, caption} (rules: with facts, e.g. synth's)")
+        if name == "rlaifv":
+            c.add_argument("--pairs", action="store_true", help="keep only the best and the worst sample")
+        c.set_defaults(fn=fn)
     return p
 
 

@@ -549,6 +549,57 @@ def _write_jsonl_atomically(path: str, records: list[dict]) -> None:
 
 SCORE_MIN, SCORE_MAX = 1, 10                # the LLM judge's scale, so the two judges compare
 
+# ---------------------------------------------------------------------------------------------
+# Rules backends of the on-policy steps (gen_chains.py qa / improve / compare / rlaifv): the
+# stored facts play the teacher LLM, and match_facts is its reading of any caption.
+# ---------------------------------------------------------------------------------------------
+
+def qa_from_facts(facts: dict, rng: random.Random, n: int) -> list[dict]:
+    """Up to n question-answer pairs about a scene, answers in the captions' own wording (so
+    match_facts can check a model's answer): what enters where, which way a group moves, the
+    background."""
+    pool = []
+    for obj in facts["objects"]:
+        what = f"the {obj['color']} {obj['shape']}{'s' if obj['count'] > 1 else ''}"
+        pool.append({"question": f"What appears {POSITION_PHRASES[obj['position']]} of the video?",
+                     "answer": _event_sentence(obj)})
+        pool.append({"question": f"Which way do {what} move?",
+                     "answer": f"{what[0].upper() + what[1:]} {'move' if obj['count'] > 1 else 'moves'} "
+                               f"{obj['direction']}."})
+    pool.append({"question": "What colour is the background?",
+                 "answer": f"The background is {facts['background']}."})
+    rng.shuffle(pool)
+    seen, out = set(), []
+    for item in pool:                      # two groups at one position: keep one question about it
+        if item["question"] not in seen:
+            seen.add(item["question"])
+            out.append(item)
+    return out[:n]
+
+
+def caption_quality(caption: str, facts: dict) -> float:
+    """One number for a caption against the facts (the rules judge's mean of its four axes)."""
+    scores, _ = rules_scores(caption, facts)
+    return sum(scores.values()) / len(scores)
+
+
+def rules_improve(caption: str, facts: dict) -> str:
+    """The rules teacher's correction of a caption: what a perfect teacher writes given the
+    reference, the scene's detailed caption (every wrong fact fixed, every missing one added)."""
+    return caption_from_facts(facts)
+
+
+def rules_claims(caption: str) -> list[str]:
+    """Atomic claims of a caption: its sentences (the template states one event per sentence)."""
+    return [c.strip() for c in re.split(r"(?<=[.!?])\s+|\n+", caption) if c.strip()]
+
+
+def rules_supported(claim: str, facts: dict) -> bool:
+    """A claim is supported when it states at least one fact and none wrongly."""
+    m = match_facts(claim, facts)
+    return m["correct"] > 0 and m["wrong"] == 0
+
+
 def _scale(fraction: float) -> float:
     """[0, 1] -> [1, 10], the LLM judge's scale (eval_judge.py)."""
     return round(SCORE_MIN + (SCORE_MAX - SCORE_MIN) * min(max(fraction, 0.0), 1.0), 2)
