@@ -1340,14 +1340,15 @@ def cmd_qa(args) -> dict:
     return _finish("qa", {**run, "items": items, "questions": n}, stats, client, left_out)
 
 
-def read_samples(path: str, min_answers: int = 1) -> tuple[list[dict], int]:
-    """`eval_judge.py sample` output: every record needs `answers`, a list of non-empty strings."""
+def read_samples(path: str, min_answers: int = 1) -> tuple[list[tuple[int, dict]], int]:
+    """`eval_judge.py sample` output as (line, record): every record needs `answers`, a list of at
+    least min_answers non-empty strings."""
     found, left_out = read_records(path, {"answers": list})
     for line, rec in found:
-        if len(rec["answers"]) < min_answers or not all(isinstance(a, str) for a in rec["answers"]):
-            raise DataError(path, line, f"expected at least {min_answers} answer strings "
+        if len(rec["answers"]) < min_answers or not all(isinstance(a, str) and a.strip() for a in rec["answers"]):
+            raise DataError(path, line, f"expected at least {min_answers} non-empty answer strings "
                             "(the output of `eval_judge.py sample`)", "answers")
-    return [rec for _, rec in found], left_out
+    return found, left_out
 
 
 def read_refs(path: str, rules: bool) -> dict[str, dict]:
@@ -1357,14 +1358,13 @@ def read_refs(path: str, rules: bool) -> dict[str, dict]:
 
 
 def _onpolicy_inputs(args, min_answers: int) -> tuple[list[dict], dict[str, dict], int]:
-    samples, left_out = read_samples(args.inp, min_answers)
+    """The samples (--in) and their reference captions (--ref), matched by id, checked up front."""
+    found, left_out = read_samples(args.inp, min_answers)
     refs = read_refs(args.ref, args.backend == "rules")
-    for line_rec in samples:
-        if line_rec["id"] not in refs:
-            line = next(ln for ln, r in read_jsonl(args.inp) if r.get("id") == line_rec["id"])
-            raise DataError(args.inp, line, f"no reference caption with id {line_rec['id']!r} in "
-                            f"{args.ref}", "id")
-    return samples, refs, left_out
+    for line, rec in found:
+        if rec["id"] not in refs:
+            raise DataError(args.inp, line, f"no reference caption with id {rec['id']!r} in {args.ref}", "id")
+    return [rec for _, rec in found], refs, left_out
 
 
 def _pair_record(rec: dict, better: str, worse: str, source: str, calls: int, **extra) -> dict:
