@@ -1345,10 +1345,21 @@ def read_samples(path: str, min_answers: int = 1) -> tuple[list[tuple[int, dict]
     least min_answers non-empty strings."""
     found, left_out = read_records(path, {"answers": list})
     for line, rec in found:
-        if len(rec["answers"]) < min_answers or not all(isinstance(a, str) and a.strip() for a in rec["answers"]):
-            raise DataError(path, line, f"expected at least {min_answers} non-empty answer strings "
+        if len(rec["answers"]) < min_answers or not all(isinstance(a, str) for a in rec["answers"]):
+            raise DataError(path, line, f"expected at least {min_answers} answer strings "
                             "(the output of `eval_judge.py sample`)", "answers")
     return found, left_out
+
+
+def usable_answers(rec: dict, need: int, source: str, stats: RunStats) -> tuple[list[str], dict | None]:
+    """The non-empty samples of a record (a model may stop at once: an empty sample is real output,
+    not bad input), or a no_preference record when fewer than `need` are left."""
+    answers = [a for a in rec["answers"] if a.strip()]
+    if len(answers) >= need:
+        return answers, None
+    stats.add("no_preference", "empty samples")
+    return answers, {**_base_record(rec), "source": source, "llm_calls": 0, "status": "no_preference",
+                     "reason": f"{len(answers)} non-empty sample(s), {need} needed"}
 
 
 def read_refs(path: str, rules: bool) -> dict[str, dict]:
@@ -1396,7 +1407,10 @@ def cmd_improve(args) -> dict:
     stats = RunStats()
 
     def one(rec: dict) -> dict:
-        ref, sample, calls = refs[rec["id"]], rec["answers"][0], [0]
+        answers, skip = usable_answers(rec, 1, "improve", stats)
+        if skip:
+            return skip
+        ref, sample, calls = refs[rec["id"]], answers[0], [0]
         if client is None:
             import synthetic
             improved, calls[0] = synthetic.rules_improve(sample, ref["facts"]), 1
@@ -1442,9 +1456,12 @@ def cmd_compare(args) -> dict:
     stats = RunStats()
 
     def one(rec: dict) -> dict:
+        answers, skip = usable_answers(rec, 2, "compare", stats)
+        if skip:
+            return skip
         ref, calls = refs[rec["id"]], [0]
-        a, b = next(((x, y) for i, x in enumerate(rec["answers"]) for y in rec["answers"][i + 1:]
-                     if _tokens(x) != _tokens(y)), (rec["answers"][0], rec["answers"][1]))
+        a, b = next(((x, y) for i, x in enumerate(answers) for y in answers[i + 1:]
+                     if _tokens(x) != _tokens(y)), (answers[0], answers[1]))
         if _tokens(a) == _tokens(b):
             stats.add("no_preference", "identical samples")
             return {**_base_record(rec), "source": "compare", "llm_calls": 0, "status": "no_preference",
@@ -1528,8 +1545,11 @@ def cmd_rlaifv(args) -> dict:
     stats = RunStats()
 
     def one(rec: dict) -> dict:
+        answers, skip = usable_answers(rec, 2, "rlaifv", stats)
+        if skip:
+            return skip
         ref, calls, supported, n_claims = refs[rec["id"]], [0], [], []
-        for answer in rec["answers"]:
+        for answer in answers:
             if client is None:
                 import synthetic
                 claims = synthetic.rules_claims(answer)
@@ -1542,16 +1562,16 @@ def cmd_rlaifv(args) -> dict:
                                           args.step_tries, stats, calls, max_tokens=32) for c in claims]
             n_claims.append(len(claims))
             supported.append(sum(verdicts))
-        ranked = rank_by_support(rec["answers"], supported, n_claims, args.pairs)
+        ranked = rank_by_support(answers, supported, n_claims, args.pairs)
         base = {**_base_record(rec), "source": "rlaifv", "llm_calls": calls[0],
                 "support": [{"answer": a, "claims": c, "supported": s}
-                            for a, c, s in zip(rec["answers"], n_claims, supported)]}
+                            for a, c, s in zip(answers, n_claims, supported)]}
         if len(ranked) < 2:
             stats.add("no_preference", "all samples equally supported")
             return {**base, "status": "no_preference", "reason": "every sample has the same support"}
         stats.add("chain_length", str(len(ranked)))
         return {**base, "prompt": rec.get("prompt", rec.get("question", DEFAULT_PROMPT)),
-                "chain": [rec["answers"][i] for i in ranked], "status": "ok"}
+                "chain": [answers[i] for i in ranked], "status": "ok"}
 
     run = map_resumable(samples, one, args.out, args.concurrency if client else 1,
                         f"rlaifv ({args.backend})", args.retry_failed)

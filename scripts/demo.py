@@ -20,6 +20,7 @@ Jobs run --jobs at a time with one torch thread each (one per core).
 
     python scripts/demo.py --out runs/demo            # what `make demo` runs
     python scripts/demo.py --out /tmp/smoke --smoke   # a handful of steps, to check the plumbing
+    python scripts/demo.py --onpolicy                 # the on-policy comparison (scripts/demo_onpolicy.py)
 """
 from __future__ import annotations
 
@@ -428,4 +429,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--onpolicy" in sys.argv[1:]:           # the on-policy comparison (Table 1): its own script
+        import demo_onpolicy
+        demo_onpolicy.main([x for x in sys.argv[1:] if x != "--onpolicy"])
+    else:
+        main()
