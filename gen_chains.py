@@ -1293,7 +1293,7 @@ def qa_items_path(out: str) -> str:
     return re.sub(r"\.jsonl$", "", out) + ".items.jsonl"
 
 
-def write_qa_items(out: str, prompt_field: bool = True) -> tuple[str, int]:
+def write_qa_items(out: str) -> tuple[str, int]:
     """Flatten qa's per-video records into one record per question (what SFT, `sample` and
     `eval_judge.py reward` read): {"id": VIDEO-qK, "video"?, "caption", "question", "answer",
     "prompt", "chain": [answer]}. Rewritten atomically from the whole output on every run."""

@@ -325,3 +325,21 @@ def test_a_second_writer_stops_at_once_and_a_killed_one_blocks_nothing(synth_dir
         assert done.returncode == 0, done.stderr
     ids = [r["id"] for r in lines(out)]
     assert sorted(ids) == [f"k{i:02d}" for i in range(30)]      # every id exactly once
+
+
+def test_sample_on_a_hub_format_model_from_a_local_path(tmp_path):
+    """A model saved in the hub's format (here a text-only Qwen2 causal LM with its tokenizer),
+    loaded by path: one answer set per question record, text-only records need no video."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "lm")
+    synthetic.build_tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"id": f"q{i}", "question": f"What moves {d}?", "caption": "c"}
+                                               for i, d in enumerate(("left", "up"))])
+    res = E.main(["sample", "--model", str(tmp_path / "lm"), "--data", data, "--num_samples", "2",
+                  "--max_new_tokens", "6", "--device", "cpu", "--out", str(tmp_path / "s.jsonl")])
+    recs = lines(tmp_path / "s.jsonl")
+    assert res["sampled"] == 2 and [r["question"] for r in recs] == ["What moves left?", "What moves up?"]
+    assert all(len(r["answers"]) == 2 and r["caption"] == "c" and "video" not in r for r in recs)
