@@ -343,3 +343,23 @@ def test_sample_on_a_hub_format_model_from_a_local_path(tmp_path):
     recs = lines(tmp_path / "s.jsonl")
     assert res["sampled"] == 2 and [r["question"] for r in recs] == ["What moves left?", "What moves up?"]
     assert all(len(r["answers"]) == 2 and r["caption"] == "c" and "video" not in r for r in recs)
+
+
+def test_eval_steps_take_the_same_lock(synth_dir, tmp_path):
+    """`eval_judge.py judge` (like generate and sample) writes through the same locked output."""
+    out = tmp_path / "scores.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, gen_chains as g; "
+                               f"g.lock_output({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        preds = write_jsonl(tmp_path / "p.jsonl", [{"id": r["id"], "caption": r["caption"]}
+                                                   for r in lines(synth_dir / "test.jsonl")])
+        argv = ["judge", "--judge", "rules", "--pred", preds, "--ref", str(synth_dir / "test.jsonl"),
+                "--out", str(out)]
+        with pytest.raises(SystemExit, match=rf"another run \(pid {holder.pid}\)"):
+            E.main(argv)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert E.main(argv)["n_scored"] == len(lines(synth_dir / "test.jsonl"))    # a dead holder blocks nothing
