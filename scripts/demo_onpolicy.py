@@ -236,7 +236,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=4, help="samples per video for the on-policy data")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=72)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=50, help="training steps per method (from the warm start)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--batch_size", type=int, default=4)
