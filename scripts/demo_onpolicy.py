@@ -232,7 +232,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warm_from", default="runs/demo", help="a finished main demo whose warm start to reuse")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--train_videos", type=int, default=100, help="training videos (all methods)")
+    p.add_argument("--train_videos", type=int, default=60, help="training videos (all methods)")
     p.add_argument("--num_samples", type=int, default=4, help="samples per video for the on-policy data")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=72)
