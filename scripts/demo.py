@@ -209,9 +209,9 @@ def warm_start(a) -> list[dict]:
              "--lr_schedule", "constant", "--warmup_steps", str(a.warm_eval_every // 5),
              "--batch_size", str(a.warm_batch_size), "--max_steps", str(step), "--seed", "0",
              "--save_every", str(a.warm_eval_every), "--keep_checkpoints", "1", "--log_every", "5"],
-            log, a.jobs)
+            log)
         stem = os.path.join(a.out, "eval", f"warm-val-{step:05d}")
-        rank_eval(a, out, os.path.join(d, "val_chains.jsonl"), stem, log, a.jobs)
+        rank_eval(a, out, os.path.join(d, "val_chains.jsonl"), stem, log)
         train_loss = [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
                       if r["step"] > step - a.warm_eval_every]
         curve.append({"step": step, "train_ntp": float(np.mean(train_loss)),
@@ -494,6 +494,8 @@ def parse_args(argv=None):
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--heartbeat", type=float, default=60.0, help="seconds between progress lines")
     p.add_argument("--machine", default=None, help="named in RESULTS.md (default: CPU model and cores)")
+    p.add_argument("--readme", metavar="README.md", help="also write RESULTS.md verbatim into this "
+                   "file's demo section and copy plots.png to docs/demo_plots.png beside it")
     p.add_argument("--smoke", action="store_true",
                    help="a handful of steps on a few videos: checks the plumbing, not the claims")
     a = p.parse_args(argv)
@@ -502,9 +504,9 @@ def parse_args(argv=None):
         p.error(f"--chain_lengths must lie in 3..{a.length} (2 is dpo; the full chain, "
                 f"{a.length + 1}, is the rank row)")
     if a.smoke:
-        a.videos, a.test_frac, a.val_videos, a.seeds, a.steps = 28, 0.3, 4, 2, 2
+        a.videos, a.test_frac, a.val_videos, a.seeds, a.steps = 28, 0.3, 4, 1, 2
         a.warm_eval_every, a.warm_max_steps = 2, 4
-        a.batch_size, a.warm_batch_size, a.chain_lengths, a.gen_videos = 2, 2, [3], 2
+        a.batch_size, a.warm_batch_size, a.chain_lengths, a.gen_videos = 2, 2, [], 2
         a.heartbeat = 10.0
     if a.machine is None:
         cpu = "CPU"
@@ -531,7 +533,7 @@ def main(argv=None) -> None:
     t = time.time()
     say(f"warm start: sft until the validation caption loss stops improving (logs/warm.log)")
     curve = warm_start(a)
-    evaluate(a, "warm", a.jobs)
+    evaluate(a, "warm")
     say(f"warm start done ({time.time() - t:.0f} s, {curve[-1]['step']} steps): held-out pairwise "
         f"acc {read_rank(os.path.join(a.out, 'eval', 'warm'))['pairwise']:.3f}")
     run_all(a, jobs)
@@ -540,7 +542,33 @@ def main(argv=None) -> None:
         f.write(text)
     print("\n" + text, flush=True)
     say(plot(a, jobs, curve))
+    if a.readme:
+        say(write_readme(a, text))
     say(f"done: {os.path.join(a.out, 'RESULTS.md')}")
+
+
+README_START, README_END = "<!-- SECTION:demo -->", "<!-- END:demo -->"
+
+
+def write_readme(a, results: str) -> str:
+    """The README's demo section = RESULTS.md as printed (headings one level down), the plot,
+    and a pointer to the recipe sweep; nothing in it is typed by hand."""
+    import shutil
+    with open(a.readme) as f:
+        readme = f.read()
+    if README_START not in readme or README_END not in readme:
+        raise SystemExit(f"{a.readme}: no {README_START} ... {README_END} section to replace")
+    docs = os.path.join(os.path.dirname(os.path.abspath(a.readme)), "docs")
+    os.makedirs(docs, exist_ok=True)
+    shutil.copyfile(os.path.join(a.out, "plots.png"), os.path.join(docs, "demo_plots.png"))
+    body = results.replace("\n## ", "\n#### ").replace("# Demo results", "## Demo results (`make demo`)", 1)
+    section = (f"{README_START}\n{body}\n![demo plots](docs/demo_plots.png)\n\nThe recipe "
+               "(lr, beta, NTP weight and normalisation) comes from `scripts/sweep.py`; its table "
+               f"and what it shows: [docs/demo_sweep.md](docs/demo_sweep.md).\n{README_END}")
+    head, rest = readme.split(README_START, 1)
+    with open(a.readme, "w") as f:
+        f.write(head + section + rest.split(README_END, 1)[1])
+    return f"readme: {a.readme} demo section rewritten from RESULTS.md"
 
 
 if __name__ == "__main__":

@@ -99,3 +99,28 @@ def test_sweep_grid_starts_from_the_old_recipe_and_names_runs_uniquely():
     assert sweep.GRID[0] == ("rank", 1e-3, 0.1, 0.1, "mean")
     assert len({sweep.slug(c) for c in sweep.GRID}) == len(sweep.GRID)
     assert {c[4] for c in sweep.GRID} == {"mean", "sum"}
+
+
+def test_resumed_generate_decodes_in_the_same_batches(tmp_path, monkeypatch):
+    """Left padding depends on the batch, so a generate resumed after a kill must batch the
+    same blocks of the input as an uninterrupted one (else its captions can differ)."""
+    import eval_judge
+    import gen_chains
+    import rank_dpo
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    gen_chains.main(["synth", "--out", str(tmp_path), "--n", "4", "--test_frac", "0.01", "--seed", "0"])
+    data = str(tmp_path / "train.jsonl")
+    sizes, build = [], rank_dpo.build_generation_inputs
+    monkeypatch.setattr(rank_dpo, "build_generation_inputs",
+                        lambda processor, prompts, videos: sizes.append(len(prompts)) or
+                        build(processor, prompts, videos))
+    gen = ["generate", "--data", data, "--batch_size", "2", "--max_new_tokens", "6"]
+    eval_judge.main(gen + ["--out", str(tmp_path / "full.jsonl")])
+    full = demo.read_jsonl(str(tmp_path / "full.jsonl"))
+    assert len(full) == 4 and sizes == [2, 2]
+    (tmp_path / "resumed.jsonl").write_text(__import__("json").dumps(full[0]) + "\n")  # killed after 1
+    sizes.clear()
+    eval_judge.main(gen + ["--out", str(tmp_path / "resumed.jsonl")])
+    assert sizes == [2, 2]                # blocks 1-2 and 3-4 again, not 2-3 and then 4
+    resumed = {r["id"]: r["caption"] for r in demo.read_jsonl(str(tmp_path / "resumed.jsonl"))}
+    assert resumed == {r["id"]: r["caption"] for r in full}
