@@ -520,6 +520,25 @@ def parse_args(argv=None):
     return a
 
 
+RUN_INDEPENDENT = ("out", "jobs", "heartbeat", "machine", "readme")
+
+
+def check_settings(a) -> None:
+    """Resuming reuses finished runs, so OUT must hold runs of these very settings."""
+    path = os.path.join(a.out, "settings.json")
+    now = {k: v for k, v in sorted(vars(a).items()) if k not in RUN_INDEPENDENT}
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        if changed:
+            raise SystemExit(f"{a.out} holds a demo run with other settings ({', '.join(changed)}); "
+                             "use a new --out")
+    else:
+        with open(path, "w") as f:
+            json.dump(now, f, indent=1)
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     try:
@@ -527,6 +546,7 @@ def main(argv=None) -> None:
     except ImportError:
         raise SystemExit("scripts/demo.py draws plots.png with matplotlib: `pip install matplotlib`")
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
+    check_settings(a)
     jobs = plan(a)
     say(f"demo -> {a.out}: data, warm start, {len(jobs)} runs ({a.jobs} at a time), evaluation")
     make_data(a)

@@ -124,3 +124,15 @@ def test_resumed_generate_decodes_in_the_same_batches(tmp_path, monkeypatch):
     assert sizes == [2, 2]                # blocks 1-2 and 3-4 again, not 2-3 and then 4
     resumed = {r["id"]: r["caption"] for r in demo.read_jsonl(str(tmp_path / "resumed.jsonl"))}
     assert resumed == {r["id"]: r["caption"] for r in full}
+
+
+def test_an_out_folder_refuses_other_settings(tmp_path):
+    a = demo.parse_args(["--out", str(tmp_path)])
+    demo.check_settings(a)
+    demo.check_settings(demo.parse_args(["--out", str(tmp_path), "--jobs", "1"]))  # no effect on results
+    try:
+        demo.check_settings(demo.parse_args(["--out", str(tmp_path), "--lr", "0.5"]))
+    except SystemExit as e:
+        assert "lr" in str(e)
+    else:
+        raise AssertionError("a changed --lr reused the old runs")
