@@ -582,6 +582,12 @@ def write_readme(a, results: str) -> str:
     os.makedirs(docs, exist_ok=True)
     shutil.copyfile(os.path.join(a.out, "plots.png"), os.path.join(docs, "demo_plots.png"))
     body = results.replace("\n## ", "\n#### ").replace("# Demo results", "## Demo results (`make demo`)", 1)
+    lead = ("Written by `make demo-readme` from the `runs/demo/RESULTS.md` that `make demo` "
+            "(`scripts/demo.py` with its committed defaults) printed: every number below is that "
+            "run's. The demo is a miniature (a ~1M-parameter model, a few hundred synthetic chains): "
+            "it says which way each effect goes on this toy task, not how large it is on real "
+            "videos.\n\n")
+    body = body.replace("\n\n", "\n\n" + lead, 1)
     section = (f"{README_START}\n{body}\n![demo plots](docs/demo_plots.png)\n\nThe recipe "
                "(lr, beta, NTP weight and normalisation) comes from `scripts/sweep.py`; its table "
                f"and what it shows: [docs/demo_sweep.md](docs/demo_sweep.md).\n{README_END}")
