@@ -10,7 +10,8 @@ Every step calls the project's real command lines as subprocesses, exactly as a 
                stops improving (the learning curve goes into RESULTS.md)
   3. methods   from that warm start (--init, so it is also the reference): sft, dpo, mpo, hinge,
                rank, rank --vision frozen, and mpo on the injected negatives, each over --seeds
-  4. length    rank with --max_chain 3, 4 (2 is dpo: the same loss) over the same seeds
+  4. length    K = 2 captions per chain is dpo (the same loss); --chain_lengths 3,4 adds
+               rank with --max_chain 3, 4 over the same seeds
   5. eval      eval_judge.py rank (held-out chains, per-chain scores), generate + judge --judge
                rules, per run
   6. report    OUT/RESULTS.md: every cell with a 95% interval from a bootstrap over held-out
@@ -476,8 +477,9 @@ def parse_args(argv=None):
     p.add_argument("--val_videos", type=int, default=50, help="training videos kept for validation")
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--length", type=int, default=4, help="degradation steps: chains of length+1")
-    p.add_argument("--chain_lengths", default="3,4", help="--max_chain values besides 2 (= dpo) "
-                   "and the full chain (= rank)")
+    p.add_argument("--chain_lengths", default="", help="--max_chain values besides 2 (= dpo) "
+                   "and the full chain (= rank), e.g. 3,4 (3 runs each; off by default to keep "
+                   "the demo inside 20 minutes on 2 cores)")
     p.add_argument("--warm_lr", type=float, default=1e-3)
     p.add_argument("--warm_batch_size", type=int, default=8)
     p.add_argument("--warm_eval_every", type=int, default=100)
