@@ -487,10 +487,13 @@ def parse_args(argv=None):
     p.add_argument("--warm_min_gain", type=float, default=0.02,
                    help="stop when a segment lowers the validation caption loss by less than this")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--ntp_weight", type=float, default=0.1)
-    p.add_argument("--ntp_norm", choices=("mean", "sum"), default="mean")
+    p.add_argument("--ntp_norm", choices=("mean", "sum"), default="sum",
+                   help="sum: the NTP term on the scale of the summed log-probs the preference terms "
+                        "use (docs/demo_sweep.md: with the per-token mean it is 1-2%% of the loss "
+                        "and does not stop log p(c0) from falling)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--gen_videos", type=int, default=40, help="held-out videos captioned and judged")
     p.add_argument("--save_every", type=int, default=50)
