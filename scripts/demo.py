@@ -595,7 +595,9 @@ def write_readme(a, results: str) -> str:
     body = body.replace("\n\n", "\n\n" + lead, 1)
     section = (f"{README_START}\n{body}\n![demo plots](docs/demo_plots.png)\n\nThe recipe "
                "(lr, beta, NTP weight and normalisation) comes from `scripts/sweep.py`; its table "
-               f"and what it shows: [docs/demo_sweep.md](docs/demo_sweep.md).\n{README_END}")
+               "and what it shows: [docs/demo_sweep.md](docs/demo_sweep.md).\n\nBenchmarks (kernel "
+               "speed and memory, training throughput, chain generation), with the machine each ran "
+               f"on: [bench/RESULTS.md](bench/RESULTS.md).\n{README_END}")
     head, rest = readme.split(README_START, 1)
     with open(a.readme, "w") as f:
         f.write(head + section + rest.split(README_END, 1)[1])
