@@ -364,6 +364,9 @@ def report(a, jobs: list[dict], curve: list[dict], wall: float) -> str:
              f"NTP weight {a.ntp_weight} ({a.ntp_norm} over tokens); seeds 0..{a.seeds - 1}. "
              f"Held-out: {n_test} test chains scored by `eval_judge.py rank`; captions of the first "
              f"{a.gen_videos} test videos by `generate`, scored by `judge --judge rules`.", "",
+             "For numbers that repeat bit for bit, after a kill too, every job runs on one "
+             "torch thread with MKL's reproducible mode (`MKL_CBWR=AUTO,STRICT`), and `generate` "
+             "decodes fixed blocks of the input however a resume splits it.", "",
              "Cells: mean [95% interval], a bootstrap over held-out chains (videos for the judge) "
              "and seeds together. Chance: pairwise 0.5, Kendall 0, top-1 0.2. The implicit reward "
              "scores log pi - log pi_ref against the warm start.", "",
