@@ -10,7 +10,7 @@ PYTHON := $(VENV)/bin/python
 # toolkit (nvcc may be a wrapper script) and, only where no GPU is visible, builds for 8.0;9.0.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build test demo bench bench-kernels bench-train bench-gen clean
+.PHONY: setup build test demo demo-readme sweep bench bench-kernels bench-train bench-gen clean
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: build
 # The whole pipeline on the embedded tiny model (scripts/demo.py; resumable: re-run after a kill).
 demo: build
 	$(PYTHON) scripts/demo.py --out runs/demo
+
+# After `make demo`: the README's demo section rewritten from runs/demo/RESULTS.md (resumes; no retraining).
+demo-readme: build
+	$(PYTHON) scripts/demo.py --out runs/demo --readme README.md
+
+# The recipe sweep the demo's defaults come from (scripts/sweep.py; reuses the demo's data and warm start).
+sweep: build
+	$(PYTHON) scripts/sweep.py --demo_out runs/demo --out runs/sweep
 
 bench: bench-kernels bench-train bench-gen
 

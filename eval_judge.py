@@ -100,12 +100,20 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval for the mean (resample items with replacement; fixed seed)."""
+    """Percentile bootstrap interval for the mean (resample items with replacement; fixed seed).
+
+    `values` 1-D: items. 2-D [runs, items] (seeds x held-out chains): runs and items are both
+    resampled, so the interval covers training noise and test-set sampling together."""
     v = np.asarray(values, dtype=np.float64)
-    if len(v) == 0:
+    if v.size == 0:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    if v.ndim == 1:
+        means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    else:  # [runs, items]: resample both, one item draw for all runs (a paired A - B stays paired)
+        runs = rng.integers(0, v.shape[0], size=(n_boot, v.shape[0]))
+        items = rng.integers(0, v.shape[1], size=(n_boot, v.shape[1]))
+        means = np.array([v[r][:, c].mean() for r, c in zip(runs, items)])
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return float(lo), float(hi)
@@ -637,13 +645,16 @@ def cmd_generate(args) -> dict:
             raise DataError(args.data, data[rid][0], "expected a string", field="prompt")
     out = ResumableJsonl(args.out)
     todo = [job for job in jobs if job[0] not in out.done_ids]
+    # Batches are fixed blocks of the input, whatever was done before a kill: left padding
+    # depends on the batch, so a resumed run decodes exactly what an uninterrupted one does.
+    blocks = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    blocks = [b for b in blocks if any(job[0] not in out.done_ids for job in b)]
     start, n_words = time.monotonic(), []
     try:
         if todo:
             model, processor = _load(args, args.adapter)
             tokenizer = getattr(processor, "tokenizer", processor)
-            for i in range(0, len(todo), args.batch_size):
-                batch = todo[i:i + args.batch_size]
+            for i, batch in enumerate(blocks):
                 videos = [load_video(v, args.num_frames) if v else None for _, _, v in batch]
                 inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos)
                 inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
@@ -654,9 +665,10 @@ def cmd_generate(args) -> dict:
                 texts = tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
                                                skip_special_tokens=True)
                 for (rid, _, _), text in zip(batch, texts):
-                    out.append({"id": rid, "caption": text.strip()})
-                    n_words.append(len(text.split()))
-                print(f"generate: {min(i + args.batch_size, len(todo))}/{len(todo)}", file=sys.stderr)
+                    if rid not in out.done_ids:
+                        out.append({"id": rid, "caption": text.strip()})
+                        n_words.append(len(text.split()))
+                print(f"generate: block {i + 1}/{len(blocks)}", file=sys.stderr)
     finally:
         out.close()
     seconds = time.monotonic() - start

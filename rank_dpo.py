@@ -575,6 +575,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--ntp_weight", type=float, default=0.1, help="NTP term on the best response")
+    p.add_argument("--ntp_norm", choices=("mean", "sum"), default="mean",
+                   help="NTP term as the mean token NLL of y_0 (the kernels' term) or the summed "
+                        "NLL (the scale of the preference terms); sft itself is always the mean")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--batch_size", type=int, default=1, help="chains per rank per micro-step")
     p.add_argument("--grad_accum", type=int, default=1)
@@ -730,12 +733,17 @@ def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_train
         del ref_logits
     with autocast:
         logits, labels = forward_logits(model, batch, shared)
+    summed_ntp = getattr(args, "ntp_norm", "mean") == "sum" and args.objective != "sft"
     loss, logps = kernels.fused_chain_loss(
         logits, labels, index.to(logits.device),
         ref if ref is not None else torch.zeros(len(labels), device=logits.device),
-        objective=args.objective, beta=args.beta, ntp_weight=args.ntp_weight,
+        objective=args.objective, beta=args.beta,
+        ntp_weight=0.0 if summed_ntp else args.ntp_weight,
         backend=args.loss_backend, inplace_backward=True)   # logits come straight from the LM
     # head, which needs only its input and weight for backward: their gradient may overwrite them
+    if summed_ntp:   # the kernels' NTP is per token; this one is the summed NLL of y_0, added
+        # here from the per-sequence log-probs (they carry the gradient back to the logits)
+        loss = loss + args.ntp_weight * (-logps[index[:, 0].to(logps.device)]).mean()
     counts = (labels != IGNORE_INDEX).sum(-1)
     stats = chain_stats(logps.detach().float(), ref, counts, index.to(logits.device), args.beta)
     return loss, stats
@@ -773,7 +781,7 @@ def peak_memory_mb(device) -> float:
 
 RESUME_KEYS = ("model", "data", "objective", "vision", "lora_r", "lora_alpha", "modules_to_save",
                "init", "batch_size", "grad_accum", "seed", "max_chain", "num_frames",
-               "max_length", "beta", "ntp_weight")
+               "max_length", "beta", "ntp_weight", "ntp_norm")
 
 
 def rng_state() -> dict:

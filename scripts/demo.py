@@ -1,22 +1,28 @@
 #!/usr/bin/env python
-"""The whole method, end to end, on the embedded tiny model and synthetic videos (issue 6).
+"""The whole method, end to end, on the embedded tiny model and synthetic videos (issue 6, 11).
 
 Every step calls the project's real command lines as subprocesses, exactly as a user would:
 
-  1. data      gen_chains.py synth -> chains --backend rules (train and held-out test)
-               and inject (the error-injection baseline's training set)
-  2. warm      rank_dpo.py --objective sft: one SFT warm start of the tiny model
+  1. data      gen_chains.py synth -> chains --backend rules (train, validation, held-out test)
+               and inject (the error-injection baseline's training set, same training videos)
+  2. warm      rank_dpo.py --objective sft in segments of --warm_eval_every steps, each followed
+               by the held-out caption loss on the validation chains; it stops when that loss
+               stops improving (the learning curve goes into RESULTS.md)
   3. methods   from that warm start (--init, so it is also the reference): sft, dpo, mpo, hinge,
                rank, rank --vision frozen, and mpo on the injected negatives, each over --seeds
-  4. length    rank with --max_chain 2, 3, ... (the chain-length study) over the same seeds
-  5. eval      eval_judge.py rank (held-out chains), generate + judge --judge rules, per run
-  6. report    OUT/RESULTS.md (mean, std and n per method; the chain-length table; one line per
-               claim of the paper saying whether it reproduced) and, with matplotlib, OUT/plots.png
+  4. length    K = 2 captions per chain is dpo (the same loss); --chain_lengths 3,4 adds
+               rank with --max_chain 3, 4 over the same seeds
+  5. eval      eval_judge.py rank (held-out chains, per-chain scores), generate + judge --judge
+               rules, per run
+  6. report    OUT/RESULTS.md: every cell with a 95% interval from a bootstrap over held-out
+               chains and seeds together; one line per claim of the paper with the paired
+               difference, its interval and the verdict; OUT/plots.png (matplotlib)
 
 Resumable: a training run is done when its OUT/runs/NAME/.done marker exists (written after
 rank_dpo.py exits 0; an interrupted run continues from its checkpoint with --resume), and an
 evaluation is done when its results JSON exists, so re-running after a kill finishes the job.
-Jobs run --jobs at a time with one torch thread each (one per core).
+Deterministic: every job runs with one torch thread and MKL's strict reproducible mode, and
+nothing depends on the order jobs finish.
 
     python scripts/demo.py --out runs/demo            # what `make demo` runs
     python scripts/demo.py --out /tmp/smoke --smoke   # a handful of steps, to check the plumbing
@@ -35,10 +41,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from eval_judge import bootstrap_ci, chain_metrics  # noqa: E402
+
 PY = sys.executable
 T0 = time.time()
 PRINT_LOCK = threading.Lock()
+METHODS = ["sft", "dpo", "mpo", "hinge", "rank", "rank, vision frozen", "inject + mpo"]
 
 
 def say(msg: str) -> None:
@@ -47,10 +59,12 @@ def say(msg: str) -> None:
         print(f"[{m:02d}:{s:02d}] {msg}", flush=True)
 
 
-def run(cmd: list[str], log: str, threads: int) -> None:
-    """One CLI call, output appended to `log`; a failure stops the demo with the log's tail."""
+def run(cmd: list[str], log: str, threads: int = 1) -> None:
+    """One CLI call, output appended to `log`; a failure stops the demo with the log's tail.
+    MKL_CBWR=AUTO,STRICT: MKL otherwise picks code paths by buffer alignment, so the same GEMM
+    can round differently from run to run; with it, a run is bit-for-bit repeatable."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+               MKL_CBWR="AUTO,STRICT", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -62,38 +76,42 @@ def run(cmd: list[str], log: str, threads: int) -> None:
         raise SystemExit(f"failed (exit {rc}): {' '.join(cmd)}\n--- {log} (tail) ---\n{tail}")
 
 
+def recipe_args(a) -> list[str]:
+    """The preference step's recipe (chosen by scripts/sweep.py; see RESULTS.md)."""
+    return ["--batch_size", str(a.batch_size), "--max_steps", str(a.steps),
+            "--warmup_steps", str(max(1, a.steps // 10)), "--beta", str(a.beta),
+            "--lr", str(a.lr), "--ntp_weight", str(a.ntp_weight), "--ntp_norm", a.ntp_norm]
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan: every training run and its evaluation
 # ---------------------------------------------------------------------------------------------
 
 def plan(a) -> list[dict]:
-    """All runs after the warm start, longest first (so the two workers finish together)."""
+    """All runs after the warm start, longest first (so the workers finish together)."""
     d = os.path.join(a.out, "data")
-    common = ["--batch_size", str(a.batch_size), "--max_steps", str(a.steps),
-              "--warmup_steps", str(max(1, a.steps // 10)), "--beta", str(a.beta),
-              "--init", os.path.join(a.out, "runs", "warm")]
-    methods = [  # (row name, objective, data, lr, extra flags)
-        ("rank", "rank", "chains.jsonl", a.lr, []),
-        ("rank, vision frozen", "rank", "chains.jsonl", a.lr, ["--vision", "frozen"]),
-        ("mpo", "mpo", "chains.jsonl", a.lr, []),
-        ("hinge", "hinge", "chains.jsonl", a.lr, []),
-        ("inject + mpo", "mpo", "inject.jsonl", a.lr, []),
-        ("dpo", "dpo", "chains.jsonl", a.lr, []),
-        ("sft", "sft", "chains.jsonl", a.lr, []),
+    common = recipe_args(a) + ["--init", os.path.join(a.out, "runs", "warm")]
+    methods = [  # (row name, objective, data, extra flags)
+        ("rank", "rank", "chains.jsonl", []),
+        ("rank, vision frozen", "rank", "chains.jsonl", ["--vision", "frozen"]),
+        ("mpo", "mpo", "chains.jsonl", []),
+        ("hinge", "hinge", "chains.jsonl", []),
+        ("inject + mpo", "mpo", "inject.jsonl", []),
+        ("dpo", "dpo", "chains.jsonl", []),
+        ("sft", "sft", "chains.jsonl", []),
     ]
     jobs = []
     for seed in range(a.seeds):
-        for row, obj, data, lr, extra in methods:
+        for row, obj, data, extra in methods:
             slug = row.replace(", vision frozen", "-frozen").replace(" + ", "-")
             jobs.append(dict(name=f"{slug}-s{seed}", row=row, seed=seed, study="methods",
                              args=["--objective", obj, "--data", os.path.join(d, data),
-                                   "--lr", str(lr), "--seed", str(seed)] + common + extra))
-        for k in a.chain_lengths:   # the full chain (length + 1) is the "rank" row itself
+                                   "--seed", str(seed)] + common + extra))
+        for k in a.chain_lengths:   # K = 2 is dpo (same loss), the full chain is the rank row
             jobs.append(dict(name=f"rank-k{k}-s{seed}", row=f"rank, max_chain {k}", seed=seed,
                              study="length", k=k,
                              args=["--objective", "rank", "--data", os.path.join(d, "chains.jsonl"),
-                                   "--lr", str(a.lr), "--seed", str(seed), "--max_chain", str(k)]
-                             + common))
+                                   "--seed", str(seed), "--max_chain", str(k)] + common))
     return jobs
 
 
@@ -101,33 +119,48 @@ def plan(a) -> list[dict]:
 # Steps
 # ---------------------------------------------------------------------------------------------
 
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def write_lines(path: str, records: list[dict]) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+
+
 def make_data(a) -> None:
     d = os.path.join(a.out, "data")
     log = os.path.join(a.out, "logs", "data.log")
     if not os.path.exists(os.path.join(d, ".synth_done")):
         run([PY, "gen_chains.py", "synth", "--out", d, "--n", str(a.videos),
-             "--test_frac", str(a.test_frac), "--seed", str(a.data_seed)], log, 1)
+             "--test_frac", str(a.test_frac), "--seed", str(a.data_seed)], log)
         open(os.path.join(d, ".synth_done"), "w").close()
     # chains and inject append and skip ids already written: re-running them resumes
-    for cmd, inp, out in [("chains", "train.jsonl", "chains.jsonl"),
+    for cmd, inp, out in [("chains", "train.jsonl", "all_train_chains.jsonl"),
                           ("chains", "test.jsonl", "test_chains.jsonl"),
-                          ("inject", "train.jsonl", "inject.jsonl")]:
+                          ("inject", "train.jsonl", "all_inject.jsonl")]:
         run([PY, "gen_chains.py", cmd, "--backend", "rules", "--in", os.path.join(d, inp),
              "--out", os.path.join(d, out), "--length", str(a.length), "--seed", str(a.data_seed)],
-            log, 1)
+            log)
+    # the last --val_videos training videos are the warm start's validation set, in no training set
+    chains = read_jsonl(os.path.join(d, "all_train_chains.jsonl"))
+    val_ids = {c["id"] for c in chains[len(chains) - a.val_videos:]}
+    write_lines(os.path.join(d, "val_chains.jsonl"), [c for c in chains if c["id"] in val_ids])
+    write_lines(os.path.join(d, "chains.jsonl"), [c for c in chains if c["id"] not in val_ids])
+    write_lines(os.path.join(d, "inject.jsonl"),
+                [c for c in read_jsonl(os.path.join(d, "all_inject.jsonl")) if c["id"] not in val_ids])
     # captions are generated for the first --gen_videos held-out videos (decoding is the slow part)
-    with open(os.path.join(d, "test.jsonl")) as f:
-        lines = [ln for ln in f if ln.strip()]
-    with open(os.path.join(d, "gen_test.jsonl"), "w") as f:
-        f.writelines(lines[:a.gen_videos])
-    n = {k: sum(1 for ln in open(os.path.join(d, k)) if ln.strip())
-         for k in ("chains.jsonl", "test_chains.jsonl", "inject.jsonl")}
+    write_lines(os.path.join(d, "gen_test.jsonl"), read_jsonl(os.path.join(d, "test.jsonl"))[:a.gen_videos])
+    n = {k: len(read_jsonl(os.path.join(d, k)))
+         for k in ("chains.jsonl", "val_chains.jsonl", "test_chains.jsonl", "inject.jsonl")}
     say(f"data: {n['chains.jsonl']} training chains of {a.length + 1} captions, "
-        f"{n['test_chains.jsonl']} held-out chains, {n['inject.jsonl']} injected sets "
-        f"(logs/data.log)")
+        f"{n['val_chains.jsonl']} validation, {n['test_chains.jsonl']} held-out test chains, "
+        f"{n['inject.jsonl']} injected sets (logs/data.log)")
 
 
-def train(a, name: str, args: list[str], threads: int) -> None:
+def train(a, name: str, args: list[str], threads: int = 1) -> None:
     out = os.path.join(a.out, "runs", name)
     if os.path.exists(os.path.join(out, ".done")):
         return
@@ -137,13 +170,17 @@ def train(a, name: str, args: list[str], threads: int) -> None:
     open(os.path.join(out, ".done"), "w").close()
 
 
-def evaluate(a, name: str, threads: int) -> None:
+def rank_eval(a, adapter: str, data: str, stem: str, log: str, threads: int = 1) -> None:
+    """eval_judge.py rank: per-chain scores to STEM.chains.jsonl, summary to STEM.rank.json."""
+    if not os.path.exists(stem + ".rank.json"):
+        run([PY, "eval_judge.py", "rank", "--adapter", adapter, "--data", data,
+             "--out", stem + ".chains.jsonl", "--results", stem + ".rank.json"], log, threads)
+
+
+def evaluate(a, name: str, threads: int = 1) -> None:
     d, ev = os.path.join(a.out, "data"), os.path.join(a.out, "eval")
     adapter, log = os.path.join(a.out, "runs", name), os.path.join(a.out, "logs", name + ".log")
-    rank_json = os.path.join(ev, name + ".rank.json")
-    if not os.path.exists(rank_json):
-        run([PY, "eval_judge.py", "rank", "--adapter", adapter, "--data",
-             os.path.join(d, "test_chains.jsonl"), "--results", rank_json], log, threads)
+    rank_eval(a, adapter, os.path.join(d, "test_chains.jsonl"), os.path.join(ev, name), log, threads)
     caps, scores = os.path.join(ev, name + ".captions.jsonl"), os.path.join(ev, name + ".scores.jsonl")
     if a.gen_videos and not os.path.exists(scores + ".results.json"):
         run([PY, "eval_judge.py", "generate", "--adapter", adapter, "--data",
@@ -151,6 +188,43 @@ def evaluate(a, name: str, threads: int) -> None:
         run([PY, "eval_judge.py", "judge", "--judge", "rules", "--pred", caps, "--ref",
              os.path.join(d, "test.jsonl"), "--out", scores,
              "--results", scores + ".results.json"], log, threads)
+
+
+def caption_nll(stem: str) -> float:
+    """Held-out caption loss: mean over chains of -log p(c0 | video), nats per caption."""
+    return float(np.mean([-r["log-prob"][0] for r in read_jsonl(stem + ".chains.jsonl")]))
+
+
+def warm_start(a) -> list[dict]:
+    """SFT on c0 in segments; after each, the caption loss on the validation chains. Stops at the
+    first segment that lowers it by less than --warm_min_gain (relative), or at --warm_max_steps.
+    Resumable: the trainer continues from its checkpoint, finished evaluations are kept."""
+    d, out = os.path.join(a.out, "data"), os.path.join(a.out, "runs", "warm")
+    log, curve = os.path.join(a.out, "logs", "warm.log"), []
+    if os.path.exists(os.path.join(out, ".done")):
+        return read_jsonl(os.path.join(out, "curve.jsonl"))
+    step = 0
+    while step < a.warm_max_steps:
+        step = min(step + a.warm_eval_every, a.warm_max_steps)
+        run([PY, "rank_dpo.py", "--model", "tiny", "--output_dir", out, "--resume", "--objective",
+             "sft", "--data", os.path.join(d, "chains.jsonl"), "--lr", str(a.warm_lr),
+             "--lr_schedule", "constant", "--warmup_steps", str(a.warm_eval_every // 5),
+             "--batch_size", str(a.warm_batch_size), "--max_steps", str(step), "--seed", "0",
+             "--save_every", str(a.warm_eval_every), "--keep_checkpoints", "1", "--log_every", "5"],
+            log)
+        stem = os.path.join(a.out, "eval", f"warm-val-{step:05d}")
+        rank_eval(a, out, os.path.join(d, "val_chains.jsonl"), stem, log)
+        train_loss = [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
+                      if r["step"] > step - a.warm_eval_every]
+        curve.append({"step": step, "train_ntp": float(np.mean(train_loss)),
+                      "val_nll": caption_nll(stem), "val_pairwise": read_rank(stem)["pairwise"]})
+        say(f"warm start step {step}: validation caption NLL {curve[-1]['val_nll']:.2f} nats, "
+            f"pairwise acc {curve[-1]['val_pairwise']:.3f}")
+        if len(curve) > 1 and curve[-1]["val_nll"] > curve[-2]["val_nll"] * (1 - a.warm_min_gain):
+            break
+    write_lines(os.path.join(out, "curve.jsonl"), curve)
+    open(os.path.join(out, ".done"), "w").close()
+    return curve
 
 
 def progress_of(a, name: str) -> str:
@@ -176,13 +250,13 @@ def run_all(a, jobs: list[dict]) -> None:
     def one(job):
         running[job["name"]] = time.time()
         t = time.time()
-        train(a, job["name"], job["args"], 1)
-        evaluate(a, job["name"], 1)
+        train(a, job["name"], job["args"])
+        evaluate(a, job["name"])
         del running[job["name"]]
         with PRINT_LOCK:
             done[0] += 1
             k = done[0]
-        acc = read_rank(a, job["name"])["pairwise"]
+        acc = read_rank(os.path.join(a.out, "eval", job["name"]))["pairwise"]
         say(f"{k:2d}/{len(jobs)} {job['name']:<22s} held-out pairwise acc {acc:.3f}"
             f"  ({time.time() - t:.0f} s)")
 
@@ -202,162 +276,196 @@ def run_all(a, jobs: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Report
+# Statistics: per-item numbers of every run, cells and claims with bootstrap intervals
 # ---------------------------------------------------------------------------------------------
 
-def read_rank(a, name: str) -> dict:
-    with open(os.path.join(a.out, "eval", name + ".rank.json")) as f:
-        r = json.load(f)["scorers"]
-    lp, ir = r["log-prob"], r.get("implicit reward", {})
-    out = {"pairwise": lp["pairwise"]["mean"], "kendall": lp["kendall"]["mean"],
-           "top1": lp["top1"]["mean"], "n_chains": lp["n_chains"],
-           "reward_pairwise": ir.get("pairwise", {}).get("mean", float("nan"))}
-    judge = os.path.join(a.out, "eval", name + ".scores.jsonl.results.json")
-    if os.path.exists(judge):
-        with open(judge) as f:
-            out["judge"] = json.load(f)["overall"]["mean"]
+def read_rank(stem: str) -> dict:
+    with open(stem + ".rank.json") as f:
+        lp = json.load(f)["scorers"]["log-prob"]
+    return {"pairwise": lp["pairwise"]["mean"], "n_chains": lp["n_chains"]}
+
+
+def per_item(a, name: str) -> dict[str, np.ndarray]:
+    """One number per held-out chain (pairwise, kendall, top1 of the policy's log-probs; reward:
+    pairwise of the implicit reward) and per judged video (judge: rules overall), in id order."""
+    ev = os.path.join(a.out, "eval", name)
+    rows = sorted(read_jsonl(ev + ".chains.jsonl"), key=lambda r: r["id"])
+    out = {m: np.array([chain_metrics(r["log-prob"])[m] for r in rows])
+           for m in ("pairwise", "kendall", "top1")}
+    if rows and "implicit reward" in rows[0]:
+        out["reward"] = np.array([chain_metrics(r["implicit reward"])["pairwise"] for r in rows])
+    if os.path.exists(ev + ".scores.jsonl"):
+        scores = sorted(read_jsonl(ev + ".scores.jsonl"), key=lambda r: r["id"])
+        out["judge"] = np.array([np.mean(list(r["scores"].values())) for r in scores])
     return out
 
 
-def stats(xs: list[float]) -> tuple[float, float, int]:
-    xs = [x for x in xs if x == x]
-    n = len(xs)
-    if not n:
-        return float("nan"), float("nan"), 0
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-    return m, sd, n
+def grid(runs: list[dict[str, np.ndarray]], metric: str) -> np.ndarray:
+    """[seeds, items] for one metric (Kendall's tau is nan on a chain scored all equal: 0)."""
+    return np.nan_to_num(np.stack([r[metric] for r in runs]), nan=0.0)
 
 
-def fmt(m: float, sd: float, digits: int = 3) -> str:
-    if m != m:
-        return "–"
-    return f"{m:.{digits}f} ± {sd:.{digits}f}" if sd == sd else f"{m:.{digits}f}"
+def cell(values: np.ndarray, digits: int = 3) -> str:
+    """Mean [95% interval], the bootstrap over items and seeds together."""
+    lo, hi = bootstrap_ci(values)
+    return f"{values.mean():.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def compare(name: str, a_xs: list[float], b_xs: list[float], strict: bool) -> str:
-    """One claim 'A > B' (strict) or 'A >= B': the gap of the means against its standard error."""
-    ma, sa, na = stats(a_xs)
-    mb, sb, nb = stats(b_xs)
-    d = ma - mb
-    se = math.sqrt((sa ** 2 if na > 1 else 0) / na + (sb ** 2 if nb > 1 else 0) / nb)
-    z = d / se if se > 0 else float("nan")
-    if na < 2 or nb < 2:
-        verdict = "not testable (needs at least 2 seeds for a spread)"
-    elif d > 2 * se:
-        verdict = "**reproduced**"
-    elif d > 0:
-        verdict = "same direction, within noise (gap < 2 SE)"
-    elif not strict and -d <= 2 * se:
-        verdict = "**reproduced as a tie** (A is not significantly worse; gap within 2 SE)"
-    else:
-        verdict = "**not reproduced**"
-    return (f"- {name}: {verdict}. Gap {d:+.3f} (SE of the gap {se:.3f}, {z:+.1f} SE; "
-            f"{ma:.3f} vs {mb:.3f}, n = {na}, {nb} seeds).")
+def verdict(diff: np.ndarray) -> tuple[float, float, float, str]:
+    """A claim 'A > B' from the paired differences A - B [seeds, items]: reproduced when the
+    whole 95% interval is above 0, not reproduced when it is below, else inconclusive."""
+    lo, hi = bootstrap_ci(diff)
+    word = "**reproduced**" if lo > 0 else "**not reproduced** (reversed)" if hi < 0 else \
+        "inconclusive (the interval holds 0)"
+    return float(diff.mean()), lo, hi, word
 
 
-def report(a, jobs: list[dict], wall: float) -> str:
+def claim(text: str, a_runs: list[dict], b_runs: list[dict], metric: str = "pairwise",
+          digits: int = 3) -> str:
+    """Paired over seeds (seed s of A against seed s of B) and items (the same chain or video)."""
+    n = min(len(a_runs), len(b_runs))
+    diff = grid(a_runs[:n], metric) - grid(b_runs[:n], metric)
+    d, lo, hi, word = verdict(diff)
+    return (f"- {text}: {word}. Difference {d:+.{digits}f}, 95% interval [{lo:+.{digits}f}, "
+            f"{hi:+.{digits}f}] ({grid(a_runs, metric).mean():.{digits}f} vs "
+            f"{grid(b_runs, metric).mean():.{digits}f}; {n} seeds x {diff.shape[1]} "
+            f"{'videos' if metric == 'judge' else 'chains'}).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def by_row(a, jobs: list[dict]) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
-    for j in jobs:
-        rows.setdefault(j["row"], []).append(read_rank(a, j["name"]))
-    warm = read_rank(a, "warm")
-    n_test = warm["n_chains"]
+    for j in sorted(jobs, key=lambda j: j["seed"]):
+        rows.setdefault(j["row"], []).append(per_item(a, j["name"]))
+    rows["rank, max_chain 2"] = rows["dpo"]          # the same loss on the same pairs
+    rows[f"rank, max_chain {a.length + 1}"] = rows["rank"]
+    return rows
+
+
+def report(a, jobs: list[dict], curve: list[dict], wall: float) -> str:
+    rows = by_row(a, jobs)
+    warm = [per_item(a, "warm")]
+    n_test = len(warm[0]["pairwise"])
     keys = [("pairwise", "pairwise acc (log-prob)"), ("kendall", "Kendall tau"),
-            ("top1", "top-1"), ("reward_pairwise", "pairwise acc (implicit reward)"),
+            ("top1", "top-1"), ("reward", "pairwise acc (implicit reward)"),
             ("judge", "rules judge, overall 1-10")]
     lines = ["# Demo results", "",
              f"Machine: {a.machine}. Wall time of this run of `scripts/demo.py`: {wall / 60:.1f} min "
              f"({a.jobs} jobs in parallel, 1 torch thread each; set-up and pip excluded; resumed "
              f"steps count only the time they took in this run).", "",
              f"Setting: `gen_chains.py synth --n {a.videos} --test_frac {a.test_frac:.3g}`, rules chains "
-             f"of {a.length + 1} captions (`--length {a.length}`); SFT warm start "
-             f"{a.warm_steps} steps at lr {a.warm_lr}; every method then {a.steps} steps from it "
-             f"(`--init`, also the reference) at lr {a.lr}, batch {a.batch_size}, beta {a.beta}; "
-             f"seeds 0..{a.seeds - 1}. Held-out: {n_test} test chains scored by `eval_judge.py rank`; "
-             f"captions of the first {a.gen_videos} test videos by `generate`, scored by "
-             f"`judge --judge rules`.", "",
-             "Cells are mean ± std over seeds (n = seeds). The ranking accuracy of the claims is the "
-             "held-out pairwise accuracy of the policy's summed log-probs (chance 0.5); the implicit "
-             "reward column scores log pi - log pi_ref against the warm start.", "",
-             "| method | n | " + " | ".join(k[1] for k in keys) + " |",
+             f"of {a.length + 1} captions (`--length {a.length}`), {a.val_videos} training videos kept "
+             f"apart for validation. Warm start: SFT at lr {a.warm_lr} (constant), batch "
+             f"{a.warm_batch_size}, until the validation caption loss stops improving "
+             f"({curve[-1]['step']} steps, curve below). Every method then {a.steps} steps from it "
+             f"(`--init`, also the reference): lr {a.lr}, batch {a.batch_size}, beta {a.beta}, "
+             f"NTP weight {a.ntp_weight} ({a.ntp_norm} over tokens); seeds 0..{a.seeds - 1}. "
+             f"Held-out: {n_test} test chains scored by `eval_judge.py rank`; captions of the first "
+             f"{a.gen_videos} test videos by `generate`, scored by `judge --judge rules`.", "",
+             "For numbers that repeat bit for bit, after a kill too, every job runs on one "
+             "torch thread with MKL's reproducible mode (`MKL_CBWR=AUTO,STRICT`), and `generate` "
+             "decodes fixed blocks of the input however a resume splits it.", "",
+             "Cells: mean [95% interval], a bootstrap over held-out chains (videos for the judge) "
+             "and seeds together. Chance: pairwise 0.5, Kendall 0, top-1 0.2. The implicit reward "
+             "scores log pi - log pi_ref against the warm start.", "",
+             "| method | seeds | " + " | ".join(k[1] for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
 
     def row(name, rs):
-        cells = [fmt(*stats([r.get(k, float("nan")) for r in rs])[:2], digits=2 if k == "judge" else 3)
-                 for k, _ in keys]
+        cells = [cell(grid(rs, k), 2 if k == "judge" else 3) if k in rs[0] else "–" for k, _ in keys]
         return f"| {name} | {len(rs)} | " + " | ".join(cells) + " |"
 
-    lines.append(row("warm start (SFT, no preference step)", [warm]))
-    for name in ["sft", "dpo", "mpo", "hinge", "rank", "rank, vision frozen", "inject + mpo"]:
+    lines.append(row("warm start (SFT, before any preference step)", warm))
+    for name in METHODS:
         lines.append(row(name, rows[name]))
-    acc = {name: [r["pairwise"] for r in rs] for name, rs in rows.items()}
 
-    lines += ["", "## Chain length (rank, `--max_chain K`, K captions per training chain)", "",
-              "| K | n | pairwise acc (log-prob) | Kendall tau | top-1 |", "|---|---|---|---|---|"]
-    lengths = list(a.chain_lengths) + [a.length + 1]
-    by_k = {k: rows[f"rank, max_chain {k}"] for k in a.chain_lengths}
-    by_k[a.length + 1] = rows["rank"]
+    lines += ["", "## Warm start: learning curve (SFT on c0)", "",
+              "| step | train NLL (nats/token) | validation caption NLL (nats/caption) | "
+              "validation pairwise acc |", "|---|---|---|---|"]
+    lines += [f"| {c['step']} | {c['train_ntp']:.3f} | {c['val_nll']:.2f} | {c['val_pairwise']:.3f} |"
+              for c in curve]
+
+    lengths = [2] + list(a.chain_lengths) + [a.length + 1]
+    lines += ["", "## Chain length (rank, `--max_chain K`, K captions per training chain; "
+              "K = 2 is the dpo row)", "",
+              "| K | seeds | pairwise acc (log-prob) | Kendall tau | top-1 |", "|---|---|---|---|---|"]
     for k in lengths:
-        rs = by_k[k]
-        lines.append(f"| {k} | {len(rs)} | " + " | ".join(
-            fmt(*stats([r[m] for r in rs])[:2]) for m in ("pairwise", "kendall", "top1")) + " |")
+        rs = rows[f"rank, max_chain {k}"]
+        lines.append(f"| {k} | {len(rs)} | " + " | ".join(cell(grid(rs, m)) for m in
+                                                          ("pairwise", "kendall", "top1")) + " |")
 
-    lines += ["", "## The paper's claims, on held-out pairwise accuracy", "",
-              "A gap counts as reproduced when it exceeds twice its standard error "
-              "(sqrt(sd_A^2/n_A + sd_B^2/n_B), spread over seeds). All runs share one test set, so "
-              "this is training noise only: which held-out chains were drawn is a further source of "
-              "error, shown per run as the bootstrap 95% interval in eval/NAME.rank.json.", ""]
-    lines.append(compare("rank >= mpo", acc["rank"], acc["mpo"], strict=False))
-    lines.append(compare("mpo >= dpo", acc["mpo"], acc["dpo"], strict=False))
-    lines.append(compare("dpo > sft", acc["dpo"], acc["sft"], strict=True))
-    lines.append(compare("rank (vision encoder trained, LoRA) > rank (vision frozen)",
-                         acc["rank"], acc["rank, vision frozen"], strict=True))
-    means = [stats([r["pairwise"] for r in by_k[k]])[0] for k in lengths]
-    steps_up = sum(1 for x, y in zip(means, means[1:]) if y > x)
-    lines.append(compare(f"accuracy grows with chain length (K = {lengths[-1]} > K = {lengths[0]})",
-                         [r["pairwise"] for r in by_k[lengths[-1]]],
-                         [r["pairwise"] for r in by_k[lengths[0]]], strict=True)
-                 + f" Means by K: {', '.join(f'{m:.3f}' for m in means)} "
-                   f"({steps_up} of {len(means) - 1} steps up).")
-    lines.append(compare("rank (chains) > inject + mpo (independent one-error negatives)",
-                         acc["rank"], acc["inject + mpo"], strict=True))
-    lines += ["", "Per-run numbers: `eval/NAME.rank.json` and `eval/NAME.scores.jsonl.results.json`; "
-              "training curves: `runs/NAME/metrics.jsonl`; logs: `logs/NAME.log`.", ""]
+    lines += ["", "## The paper's claims", "",
+              "Each line: the paired difference A - B of held-out pairwise accuracy (per chain, per "
+              "seed; the same resample of chains and seeds for A and B) with its 95% bootstrap "
+              "interval. Reproduced: the interval lies above 0; not reproduced: below 0; "
+              "inconclusive: it holds 0.", ""]
+    lines.append(claim("rank > mpo", rows["rank"], rows["mpo"]))
+    lines.append(claim("mpo > dpo", rows["mpo"], rows["dpo"]))
+    lines.append(claim("dpo > sft", rows["dpo"], rows["sft"]))
+    lines.append(claim("rank (vision encoder trained, LoRA) > rank (vision frozen)",
+                       rows["rank"], rows["rank, vision frozen"]))
+    lines.append(claim(f"longer chains help (K = {lengths[-1]} > K = 2)",
+                       rows[f"rank, max_chain {lengths[-1]}"], rows["rank, max_chain 2"]))
+    lines.append(claim("Plackett-Luce > hinge (rank > hinge)", rows["rank"], rows["hinge"]))
+    lines.append(claim("chains > error injection (rank > inject + mpo)", rows["rank"],
+                       rows["inject + mpo"]))
+    lines.append(claim("caption quality: rank > sft (rules judge)", rows["rank"], rows["sft"],
+                       metric="judge", digits=2))
+    lines.append(claim("caption quality: rank > warm start (rules judge)", rows["rank"],
+                       warm * len(rows["rank"]), metric="judge", digits=2))
+    lines += ["", "Per-run numbers: `eval/NAME.rank.json`, `eval/NAME.chains.jsonl` (per-chain "
+              "scores) and `eval/NAME.scores.jsonl`; training curves: `runs/NAME/metrics.jsonl`; "
+              "logs: `logs/NAME.log`; plots: `plots.png`.", ""]
     return "\n".join(lines)
 
 
-def plot(a, jobs: list[dict]) -> str:
+def plot(a, jobs: list[dict], curve: list[dict]) -> str:
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
-        return "plot: matplotlib is not installed (optional: `pip install matplotlib`); skipped"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {}
-    for j in jobs:
-        if j["study"] != "methods":
+        raise SystemExit("plots need matplotlib: `pip install matplotlib` (make setup installs it)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(2, 3, figsize=(16, 9))
+    colours = {row: f"C{i}" for i, row in enumerate(METHODS)}
+    for j in jobs:                                   # seed 0 of every method: the curves
+        if j["study"] != "methods" or j["seed"] != 0:
             continue
-        path = os.path.join(a.out, "runs", j["name"], "metrics.jsonl")
-        with open(path) as f:
-            m = [json.loads(ln) for ln in f if ln.strip()]
-        c = colours.setdefault(j["row"], f"C{len(colours)}")
-        ax1.plot([r["step"] for r in m], [r["loss"] for r in m], color=c, alpha=0.6, lw=1,
-                 label=j["row"] if j["seed"] == 0 else None)
-    ax1.set(xlabel="step", ylabel="training loss", title="loss curves (all seeds)", yscale="log")
-    ax1.legend(fontsize=8)
-    ks = list(a.chain_lengths) + [a.length + 1]
-    names = {k: [j["name"] for j in jobs if j.get("k") == k] for k in a.chain_lengths}
-    names[a.length + 1] = [j["name"] for j in jobs if j["row"] == "rank"]
-    ms = [stats([read_rank(a, n)["pairwise"] for n in names[k]]) for k in ks]
-    ax2.errorbar(ks, [m[0] for m in ms], yerr=[m[1] if m[1] == m[1] else 0 for m in ms],
-                 marker="o", capsize=4)
-    ax2.set(xlabel="chain length K (captions per training chain)",
-            ylabel="held-out pairwise accuracy", title="rank: accuracy vs chain length",
-            xticks=ks)
+        m = read_jsonl(os.path.join(a.out, "runs", j["name"], "metrics.jsonl"))
+        steps = [r["step"] for r in m]
+        c = colours[j["row"]]
+        ax[0, 0].plot(steps, [r["loss"] for r in m], color=c, lw=1, label=j["row"])
+        ax[0, 1].plot(steps, [r["margin"] for r in m], color=c, lw=1, label=j["row"])
+        ax[0, 2].plot(steps, [-r["ntp"] for r in m], color=c, lw=1, label=j["row"])
+    ax[0, 0].set(xlabel="step", ylabel="training loss", title="loss (seed 0)", yscale="symlog")
+    ax[0, 1].set(xlabel="step", ylabel="mean score gap c_i - c_i+1",
+                 title="reward margin (implicit reward; log-prob for sft, hinge)", yscale="symlog")
+    ax[0, 2].set(xlabel="step", ylabel="log p(c0) per token, training batch",
+                 title="c0 log-likelihood")
+    ax[0, 0].legend(fontsize=7)
+    ax[1, 0].plot([c["step"] for c in curve], [c["val_nll"] for c in curve], marker="o")
+    ax[1, 0].set(xlabel="warm-start step", ylabel="validation caption NLL (nats/caption)",
+                 title="warm start: held-out caption loss")
+    rows, warm = by_row(a, jobs), [per_item(a, "warm")]
+    names = ["warm start"] + METHODS
+    for axis, metric, title in [(ax[1, 1], "pairwise", "held-out pairwise accuracy (log-prob)"),
+                                (ax[1, 2], "judge", "rules judge, overall 1-10")]:
+        for i, name in enumerate(names):
+            g = grid(warm if name == "warm start" else rows[name], metric)
+            lo, hi = bootstrap_ci(g)
+            axis.errorbar([g.mean()], [i], xerr=[[g.mean() - lo], [hi - g.mean()]], fmt="o",
+                          capsize=4, color="k" if i == 0 else colours[name])
+        axis.set_yticks(range(len(names)), names, fontsize=8)
+        axis.invert_yaxis()
+        axis.set(title=title + ", 95% interval")
+    ax[1, 1].axvline(0.5, color="grey", ls=":", lw=1)
     fig.tight_layout()
     path = os.path.join(a.out, "plots.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return f"plot: {path}"
 
 
@@ -368,30 +476,47 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--videos", type=int, default=450, help="synthetic videos (train + test)")
-    p.add_argument("--test_frac", type=float, default=1 / 3)
+    p.add_argument("--videos", type=int, default=700, help="synthetic videos (train + test)")
+    p.add_argument("--test_frac", type=float, default=0.5)
+    p.add_argument("--val_videos", type=int, default=50, help="training videos kept for validation")
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--length", type=int, default=4, help="degradation steps: chains of length+1")
-    p.add_argument("--chain_lengths", default="2,3,4", help="--max_chain values besides the full chain")
-    p.add_argument("--warm_steps", type=int, default=100)
+    p.add_argument("--chain_lengths", default="", help="--max_chain values besides 2 (= dpo) "
+                   "and the full chain (= rank), e.g. 3,4 (3 runs each; off by default to keep "
+                   "the demo inside 20 minutes on 2 cores)")
     p.add_argument("--warm_lr", type=float, default=1e-3)
+    p.add_argument("--warm_batch_size", type=int, default=8)
+    p.add_argument("--warm_eval_every", type=int, default=100)
+    p.add_argument("--warm_max_steps", type=int, default=800)
+    p.add_argument("--warm_min_gain", type=float, default=0.02,
+                   help="stop when a segment lowers the validation caption loss by less than this")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--ntp_weight", type=float, default=0.1)
+    p.add_argument("--ntp_norm", choices=("mean", "sum"), default="sum",
+                   help="sum: the NTP term on the scale of the summed log-probs the preference terms "
+                        "use (docs/demo_sweep.md: with the per-token mean it is 1-2%% of the loss "
+                        "and does not stop log p(c0) from falling)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--gen_videos", type=int, default=40, help="held-out videos captioned and judged")
     p.add_argument("--save_every", type=int, default=50)
-    p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--heartbeat", type=float, default=60.0, help="seconds between progress lines")
     p.add_argument("--machine", default=None, help="named in RESULTS.md (default: CPU model and cores)")
+    p.add_argument("--readme", metavar="README.md", help="also write RESULTS.md verbatim into this "
+                   "file's demo section and copy plots.png to docs/demo_plots.png beside it")
     p.add_argument("--smoke", action="store_true",
                    help="a handful of steps on a few videos: checks the plumbing, not the claims")
     a = p.parse_args(argv)
     a.chain_lengths = [int(k) for k in a.chain_lengths.split(",") if k.strip()]
-    if any(k < 2 or k > a.length for k in a.chain_lengths):
-        p.error(f"--chain_lengths must lie in 2..{a.length} (the full chain, {a.length + 1}, is the rank row)")
+    if any(k < 3 or k > a.length for k in a.chain_lengths):
+        p.error(f"--chain_lengths must lie in 3..{a.length} (2 is dpo; the full chain, "
+                f"{a.length + 1}, is the rank row)")
     if a.smoke:
-        a.videos, a.test_frac, a.seeds, a.warm_steps, a.steps = 24, 0.25, 2, 3, 2
-        a.batch_size, a.chain_lengths, a.gen_videos, a.heartbeat = 2, [2], 2, 10.0
+        a.videos, a.test_frac, a.val_videos, a.seeds, a.steps = 28, 0.3, 4, 1, 2
+        a.warm_eval_every, a.warm_max_steps = 2, 4
+        a.batch_size, a.warm_batch_size, a.chain_lengths, a.gen_videos = 2, 2, [], 2
+        a.heartbeat = 10.0
     if a.machine is None:
         cpu = "CPU"
         try:
@@ -404,28 +529,83 @@ def parse_args(argv=None):
     return a
 
 
+RUN_INDEPENDENT = ("out", "jobs", "heartbeat", "machine", "readme")
+
+
+def check_settings(a) -> None:
+    """Resuming reuses finished runs, so OUT must hold runs of these very settings."""
+    path = os.path.join(a.out, "settings.json")
+    now = {k: v for k, v in sorted(vars(a).items()) if k not in RUN_INDEPENDENT}
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        if changed:
+            raise SystemExit(f"{a.out} holds a demo run with other settings ({', '.join(changed)}); "
+                             "use a new --out")
+    else:
+        with open(path, "w") as f:
+            json.dump(now, f, indent=1)
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401  (checked before an hour of training, not after)
+    except ImportError:
+        raise SystemExit("scripts/demo.py draws plots.png with matplotlib: `pip install matplotlib`")
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
+    check_settings(a)
     jobs = plan(a)
-    say(f"demo -> {a.out}: data, 1 warm start, {len(jobs)} runs ({a.jobs} at a time), evaluation")
+    say(f"demo -> {a.out}: data, warm start, {len(jobs)} runs ({a.jobs} at a time), evaluation")
     make_data(a)
     t = time.time()
-    say(f"warm start: sft, {a.warm_steps} steps (logs/warm.log)")
-    train(a, "warm", ["--objective", "sft", "--data", os.path.join(a.out, "data", "chains.jsonl"),
-                      "--lr", str(a.warm_lr), "--batch_size", str(a.batch_size),
-                      "--max_steps", str(a.warm_steps), "--warmup_steps", str(max(1, a.warm_steps // 10)),
-                      "--seed", "0"], a.jobs)
-    evaluate(a, "warm", a.jobs)
-    say(f"warm start done ({time.time() - t:.0f} s): held-out pairwise acc "
-        f"{read_rank(a, 'warm')['pairwise']:.3f}")
+    say(f"warm start: sft until the validation caption loss stops improving (logs/warm.log)")
+    curve = warm_start(a)
+    evaluate(a, "warm")
+    say(f"warm start done ({time.time() - t:.0f} s, {curve[-1]['step']} steps): held-out pairwise "
+        f"acc {read_rank(os.path.join(a.out, 'eval', 'warm'))['pairwise']:.3f}")
     run_all(a, jobs)
-    text = report(a, jobs, time.time() - T0)
+    text = report(a, jobs, curve, time.time() - T0)
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)
-    say(plot(a, jobs))
+    say(plot(a, jobs, curve))
+    if a.readme:
+        say(write_readme(a, text))
     say(f"done: {os.path.join(a.out, 'RESULTS.md')}")
+
+
+README_START, README_END = "<!-- SECTION:demo -->", "<!-- END:demo -->"
+
+
+def write_readme(a, results: str) -> str:
+    """The README's demo section = RESULTS.md as printed (headings one level down), the plot,
+    and a pointer to the recipe sweep; nothing in it is typed by hand."""
+    import shutil
+    with open(a.readme) as f:
+        readme = f.read()
+    if README_START not in readme or README_END not in readme:
+        raise SystemExit(f"{a.readme}: no {README_START} ... {README_END} section to replace")
+    docs = os.path.join(os.path.dirname(os.path.abspath(a.readme)), "docs")
+    os.makedirs(docs, exist_ok=True)
+    shutil.copyfile(os.path.join(a.out, "plots.png"), os.path.join(docs, "demo_plots.png"))
+    body = results.replace("\n## ", "\n#### ").replace("# Demo results", "## Demo results (`make demo`)", 1)
+    lead = ("Written by `make demo-readme` from the `runs/demo/RESULTS.md` that `make demo` "
+            "(`scripts/demo.py` with its committed defaults) printed: every number below is that "
+            "run's. The demo is a miniature (a ~1M-parameter model, a few hundred synthetic chains): "
+            "it says which way each effect goes on this toy task, not how large it is on real "
+            "videos.\n\n")
+    body = body.replace("\n\n", "\n\n" + lead, 1)
+    section = (f"{README_START}\n{body}\n![demo plots](docs/demo_plots.png)\n\nThe recipe "
+               "(lr, beta, NTP weight and normalisation) comes from `scripts/sweep.py`; its table "
+               "and what it shows: [docs/demo_sweep.md](docs/demo_sweep.md).\n\nBenchmarks (kernel "
+               "speed and memory, training throughput, chain generation), with the machine each ran "
+               f"on: [bench/RESULTS.md](bench/RESULTS.md).\n{README_END}")
+    head, rest = readme.split(README_START, 1)
+    with open(a.readme, "w") as f:
+        f.write(head + section + rest.split(README_END, 1)[1])
+    return f"readme: {a.readme} demo section rewritten from RESULTS.md"
 
 
 if __name__ == "__main__":

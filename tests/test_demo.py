@@ -1,50 +1,138 @@
-"""scripts/demo.py: the plan and the claim verdicts (the full demo is `make demo`, too slow for CI)."""
+"""scripts/demo.py and scripts/sweep.py: the plan, the bootstrap and the claim verdicts
+(the full demo is `make demo`, too slow for CI)."""
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, ROOT)
 import demo  # noqa: E402
+import sweep  # noqa: E402
+from eval_judge import bootstrap_ci  # noqa: E402
+
+
+def flag(args, name):
+    return args[args.index(name) + 1]
 
 
 def test_plan_covers_every_method_seed_and_chain_length():
-    a = demo.parse_args(["--out", "/tmp/unused", "--seeds", "3", "--chain_lengths", "2,3,4"])
+    a = demo.parse_args(["--out", "/tmp/unused", "--seeds", "3", "--chain_lengths", "3,4",
+                         "--ntp_norm", "sum", "--lr", "3e-4"])
     jobs = demo.plan(a)
     names = [j["name"] for j in jobs]
-    assert len(names) == len(set(names)) == 3 * (7 + 3)
+    assert len(names) == len(set(names)) == 3 * (7 + 2)
     rows = {j["row"] for j in jobs}
-    assert {"sft", "dpo", "mpo", "hinge", "rank", "rank, vision frozen", "inject + mpo"} <= rows
+    assert set(demo.METHODS) <= rows
     frozen = next(j for j in jobs if j["row"] == "rank, vision frozen")
-    assert frozen["args"][frozen["args"].index("--vision") + 1] == "frozen"
+    assert flag(frozen["args"], "--vision") == "frozen"
     inject = next(j for j in jobs if j["row"] == "inject + mpo")
-    assert inject["args"][inject["args"].index("--data") + 1].endswith("inject.jsonl")
+    assert flag(inject["args"], "--data").endswith("inject.jsonl")
     k3 = next(j for j in jobs if j["name"] == "rank-k3-s1")
-    assert k3["args"][k3["args"].index("--max_chain") + 1] == "3"
-    assert all(j["args"][j["args"].index("--init") + 1].endswith(os.path.join("runs", "warm"))
-               for j in jobs)
+    assert flag(k3["args"], "--max_chain") == "3" and flag(k3["args"], "--seed") == "1"
+    for j in jobs:   # one recipe for every run, all from the warm start
+        assert flag(j["args"], "--init").endswith(os.path.join("runs", "warm"))
+        assert (flag(j["args"], "--ntp_norm"), flag(j["args"], "--lr")) == ("sum", "0.0003")
 
 
 def test_chain_lengths_outside_the_chain_are_refused():
+    for bad in ("2,3", "3,5"):   # 2 is dpo itself; 5 is the full chain with --length 4
+        try:
+            demo.parse_args(["--chain_lengths", bad, "--length", "4"])
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"--chain_lengths {bad} with --length 4 was accepted")
+
+
+def test_bootstrap_1d_is_the_percentile_interval_of_the_mean():
+    lo, hi = bootstrap_ci([0.0] * 50 + [1.0] * 50)
+    # mean 0.5, standard error 0.05: the 95% interval is about 0.5 +- 0.098
+    assert 0.38 < lo < 0.42 and 0.58 < hi < 0.62
+    assert bootstrap_ci([0.7] * 10) == (0.7, 0.7)
+    assert all(x != x for x in bootstrap_ci([]))
+
+
+def test_bootstrap_2d_resamples_seeds_too():
+    rng = np.random.default_rng(0)
+    items = rng.normal(0, 1, size=200)
+    same = np.stack([items, items, items])                        # three identical seeds
+    spread = np.stack([items - 1, items, items + 1])              # seeds far apart
+    w_same = np.subtract(*bootstrap_ci(same)[::-1])
+    w_spread = np.subtract(*bootstrap_ci(spread)[::-1])
+    assert abs(w_same - np.subtract(*bootstrap_ci(items)[::-1])) < 0.05  # only item noise
+    assert w_spread > 2 * w_same                                  # seed noise widens it
+
+
+def test_verdict_reads_the_interval_of_the_paired_difference():
+    base = np.linspace(0.3, 0.9, 300)                             # per-chain accuracies
+    better = np.stack([base + 0.02, base + 0.025, base + 0.015])  # +0.02, tight: reproduced
+    runs = lambda g: [{"pairwise": row} for row in g]
+    same_b = np.stack([base, base, base])
+    line = demo.claim("a > b", runs(better), runs(same_b))
+    assert "**reproduced**" in line and "+0.020" in line and "3 seeds x 300 chains" in line
+    assert "**not reproduced**" in demo.claim("b > a", runs(same_b), runs(better))
+    noisy = same_b + np.random.default_rng(1).normal(0, 0.3, size=same_b.shape)
+    assert "inconclusive" in demo.claim("a > b", runs(noisy), runs(same_b))
+
+
+def test_pairing_removes_the_shared_chain_difficulty():
+    """Chains differ in difficulty far more than the methods do: unpaired intervals would
+    overlap, the paired one separates a 0.02 gap."""
+    rng = np.random.default_rng(2)
+    difficulty = rng.uniform(0.2, 1.0, size=(3, 400))
+    a = difficulty + 0.02 + rng.normal(0, 0.05, size=difficulty.shape)
+    b = difficulty
+    lo_a, _ = bootstrap_ci(a)
+    _, hi_b = bootstrap_ci(b)
+    assert lo_a < hi_b                                             # unpaired: overlap
+    _, lo, hi, word = demo.verdict(a - b)
+    assert 0 < lo < 0.02 < hi < 0.03 and "**reproduced**" in word
+
+
+def test_cell_formats_mean_and_interval():
+    assert demo.cell(np.full((2, 5), 0.25)) == "0.250 [0.250, 0.250]"
+
+
+def test_sweep_grid_starts_from_the_old_recipe_and_names_runs_uniquely():
+    assert sweep.GRID[0] == ("rank", 1e-3, 0.1, 0.1, "mean")
+    assert len({sweep.slug(c) for c in sweep.GRID}) == len(sweep.GRID)
+    assert {c[4] for c in sweep.GRID} == {"mean", "sum"}
+
+
+def test_resumed_generate_decodes_in_the_same_batches(tmp_path, monkeypatch):
+    """Left padding depends on the batch, so a generate resumed after a kill must batch the
+    same blocks of the input as an uninterrupted one (else its captions can differ)."""
+    import eval_judge
+    import gen_chains
+    import rank_dpo
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    gen_chains.main(["synth", "--out", str(tmp_path), "--n", "4", "--test_frac", "0.01", "--seed", "0"])
+    data = str(tmp_path / "train.jsonl")
+    sizes, build = [], rank_dpo.build_generation_inputs
+    monkeypatch.setattr(rank_dpo, "build_generation_inputs",
+                        lambda processor, prompts, videos: sizes.append(len(prompts)) or
+                        build(processor, prompts, videos))
+    gen = ["generate", "--data", data, "--batch_size", "2", "--max_new_tokens", "6"]
+    eval_judge.main(gen + ["--out", str(tmp_path / "full.jsonl")])
+    full = demo.read_jsonl(str(tmp_path / "full.jsonl"))
+    assert len(full) == 4 and sizes == [2, 2]
+    (tmp_path / "resumed.jsonl").write_text(__import__("json").dumps(full[0]) + "\n")  # killed after 1
+    sizes.clear()
+    eval_judge.main(gen + ["--out", str(tmp_path / "resumed.jsonl")])
+    assert sizes == [2, 2]                # blocks 1-2 and 3-4 again, not 2-3 and then 4
+    resumed = {r["id"]: r["caption"] for r in demo.read_jsonl(str(tmp_path / "resumed.jsonl"))}
+    assert resumed == {r["id"]: r["caption"] for r in full}
+
+
+def test_an_out_folder_refuses_other_settings(tmp_path):
+    a = demo.parse_args(["--out", str(tmp_path)])
+    demo.check_settings(a)
+    demo.check_settings(demo.parse_args(["--out", str(tmp_path), "--jobs", "1"]))  # no effect on results
     try:
-        demo.parse_args(["--chain_lengths", "2,5", "--length", "4"])
+        demo.check_settings(demo.parse_args(["--out", str(tmp_path), "--lr", "0.5"]))
     except SystemExit as e:
-        assert e.code == 2
+        assert "lr" in str(e)
     else:
-        raise AssertionError("--chain_lengths 5 with --length 4 was accepted")
-
-
-def test_stats_mean_and_sample_std():
-    m, sd, n = demo.stats([1.0, 2.0, 3.0])
-    assert (m, n) == (2.0, 3) and abs(sd - 1.0) < 1e-12       # sample std of 1, 2, 3 is 1
-    assert demo.stats([0.5])[1] != demo.stats([0.5])[1]       # one seed: no spread (nan)
-
-
-def test_claim_verdicts_weigh_the_gap_against_its_standard_error():
-    # gap 0.1, SE sqrt(0.01^2/3 * 2) ~ 0.008: far beyond 2 SE
-    assert "**reproduced**" in demo.compare("a > b", [0.69, 0.70, 0.71], [0.59, 0.60, 0.61], True)
-    # gap 0.01 against SE ~ 0.04: right direction, not significant
-    line = demo.compare("a > b", [0.60, 0.65, 0.70], [0.59, 0.64, 0.69], True)
-    assert "within noise" in line
-    # A worse than B: a strict claim fails; a >= claim within noise counts as a tie
-    assert "**not reproduced**" in demo.compare("a > b", [0.5, 0.5, 0.51], [0.6, 0.6, 0.61], True)
-    assert "tie" in demo.compare("a >= b", [0.60, 0.65, 0.70], [0.61, 0.66, 0.71], False)
-    assert "not testable" in demo.compare("a > b", [0.7], [0.6], True)
+        raise AssertionError("a changed --lr reused the old runs")

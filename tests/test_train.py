@@ -222,6 +222,31 @@ def test_dpo_equals_textbook_formula(data):
     torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
 
 
+def test_summed_ntp_adds_the_summed_nll_of_the_best_caption(data):
+    """--ntp_norm sum == the preference loss alone + ntp_weight * (-logp(y_0)) summed over its
+    tokens, in value and in gradient (the term is added outside the fused op)."""
+    def loss_and_grads(norm, weight):
+        model, processor, args = fresh_model("lora")
+        perturb_adapters(model)
+        args.objective, args.ntp_weight, args.ntp_norm = "rank", weight, norm
+        chains, _ = R.load_chains(data["two"], processor, "rank")
+        batch, index = R.collate(chains, processor, 8, 2048)
+        loss, _ = R.chain_loss_step(model, batch, index, args, vision_trainable=True)
+        if norm == "none":   # the summed NLL of every chain's y_0, from a separate forward pass
+            logits, labels = R.forward_logits(model, batch)
+            logps, _ = R.kernels.sequence_logps(logits, labels, backend="reference")
+            loss = loss + 0.5 * (-logps[index[:, 0]]).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    summed, g_summed = loss_and_grads("sum", 0.5)
+    by_hand, g_hand = loss_and_grads("none", 0.0)
+    torch.testing.assert_close(summed, by_hand, rtol=1e-5, atol=1e-4)
+    for a, b in zip(g_summed, g_hand):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    mean, _ = loss_and_grads("mean", 0.5)
+    assert abs(float(summed - mean)) > 1.0   # the two norms really differ (y_0 has many tokens)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training runs
 # ---------------------------------------------------------------------------------------------
