@@ -623,9 +623,15 @@ def _load(args, adapter: str | None):
     return load_model(args.model, adapter, device=args.device, dtype=dtype)
 
 
+def _sampling(args):
+    """The video flags given, else the ones the adapter's run trained with, else the defaults."""
+    from rank_dpo import run_video_sampling
+    return run_video_sampling(args, args.adapter)
+
+
 def cmd_generate(args) -> dict:
     import torch
-    from rank_dpo import build_generation_inputs, load_video, resolve_video
+    from rank_dpo import build_generation_inputs, load_clip, resolve_video
 
     data = load_by_id(args.data)
     jobs = [(rid, args.prompt or rec.get("prompt") or DEFAULT_PROMPT,
@@ -641,10 +647,11 @@ def cmd_generate(args) -> dict:
         if todo:
             model, processor = _load(args, args.adapter)
             tokenizer = getattr(processor, "tokenizer", processor)
+            sampling = _sampling(args)
             for i in range(0, len(todo), args.batch_size):
                 batch = todo[i:i + args.batch_size]
-                videos = [load_video(v, args.num_frames) if v else None for _, _, v in batch]
-                inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos)
+                videos = [load_clip(v, sampling) if v else None for _, _, v in batch]
+                inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos, sampling)
                 inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
                 with torch.no_grad():
                     ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -717,15 +724,18 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
     return items, failed
 
 
-def chain_logps(model, processor, chains: list[dict], num_frames: int) -> list[np.ndarray]:
+def chain_logps(model, processor, chains: list[dict], sampling) -> list[np.ndarray]:
     """Sequence log-prob of every entry of every item {"video", "prompts", "responses"}
-    (the video encoded once per item). Serves rank (chains) and mcq (one entry per letter)."""
-    from rank_dpo import load_video, response_logps
+    (the video encoded once per item). Serves rank (chains) and mcq (one entry per letter).
+    `sampling`: frames per video, or a rank_dpo.VideoSampling (--num_frames/--fps/--max_pixels)."""
+    from rank_dpo import VideoSampling, load_clip, response_logps
 
+    sampling = sampling if isinstance(sampling, VideoSampling) else VideoSampling(sampling)
     out = []
     for chain in chains:
-        video = load_video(chain["video"], num_frames) if chain["video"] else None
-        lp = response_logps(model, processor, video, chain["prompts"], chain["responses"])
+        video = load_clip(chain["video"], sampling) if chain["video"] else None
+        lp = response_logps(model, processor, video, chain["prompts"], chain["responses"],
+                            sampling=sampling)
         out.append(lp.double().cpu().numpy())
     return out
 
@@ -750,7 +760,7 @@ def cmd_mcq(args) -> dict:
     if not items:
         raise SystemExit(f"mcq: {args.data} holds no usable item ({n_failed} failed records)")
     model, processor = _load(args, args.adapter)
-    preds = mcq_predictions(model, processor, items, args.num_frames)
+    preds = mcq_predictions(model, processor, items, _sampling(args))
     if args.out:
         write_jsonl(args.out, preds)
     acc = mean_ci([float(p["correct"]) for p in preds])
@@ -805,7 +815,7 @@ def cmd_rank(args) -> dict:
     if not chains:
         raise SystemExit(f"rank: {args.data} holds no usable chain ({n_failed} failed records)")
     model, processor = _load(args, args.adapter)
-    policy = chain_logps(model, processor, chains, args.num_frames)
+    policy = chain_logps(model, processor, chains, _sampling(args))
     scorers = {"log-prob": policy}
     reference = reference_adapter(args) if args.adapter else None
     if args.adapter:
@@ -813,7 +823,7 @@ def cmd_rank(args) -> dict:
         # does not change an order, so the difference itself is ranked.
         del model  # one model in memory at a time
         ref_model, processor = _load(args, reference)
-        ref = chain_logps(ref_model, processor, chains, args.num_frames)
+        ref = chain_logps(ref_model, processor, chains, _sampling(args))
         scorers["implicit reward"] = [p - r for p, r in zip(policy, ref)]
     if args.out:
         write_jsonl(args.out, [{"id": c["id"], **{name: s[i].tolist() for name, s in scorers.items()}}
@@ -924,7 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--data", required=True)
         sp.add_argument("--video_root", default=None,
                         help="videos are relative to this (default: the data file's folder)")
-        sp.add_argument("--num_frames", type=int, default=8, help="frames sampled per video")
+        from rank_dpo import add_video_flags        # one definition of the video flags
+        add_video_flags(sp, from_run=True)
         sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
         sp.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the loader's choice)")
 
@@ -1009,6 +1020,14 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return COMMANDS[args.command](args)
     except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    except ImportError as e:          # rank_dpo.MissingDependency: names the package to install
+        if type(e).__name__ != "MissingDependency":
+            raise
+        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:           # rank_dpo.ModelError: an unusable model directory
+        if type(e).__name__ != "ModelError":
+            raise
         raise SystemExit(f"error: {e}") from None
 
 

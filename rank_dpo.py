@@ -66,8 +66,11 @@ def load_base(model: str, *, device="cpu", dtype=None):
     else:
         config = AutoConfig.from_pretrained(model)
         if type(config) in AutoModelForImageTextToText._model_mapping:
+            family = video_family(config)           # an unknown family stops before any data
+            for module, package in family.needs:
+                require(module, package, f"{model} ({family.name})")
+            processor = load_processor(model, AutoProcessor)
             net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
-            processor = AutoProcessor.from_pretrained(model)
         else:
             net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
             processor = AutoTokenizer.from_pretrained(model)
@@ -75,6 +78,21 @@ def load_base(model: str, *, device="cpu", dtype=None):
     if tok.pad_token is None:            # causal LMs often ship without one; any id works (masked)
         tok.pad_token = tok.eos_token
     return net.to(device=device, dtype=dtype), processor
+
+
+def load_processor(model: str, auto):
+    """The model directory's own processor; one clear line when it has none or a broken one."""
+    try:
+        processor = auto.from_pretrained(model)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"{model}: cannot load its processor ({str(e).strip().splitlines()[0]}); "
+                         "a vision-language model directory needs the files the processor's "
+                         "save_pretrained writes (processor_config.json or preprocessor_config.json, "
+                         "the tokenizer, chat template)") from None
+    if getattr(processor, "video_processor", None) is None:
+        raise ModelError(f"{model}: no video processor found (got {type(processor).__name__}); "
+                         "the directory lacks video_preprocessor_config.json / processor_config.json")
+    return processor
 
 
 def load_model(model: str, adapter: str | None = None, *, device="cpu", dtype=None):
@@ -108,6 +126,18 @@ def _quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         yield
+
+
+def run_video_sampling(args, adapter: str | None) -> VideoSampling:
+    """Video flags for evaluation: each one given on the command line wins, then the value the
+    adapter's run trained with (its rank_dpo.json), then the VideoSampling default."""
+    stored = {}
+    meta = os.path.join(adapter, RUN_META) if adapter else None
+    if meta and os.path.isfile(meta):
+        stored = json.load(open(meta)).get("video") or {}
+    pick = {k: getattr(args, k, None) if getattr(args, k, None) is not None else stored.get(k)
+            for k in ("num_frames", "fps", "max_pixels")}
+    return VideoSampling(**{k: v for k, v in pick.items() if v is not None})
 
 
 def tokenizer_of(processor):
@@ -347,6 +377,8 @@ class VideoFamily:
     encode: Callable                  # (model, videos) -> [VideoFeatures] (one tower call)
     inputs: Callable                  # (features per row, video dicts per row) -> forward kwargs
     token_types: bool = True          # forward takes mm_token_type_ids (2 marks video tokens)
+    needs: tuple[tuple[str, str], ...] = (("torchvision", "torchvision"), ("PIL", "pillow"))
+    # (module, pip package) its processor and tower import; checked before loading
 
 
 VIDEO_FAMILIES = {f.name: f for f in (
@@ -355,7 +387,8 @@ VIDEO_FAMILIES = {f.name: f for f in (
     VideoFamily("qwen3_vl", ("pixel_values_videos", "video_grid_thw"), _qwen3_call,
                 _encode_grid, _grid_inputs),
     VideoFamily("perception_lm", ("pixel_values_videos",), _plain_call, _encode_frames,
-                _frame_inputs, token_types=False),
+                _frame_inputs, token_types=False,
+                needs=(("torchvision", "torchvision"), ("PIL", "pillow"), ("timm", "timm"))),
 )}
 
 
@@ -369,8 +402,11 @@ def video_family(model_or_config) -> VideoFamily:
     return VIDEO_FAMILIES[name]
 
 
-class UnsupportedModel(ValueError):
-    pass
+class ModelError(ValueError):
+    """A model directory the code cannot use (unknown family, no processor): one-line message."""
+
+
+UnsupportedModel = ModelError
 
 
 # ================================================================================================
@@ -829,11 +865,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def add_video_flags(p: argparse.ArgumentParser) -> None:
+def add_video_flags(p: argparse.ArgumentParser, from_run: bool = False) -> None:
     """--num_frames/--fps/--max_pixels: the same flags in rank_dpo.py, eval_judge.py and the
-    reward step; a run stores them in rank_dpo.json and evaluation reuses them."""
-    p.add_argument("--num_frames", type=int, default=8, help="frames sampled per video "
-                   "(uniformly over the clip, or at --fps)")
+    reward step; a run stores them in rank_dpo.json and evaluation reuses them (from_run: the
+    flags default to the adapter's run, then to VideoSampling's defaults)."""
+    p.add_argument("--num_frames", type=int, default=None if from_run else 8,
+                   help="frames sampled per video (uniformly over the clip, or at --fps)"
+                   + ("; default: the adapter's run, else 8" if from_run else ""))
     p.add_argument("--fps", type=float, help="sample this many frames per second of video "
                    "(at most --num_frames); default: --num_frames spread uniformly")
     p.add_argument("--max_pixels", type=int, help="cap on height x width of each frame, "
@@ -1238,6 +1276,8 @@ def main(argv=None) -> None:
         train(args)
     except DataError as e:
         sys.exit(f"data error: {e}")
+    except (ModelError, MissingDependency) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
