@@ -9,6 +9,7 @@ sft). The loss itself lives in kernels/ (kernels/reference.py is its readable sp
 
     python rank_dpo.py --model tiny --data chains.jsonl --video_root data --objective rank \\
         --output_dir runs/rank
+    python rank_dpo.py export --adapter runs/rank --out runs/rank/merged   # a hub-format model
     torchrun --nproc_per_node 8 rank_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct ...
 
 Reading order: (1) loading models and videos, (2) turning prompts/responses/videos into token
@@ -686,13 +687,53 @@ def _string(path, line, record, field) -> str:
     return record[field]
 
 
-def expected_video_tokens(processor, num_frames: int) -> int | None:
-    """Video tokens per clip when known without reading the video (a processor that resizes every
-    clip to one size, like the tiny preset's); None when the count depends on the frame size."""
-    vp = getattr(processor, "video_processor", None)
-    if not hasattr(vp, "image_size"):
-        return None
-    return vp.get_num_of_video_patches(num_frames) // vp.merge_size ** 2
+def probe_clip(path: str, sampling: VideoSampling) -> Clip:
+    """The clip as load_clip would return it, but with black frames of the right size: read
+    from headers (and the first decoded frame, so an undecodable file fails here), not the whole
+    video. Lets training count every record's video tokens before its first step."""
+    if os.path.isdir(path) or path.endswith(".npy"):
+        shape = None
+        if path.endswith(".npy"):
+            array = np.load(path, mmap_mode="r")
+            if array.ndim != 4 or array.shape[-1] != 3:
+                raise ValueError(f"{path}: expected a [T, H, W, 3] array, got shape {list(array.shape)}")
+            total, shape, fps = array.shape[0], array.shape[1:3], None
+        else:
+            files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
+            if not files:
+                raise ValueError(f"{path}: folder holds no frames ({', '.join(FRAME_EXTENSIONS)})")
+            total, shape, fps = len(files), _read_frame(os.path.join(path, files[0])).shape[:2], None
+    elif path.lower().endswith(VIDEO_EXTENSIONS):
+        av = require("av", "av", f"{path}: decoding video files")
+        try:
+            with av.open(path) as container:
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate) if stream.average_rate else None
+                total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+                container.seek(0)
+                first = next(container.decode(stream), None)
+        except (av.error.FFmpegError, IndexError) as e:
+            raise ValueError(f"{path}: cannot decode video ({e or 'no video stream'})") from None
+        if first is None:
+            raise ValueError(f"{path}: no video frames decoded")
+        shape = (first.height, first.width)
+    else:
+        raise ValueError(f"{path}: unknown video format (use .npy, a folder of frames, or "
+                         f"{'/'.join(VIDEO_EXTENSIONS)})")
+    picked = _pick(total, fps, sampling)
+    clip = Clip(np.zeros((len(picked), *shape, 3), np.uint8), picked, fps, total)
+    if sampling.max_pixels and shape[0] * shape[1] > sampling.max_pixels:
+        clip.frames = _shrink(clip.frames[:1], sampling.max_pixels).repeat(len(picked), 0)
+    return clip
+
+
+def video_tokens_of(processor, path: str, sampling: VideoSampling, cache: dict) -> int:
+    """Prompt tokens the video at `path` takes, from the family's processor (cached per size)."""
+    clip = probe_clip(path, sampling)
+    key = (clip.frames.shape, tuple(clip.indices), clip.fps, clip.total)
+    if key not in cache:
+        cache[key] = len(video_inputs(processor, clip, sampling)["placeholder_ids"])
+    return cache[key]
 
 
 def resolve_video(path: str, line: int, record: dict, video_root: str | None) -> str | None:
@@ -730,13 +771,15 @@ def chain_record(path: str, line: int, record: dict,
 
 def load_chains(path: str, processor, objective: str, video_root: str | None = None,
                 max_chain: int | None = None, max_length: int = 2048,
-                num_frames: int = 8) -> tuple[list[Chain], int]:
+                sampling: int | VideoSampling = 8) -> tuple[list[Chain], int]:
     """Read, check and tokenize every record; any problem is a DataError naming file:line:field.
+    Every video is probed (headers and first frame) so a missing or undecodable file, or a prompt
+    too long once its video tokens are counted, is reported before training starts.
 
     Returns (chains, left_out): records gen_chains.py wrote with a status other than "ok"
     (failed, no_preference) hold no ranking and are left out, and counted.
     """
-    video_tokens = expected_video_tokens(processor, num_frames)
+    sampling, token_cache = _sampling(sampling), {}
     takes_video = getattr(processor, "video_processor", None) is not None
     chains, left_out = [], 0
     for line, record in read_jsonl(path):
@@ -753,8 +796,14 @@ def load_chains(path: str, processor, objective: str, video_root: str | None = N
                             f"{' after --max_chain' if max_chain else ''}; the {objective} objective "
                             "needs at least 2, ranked best first", field)
         rows = [encode_text(processor, p, r, video is not None) for p, r in zip(prompts, responses)]
+        video_tokens = 1
+        if video is not None:
+            try:
+                video_tokens = video_tokens_of(processor, video, sampling, token_cache)
+            except (OSError, ValueError) as e:
+                raise DataError(path, line, str(e), "video") from None
         for prompt_ids, _ in rows:           # the placeholder becomes video_tokens tokens
-            length = len(prompt_ids) + ((video_tokens or 1) - 1 if video else 0)
+            length = len(prompt_ids) + video_tokens - 1
             if length >= max_length:
                 raise DataError(path, line, f"prompt is {length} tokens"
                                 f"{' (video included)' if video else ''}, max_length is {max_length}",
@@ -1151,7 +1200,7 @@ def train(args) -> list[dict]:
     if args.init:
         model = merge_adapter(model, args.init)
     chains, left_out = load_chains(args.data, processor, args.objective, args.video_root,
-                                   args.max_chain, args.max_length, args.num_frames)
+                                   args.max_chain, args.max_length, VideoSampling.of(args))
     if rank == 0:
         print(f"{args.data}: {len(chains)} chains"
               + (f"; {left_out} records left out (status not 'ok')" if left_out else ""), flush=True)
@@ -1270,7 +1319,38 @@ def train(args) -> list[dict]:
             dist.destroy_process_group()
 
 
+def export(argv) -> str:
+    """`rank_dpo.py export --adapter RUN --out DIR`: the base model with the run's adapter (and its
+    warm start) merged in, saved in hub format with the base's processor: a plain checkpoint that
+    AutoModelForImageTextToText / AutoProcessor load and vLLM-style servers serve."""
+    p = argparse.ArgumentParser(prog="rank_dpo.py export", description=export.__doc__)
+    p.add_argument("--adapter", required=True, help="a run directory (or checkpoint) of rank_dpo.py")
+    p.add_argument("--out", required=True, help="where the merged model is written")
+    p.add_argument("--model", help="base model (default: the one the run recorded)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    args = p.parse_args(argv)
+    meta_path = os.path.join(args.adapter, RUN_META)
+    if not os.path.isfile(meta_path):
+        raise ModelError(f"{args.adapter}: no {RUN_META}; not a rank_dpo.py run (pass --model?)")
+    base = args.model or json.load(open(meta_path))["base_model"]
+    import synthetic
+    if synthetic.is_tiny(base):                   # the run saved the embedded model under base/
+        base = os.path.join(args.adapter, "base")
+    net, processor = load_model(base, args.adapter, dtype=getattr(torch, args.dtype))
+    net.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    print(f"merged model written to {args.out}")
+    return args.out
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        try:
+            export(argv[1:])
+        except (ModelError, MissingDependency, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        return
     args = parse_args(argv)
     try:
         train(args)
