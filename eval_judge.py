@@ -724,13 +724,13 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
     return items, failed
 
 
-def chain_logps(model, processor, chains: list[dict], sampling) -> list[np.ndarray]:
+def chain_logps(model, processor, chains: list[dict], num_frames) -> list[np.ndarray]:
     """Sequence log-prob of every entry of every item {"video", "prompts", "responses"}
     (the video encoded once per item). Serves rank (chains) and mcq (one entry per letter).
-    `sampling`: frames per video, or a rank_dpo.VideoSampling (--num_frames/--fps/--max_pixels)."""
+    `num_frames`: frames per video, or a rank_dpo.VideoSampling (--num_frames/--fps/--max_pixels)."""
     from rank_dpo import VideoSampling, load_clip, response_logps
 
-    sampling = sampling if isinstance(sampling, VideoSampling) else VideoSampling(sampling)
+    sampling = num_frames if isinstance(num_frames, VideoSampling) else VideoSampling(num_frames)
     out = []
     for chain in chains:
         video = load_clip(chain["video"], sampling) if chain["video"] else None

@@ -93,8 +93,8 @@ def clips(tmp_path_factory):
                        "chain": [f"A {colour} box.", "A grey box.", "A grey ball."]})
     yesno = [{"id": f"y{i}", "video": f"videos/{i}.mp4", "response": "no",
               "prompts": ["Is it a cat?", "Is it a red cat?"]} for i in range(2)]
-    mcq = [{"id": f"m{i}", "video": f"videos/{i}.mp4", "prompt": "Which? A: box B: ball",
-            "letters": ["A", "B"], "answer": "A"} for i in range(2)]
+    mcq = [{"id": f"m{i}", "video": f"videos/{i}.mp4", "question": "What is it?",
+            "options": ["a box", "a ball", "a cat", "a dog", "a car"], "answer": i} for i in range(2)]
     return {"root": str(root), "chains": write_jsonl(root / "chains.jsonl", chains),
             "mixed": write_jsonl(root / "mixed.jsonl", chains + yesno),
             "mcq": write_jsonl(root / "mcq.jsonl", mcq),
@@ -207,7 +207,8 @@ def test_every_command_on_a_hub_checkpoint(hub, clips, tmp_path, family):
     clip = R.load_clip(os.path.join(clips["root"], "videos", "2.mp4"), R.VideoSampling(4, 4.0, 3136))
     a = R.response_logps(peft_model, processor, clip, ["Describe."], ["A blue box."])
     b = R.response_logps(merged, processor, clip, ["Describe."], ["A blue box."])
-    c = R.response_logps(base.eval(), processor, clip, ["Describe."], ["A blue box."])
+    plain = AutoModelForImageTextToText.from_pretrained(hub[family]).eval()   # peft wrapped `base`
+    c = R.response_logps(plain, processor, clip, ["Describe."], ["A blue box."])
     assert a.item() == pytest.approx(b.item(), abs=1e-4) and a.item() != c.item()
 
 
