@@ -357,10 +357,15 @@ def test_bad_rows_are_reported_before_the_first_step(hub, clips, tmp_path, probl
         bad["video"] = bad["video"] if os.path.isabs(bad["video"]) else os.path.join(clips["root"], bad["video"])
     data = write_jsonl(tmp_path / "data.jsonl", [good[0], bad] + good[2:] * 200)
     extra = []
-    if problem == "too_long":      # the text fits, the video tokens do not
+    if problem == "too_long":      # row 2's text fits, with its video tokens it does not
         _, processor = R.load_base(hub["qwen2_5_vl"])
+        video_tokens = R.video_tokens_of(processor, good[0]["video"], R.VideoSampling(), {})
         prompt_ids, _ = R.encode_text(processor, "Describe.", "x", True)
-        extra = ["--max_length", str(len(prompt_ids) + 3)]
+        max_length = len(prompt_ids) + video_tokens + 4           # the good rows fit
+        bad["prompt"] = "Describe." + " in short" * ((video_tokens - 2) // 9)
+        assert len(R.encode_text(processor, bad["prompt"], "x", True)[0]) < max_length
+        data = write_jsonl(tmp_path / "data.jsonl", [good[0], bad] + good[2:] * 200)
+        extra = ["--max_length", str(max_length)]
     res = _run_cli(os.path.join(ROOT, "rank_dpo.py"), "--model", hub["qwen2_5_vl"], "--data", data,
                    "--output_dir", str(tmp_path / "out"), "--max_steps", "1000", *FAST, *extra)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
