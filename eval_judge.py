@@ -720,6 +720,7 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
             prompt = format_mcq(question, options)
             letters, answer = [letter(i) for i in range(len(options))], letter(answer)
         items.append({"id": rid, "video": resolve_video(path, line, rec, video_root), "prompt": prompt,
+                      "where": (path, line),
                       "letters": sorted(set(letters)), "answer": answer})
     return items, failed
 
@@ -733,7 +734,10 @@ def chain_logps(model, processor, chains: list[dict], num_frames) -> list[np.nda
     sampling = num_frames if isinstance(num_frames, VideoSampling) else VideoSampling(num_frames)
     out = []
     for chain in chains:
-        video = load_clip(chain["video"], sampling) if chain["video"] else None
+        try:
+            video = load_clip(chain["video"], sampling) if chain["video"] else None
+        except (OSError, ValueError) as e:       # an undecodable file: name the record
+            raise DataError(*(chain.get("where") or (chain["video"], None)), str(e), field="video") from None
         lp = response_logps(model, processor, video, chain["prompts"], chain["responses"],
                             sampling=sampling)
         out.append(lp.double().cpu().numpy())
@@ -744,7 +748,7 @@ def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> lis
     """For each item, the log-probability of every option letter as the response; the prediction
     is the letter with the highest one (no sampling, no parsing of free text)."""
     options = [{"video": item["video"], "prompts": [item["prompt"]] * len(item["letters"]),
-                "responses": item["letters"]} for item in items]
+                "responses": item["letters"], "where": item.get("where")} for item in items]
     out = []
     for item, lp in zip(items, chain_logps(model, processor, options, num_frames)):
         letters = item["letters"]
@@ -795,7 +799,8 @@ def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
         field, prompts, responses, video = chain_record(path, line, rec, video_root)
         if len(prompts) < 2:
             raise DataError(path, line, "expected a list of at least two strings", field=field)
-        chains.append({"id": rid, "video": video, "prompts": prompts, "responses": responses})
+        chains.append({"id": rid, "video": video, "prompts": prompts, "responses": responses,
+                       "where": (path, line)})
     return chains, failed
 
 
