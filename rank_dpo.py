@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import inspect
 import json
 import math
 import os
@@ -226,10 +225,6 @@ def _pick(total: int, fps: float | None, s: VideoSampling) -> list[int]:
     if s.fps and fps:
         n = max(1, min(n, int(total / fps * s.fps)))
     return np.linspace(0, total - 1, n).round().astype(int).tolist()
-
-
-def _uniform(total: int, n: int) -> list[int]:
-    return _pick(total, None, VideoSampling(n))
 
 
 def _shrink(frames: np.ndarray, max_pixels: int) -> np.ndarray:

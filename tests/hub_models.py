@@ -9,8 +9,6 @@ chat template in the family's format. The trainer and eval_judge.py load it thro
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "perception_lm")
@@ -153,7 +151,3 @@ def save_family(name: str, path: str, seed: int = 0) -> str:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
-
-
-def config_of(path: str) -> dict:
-    return json.load(open(f"{path}/config.json"))
