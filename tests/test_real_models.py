@@ -196,6 +196,11 @@ def test_every_command_on_a_hub_checkpoint(hub, clips, tmp_path, family):
                       "--b", str(tmp_path / "base.jsonl"), "--ref", clips["refs"],
                       "--out", str(tmp_path / "cmp.jsonl"), "--base_url", llm.url])
     assert cmp["tie"]["mean"] == 1.0          # a position-1-only judge cancels out
+    scores = '{"relevance": 6, "descriptiveness": 5, "temporal_consistency": 7, "fluency": 8}'
+    with FakeLLM(default=scores) as llm:
+        E.main(["judge", "--judge", "llm", "--pred", str(tmp_path / "tuned.jsonl"), "--ref",
+                clips["refs"], "--out", str(tmp_path / "scores.jsonl"), "--base_url", llm.url])
+    assert [r["scores"]["fluency"] for r in read_jsonl(tmp_path / "scores.jsonl")] == [8] * 4
 
     # the adapter is an ordinary peft adapter; export writes a plain hub-format model
     base = AutoModelForImageTextToText.from_pretrained(hub[family])
