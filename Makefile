@@ -12,9 +12,12 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup build test demo demo-readme sweep bench bench-kernels bench-train bench-gen clean
 
-$(VENV)/.installed: requirements.txt constraints.txt
+# requirements.txt is the core (torch, transformers, peft, ...); requirements-real.txt the
+# real-model extras (torchvision, Pillow, PyAV, timm, matplotlib), installed by default so that
+# hub checkpoints and video files work after `make setup` and the tests cover them.
+$(VENV)/.installed: requirements.txt requirements-real.txt constraints.txt
 	$(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install -r requirements.txt -c constraints.txt
+	$(PYTHON) -m pip install -r requirements.txt -r requirements-real.txt -c constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed

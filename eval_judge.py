@@ -632,9 +632,15 @@ def _load(args, adapter: str | None):
     return load_model(args.model, adapter, device=args.device, dtype=dtype)
 
 
+def _sampling(args):
+    """The video flags given, else the ones the adapter's run trained with, else the defaults."""
+    from rank_dpo import run_video_sampling
+    return run_video_sampling(args, args.adapter)
+
+
 def cmd_generate(args) -> dict:
     import torch
-    from rank_dpo import build_generation_inputs, load_video, resolve_video
+    from rank_dpo import build_generation_inputs, load_clip, resolve_video
 
     data = load_by_id(args.data)
     jobs = [(rid, args.prompt or rec.get("prompt") or DEFAULT_PROMPT,
@@ -654,9 +660,10 @@ def cmd_generate(args) -> dict:
         if todo:
             model, processor = _load(args, args.adapter)
             tokenizer = getattr(processor, "tokenizer", processor)
+            sampling = _sampling(args)
             for i, batch in enumerate(blocks):
-                videos = [load_video(v, args.num_frames) if v else None for _, _, v in batch]
-                inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos)
+                videos = [load_clip(v, sampling) if v else None for _, _, v in batch]
+                inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos, sampling)
                 inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
                 with torch.no_grad():
                     ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -698,7 +705,7 @@ def cmd_sample(args) -> dict:
     depend on where a run was killed and resumed. --temperature 0 is greedy decoding (N must be 1).
     """
     import torch
-    from rank_dpo import build_generation_inputs, load_video, resolve_video
+    from rank_dpo import build_generation_inputs, load_clip, resolve_video
 
     if args.num_samples < 1:
         raise SystemExit("sample: --num_samples must be at least 1")
@@ -721,9 +728,10 @@ def cmd_sample(args) -> dict:
             model, processor = _load(args, args.adapter)
             tokenizer = getattr(processor, "tokenizer", processor)
             greedy = args.temperature == 0
+            video_sampling = _sampling(args)
             for n, job in enumerate(todo, 1):
-                video = load_video(job["video_path"], args.num_frames) if job["video_path"] else None
-                inputs = build_generation_inputs(processor, [job["prompt"]], [video])
+                video = load_clip(job["video_path"], video_sampling) if job["video_path"] else None
+                inputs = build_generation_inputs(processor, [job["prompt"]], [video], video_sampling)
                 inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
                 torch.manual_seed(record_seed(args.seed, job["id"]))
                 sampling = {} if greedy else {"do_sample": True, "temperature": args.temperature,
@@ -803,19 +811,26 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
             prompt = format_mcq(question, options)
             letters, answer = [letter(i) for i in range(len(options))], letter(answer)
         items.append({"id": rid, "video": resolve_video(path, line, rec, video_root), "prompt": prompt,
+                      "where": (path, line),
                       "letters": sorted(set(letters)), "answer": answer})
     return items, failed
 
 
-def chain_logps(model, processor, chains: list[dict], num_frames: int) -> list[np.ndarray]:
+def chain_logps(model, processor, chains: list[dict], num_frames) -> list[np.ndarray]:
     """Sequence log-prob of every entry of every item {"video", "prompts", "responses"}
-    (the video encoded once per item). Serves rank (chains) and mcq (one entry per letter)."""
-    from rank_dpo import load_video, response_logps
+    (the video encoded once per item). Serves rank (chains) and mcq (one entry per letter).
+    `num_frames`: frames per video, or a rank_dpo.VideoSampling (--num_frames/--fps/--max_pixels)."""
+    from rank_dpo import VideoSampling, load_clip, response_logps
 
+    sampling = num_frames if isinstance(num_frames, VideoSampling) else VideoSampling(num_frames)
     out = []
     for chain in chains:
-        video = load_video(chain["video"], num_frames) if chain["video"] else None
-        lp = response_logps(model, processor, video, chain["prompts"], chain["responses"])
+        try:
+            video = load_clip(chain["video"], sampling) if chain["video"] else None
+        except (OSError, ValueError) as e:       # an undecodable file: name the record
+            raise DataError(*(chain.get("where") or (chain["video"], None)), str(e), field="video") from None
+        lp = response_logps(model, processor, video, chain["prompts"], chain["responses"],
+                            sampling=sampling)
         out.append(lp.double().cpu().numpy())
     return out
 
@@ -824,7 +839,7 @@ def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> lis
     """For each item, the log-probability of every option letter as the response; the prediction
     is the letter with the highest one (no sampling, no parsing of free text)."""
     options = [{"video": item["video"], "prompts": [item["prompt"]] * len(item["letters"]),
-                "responses": item["letters"]} for item in items]
+                "responses": item["letters"], "where": item.get("where")} for item in items]
     out = []
     for item, lp in zip(items, chain_logps(model, processor, options, num_frames)):
         letters = item["letters"]
@@ -840,7 +855,7 @@ def cmd_mcq(args) -> dict:
     if not items:
         raise SystemExit(f"mcq: {args.data} holds no usable item ({n_failed} failed records)")
     model, processor = _load(args, args.adapter)
-    preds = mcq_predictions(model, processor, items, args.num_frames)
+    preds = mcq_predictions(model, processor, items, _sampling(args))
     if args.out:
         write_jsonl(args.out, preds)
     acc = mean_ci([float(p["correct"]) for p in preds])
@@ -875,7 +890,8 @@ def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
         field, prompts, responses, video = chain_record(path, line, rec, video_root)
         if len(prompts) < 2:
             raise DataError(path, line, "expected a list of at least two strings", field=field)
-        chains.append({"id": rid, "video": video, "prompts": prompts, "responses": responses})
+        chains.append({"id": rid, "video": video, "prompts": prompts, "responses": responses,
+                       "where": (path, line)})
     return chains, failed
 
 
@@ -895,7 +911,7 @@ def cmd_rank(args) -> dict:
     if not chains:
         raise SystemExit(f"rank: {args.data} holds no usable chain ({n_failed} failed records)")
     model, processor = _load(args, args.adapter)
-    policy = chain_logps(model, processor, chains, args.num_frames)
+    policy = chain_logps(model, processor, chains, _sampling(args))
     scorers = {"log-prob": policy}
     reference = reference_adapter(args) if args.adapter else None
     if args.adapter:
@@ -903,7 +919,7 @@ def cmd_rank(args) -> dict:
         # does not change an order, so the difference itself is ranked.
         del model  # one model in memory at a time
         ref_model, processor = _load(args, reference)
-        ref = chain_logps(ref_model, processor, chains, args.num_frames)
+        ref = chain_logps(ref_model, processor, chains, _sampling(args))
         scorers["implicit reward"] = [p - r for p, r in zip(policy, ref)]
     if args.out:
         write_jsonl(args.out, [{"id": c["id"], **{name: s[i].tolist() for name, s in scorers.items()}}
@@ -1022,7 +1038,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--data", required=True)
         sp.add_argument("--video_root", default=None,
                         help="videos are relative to this (default: the data file's folder)")
-        sp.add_argument("--num_frames", type=int, default=8, help="frames sampled per video")
+        from rank_dpo import add_video_flags        # one definition of the video flags
+        add_video_flags(sp, from_run=True)
         sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
         sp.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the loader's choice)")
 
@@ -1120,6 +1137,14 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return COMMANDS[args.command](args)
     except (DataError, OutputLocked) as e:
+        raise SystemExit(f"error: {e}") from None
+    except ImportError as e:          # rank_dpo.MissingDependency: names the package to install
+        if type(e).__name__ != "MissingDependency":
+            raise
+        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:           # rank_dpo.ModelError: an unusable model directory
+        if type(e).__name__ != "ModelError":
+            raise
         raise SystemExit(f"error: {e}") from None
 
 

@@ -9,6 +9,7 @@ sft). The loss itself lives in kernels/ (kernels/reference.py is its readable sp
 
     python rank_dpo.py --model tiny --data chains.jsonl --video_root data --objective rank \\
         --output_dir runs/rank
+    python rank_dpo.py export --adapter runs/rank --out runs/rank/merged   # a hub-format model
     torchrun --nproc_per_node 8 rank_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct ...
 
 Reading order: (1) loading models and videos, (2) turning prompts/responses/videos into token
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import inspect
 import json
 import math
 import os
@@ -33,6 +33,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -65,8 +66,11 @@ def load_base(model: str, *, device="cpu", dtype=None):
     else:
         config = AutoConfig.from_pretrained(model)
         if type(config) in AutoModelForImageTextToText._model_mapping:
+            family = video_family(config)           # an unknown family stops before any data
+            for module, package in family.needs:
+                require(module, package, f"{model} ({family.name})")
+            processor = load_processor(model, AutoProcessor)
             net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
-            processor = AutoProcessor.from_pretrained(model)
         else:
             net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
             processor = AutoTokenizer.from_pretrained(model)
@@ -74,6 +78,21 @@ def load_base(model: str, *, device="cpu", dtype=None):
     if tok.pad_token is None:            # causal LMs often ship without one; any id works (masked)
         tok.pad_token = tok.eos_token
     return net.to(device=device, dtype=dtype), processor
+
+
+def load_processor(model: str, auto):
+    """The model directory's own processor; one clear line when it has none or a broken one."""
+    try:
+        processor = auto.from_pretrained(model)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"{model}: cannot load its processor ({str(e).strip().splitlines()[0]}); "
+                         "a vision-language model directory needs the files the processor's "
+                         "save_pretrained writes (processor_config.json or preprocessor_config.json, "
+                         "the tokenizer, chat template)") from None
+    if getattr(processor, "video_processor", None) is None:
+        raise ModelError(f"{model}: no video processor found (got {type(processor).__name__}); "
+                         "the directory lacks video_preprocessor_config.json / processor_config.json")
+    return processor
 
 
 def load_model(model: str, adapter: str | None = None, *, device="cpu", dtype=None):
@@ -109,6 +128,18 @@ def _quiet_peft():
         yield
 
 
+def run_video_sampling(args, adapter: str | None) -> VideoSampling:
+    """Video flags for evaluation: each one given on the command line wins, then the value the
+    adapter's run trained with (its rank_dpo.json), then the VideoSampling default."""
+    stored = {}
+    meta = os.path.join(adapter, RUN_META) if adapter else None
+    if meta and os.path.isfile(meta):
+        stored = json.load(open(meta)).get("video") or {}
+    pick = {k: getattr(args, k, None) if getattr(args, k, None) is not None else stored.get(k)
+            for k in ("num_frames", "fps", "max_pixels")}
+    return VideoSampling(**{k: v for k, v in pick.items() if v is not None})
+
+
 def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
@@ -117,66 +148,261 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 FRAME_EXTENSIONS = (".npy", ".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def load_video(path: str, num_frames: int) -> np.ndarray:
-    """`num_frames` frames sampled uniformly over the video: uint8 [num_frames, H, W, 3].
+@dataclass
+class VideoSampling:
+    """How frames are taken from a clip and sized (the --num_frames/--fps/--max_pixels flags).
 
-    Accepts a .npy array (uint8 [T, H, W, 3]), a folder of frames (.npy, or images via PIL)
-    sorted by name, or a video file (.mp4/.webm/... via PyAV, an optional extra).
+    Uniform: num_frames frames evenly over the clip. With fps: fps frames per second of the
+    clip, at most num_frames (then spread evenly over the whole clip). max_pixels caps H*W of
+    each frame: frames are shrunk after decoding, and the family's processor gets the same cap.
+    """
+    num_frames: int = 8
+    fps: float | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def of(cls, args) -> "VideoSampling":
+        return cls(args.num_frames, getattr(args, "fps", None), getattr(args, "max_pixels", None))
+
+    def as_dict(self) -> dict:
+        return {"num_frames": self.num_frames, "fps": self.fps, "max_pixels": self.max_pixels}
+
+
+@dataclass
+class Clip:
+    """Sampled frames plus the timing a processor needs (Qwen3-VL writes timestamps)."""
+    frames: np.ndarray               # uint8 [T, H, W, 3]
+    indices: list[int]               # which source frames these are
+    fps: float | None                # source frame rate (None for .npy / frame folders)
+    total: int                       # source frame count
+
+
+def load_video(path: str, num_frames: int | VideoSampling) -> np.ndarray:
+    """The sampled frames of a video, uint8 [T, H, W, 3] (see load_clip)."""
+    return load_clip(path, num_frames).frames
+
+
+def load_clip(path: str, sampling: int | VideoSampling) -> Clip:
+    """Frames sampled from a video: a .npy array (uint8 [T, H, W, 3]), a folder of frames (.npy,
+    or images via Pillow) sorted by name, or a video file (.mp4/.webm/... via PyAV).
+
+    Only the kept frames are read: the .npy is memory-mapped, a video file is streamed and each
+    frame not kept is dropped as soon as it is decoded, so memory does not grow with clip length.
     A clip shorter than num_frames repeats frames.
     """
+    s = sampling if isinstance(sampling, VideoSampling) else VideoSampling(sampling)
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
         if not files:
             raise ValueError(f"{path}: folder holds no frames ({', '.join(FRAME_EXTENSIONS)})")
-        picked = [files[i] for i in _uniform(len(files), num_frames)]
-        video = np.stack([_read_frame(os.path.join(path, f)) for f in picked])
+        picked = _pick(len(files), None, s)
+        clip = Clip(np.stack([_read_frame(os.path.join(path, files[i])) for i in picked]),
+                    picked, None, len(files))
     elif path.endswith(".npy"):
         array = np.load(path, mmap_mode="r")
         if array.ndim != 4 or array.shape[-1] != 3:
             raise ValueError(f"{path}: expected a [T, H, W, 3] array, got shape {list(array.shape)}")
-        video = np.asarray(array[_uniform(array.shape[0], num_frames)])
+        picked = _pick(array.shape[0], None, s)
+        clip = Clip(np.asarray(array[picked]), picked, None, array.shape[0])
     elif path.lower().endswith(VIDEO_EXTENSIONS):
-        video = _decode_video(path, num_frames)
+        clip = _decode_video(path, s)
     else:
         raise ValueError(f"{path}: unknown video format (use .npy, a folder of frames, or "
                          f"{'/'.join(VIDEO_EXTENSIONS)})")
-    if video.dtype != np.uint8:
-        raise ValueError(f"{path}: expected uint8 pixels, got {video.dtype}")
-    return video
+    if clip.frames.dtype != np.uint8:
+        raise ValueError(f"{path}: expected uint8 pixels, got {clip.frames.dtype}")
+    if s.max_pixels and clip.frames.shape[1] * clip.frames.shape[2] > s.max_pixels:
+        clip.frames = _shrink(clip.frames, s.max_pixels)
+    return clip
 
 
-def _uniform(total: int, n: int) -> list[int]:
+def _pick(total: int, fps: float | None, s: VideoSampling) -> list[int]:
+    """Frame indices to keep: num_frames evenly spread, or one per 1/--fps seconds (at most
+    num_frames, spread over the whole clip); uniform when the clip's frame rate is unknown."""
     if total == 0:
         raise ValueError("video has no frames")
+    n = s.num_frames
+    if s.fps and fps:
+        n = max(1, min(n, int(total / fps * s.fps)))
     return np.linspace(0, total - 1, n).round().astype(int).tolist()
+
+
+def _shrink(frames: np.ndarray, max_pixels: int) -> np.ndarray:
+    """Downscale [T, H, W, 3] so that H * W <= max_pixels (aspect kept; area resampling)."""
+    t, h, w, _ = frames.shape
+    scale = math.sqrt(max_pixels / (h * w))
+    size = (max(1, int(h * scale)), max(1, int(w * scale)))
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=size, mode="area")
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
 def _read_frame(path: str) -> np.ndarray:
     if path.endswith(".npy"):
         frame = np.load(path)
     else:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise ImportError(f"{path}: reading image frames needs Pillow (pip install pillow); "
-                              "or store frames as .npy") from None
-        frame = np.asarray(Image.open(path).convert("RGB"))
+        frame = np.asarray(require("PIL", "pillow", f"{path}: reading image frames").Image
+                           .open(path).convert("RGB"))
     if frame.ndim != 3 or frame.shape[-1] != 3:
         raise ValueError(f"{path}: expected an [H, W, 3] frame, got shape {list(frame.shape)}")
     return frame
 
 
-def _decode_video(path: str, num_frames: int) -> np.ndarray:
+def _decode_video(path: str, s: VideoSampling, total: int | None = None) -> Clip:
+    """Stream-decode, keeping only the sampled frames (each converted to RGB when kept)."""
+    av = require("av", "av", f"{path}: decoding video files")
     try:
-        import av
-    except ImportError:
-        raise ImportError(f"{path}: decoding video files needs PyAV (pip install av); "
-                          "or convert the video to .npy / a folder of frames") from None
-    with av.open(path) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            if total is None:
+                total = stream.frames or 0
+            if total == 0:                  # the header does not say: count packets (no decode)
+                total = sum(1 for packet in container.demux(stream) if packet.size)
+                container.seek(0)
+            picked = _pick(total, fps, s)
+            want, kept, seen = set(picked), {}, 0
+            for i, frame in enumerate(container.decode(stream)):
+                if i in want:
+                    kept[i] = frame.to_ndarray(format="rgb24")
+                seen = i + 1
+                if i >= picked[-1]:
+                    break
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{path}: cannot decode video ({e})") from None
+    if not kept:
         raise ValueError(f"{path}: no video frames decoded")
-    return np.stack([frames[i] for i in _uniform(len(frames), num_frames)])
+    if seen <= picked[-1]:                  # the header over-counted: sample the true count
+        return _decode_video(path, s, seen)
+    return Clip(np.stack([kept[i] for i in picked]), picked, fps, total)
+
+
+def require(module: str, package: str, purpose: str):
+    """Import an optional dependency of the real-model path, or stop with one line naming it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{purpose} needs {package}: pip install {package} "
+                                "(or `make setup`, which installs requirements-real.txt)") from None
+
+
+class MissingDependency(ImportError):
+    """An optional package of the real-model path is not installed (one-line message)."""
+
+
+# Video families. What differs between VLM families on the video path lives here and nowhere
+# else: how the family's video processor is called (frame timing, pixel cap), how one video is
+# encoded, and how already-encoded videos are handed to the model's forward (mm_encoder_outputs).
+# How many placeholder tokens a clip takes is asked of the family's own processor
+# (replace_video_token), so the counts are the processor's, never re-derived here.
+
+@dataclass
+class VideoFeatures:
+    """One video encoded by the vision tower: what mm_encoder_outputs needs for it."""
+    embeds: torch.Tensor                         # [tokens, hidden]
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: per deepstack layer, [tokens, hidden]
+
+
+def _encode_grid(model, videos: list[dict]) -> list[VideoFeatures]:
+    """Qwen2.5-VL / Qwen3-VL: all patches of all videos in one call, split per video."""
+    out = model.get_video_features(torch.cat([v["pixel_values_videos"] for v in videos]),
+                                   torch.cat([v["video_grid_thw"] for v in videos]), return_dict=True)
+    deep = getattr(out, "deepstack_features", None)
+    return [VideoFeatures(e, [layer[i] for layer in deep] if deep else None)
+            for i, e in enumerate(out.pooler_output)]
+
+
+def _encode_frames(model, videos: list[dict]) -> list[VideoFeatures]:
+    """PerceptionLM: every frame is an image to the (timm) tower; a video is its frames' tokens."""
+    pixels = torch.cat([v["pixel_values_videos"] for v in videos])        # [B, T, C, H, W]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    return [VideoFeatures(e.reshape(-1, e.shape[-1])) for e in out.unflatten(0, pixels.shape[:2])]
+
+
+def _grid_inputs(feats: list[VideoFeatures], videos: list[dict]) -> dict:
+    """Per-row features as the Qwen models take them, plus the grids their mrope needs."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    encoded = BaseModelOutputWithPooling(pooler_output=[f.embeds for f in feats])
+    if feats[0].deepstack is not None:
+        encoded["deepstack_features"] = [list(layer) for layer in zip(*(f.deepstack for f in feats))]
+    kwargs = {"mm_encoder_outputs": {"video": encoded},
+              "video_grid_thw": torch.cat([v["video_grid_thw"] for v in videos])}
+    if "second_per_grid_ts" in videos[0]:
+        kwargs["second_per_grid_ts"] = torch.cat([v["second_per_grid_ts"] for v in videos])
+    return kwargs
+
+
+def _frame_inputs(feats: list[VideoFeatures], videos: list[dict]) -> dict:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    return {"mm_encoder_outputs": {"video": BaseModelOutputWithPooling(
+        pooler_output=torch.cat([f.embeds for f in feats]))}}
+
+
+def _qwen2_call(vp, s: VideoSampling, clip: Clip) -> dict:
+    """Frames are already sampled; the pixel cap is per frame."""
+    kw = {"do_sample_frames": False, "cap_pixels_per_frame": True}
+    if s.max_pixels:
+        kw["size"] = {"shortest_edge": min(vp.size["shortest_edge"], s.max_pixels),
+                      "longest_edge": s.max_pixels}
+    return kw
+
+
+def _qwen3_call(vp, s: VideoSampling, clip: Clip) -> dict:
+    """As Qwen2.5-VL, plus the clip's timing (the processor writes per-frame timestamps from it;
+    without it, it re-samples at 2 fps assuming a 24 fps source). Its size cap is per clip."""
+    kw = _qwen2_call(vp, s, clip)
+    if s.max_pixels:
+        kw["size"]["longest_edge"] = s.max_pixels * len(clip.indices)
+    kw["video_metadata"] = [{"fps": clip.fps or s.fps or 1.0, "frames_indices": clip.indices,
+                             "total_num_frames": clip.total}]
+    return kw
+
+
+def _plain_call(vp, s: VideoSampling, clip: Clip) -> dict:
+    """PerceptionLM resizes every frame to its tower's tile: nothing to pass but the frames."""
+    return {"do_sample_frames": False}
+
+
+@dataclass(frozen=True)
+class VideoFamily:
+    name: str
+    tensors: tuple[str, ...]          # processor outputs the vision tower / forward needs
+    call: Callable                    # (video_processor, VideoSampling, Clip) -> processor kwargs
+    encode: Callable                  # (model, videos) -> [VideoFeatures] (one tower call)
+    inputs: Callable                  # (features per row, video dicts per row) -> forward kwargs
+    token_types: bool = True          # forward takes mm_token_type_ids (2 marks video tokens)
+    needs: tuple[tuple[str, str], ...] = (("torchvision", "torchvision"), ("PIL", "pillow"))
+    # (module, pip package) its processor and tower import; checked before loading
+
+
+VIDEO_FAMILIES = {f.name: f for f in (
+    VideoFamily("qwen2_5_vl", ("pixel_values_videos", "video_grid_thw"), _qwen2_call,
+                _encode_grid, _grid_inputs),
+    VideoFamily("qwen3_vl", ("pixel_values_videos", "video_grid_thw"), _qwen3_call,
+                _encode_grid, _grid_inputs),
+    VideoFamily("perception_lm", ("pixel_values_videos",), _plain_call, _encode_frames,
+                _frame_inputs, token_types=False,
+                needs=(("torchvision", "torchvision"), ("PIL", "pillow"), ("timm", "timm"))),
+)}
+
+
+def video_family(model_or_config) -> VideoFamily:
+    """The family of a VLM (its config's model_type); a clear error for one this code lacks."""
+    config = getattr(model_or_config, "config", model_or_config)
+    name = getattr(config, "model_type", None)
+    if name not in VIDEO_FAMILIES:
+        raise UnsupportedModel(f"model type {name!r} has no video path here; supported "
+                               f"vision-language families: {', '.join(VIDEO_FAMILIES)}")
+    return VIDEO_FAMILIES[name]
+
+
+class ModelError(ValueError):
+    """A model directory the code cannot use (unknown family, no processor): one-line message."""
+
+
+UnsupportedModel = ModelError
 
 
 # ================================================================================================
@@ -230,17 +456,46 @@ def video_token_id(processor) -> int:
         tokenizer_of(processor).convert_tokens_to_ids(processor.video_token)
 
 
-def video_inputs(processor, frames: np.ndarray) -> dict:
-    """Vision-tower inputs for one video, from the processor's own video processor."""
+PROCESSOR_FAMILIES = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "TinyProcessor": "qwen2_5_vl",
+                      "Qwen3VLProcessor": "qwen3_vl", "PerceptionLMProcessor": "perception_lm"}
+
+
+def processor_family(processor) -> VideoFamily:
+    name = PROCESSOR_FAMILIES.get(type(processor).__name__)
+    if name is None:
+        raise UnsupportedModel(f"{type(processor).__name__}: no video path for this processor; "
+                               f"supported vision-language families: {', '.join(VIDEO_FAMILIES)}")
+    return VIDEO_FAMILIES[name]
+
+
+def video_inputs(processor, video: np.ndarray | Clip, sampling: VideoSampling | None = None) -> dict:
+    """Vision-tower inputs for one video from the family's own video processor, plus
+    `placeholder_ids`: the tokens the prompt's one video placeholder becomes (the processor's
+    own replace_video_token: Qwen3-VL's per-frame groups with timestamps included)."""
     if getattr(processor, "video_processor", None) is None:
         raise ValueError("this model's processor has no video processor; use text-only records")
-    out = processor.video_processor(videos=[frames], return_tensors="pt")
-    return {k: v for k, v in out.items() if k in ("pixel_values_videos", "video_grid_thw")}
+    clip = video if isinstance(video, Clip) else Clip(np.asarray(video), list(range(len(video))),
+                                                      None, len(video))
+    family, vp = processor_family(processor), processor.video_processor
+    out = vp(videos=[clip.frames], return_tensors="pt", return_metadata=True,
+             **family.call(vp, sampling or VideoSampling(len(clip.frames)), clip))
+    enc = {k: out[k] for k in family.tensors}
+    if family.name == "qwen2_5_vl" and hasattr(processor, "replace_video_token"):
+        # the time one temporal patch spans, for the rotary time axis (the processor's formula)
+        rate = (len(clip.indices) * clip.fps / clip.total) if clip.fps else 2.0
+        enc["second_per_grid_ts"] = torch.tensor([vp.temporal_patch_size / rate])
+    if hasattr(processor, "replace_video_token"):
+        text = processor.replace_video_token(out, video_idx=0)
+    else:                                    # the tiny preset: one token per merged patch
+        text = processor.video_token * (int(out["video_grid_thw"][0].prod()) // vp.merge_size ** 2)
+    ids = tokenizer_of(processor)(text, add_special_tokens=False).input_ids
+    enc["placeholder_ids"] = torch.tensor(ids, dtype=torch.long)
+    return enc
 
 
-def video_token_count(processor, grid_thw: torch.Tensor) -> int:
-    """How many placeholder tokens one video takes: its patch grid over merge x merge blocks."""
-    return int(grid_thw.prod()) // processor.video_processor.merge_size ** 2
+def video_token_count(processor, video: dict) -> int:
+    """How many prompt tokens one encoded video takes (its placeholder expansion)."""
+    return len(video["placeholder_ids"])
 
 
 @dataclass
@@ -271,10 +526,8 @@ class PromptTooLong(ValueError):
 
 def expand_video_tokens(processor, prompt_ids: list[int], video: dict) -> list[int]:
     """Replace the prompt's one video placeholder by as many as the video has embeddings."""
-    vt = video_token_id(processor)
-    at = prompt_ids.index(vt)
-    return prompt_ids[:at] + [vt] * video_token_count(processor, video["video_grid_thw"][0]) + \
-        prompt_ids[at + 1:]
+    at = prompt_ids.index(video_token_id(processor))
+    return prompt_ids[:at] + video["placeholder_ids"].tolist() + prompt_ids[at + 1:]
 
 
 def make_batch(processor, rows: list[tuple[list[int], list[int], int]], videos: list[dict],
@@ -313,15 +566,12 @@ def make_batch(processor, rows: list[tuple[list[int], list[int], int]], videos: 
 #    the gradients of all K captions flow back into the one encoding.
 # ================================================================================================
 
-def encode_videos(model, videos: list[dict]) -> list[torch.Tensor]:
-    """One vision-encoder call for all distinct videos -> one [tokens, hidden] tensor each."""
-    pixels = torch.cat([v["pixel_values_videos"] for v in videos])
-    grid = torch.cat([v["video_grid_thw"] for v in videos])
-    out = model.get_video_features(pixels, grid, return_dict=True)
-    return list(out.pooler_output)
+def encode_videos(model, videos: list[dict]) -> list[VideoFeatures]:
+    """One vision-encoder call for all distinct videos -> their features, one per video."""
+    return video_family(model).encode(model, videos)
 
 
-def forward_logits(model, batch: Batch, video_embeds: list[torch.Tensor] | None = None):
+def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None = None):
     """(logits [N, L, V], labels [N, L]) over the response region only.
 
     Logits are computed just from the first position any response starts at: with long video
@@ -329,17 +579,15 @@ def forward_logits(model, batch: Batch, video_embeds: list[torch.Tensor] | None 
     reuses already-encoded videos (the reference pass with a frozen vision tower); otherwise
     the batch's videos are encoded here, once each.
     """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
     kwargs = {}
     rows_with_video = [v for v in batch.video_of_row if v >= 0]
     if rows_with_video:
+        family = video_family(model)
         if video_embeds is None:
-            video_embeds = encode_videos(model, batch.videos)
-        per_row = [video_embeds[v] for v in rows_with_video]       # shared, not re-encoded
-        kwargs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=per_row)}
-        kwargs["video_grid_thw"] = torch.cat([batch.videos[v]["video_grid_thw"]
-                                              for v in rows_with_video])
-        if _accepts(model, "mm_token_type_ids"):
+            video_embeds = family.encode(model, batch.videos)
+        kwargs = family.inputs([video_embeds[v] for v in rows_with_video],   # shared, not re-encoded
+                               [batch.videos[v] for v in rows_with_video])
+        if family.token_types:
             kwargs["mm_token_type_ids"] = (batch.input_ids == model.config.video_token_id).int() * 2
     real = batch.labels != IGNORE_INDEX
     first = int(real.float().argmax(-1)[real.any(-1)].min()) if real.any() else 0
@@ -349,21 +597,15 @@ def forward_logits(model, batch: Batch, video_embeds: list[torch.Tensor] | None 
     return out.logits, batch.labels[:, first:]
 
 
-def _accepts(model, name: str) -> bool:
-    """Whether the underlying transformers model's forward takes `name` (through peft wrappers)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(base.forward).parameters
-
-
 @torch.no_grad()
 def response_logps(model, processor, video, prompts: list[str], responses: list[str],
-                   max_length: int = 2048) -> torch.Tensor:
+                   max_length: int = 2048, sampling: VideoSampling | None = None) -> torch.Tensor:
     """[K] fp32 sums of each response's token log-probs given its prompt and the shared video
     (encoded once for all K; None for text-only). No gradients: this is for evaluation."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     device = next(model.parameters()).device
-    videos = [video_inputs(processor, video)] if video is not None else []
+    videos = [video_inputs(processor, video, sampling)] if video is not None else []
     vid = 0 if video is not None else -1
     rows = [(*encode_text(processor, p, r, video is not None), vid)
             for p, r in zip(prompts, responses)]
@@ -373,14 +615,14 @@ def response_logps(model, processor, video, prompts: list[str], responses: list[
     return logps.float()
 
 
-def build_generation_inputs(processor, prompts: list[str],
-                            videos: list[np.ndarray | None]) -> dict:
+def build_generation_inputs(processor, prompts: list[str], videos: list[np.ndarray | Clip | None],
+                            sampling: VideoSampling | None = None) -> dict:
     """A left-padded batch of chat prompts (generation prompt appended), ready for
     model.generate(**inputs). Each video is encoded by generate itself (once per prompt)."""
     if len(prompts) != len(videos):
         raise ValueError(f"{len(prompts)} prompts but {len(videos)} videos")
     tok = tokenizer_of(processor)
-    encoded = [video_inputs(processor, v) if v is not None else None for v in videos]
+    encoded = [video_inputs(processor, v, sampling) if v is not None else None for v in videos]
     seqs = []
     for prompt, enc in zip(prompts, encoded):
         ids, _ = encode_text(processor, prompt, None, enc is not None)
@@ -396,9 +638,12 @@ def build_generation_inputs(processor, prompts: list[str],
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     present = [e for e in encoded if e is not None]
     if present:
-        inputs["pixel_values_videos"] = torch.cat([e["pixel_values_videos"] for e in present])
-        inputs["video_grid_thw"] = torch.cat([e["video_grid_thw"] for e in present])
-        inputs["mm_token_type_ids"] = (input_ids == video_token_id(processor)).int() * 2
+        family = processor_family(processor)
+        for key in present[0]:
+            if key != "placeholder_ids":
+                inputs[key] = torch.cat([e[key] for e in present])
+        if family.token_types:
+            inputs["mm_token_type_ids"] = (input_ids == video_token_id(processor)).int() * 2
     return inputs
 
 
@@ -437,13 +682,53 @@ def _string(path, line, record, field) -> str:
     return record[field]
 
 
-def expected_video_tokens(processor, num_frames: int) -> int | None:
-    """Video tokens per clip when known without reading the video (a processor that resizes every
-    clip to one size, like the tiny preset's); None when the count depends on the frame size."""
-    vp = getattr(processor, "video_processor", None)
-    if not hasattr(vp, "image_size"):
-        return None
-    return vp.get_num_of_video_patches(num_frames) // vp.merge_size ** 2
+def probe_clip(path: str, sampling: VideoSampling) -> Clip:
+    """The clip as load_clip would return it, but with black frames of the right size: read
+    from headers (and the first decoded frame, so an undecodable file fails here), not the whole
+    video. Lets training count every record's video tokens before its first step."""
+    if os.path.isdir(path) or path.endswith(".npy"):
+        shape = None
+        if path.endswith(".npy"):
+            array = np.load(path, mmap_mode="r")
+            if array.ndim != 4 or array.shape[-1] != 3:
+                raise ValueError(f"{path}: expected a [T, H, W, 3] array, got shape {list(array.shape)}")
+            total, shape, fps = array.shape[0], array.shape[1:3], None
+        else:
+            files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
+            if not files:
+                raise ValueError(f"{path}: folder holds no frames ({', '.join(FRAME_EXTENSIONS)})")
+            total, shape, fps = len(files), _read_frame(os.path.join(path, files[0])).shape[:2], None
+    elif path.lower().endswith(VIDEO_EXTENSIONS):
+        av = require("av", "av", f"{path}: decoding video files")
+        try:
+            with av.open(path) as container:
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate) if stream.average_rate else None
+                total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+                container.seek(0)
+                first = next(container.decode(stream), None)
+        except (av.error.FFmpegError, IndexError) as e:
+            raise ValueError(f"{path}: cannot decode video ({e or 'no video stream'})") from None
+        if first is None:
+            raise ValueError(f"{path}: no video frames decoded")
+        shape = (first.height, first.width)
+    else:
+        raise ValueError(f"{path}: unknown video format (use .npy, a folder of frames, or "
+                         f"{'/'.join(VIDEO_EXTENSIONS)})")
+    picked = _pick(total, fps, sampling)
+    clip = Clip(np.zeros((len(picked), *shape, 3), np.uint8), picked, fps, total)
+    if sampling.max_pixels and shape[0] * shape[1] > sampling.max_pixels:
+        clip.frames = _shrink(clip.frames[:1], sampling.max_pixels).repeat(len(picked), 0)
+    return clip
+
+
+def video_tokens_of(processor, path: str, sampling: VideoSampling, cache: dict) -> int:
+    """Prompt tokens the video at `path` takes, from the family's processor (cached per size)."""
+    clip = probe_clip(path, sampling)
+    key = (clip.frames.shape, tuple(clip.indices), clip.fps, clip.total)
+    if key not in cache:
+        cache[key] = len(video_inputs(processor, clip, sampling)["placeholder_ids"])
+    return cache[key]
 
 
 def resolve_video(path: str, line: int, record: dict, video_root: str | None) -> str | None:
@@ -481,13 +766,15 @@ def chain_record(path: str, line: int, record: dict,
 
 def load_chains(path: str, processor, objective: str, video_root: str | None = None,
                 max_chain: int | None = None, max_length: int = 2048,
-                num_frames: int = 8) -> tuple[list[Chain], int]:
+                sampling: int | VideoSampling = 8) -> tuple[list[Chain], int]:
     """Read, check and tokenize every record; any problem is a DataError naming file:line:field.
+    Every video is probed (headers and first frame) so a missing or undecodable file, or a prompt
+    too long once its video tokens are counted, is reported before training starts.
 
     Returns (chains, left_out): records gen_chains.py wrote with a status other than "ok"
     (failed, no_preference) hold no ranking and are left out, and counted.
     """
-    video_tokens = expected_video_tokens(processor, num_frames)
+    sampling, token_cache = _sampling(sampling), {}
     takes_video = getattr(processor, "video_processor", None) is not None
     chains, left_out = [], 0
     for line, record in read_jsonl(path):
@@ -504,8 +791,14 @@ def load_chains(path: str, processor, objective: str, video_root: str | None = N
                             f"{' after --max_chain' if max_chain else ''}; the {objective} objective "
                             "needs at least 2, ranked best first", field)
         rows = [encode_text(processor, p, r, video is not None) for p, r in zip(prompts, responses)]
+        video_tokens = 1
+        if video is not None:
+            try:
+                video_tokens = video_tokens_of(processor, video, sampling, token_cache)
+            except (OSError, ValueError) as e:
+                raise DataError(path, line, str(e), "video") from None
         for prompt_ids, _ in rows:           # the placeholder becomes video_tokens tokens
-            length = len(prompt_ids) + ((video_tokens or 1) - 1 if video else 0)
+            length = len(prompt_ids) + video_tokens - 1
             if length >= max_length:
                 raise DataError(path, line, f"prompt is {length} tokens"
                                 f"{' (video included)' if video else ''}, max_length is {max_length}",
@@ -517,17 +810,17 @@ def load_chains(path: str, processor, objective: str, video_root: str | None = N
     return chains, left_out
 
 
-def collate(chains: list[Chain], processor, num_frames: int, max_length: int):
+def collate(chains: list[Chain], processor, sampling: int | VideoSampling, max_length: int):
     """A Batch of all the chains' sequences plus chains [B, K]: row indices best first, -1 pad."""
     rows, videos, members = [], [], []
     for chain in chains:
         vid = -1
         if chain.video is not None:
             try:
-                frames = load_video(chain.video, num_frames)
+                clip = load_clip(chain.video, sampling)
             except (OSError, ValueError) as e:
                 raise DataError(chain.path, chain.line, str(e), "video") from None
-            videos.append(video_inputs(processor, frames))
+            videos.append(video_inputs(processor, clip, _sampling(sampling)))
             vid = len(videos) - 1
         members.append(list(range(len(rows), len(rows) + len(chain.rows))))
         rows += [(p, r, vid) for p, r in chain.rows]
@@ -541,6 +834,10 @@ def collate(chains: list[Chain], processor, num_frames: int, max_length: int):
     for b, m in enumerate(members):
         index[b, :len(m)] = torch.tensor(m)
     return batch, index
+
+
+def _sampling(sampling: int | VideoSampling) -> VideoSampling:
+    return sampling if isinstance(sampling, VideoSampling) else VideoSampling(sampling)
 
 
 def step_batches(n_chains: int, step: int, seed: int, batch_size: int, grad_accum: int,
@@ -591,7 +888,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated modules trained in full beside LoRA (the reference keeps "
                    "the originals); 'auto': the tiny preset's lm_head and final norm, none for "
                    "pretrained models; 'none'")
-    p.add_argument("--num_frames", type=int, default=8, help="frames sampled uniformly per video")
+    add_video_flags(p)
     p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence, video included")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: end only)")
     p.add_argument("--keep_checkpoints", type=int, default=2)
@@ -613,6 +910,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     return args
+
+
+def add_video_flags(p: argparse.ArgumentParser, from_run: bool = False) -> None:
+    """--num_frames/--fps/--max_pixels: the same flags in rank_dpo.py, eval_judge.py and the
+    reward step; a run stores them in rank_dpo.json and evaluation reuses them (from_run: the
+    flags default to the adapter's run, then to VideoSampling's defaults)."""
+    p.add_argument("--num_frames", type=int, default=None if from_run else 8,
+                   help="frames sampled per video (uniformly over the clip, or at --fps)"
+                   + ("; default: the adapter's run, else 8" if from_run else ""))
+    p.add_argument("--fps", type=float, help="sample this many frames per second of video "
+                   "(at most --num_frames); default: --num_frames spread uniformly")
+    p.add_argument("--max_pixels", type=int, help="cap on height x width of each frame, "
+                   "passed to the model's video processor (default: the processor's own)")
 
 
 def setup_distributed():
@@ -780,7 +1090,7 @@ def peak_memory_mb(device) -> float:
 # renamed, so a kill -9 mid-write leaves the previous checkpoint intact.
 
 RESUME_KEYS = ("model", "data", "objective", "vision", "lora_r", "lora_alpha", "modules_to_save",
-               "init", "batch_size", "grad_accum", "seed", "max_chain", "num_frames",
+               "init", "batch_size", "grad_accum", "seed", "max_chain", "num_frames", "fps", "max_pixels",
                "max_length", "beta", "ntp_weight", "ntp_norm")
 
 
@@ -808,7 +1118,7 @@ def latest_checkpoint(out: str) -> str | None:
 
 def write_meta(directory: str, args, init: str | None) -> None:
     meta = {"base_model": args.model, "init": init, "objective": args.objective,
-            "vision": args.vision, "args": vars(args)}
+            "vision": args.vision, "video": VideoSampling.of(args).as_dict(), "args": vars(args)}
     with open(os.path.join(directory, RUN_META), "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -893,7 +1203,7 @@ def train(args) -> list[dict]:
     if args.init:
         model = merge_adapter(model, args.init)
     chains, left_out = load_chains(args.data, processor, args.objective, args.video_root,
-                                   args.max_chain, args.max_length, args.num_frames)
+                                   args.max_chain, args.max_length, VideoSampling.of(args))
     if rank == 0:
         print(f"{args.data}: {len(chains)} chains"
               + (f"; {left_out} records left out (status not 'ok')" if left_out else ""), flush=True)
@@ -950,7 +1260,7 @@ def train(args) -> list[dict]:
             for ids in step_batches(len(chains), step, args.seed, args.batch_size,
                                     args.grad_accum, world, rank):
                 micro = [chains[i] for i in ids]
-                batch, index = collate(micro, processor, args.num_frames, args.max_length)
+                batch, index = collate(micro, processor, VideoSampling.of(args), args.max_length)
                 batch.to(device)
                 loss, micro_stats = chain_loss_step(model, batch, index, args, vision_trainable)
                 if not torch.isfinite(loss):
@@ -1012,12 +1322,45 @@ def train(args) -> list[dict]:
             dist.destroy_process_group()
 
 
+def export(argv) -> str:
+    """`rank_dpo.py export --adapter RUN --out DIR`: the base model with the run's adapter (and its
+    warm start) merged in, saved in hub format with the base's processor: a plain checkpoint that
+    AutoModelForImageTextToText / AutoProcessor load and vLLM-style servers serve."""
+    p = argparse.ArgumentParser(prog="rank_dpo.py export", description=export.__doc__)
+    p.add_argument("--adapter", required=True, help="a run directory (or checkpoint) of rank_dpo.py")
+    p.add_argument("--out", required=True, help="where the merged model is written")
+    p.add_argument("--model", help="base model (default: the one the run recorded)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    args = p.parse_args(argv)
+    meta_path = os.path.join(args.adapter, RUN_META)
+    if not os.path.isfile(meta_path):
+        raise ModelError(f"{args.adapter}: no {RUN_META}; not a rank_dpo.py run (pass --model?)")
+    base = args.model or json.load(open(meta_path))["base_model"]
+    import synthetic
+    if synthetic.is_tiny(base):                   # the run saved the embedded model under base/
+        base = os.path.join(args.adapter, "base")
+    net, processor = load_model(base, args.adapter, dtype=getattr(torch, args.dtype))
+    net.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    print(f"merged model written to {args.out}")
+    return args.out
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        try:
+            export(argv[1:])
+        except (ModelError, MissingDependency, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        return
     args = parse_args(argv)
     try:
         train(args)
     except DataError as e:
         sys.exit(f"data error: {e}")
+    except (ModelError, MissingDependency) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
