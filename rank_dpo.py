@@ -618,7 +618,7 @@ def response_logps(model, processor, video, prompts: list[str], responses: list[
             for p, r in zip(prompts, responses)]
     batch = make_batch(processor, rows, videos, max_length).to(device)
     packing = None
-    if resolve_shared_prefix(model, shared_prefix):
+    if resolve_shared_prefix(model, shared_prefix, log=lambda m: print(m, file=sys.stderr)):
         index = torch.arange(len(rows)).unsqueeze(0)
         packing = pack_model_chains(model, batch, index)
     logits, labels = chain_logits(model, batch, packing)

@@ -156,7 +156,14 @@ def test_packed_layout_shares_the_prefix_and_isolates_captions(tiny, records):
     assert bool(((eager == 0) == mask).all())
 
 
-def test_auto_falls_back_once_with_the_reason(capsys):
+def test_auto_is_the_default_and_packs_the_tiny_family(tiny):
+    assert R.parse_args(["--data", "x", "--output_dir", "x"]).shared_prefix == "auto"
+    model, _ = adapted(tiny[0], "lora", "rank")
+    lines = []
+    assert R.resolve_shared_prefix(model, "auto", log=lines.append) and not lines
+
+
+def test_auto_falls_back_once_with_the_reason():
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2))
