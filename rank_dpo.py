@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import inspect
 import json
 import math
 import os
@@ -597,11 +598,260 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
     return out.logits, batch.labels[:, first:]
 
 
+# ------------------------------------------------------------------------------------------------
+# 3b. Shared-prefix chain forward (--shared_prefix). The K rows of a chain repeat one prefix
+#     (chat header, every video token, the question); here the prefix goes through the language
+#     model ONCE per chain. Layout of one packed row, prefix P and captions c_1..c_K:
+#
+#         tokens   [ p p p p p | c1 c1 c1 | c2 c2 | c3 c3 c3 c3 ]
+#         segment    0 0 0 0 0   1  1  1    2  2    3  3  3  3       (-1: right padding)
+#         sees       causal      P + own    P + own P + own          (never another caption)
+#         position   0 1 2 3 4   5  6  7    5  6    5  6  7  8       (restart after the prefix)
+#
+#     Why packing (one row, a block mask) rather than "prefix once, then the K captions as a
+#     batch over the prefix's expanded keys/values": packing goes through the model's own forward
+#     unchanged, so LoRA, peft's modules_to_save, gradient checkpointing, the vision embeddings'
+#     scatter and the gradients into the prefix (and the vision tower) all work as in the
+#     unshared path, for any family whose attention takes a ready 4-D mask; the KV route needs a
+#     differentiable cache expanded over K and a second forward per pass. The numbers equal the
+#     unshared forward's because every caption token sees exactly the keys and the (mrope)
+#     positions it sees there: positions are taken from the model's own rope index on the
+#     UNPACKED rows and then moved, so Qwen2.5-VL's 3-D video positions need no re-derivation.
+#     Each caption segment starts at its row's last prompt token (repeated K times: K-1 tokens),
+#     so that every response label is predicted from inside its own segment.
+#     Attention backends: sdpa gets a boolean [C, 1, S, S] mask (on GPU SDPA's memory-efficient
+#     kernel takes the mask; the flash kernel does not, so attention costs O(S^2) mask memory and
+#     computes the masked-out caption-caption blocks too); eager gets the additive float mask.
+#     flash_attention_2/flex_attention would need varlen/BlockMask plumbing: `auto` falls back.
+# ------------------------------------------------------------------------------------------------
+
+SHARED_PREFIX_MODES = ("on", "off", "auto")
+# Families whose packed forward tests/test_shared_prefix.py checks against the unshared one.
+SHARED_PREFIX_FAMILIES = ("qwen2_5_vl", "qwen2")
+_fallbacks_logged: set[str] = set()
+
+
+def shared_prefix_unsupported(model) -> str | None:
+    """Why the packed forward cannot serve this model, or None when it can."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.model_type not in SHARED_PREFIX_FAMILIES:
+        return (f"model family {config.model_type!r} is not verified for the packed forward "
+                f"(verified: {', '.join(SHARED_PREFIX_FAMILIES)})")
+    text = config.get_text_config()
+    backend = text._attn_implementation or "eager"
+    if backend not in ("sdpa", "eager"):
+        return f"attention backend {backend!r} takes no ready 4-D mask here (use sdpa or eager)"
+    if getattr(text, "use_sliding_window", False) or \
+            "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        return "sliding-window layers would lose their window under a ready 4-D mask"
+    return None
+
+
+def resolve_shared_prefix(model, mode: str, log=print) -> bool:
+    """--shared_prefix on|off|auto -> whether to pack. `on` where unsupported is an error; `auto`
+    falls back to the unshared forward and says so once per process, with the reason."""
+    if mode not in SHARED_PREFIX_MODES:
+        raise ValueError(f"shared_prefix must be one of {SHARED_PREFIX_MODES}, got {mode!r}")
+    if mode == "off":
+        return False
+    reason = shared_prefix_unsupported(model)
+    if reason is None:
+        return True
+    if mode == "on":
+        raise SystemExit(f"--shared_prefix on: {reason}")
+    if log is not None and reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        log(f"--shared_prefix auto: off, one sequence per caption ({reason})")
+    return False
+
+
+@dataclass
+class Packing:
+    """Where every token of a Batch goes when each chain becomes one row [prefix | c_1 | ... | c_K].
+
+    source[c, s]: flat index (row * T + t) into the unpacked [N, T] batch of packed token s,
+    -1 for padding; segment[c, s]: 0 prefix, k >= 1 the chain's k-th row, -1 padding.
+    gather[n, j]: flat index into the packed [C * S] outputs whose prediction is labels[n, j];
+    labels[n, j]: row n's j-th response label (aligned per row at its first one), -100 after.
+    videos_of_row[c]: indices into Batch.videos, one per video span in packed row c, in order.
+    """
+    source: torch.Tensor
+    segment: torch.Tensor
+    gather: torch.Tensor
+    labels: torch.Tensor
+    videos_of_row: list[list[int]]
+
+    def to(self, device):
+        self.source, self.segment, self.gather, self.labels = (
+            t.to(device) for t in (self.source, self.segment, self.gather, self.labels))
+        return self
+
+    def tokens(self) -> int:
+        return int((self.segment >= 0).sum())
+
+
+def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = None) -> Packing:
+    """Pack each chain (a row of `index` [C, K], -1 padded) of `batch` into one sequence.
+
+    The shared prefix is the longest run of tokens all the chain's rows start with, stopped at
+    the last prompt token of the shortest prompt (so yes/no chains, whose prompts differ, share
+    their header and video); a prefix that would cut a video span in two stops before it.
+    """
+    ids, labels = batch.input_ids.cpu(), batch.labels.cpu()
+    n_rows, width = ids.shape
+    lengths = batch.attention_mask.cpu().sum(-1).tolist()
+    has_label = labels != IGNORE_INDEX
+    starts = [int(has_label[n].float().argmax()) if has_label[n].any() else lengths[n] - 1
+              for n in range(n_rows)]                   # first label = last prompt token
+    sources, segments, offsets, shared_of = [], [], {}, {}
+    videos_of_row = []
+    for members in index.tolist():
+        members = [m for m in members if m >= 0]
+        first = members[0]
+        shared = min(starts[m] for m in members)
+        for m in members[1:]:
+            same = (ids[first, :shared] == ids[m, :shared]).int()
+            shared = min(shared, int(same.cumprod(0).sum()))
+        if video_token is not None and shared > 0:
+            is_video = (ids[first, :shared + 1] == video_token).tolist()
+            if is_video[shared - 1] and is_video[shared]:      # inside a video span: stop before
+                while shared > 0 and is_video[shared - 1]:
+                    shared -= 1
+        src = list(range(first * width, first * width + shared))
+        seg = [0] * shared
+        spans = [batch.video_of_row[first]] if video_token is not None and \
+            bool((ids[first, :shared] == video_token).any()) else []
+        for k, m in enumerate(members, start=1):
+            offsets[m] = len(src) - shared
+            shared_of[m] = shared
+            src += range(m * width + shared, m * width + lengths[m])
+            seg += [k] * (lengths[m] - shared)
+            if video_token is not None and bool((ids[m, shared:lengths[m]] == video_token).any()):
+                spans.append(batch.video_of_row[m])
+        sources.append(src)
+        segments.append(seg)
+        videos_of_row.append(spans)
+    packed_width = max(len(s) for s in sources)
+    source = torch.full((len(sources), packed_width), -1, dtype=torch.long)
+    segment = torch.full_like(source, -1)
+    for c, (src, seg) in enumerate(zip(sources, segments)):
+        source[c, :len(src)] = torch.tensor(src)
+        segment[c, :len(seg)] = torch.tensor(seg)
+    # row n's c-th packed row: the chain that holds it
+    chain_of = {m: c for c, members in enumerate(index.tolist()) for m in members if m >= 0}
+    span = max(lengths[n] - 1 - starts[n] for n in range(n_rows))
+    span = max(span, 1)
+    gather = torch.zeros((n_rows, span), dtype=torch.long)
+    row_labels = torch.full((n_rows, span), IGNORE_INDEX, dtype=torch.long)
+    for n in range(n_rows):
+        count = lengths[n] - 1 - starts[n]
+        if count <= 0:
+            continue
+        t = torch.arange(starts[n], starts[n] + count)
+        gather[n, :count] = chain_of[n] * packed_width + offsets[n] + t
+        row_labels[n, :count] = labels[n, starts[n]:starts[n] + count]
+    return Packing(source, segment, gather, row_labels, videos_of_row)
+
+
+def pack_model_chains(model, batch: Batch, index: torch.Tensor) -> Packing:
+    """pack_chains with the model's video token, the Packing on the batch's device."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    video_token = getattr(base.config, "video_token_id", None) if batch.videos else None
+    return pack_chains(batch, index, video_token).to(batch.input_ids.device)
+
+
+def packed_attention_mask(segment: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    """[C, 1, S, S]: query q sees key k iff k <= q and k is in the prefix or q's own segment.
+    Padding queries see themselves only (a row with no key would give NaN, even in backward)."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+    q, k = segment.unsqueeze(2), segment.unsqueeze(1)
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool, device=segment.device)
+    allowed = allowed.unsqueeze(1)
+    if backend == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)
+
+
+def unpacked_position_ids(model, batch: Batch, video_kwargs: dict) -> torch.Tensor:
+    """The position ids the unshared forward gives `batch`'s rows: [N, T], or [3, N, T] from the
+    model's own rope index (Qwen2.5-VL's 3-D mrope positions) when the batch holds videos."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, base.base_model_prefix)
+    if video_kwargs and hasattr(inner, "get_rope_index"):
+        accepted = inspect.signature(inner.get_rope_index).parameters
+        kwargs = {k: v for k, v in dict(video_kwargs, attention_mask=batch.attention_mask).items()
+                  if k in accepted}
+        positions, _ = inner.get_rope_index(batch.input_ids, **kwargs)
+        return positions
+    return (batch.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def packed_hidden_states(model, batch: Batch, packing: Packing,
+                         video_embeds: list[VideoFeatures] | None = None):
+    """(hidden [N, L, H], labels [N, L]): the final hidden states (after the last norm) at the
+    positions that predict each row's response labels, from ONE forward per chain. The LM head
+    is left to the caller (packed_logits, or a fused linear + loss kernel)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, base.base_model_prefix)
+    flat_ids = batch.input_ids.reshape(-1)
+    padding = batch.attention_mask.reshape(-1) == 0      # any id fills padding: it is masked
+    pad = int(flat_ids[padding][0]) if bool(padding.any()) else 0
+    ids = torch.where(packing.source >= 0, flat_ids[packing.source.clamp_min(0)],
+                      torch.full_like(packing.source, pad))
+    video_kwargs, kwargs = {}, {}
+    rows_with_video = [v for v in batch.video_of_row if v >= 0]
+    if rows_with_video:
+        video_kwargs["video_grid_thw"] = torch.cat([batch.videos[v]["video_grid_thw"]
+                                                    for v in rows_with_video])
+        video_kwargs["mm_token_type_ids"] = (batch.input_ids == base.config.video_token_id).int() * 2
+    positions = unpacked_position_ids(model, batch, video_kwargs)
+    flat_pos = positions.reshape(*positions.shape[:-2], -1)
+    packed_pos = flat_pos[..., packing.source.clamp_min(0)] * (packing.source >= 0)
+    spans = [v for row in packing.videos_of_row for v in row]
+    if spans:
+        family = video_family(base)
+        if video_embeds is None:
+            video_embeds = family.encode(model, batch.videos)
+        kwargs = family.inputs([video_embeds[v] for v in spans],       # shared, not re-encoded
+                               [batch.videos[v] for v in spans])
+        if family.token_types:
+            kwargs["mm_token_type_ids"] = (ids == base.config.video_token_id).int() * 2
+    text = base.config.get_text_config()
+    mask = packed_attention_mask(packing.segment, text._attn_implementation or "eager",
+                                 inner.get_input_embeddings().weight.dtype)
+    out = inner(input_ids=ids, attention_mask=mask, position_ids=packed_pos, use_cache=False,
+                **kwargs)
+    hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+    return hidden[packing.gather], packing.labels
+
+
+def packed_logits(model, batch: Batch, packing: Packing,
+                  video_embeds: list[VideoFeatures] | None = None):
+    """(logits [N, L, V], labels [N, L]) of every row's response, one forward per chain: the
+    drop-in for forward_logits (equal per-row log-probs; labels aligned per row)."""
+    hidden, labels = packed_hidden_states(model, batch, packing, video_embeds)
+    return model.get_output_embeddings()(hidden), labels
+
+
+def chain_logits(model, batch: Batch, packing: Packing | None = None,
+                 video_embeds: list[VideoFeatures] | None = None):
+    """The trainer's and the evaluation's one entry: packed when given a Packing, else unshared."""
+    if packing is None:
+        return forward_logits(model, batch, video_embeds)
+    return packed_logits(model, batch, packing, video_embeds)
+
+
 @torch.no_grad()
 def response_logps(model, processor, video, prompts: list[str], responses: list[str],
-                   max_length: int = 2048, sampling: VideoSampling | None = None) -> torch.Tensor:
+                   max_length: int = 2048, sampling: VideoSampling | None = None,
+                   shared_prefix: str = "auto") -> torch.Tensor:
     """[K] fp32 sums of each response's token log-probs given its prompt and the shared video
-    (encoded once for all K; None for text-only). No gradients: this is for evaluation."""
+    (encoded once for all K; None for text-only). No gradients: this is for evaluation.
+    shared_prefix (on|off|auto): the K rows' common prefix runs through the LM once."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     device = next(model.parameters()).device
@@ -610,7 +860,11 @@ def response_logps(model, processor, video, prompts: list[str], responses: list[
     rows = [(*encode_text(processor, p, r, video is not None), vid)
             for p, r in zip(prompts, responses)]
     batch = make_batch(processor, rows, videos, max_length).to(device)
-    logits, labels = forward_logits(model, batch)
+    packing = None
+    if resolve_shared_prefix(model, shared_prefix, log=lambda m: print(m, file=sys.stderr)):
+        index = torch.arange(len(rows)).unsqueeze(0)
+        packing = pack_model_chains(model, batch, index)
+    logits, labels = chain_logits(model, batch, packing)
     logps, _ = kernels.sequence_logps(logits, labels)
     return logps.float()
 
@@ -902,6 +1156,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--shared_prefix", choices=SHARED_PREFIX_MODES, default="auto",
+                   help="run each chain's prompt and video through the LM once (one packed "
+                   "sequence per chain); auto: where the model family supports it, else off "
+                   "with the reason in the log")
     p.add_argument("--log_every", type=int, default=1)
     args = p.parse_args(argv)
     if args.max_chain is not None and args.max_chain < (2 if args.objective != "sft" else 1):
@@ -1023,12 +1281,15 @@ def chain_stats(logps, ref, counts, index, beta) -> torch.Tensor:
                         pairs.sum().float()]).double().cpu()
 
 
-def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_trainable: bool):
+def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_trainable: bool,
+                    shared_prefix: bool = False):
     """Reference log-probs (adapters off, no grad), policy forward, the fused loss.
 
     Returns (loss, stats). The videos are encoded once per pass; with a frozen tower once in
-    all, since the policy and the reference then see the same video features.
+    all, since the policy and the reference then see the same video features. shared_prefix:
+    each chain is one packed sequence (section 3b), its prefix run once per pass.
     """
+    packing = pack_model_chains(model, batch, index) if shared_prefix else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if batch.input_ids.is_cuda \
         else contextlib.nullcontext()
     shared = None
@@ -1038,11 +1299,11 @@ def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_train
     ref = None
     if args.objective in REFERENCE_OBJECTIVES:
         with torch.no_grad(), model.disable_adapter(), autocast:
-            ref_logits, labels = forward_logits(model, batch, shared)
+            ref_logits, labels = chain_logits(model, batch, packing, shared)
             ref, _ = kernels.sequence_logps(ref_logits, labels, backend=args.loss_backend)
         del ref_logits
     with autocast:
-        logits, labels = forward_logits(model, batch, shared)
+        logits, labels = chain_logits(model, batch, packing, shared)
     summed_ntp = getattr(args, "ntp_norm", "mean") == "sum" and args.objective != "sft"
     loss, logps = kernels.fused_chain_loss(
         logits, labels, index.to(logits.device),
@@ -1222,6 +1483,8 @@ def train(args) -> list[dict]:
         for p in params:
             dist.broadcast(p.data, 0)
     vision_trainable = args.vision != "frozen" and bool(vision_module_names(model))
+    shared_prefix = resolve_shared_prefix(model, args.shared_prefix,
+                                          log=print if rank == 0 else None)
     torch.manual_seed(args.seed + rank)
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -1262,7 +1525,8 @@ def train(args) -> list[dict]:
                 micro = [chains[i] for i in ids]
                 batch, index = collate(micro, processor, VideoSampling.of(args), args.max_length)
                 batch.to(device)
-                loss, micro_stats = chain_loss_step(model, batch, index, args, vision_trainable)
+                loss, micro_stats = chain_loss_step(model, batch, index, args, vision_trainable,
+                                                    shared_prefix)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"step {step + 1}: loss is {loss.item()} on chains "

@@ -842,24 +842,26 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny(seed: int = 0):
-    """The tiny Qwen2.5-VL: random weights from `seed`, its tokenizer and processor."""
+def build_tiny(seed: int = 0, text: dict | None = None, vision: dict | None = None):
+    """The tiny Qwen2.5-VL: random weights from `seed`, its tokenizer and processor. `text` and
+    `vision` override entries of TINY_TEXT / TINY_VISION (a sized-up model for benchmarks)."""
+    text, vision = dict(TINY_TEXT, **(text or {})), dict(TINY_VISION, **(vision or {}))
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     tokenizer = build_tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in TINY_SPECIAL_TOKENS}
     vocab = 64 * math.ceil(len(tokenizer) / 64)
     config = Qwen2_5_VLConfig(
-        text_config=dict(TINY_TEXT, vocab_size=vocab, bos_token_id=ids["<|endoftext|>"],
+        text_config=dict(text, vocab_size=vocab, bos_token_id=ids["<|endoftext|>"],
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
+        vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     with _seeded(seed):
         model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    processor = TinyProcessor(tokenizer, TINY_VISION["patch_size"],
-                              TINY_VISION["temporal_patch_size"], TINY_VISION["spatial_merge_size"])
+    processor = TinyProcessor(tokenizer, vision["patch_size"], vision["temporal_patch_size"],
+                              vision["spatial_merge_size"])
     return model, processor
 
 

@@ -251,6 +251,92 @@ def worker_vision(a) -> dict:
     return results
 
 
+# The shared-prefix table: the tiny family sized up so the language model dominates the step.
+SHARED_TEXT = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=4,       # head dim 64:
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                    "mrope_section": [8, 12, 12]})     # halves sum to 32
+SHARED_K = (2, 4, 5, 8)
+SHARED_RATIOS = (1, 4, 16)
+
+
+def saved_activation_mb(fn) -> float:
+    """MiB of distinct tensors autograd saves for backward while `fn` runs (the activation
+    memory of a step; CPU tensors have no allocator statistics to read a peak from)."""
+    import torch
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()) / 2 ** 20, out
+
+
+def worker_shared_prefix(a) -> dict:
+    """One training step (rank objective: reference forward, policy forward and backward, LoRA
+    r=16 on the LM) on one chain [prefix P | K captions of R tokens], packed (--shared_prefix
+    on) vs one sequence per caption (off), interleaved, the fastest of `repeats` timed steps.
+    The prefix is P ordinary tokens standing in for the prompt and video tokens: the LM costs
+    the same per token, and the vision tower (encoded once per chain in both modes) is left
+    out so the table isolates what sharing changes."""
+    import numpy as np
+    import torch
+    import rank_dpo as R
+    import synthetic
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model, processor = synthetic.build_tiny(text=SHARED_TEXT)
+    args = R.parse_args(["--data", "x", "--output_dir", "x", "--objective", "rank",
+                         "--vision", "frozen", "--lora_r", "16", "--modules_to_save", "none"])
+    model = R.add_adapters(model, args)
+    model.train()
+    rng = np.random.default_rng(0)
+    low, high = len(synthetic.TINY_SPECIAL_TOKENS), len(processor.tokenizer)
+    rows_out = []
+    # the grid at R, then the K=5, P=4R target point again with 3x longer captions (a fixed
+    # per-step cost weighs less there, as it does with the paper's ~200-token captions)
+    shapes = [(k, ratio, a.caption_tokens) for k in SHARED_K for ratio in SHARED_RATIOS]
+    for k, ratio, length in shapes + [(5, 4, 3 * a.caption_tokens)]:
+        prefix = rng.integers(low, high, ratio * length).tolist()
+        rows = [(prefix, rng.integers(low, high, length).tolist(), -1) for _ in range(k)]
+        batch = R.make_batch(processor, rows, [], 10 ** 6)
+        index = torch.arange(k).unsqueeze(0)
+
+        def train_step(shared):
+            loss, _ = R.chain_loss_step(model, batch, index, args, False, shared_prefix=shared)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss
+
+        row = {"K": k, "P/R": ratio, "R": length, "P": ratio * length,
+               "caption_tokens": k * length}
+        times = {False: [], True: []}
+        for i in range(a.repeats + 1):            # the first round warms up, untimed
+            for shared in (False, True):
+                t0 = time.perf_counter()
+                train_step(shared)
+                if i:
+                    times[shared].append(time.perf_counter() - t0)
+        for shared, name in ((False, "unshared"), (True, "shared")):
+            memory, _ = saved_activation_mb(lambda: train_step(shared))
+            step = min(times[shared])    # shared machine: other work only ever adds time
+            row[name] = {"step_s": step, "tokens_per_s": row["caption_tokens"] / step,
+                         "activation_mb": memory}
+        row["tokens_processed"] = {"unshared": int(batch.attention_mask.sum()),
+                                   "shared": R.pack_model_chains(model, batch, index).tokens()}
+        row["bound"] = row["tokens_processed"]["unshared"] / row["tokens_processed"]["shared"]
+        row["speedup"] = row["shared"]["tokens_per_s"] / row["unshared"]["tokens_per_s"]
+        row["of_bound"] = row["speedup"] / row["bound"]
+        row["memory_ratio"] = row["shared"]["activation_mb"] / row["unshared"]["activation_mb"]
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows_out.append(row)
+    return {"text_config": SHARED_TEXT, "caption_tokens": a.caption_tokens,
+            "repeats": a.repeats, "rows": rows_out}
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +405,14 @@ def pair_tokens(path: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=("ours", "trl", "vision"))
+    p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix"))
+    p.add_argument("--only", choices=("shared_prefix",),
+                   help="run just this table (bench/train_shared_prefix.json) and rewrite its "
+                   "block of RESULTS.md, leaving the other training figures as they are")
+    p.add_argument("--shared_repeats", type=int, default=3,
+                   help="timed steps per mode and shape in the shared-prefix table")
+    p.add_argument("--caption_tokens", type=int, default=32,
+                   help="R, tokens per caption in the shared-prefix table (P = ratio x R)")
     p.add_argument("--data")
     p.add_argument("--out")
     p.add_argument("--objective", default="dpo")
@@ -341,7 +434,16 @@ def main() -> None:
             write_section(a.results_md, markdown(json.load(f)))
         return
     if a.worker:
-        print(json.dumps({"ours": worker_ours, "trl": worker_trl, "vision": worker_vision}[a.worker](a)))
+        print(json.dumps({"ours": worker_ours, "trl": worker_trl, "vision": worker_vision,
+                          "shared_prefix": worker_shared_prefix}[a.worker](a)))
+        return
+    if a.only == "shared_prefix":
+        report = run_shared_prefix(a)
+        with open(os.path.join(HERE, "train_shared_prefix.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        md = shared_prefix_markdown(report)
+        print(md)
+        write_block(a.results_md, md)
         return
 
     trl_version = ensure_trl()
@@ -396,6 +498,7 @@ def main() -> None:
                         "speed_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
                         "train_memory_ratio": ours["train_rss_mb"] / max(theirs["train_rss_mb"], 1e-9),
                         "peak_memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"]}
+    report["shared_prefix"] = run_shared_prefix(a)
     with open(a.json, "w") as f:
         json.dump(report, f, indent=1)
     md = markdown(report)
@@ -443,7 +546,74 @@ def markdown(r: dict) -> str:
               f"Speed ratio (ours / TRL): **{t['speed_ratio']:.2f}x**; memory ratio (ours / TRL): "
               f"{t['peak_memory_ratio']:.2f}x of peak RSS, {t['train_memory_ratio']:.2f}x of the "
               "step working memory."]
+    if "shared_prefix" in r:
+        lines += ["", shared_prefix_markdown(r["shared_prefix"])]
     return "\n".join(lines)
+
+
+def run_shared_prefix(a) -> dict:
+    import torch
+    import transformers
+    print(f"4/4 shared prefix vs one sequence per caption (K {SHARED_K}, P/R {SHARED_RATIOS}, "
+          f"R = {a.caption_tokens}, hidden {SHARED_TEXT['hidden_size']})", flush=True)
+    result = spawn("shared_prefix", threads=a.threads, repeats=a.shared_repeats,
+                   caption_tokens=a.caption_tokens)
+    result.update(machine=machine(), torch=torch.__version__,
+                  transformers=transformers.__version__, threads=a.threads)
+    return result
+
+
+SHARED_BLOCK = ("<!-- shared-prefix table (bench_train.py) -->",
+                "<!-- end shared-prefix table -->")
+
+
+def shared_prefix_markdown(r: dict) -> str:
+    t = r["text_config"]
+    lines = [SHARED_BLOCK[0],
+             "**Shared prefix vs one sequence per caption** (`--shared_prefix on` / `off`; "
+             f"machine: {r['machine']}; torch {r['torch']}, {r['threads']} torch thread(s); no GPU "
+             "was lent to this task, so no GPU figures). One training step (rank objective: "
+             "reference forward, policy forward + backward, LoRA r=16 on the LM, vision frozen) "
+             "on one chain [prefix P | K captions of R = "
+             f"{r['caption_tokens']} tokens; the last row R = {3 * r['caption_tokens']}], on the "
+             "tiny Qwen2.5-VL sized up to hidden "
+             f"{t['hidden_size']}, {t['num_hidden_layers']} layers, MLP {t['intermediate_size']}, "
+             f"{t['num_attention_heads']} heads. The prefix is P ordinary tokens standing in for "
+             "prompt + video tokens (the LM costs the same per token; the vision tower is encoded "
+             "once per chain in both modes and left out). tokens/s = caption tokens trained per "
+             f"second (the same work in both modes); the fastest of {r['repeats']} interleaved "
+             "timed steps after a warm-up. Memory: the activations autograd saves for backward "
+             "(CPU tensors have no allocator peak). Bound = tokens processed unshared / shared "
+             "(K(P+R) against P + K(R+1): each caption segment repeats the last prompt token).",
+             "",
+             "| K | P/R | R | tokens/s unshared | tokens/s shared | speed-up | bound | of bound | "
+             "activations unshared (MiB) | shared (MiB) | memory ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['K']} | {row['P/R']} | {row['R']} | "
+                     f"{row['unshared']['tokens_per_s']:.0f} | "
+                     f"{row['shared']['tokens_per_s']:.0f} | **{row['speedup']:.2f}x** | "
+                     f"{row['bound']:.2f}x | {100 * row['of_bound']:.0f}% | "
+                     f"{row['unshared']['activation_mb']:.0f} | {row['shared']['activation_mb']:.0f} "
+                     f"| {row['memory_ratio']:.2f} |")
+    lines.append(SHARED_BLOCK[1])
+    return "\n".join(lines)
+
+
+def write_block(path: str, block: str) -> None:
+    """Replace the shared-prefix block in the Training section (appended there if absent)."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.find(SHARED_BLOCK[0]), text.find(SHARED_BLOCK[1])
+    if start >= 0 and end >= 0:
+        text = text[:start] + block + text[end + len(SHARED_BLOCK[1]):]
+    else:
+        head = text.index("## Training (`make bench-train`)")
+        nxt = text.find("\n## ", head + 1)
+        nxt = len(text) if nxt < 0 else nxt
+        text = text[:nxt].rstrip("\n") + "\n\n" + block + "\n" + text[nxt:]
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def write_section(path: str, body: str) -> None:

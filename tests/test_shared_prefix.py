@@ -1,0 +1,221 @@
+"""Shared-prefix chain forward (rank_dpo.py section 3b): one packed sequence per chain gives the
+unshared forward's numbers: per-caption log-probs to 1e-5 (fp32) and every parameter gradient to
+1e-4 relative, for every objective, video / text / yes-no chains of unequal lengths and K, vision
+frozen / lora / full, both supported families (Qwen2.5-VL, a plain causal LM), the evaluation
+path and torchrun with two processes."""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+
+import rank_dpo as R
+import synthetic
+from test_train import ROOT, read_metrics, run, run_process, write_jsonl
+
+OBJECTIVES = R.kernels.OBJECTIVES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return synthetic.build_tiny()
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Video chains (K=4, captions of different lengths), a yes/no chain (K=2, prompts differ),
+    text chains (K=3 and K=2): mixed in one batch they pad both the rows and K."""
+    root = tmp_path_factory.mktemp("sp")
+    os.makedirs(root / "videos")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        np.save(root / "videos" / f"{i}.npy", rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8))
+    video = [{"id": f"v{i}", "video": f"videos/{i}.npy", "prompt": "Describe this video in detail.",
+              "chain": ["A red square moves from the left to the right.",
+                        "A blue square moves.",
+                        "A blue circle moves from the right to the left of the frame, slowly.",
+                        "Nothing."]} for i in range(2)]
+    yesno = {"id": "y", "video": "videos/1.npy", "response": "no",
+             "prompts": ["Is the square green and moving up?", "Is it blue?"]}
+    text = [{"id": "t0", "prompt": "Describe the scene.",
+             "chain": ["A red square on the left.", "A red circle.", "A blue circle at the top."]},
+            {"id": "t1", "prompt": "What is shown?", "chain": ["A square.", "Two green stars."]}]
+    return {"root": str(root),
+            "video": write_jsonl(root / "video.jsonl", video),
+            "text": write_jsonl(root / "text.jsonl", text),
+            "mixed": write_jsonl(root / "mixed.jsonl", [video[0], yesno, text[0]])}
+
+
+def adapted(base, vision: str, objective: str):
+    """A LoRA policy (per --vision) whose adapters are perturbed, so policy != reference."""
+    torch.manual_seed(0)
+    args = R.parse_args(["--data", "x", "--output_dir", "x", "--vision", vision, "--lora_r", "4",
+                         "--objective", objective])
+    model = R.add_adapters(copy.deepcopy(base), args)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model, args
+
+
+def step(model, batch, index, args, vision: str, shared: bool):
+    """(loss, per-row policy log-probs, {name: grad}) of one training step."""
+    model.zero_grad(set_to_none=True)
+    loss, _ = R.chain_loss_step(model, batch, index, args, vision != "frozen", shared_prefix=shared)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        packing = R.pack_model_chains(model, batch, index) if shared else None
+        logits, labels = R.chain_logits(model, batch, packing)
+        logps, _ = R.kernels.sequence_logps(logits, labels)
+    return loss.detach(), logps, grads
+
+
+def assert_same_step(model, processor, path, args, vision):
+    chains, _ = R.load_chains(path, processor, args.objective)
+    batch, index = R.collate(chains, processor, 8, 2048)
+    loss_off, logps_off, grads_off = step(model, batch, index, args, vision, shared=False)
+    loss_on, logps_on, grads_on = step(model, batch, index, args, vision, shared=True)
+    torch.testing.assert_close(logps_on, logps_off, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
+    assert grads_on.keys() == grads_off.keys() and grads_off
+    for name, g in grads_off.items():
+        scale = g.abs().max().clamp_min(1e-8)        # relative to the tensor's largest entry
+        assert float((grads_on[name] - g).abs().max() / scale) < 1e-4, name
+    return batch, index
+
+
+@pytest.mark.parametrize("vision", ["frozen", "lora", "full"])
+@pytest.mark.parametrize("kind", ["video", "text", "mixed"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_packed_step_equals_unshared_qwen2_5_vl(tiny, records, objective, kind, vision):
+    base, processor = tiny
+    model, args = adapted(base, vision, objective)
+    batch, index = assert_same_step(model, processor, records[kind], args, vision)
+    if kind != "text":            # the vision tower's gradients come through the shared prefix
+        visual = [p.grad for n, p in model.named_parameters() if "visual" in n and p.requires_grad]
+        assert (vision == "frozen") == (not visual)
+        assert all(g is not None and bool(g.abs().sum() > 0) for g in visual)
+
+
+@pytest.fixture(scope="module")
+def causal_lm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2))
+    tokenizer = synthetic.build_tiny_tokenizer()
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_packed_step_equals_unshared_causal_lm(causal_lm, records, objective, attention):
+    base, tokenizer = causal_lm
+    model, args = adapted(base, "full", objective)
+    model.get_base_model().config._attn_implementation = attention
+    assert R.resolve_shared_prefix(model, "auto")
+    assert_same_step(model, tokenizer, records["text"], args, "full")
+
+
+def test_packed_layout_shares_the_prefix_and_isolates_captions(tiny, records):
+    base, processor = tiny
+    chains, _ = R.load_chains(records["video"], processor, "rank")
+    batch, index = R.collate(chains[:1], processor, 8, 2048)
+    packing = R.pack_model_chains(base, batch, index)
+    lengths = batch.attention_mask.sum(-1)
+    prefix = int((packing.segment == 0).sum())
+    # every caption segment = its row minus the shared prefix; the prefix holds all 64 video tokens
+    assert packing.tokens() == prefix + int((lengths - prefix).sum())
+    assert packing.tokens() < int(lengths.sum()) - 2 * prefix
+    ids = batch.input_ids.reshape(-1)[packing.source[0, :prefix]]
+    assert int((ids == processor.video_token_id).sum()) == 64
+    mask = R.packed_attention_mask(packing.segment, "sdpa", torch.float32)[0, 0]
+    seg = packing.segment[0]
+    one, two = (seg == 1).nonzero()[:, 0], (seg == 2).nonzero()[:, 0]
+    assert not mask[two][:, one].any()                       # caption 2 never sees caption 1
+    assert mask[two][:, :prefix].all() and mask[one][:, :prefix].all()   # both see the prefix
+    eager = R.packed_attention_mask(packing.segment, "eager", torch.float32)[0, 0]
+    assert bool(((eager == 0) == mask).all())
+
+
+def test_auto_is_the_default_and_packs_the_tiny_family(tiny):
+    assert R.parse_args(["--data", "x", "--output_dir", "x"]).shared_prefix == "auto"
+    model, _ = adapted(tiny[0], "lora", "rank")
+    lines = []
+    assert R.resolve_shared_prefix(model, "auto", log=lines.append) and not lines
+
+
+def test_auto_falls_back_once_with_the_reason():
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    lines = []
+    assert not R.resolve_shared_prefix(llama, "auto", log=lines.append)
+    assert not R.resolve_shared_prefix(llama, "auto", log=lines.append)
+    assert len(lines) == 1 and "'llama' is not verified" in lines[0]
+    with pytest.raises(SystemExit, match="not verified"):
+        R.resolve_shared_prefix(llama, "on")
+    assert not R.resolve_shared_prefix(llama, "off")
+    windowed = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2,
+                                            use_sliding_window=True, sliding_window=8,
+                                            max_window_layers=0))
+    assert "sliding-window" in R.shared_prefix_unsupported(windowed)
+    windowed.config.use_sliding_window = False
+    windowed.config.layer_types = ["full_attention"] * 2
+    windowed.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in R.shared_prefix_unsupported(windowed)
+
+
+def test_evaluation_uses_the_packed_path(tiny, records, monkeypatch):
+    import eval_judge
+    base, processor = tiny
+    model, _ = adapted(base, "lora", "rank")
+    calls = []
+    pack = R.pack_chains
+    monkeypatch.setattr(R, "pack_chains", lambda *a, **k: calls.append(1) or pack(*a, **k))
+    chain = {"video": os.path.join(records["root"], "videos", "0.npy"),
+             "prompts": ["Describe this video in detail."] * 3,
+             "responses": ["A red square.", "A blue square moves left.", "A cat."]}
+    shared = eval_judge.chain_logps(model, processor, [chain], 8)[0]
+    assert calls == [1]                    # rank and mcq score through chain_logps
+    frames = R.load_video(chain["video"], 8)
+    unshared = R.response_logps(model, processor, frames, chain["prompts"], chain["responses"],
+                                shared_prefix="off")
+    np.testing.assert_allclose(shared, unshared.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_torchrun_two_processes_packed_match_one_unshared(records, tmp_path):
+    """DDP with --shared_prefix on == one process with the unshared forward."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "rank_dpo.py"),
+           "--data", records["mixed"], "--output_dir", str(tmp_path / "ddp"), "--lr", "3e-3",
+           "--max_steps", "2", "--batch_size", "1", "--save_every", "0",
+           "--shared_prefix", "on"]
+    returncode, _, stderr = run_process(cmd, timeout=300)
+    assert returncode == 0, stderr[-3000:]
+    ddp = read_metrics(tmp_path / "ddp")
+    data = {"mixed": records["mixed"]}
+    with redirect_stdout(io.StringIO()):
+        single = run(data, tmp_path / "one", "--shared_prefix", "off",
+                     path="mixed", steps=2, batch=2)
+    assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
+    assert ddp[1]["loss"] == pytest.approx(single[1]["loss"], rel=1e-4)
