@@ -25,7 +25,23 @@ produce it; the next column subtracts it (in-place methods never allocate one).
   through c10's CPU allocator (ATen ops, autograd, and our C++ extension alike) together
   with the allocator's running total of live bytes; the peak of that total during the op,
   minus its value when the op began, is the figure (a tracemalloc for tensors).
-Writes a table to stdout and the figures to bench/kernels.json.
+
+Part 2, the LM head fused in (kernels.fused_linear_chain_loss): from hidden states [N, T, H]
+and the head's weight [V, H] to the loss and the gradients of both, three methods side by
+side in one run, each shape (V, H, tokens = N*T, N = 8, the first T/8 tokens of each sequence
+a prompt) run once per method:
+  fused_linear       kernels.fused_linear_chain_loss: the logits a chunk of real tokens at a
+                     time (default chunk: 2**25 logits), recomputed in the backward
+  logits_then_fused  logits = hidden @ W^T, then kernels.fused_chain_loss with
+                     inplace_backward=True (the cheapest way from materialised logits)
+  naive              logits = hidden @ W^T, then the naive log_softmax + gather (above); only
+                     where its logits fit --naive_max_gb
+Time: one fwd+bwd (to hidden and weight) per method and shape, under the memory profiler
+(these steps are a few large ops, so the profiler's cost is noise). Peak extra memory as
+above, the gradients of hidden and weight included; "beyond grads" subtracts them.
+The figures of the last shape's methods are checked against each other (loss, gradients).
+
+Writes tables to stdout and the figures to bench/kernels.json.
 """
 from __future__ import annotations
 
@@ -42,6 +58,8 @@ import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
@@ -130,6 +148,134 @@ def peak_extra_bytes(method, base, args, backend, device):
         return 0
     _, first_size, first_total = allocations[0]
     return max(total for _, _, total in allocations) - (first_total - first_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 2: the LM head fused in
+# ----------------------------------------------------------------------------------------------
+
+# (V, H, tokens): the flat line at V = 32000, H = 1024 over 2k..16k tokens; Qwen2.5-VL's
+# V = 151936 with H = 2048 at two token counts (its matmuls are ~10x dearer on 2 cores).
+LINEAR_SHAPES = {"cpu": [(32000, 1024, t) for t in (2048, 4096, 8192, 16384)]
+                 + [(151936, 2048, t) for t in (1024, 2048)],
+                 "cuda": [(v, h, t) for v, h in ((32000, 1024), (151936, 2048))
+                          for t in (2048, 4096, 8192, 16384)]}
+LINEAR_METHODS = ("fused_linear", "logits_then_fused", "naive")
+
+
+def make_linear_inputs(v, h, tokens, dtype, device, n=8):
+    gen = torch.Generator().manual_seed(1)
+    t = tokens // n
+    hidden = torch.randn(n, t, h, generator=gen).to(dtype).to(device)
+    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(dtype).to(device)
+    labels = torch.randint(0, v, (n, t), generator=gen)
+    labels[:, : t // 8] = -100
+    chains = torch.arange(n).view(2, n // 2)
+    ref_logps = torch.randn(n, generator=gen) * 10 - 5 * t
+    return hidden, weight, labels.to(device), chains.to(device), ref_logps.to(device)
+
+
+def linear_step(method, hidden, weight, labels, chains, ref_logps, backend):
+    """One fwd+bwd from hidden states; returns (loss, grad hidden, grad weight)."""
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    if method == "fused_linear":
+        loss, _ = kernels.fused_linear_chain_loss(h, w, labels, chains, ref_logps, "rank",
+                                                  backend=backend)
+    elif method == "logits_then_fused":
+        loss, _ = kernels.fused_chain_loss(F.linear(h, w), labels, chains, ref_logps, "rank",
+                                           backend=backend, inplace_backward=True)
+    else:
+        loss, _ = naive_chain_loss(F.linear(h, w), labels, chains, ref_logps)
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w))
+    return loss.detach(), grad_h, grad_w
+
+
+def measure(fn, device):
+    """(fn's result, ms, peak extra bytes) of one call."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        begin = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - begin) * 1e3
+        return out, ms, torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        begin = time.perf_counter()
+        out = fn()
+        ms = (time.perf_counter() - begin) * 1e3
+    allocations = []
+
+    def walk(events):
+        for e in events:
+            if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+                f = e.extra_fields
+                allocations.append((e.start_time_ns, f.alloc_size, f.total_allocated))
+            walk(e.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    allocations.sort()
+    if not allocations:
+        return out, ms, 0
+    _, first_size, first_total = allocations[0]
+    return out, ms, max(total for _, _, total in allocations) - (first_total - first_size)
+
+
+def bench_linear(device, naive_max_gb, shapes=None):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    backend = kernels.resolve_backend("auto", device)
+    warm = make_linear_inputs(512, 64, 256, dtype, device)
+    for m in LINEAR_METHODS:  # load the extension, warm the BLAS
+        linear_step(m, *warm, backend)
+    rows = []
+    for v, h, tokens in shapes or LINEAR_SHAPES[device]:
+        inputs = make_linear_inputs(v, h, tokens, dtype, device)
+        logits_bytes = tokens * v * inputs[0].element_size()
+        grad_bytes = (inputs[0].numel() + inputs[1].numel()) * inputs[0].element_size()
+        outs = {}
+        for m in LINEAR_METHODS:
+            if m == "naive" and logits_bytes > naive_max_gb * 1e9:
+                continue
+            outs[m], ms, peak = measure(lambda: linear_step(m, *inputs, backend), device)
+            rows.append(dict(v=v, h=h, tokens=tokens, real_tokens=int((inputs[2] != -100).sum()),
+                             method=m, ms=ms, peak_extra_bytes=peak,
+                             beyond_grads_bytes=peak - grad_bytes, logits_bytes=logits_bytes))
+            print(_linear_row(rows[-1]), flush=True)
+        base = outs["logits_then_fused"]
+        for m, o in outs.items():  # every method's loss and gradients against logits_then_fused
+            rows[-len(outs) + list(outs).index(m)]["max_rel_diff"] = max(
+                ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                for a, b in zip(o, base))
+        del outs, inputs
+    by = {(r["v"], r["h"], r["tokens"], r["method"]): r for r in rows}
+    ratios = {f"{v}x{h}x{t}": by[(v, h, t, "fused_linear")]["ms"]
+              / by[(v, h, t, "logits_then_fused")]["ms"]
+              for v, h, t, m in by if m == "fused_linear"}
+    return dict(dtype=str(dtype), backend=backend, rows=rows,
+                fused_linear_time_over_logits_then_fused=ratios)
+
+
+def _linear_row(r):
+    return (f"V={r['v']:<7} H={r['h']:<5} tokens={r['tokens']:<6} {r['method']:<18}"
+            f"{r['ms'] / 1e3:>8.2f} s  peak extra {r['peak_extra_bytes'] / 1e6:>9.1f} MB  "
+            f"beyond grads {r['beyond_grads_bytes'] / 1e6:>9.1f} MB  "
+            f"(logits would be {r['logits_bytes'] / 1e6:.0f} MB)")
+
+
+def print_linear_table(device, r):
+    print(f"\n{device}: LM head fused in, {r['dtype']}, backend {r['backend']!r} "
+          "(one fwd+bwd per row; MB = 1e6 bytes)")
+    print(f"{'V':>7}{'H':>6}{'tokens':>8}  {'method':<18}{'s':>8}{'vs l-t-f':>10}"
+          f"{'peak extra MB':>15}{'beyond grads MB':>17}{'max rel diff':>14}")
+    by = {(x["v"], x["h"], x["tokens"], x["method"]): x for x in r["rows"]}
+    for x in r["rows"]:
+        base = by[(x["v"], x["h"], x["tokens"], "logits_then_fused")]["ms"]
+        print(f"{x['v']:>7}{x['h']:>6}{x['tokens']:>8}  {x['method']:<18}{x['ms'] / 1e3:>8.2f}"
+              f"{x['ms'] / base:>9.2f}x{x['peak_extra_bytes'] / 1e6:>15.1f}"
+              f"{x['beyond_grads_bytes'] / 1e6:>17.1f}{x.get('max_rel_diff', 0):>14.1e}")
 
 
 def bandwidth_gbs(nbytes):
@@ -234,6 +380,12 @@ def main(argv=None):
                         help="auto: the CPU, and the GPU too when there is one")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (CPU; GPU x4)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "kernels.json"))
+    parser.add_argument("--part", choices=("all", "logits", "linear"), default="all",
+                        help="logits: the op from logits only; linear: the LM head fused in only")
+    parser.add_argument("--naive_max_gb", type=float, default=1.1,
+                        help="run naive only where the logits take at most this many GB")
+    parser.add_argument("--linear_shapes", default=None,
+                        help="V:H:tokens,... instead of the default shapes (e.g. 512:64:1024)")
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -245,10 +397,17 @@ def main(argv=None):
                                thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
                                python=platform.python_version()),
                   cuda="not measured: no GPU on this machine")
+    shapes = ([tuple(int(x) for x in s.split(":")) for s in args.linear_shapes.split(",")]
+              if args.linear_shapes else None)
     for device in devices:
-        r = bench(device, args.repeats * (4 if device == "cuda" else 1))
-        report[device] = r
-        print_table(device, r)
+        if args.part in ("all", "logits"):
+            r = bench(device, args.repeats * (4 if device == "cuda" else 1))
+            report[device] = r
+            print_table(device, r)
+        if args.part in ("all", "linear"):
+            r = bench_linear(device, args.naive_max_gb, shapes)
+            report[f"linear_{device}"] = r
+            print_linear_table(device, r)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.out}")

@@ -5,6 +5,13 @@
                                            beta=0.1, ntp_weight=0.1, ignore_index=-100,
                                            backend="auto")
 
+From hidden states, the LM head fused in (the [N, T, V] logits are never made, a chunk of
+tokens at a time instead):
+
+    loss, logps = kernels.fused_linear_chain_loss(hidden, lm_head.weight, labels, chains,
+                                                  ref_logps, objective="rank", bias=None)
+    logps, counts = kernels.fused_linear_sequence_logps(hidden, lm_head.weight, labels)
+
 logits [N, T, V] (fp32/bf16/fp16/fp64) score labels [N, T] int64 (logits[n, t] scores
 labels[n, t]: the caller shifts; ignore_index marks prompt and padding). chains [B, K] int64
 hold row indices into N, best first, -1 as padding at the tail. `kernels.reference` is the
@@ -15,7 +22,8 @@ kernels/build.py); "reference" is kernels/reference.py; "auto" takes "cuda" for 
 and "cpu" otherwise, and falls back to the reference, with one warning, when the extension
 cannot be compiled here.
 
-The compiled forward reads the logits once and keeps 4 bytes per token (the log-sum-exp); the
+The compiled forward reads the logits once and keeps 2 numbers per token (max and log-sum-exp of
+the rest, fp32: 8 bytes; fp64 logits: 16); the
 backward reads them once more and writes the gradient once. Nothing of size [N, T, V] is
 allocated but the gradient itself, and with inplace_backward=True not even that: the gradient
 is written over the logits. That is safe when nothing else needs the logits after this loss
@@ -35,7 +43,8 @@ from . import build, reference
 from .build import BuildError
 from .reference import OBJECTIVES
 
-__all__ = ["sequence_logps", "fused_chain_loss", "resolve_backend", "reference", "OBJECTIVES",
+__all__ = ["sequence_logps", "fused_chain_loss", "fused_linear_sequence_logps",
+           "fused_linear_chain_loss", "resolve_backend", "reference", "OBJECTIVES",
            "BACKENDS", "BackendUnavailableError", "BuildError"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
@@ -89,6 +98,60 @@ def fused_chain_loss(logits: torch.Tensor, labels: torch.Tensor, chains: torch.T
     return loss, logps
 
 
+def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor,
+                                labels: torch.Tensor, bias: torch.Tensor | None = None,
+                                ignore_index: int = -100, chunk_tokens: int | None = None,
+                                backend: str = "auto"):
+    """sequence_logps of the logits F.linear(hidden, weight, bias), never materialised.
+
+    hidden [N, T, H] is aligned like the logits it replaces (hidden[n, t] scores labels[n, t]),
+    weight [V, H] (lm_head.weight; tied embeddings are fine), bias [V] or None, all one dtype.
+    The compiled backends make the logits of `chunk_tokens` real tokens at a time (default:
+    about 2**25 logits per chunk) and free them; the backward makes them again. Gradients
+    reach hidden, weight and bias. Returns (logps [N], counts [N] int64).
+    """
+    _check_linear_args(hidden, weight, bias, labels, ignore_index, chunk_tokens)
+    ext = _extension(backend, hidden.device)
+    if ext is None:
+        return reference.linear_sequence_logps(hidden, weight, labels, bias, ignore_index)
+    return _LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
+                                      _chunk(chunk_tokens, weight), ext)
+
+
+def fused_linear_chain_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            chains: torch.Tensor, ref_logps: torch.Tensor, objective: str = "rank",
+                            beta: float = 0.1, ntp_weight: float = 0.1,
+                            bias: torch.Tensor | None = None, ignore_index: int = -100,
+                            chunk_tokens: int | None = None, backend: str = "auto"):
+    """fused_chain_loss of the logits F.linear(hidden, weight, bias), never materialised:
+    (loss scalar, logps [N]). Arguments as in fused_linear_sequence_logps and fused_chain_loss.
+    Peak extra memory is O(chunk_tokens x V) whatever the number of tokens.
+    """
+    _check_linear_args(hidden, weight, bias, labels, ignore_index, chunk_tokens)
+    _check_chain_args(hidden, chains, ref_logps, objective, beta, ntp_weight)
+    ext = _extension(backend, hidden.device)
+    if ext is None:
+        return reference.fused_linear_chain_loss(hidden, weight, labels, chains, ref_logps,
+                                                 objective, beta, ntp_weight, bias, ignore_index)
+    logps, counts = _LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
+                                               _chunk(chunk_tokens, weight), ext)
+    ref = ref_logps.detach().to(logps.dtype).contiguous()
+    loss = _ChainLoss.apply(logps, counts, chains.contiguous(), ref, objective, float(beta),
+                            float(ntp_weight), ext)
+    return loss, logps
+
+
+# Logits per chunk when chunk_tokens is not given: 2**25 (128 MB in fp32): 1048 tokens at
+# V = 32000, 220 at V = 151936; enough rows for the matmul to run at full speed.
+DEFAULT_CHUNK_LOGITS = 1 << 25
+
+
+def _chunk(chunk_tokens, weight) -> int:
+    if chunk_tokens is not None:
+        return chunk_tokens
+    return max(16, min(8192, DEFAULT_CHUNK_LOGITS // weight.shape[0]))
+
+
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The backend that will run for tensors on `device`: "reference", "cpu" or "cuda".
 
@@ -124,6 +187,36 @@ class _SequenceLogps(torch.autograd.Function):
         if ctx.inplace:  # any later use of the saved logits now fails loudly
             torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None
+
+
+class _LinearSequenceLogps(torch.autograd.Function):
+    """The LM head and the per-sequence log-probs in one: saves hidden, weight and bias (which
+    the caller holds anyway) and 3 numbers per real token, not the logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk, ext):
+        n, t, h = hidden.shape
+        hidden2d = hidden.reshape(n * t, h)
+        logps, counts, rows, lse = ext.linear_logps_forward(
+            hidden2d, weight, bias, labels.reshape(-1).contiguous(), t, ignore_index, chunk)
+        row_labels = labels.reshape(-1).index_select(0, rows)
+        ctx.save_for_backward(hidden2d, weight, bias, rows, row_labels, lse)
+        ctx.shape, ctx.chunk, ctx.ext = hidden.shape, chunk, ext
+        ctx.mark_non_differentiable(counts)
+        return logps, counts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps, _grad_counts):
+        hidden2d, weight, bias, rows, row_labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh, gw, gb = ctx.ext.linear_logps_backward(
+            hidden2d, weight, bias, rows, row_labels, lse, grad_logps.contiguous(),
+            ctx.shape[1], ctx.chunk, need_h, need_w, need_b and bias is not None)
+        return (gh.reshape(ctx.shape) if need_h else None,
+                gw.to(weight.dtype) if need_w else None,
+                gb.to(bias.dtype) if need_b and bias is not None else None,
+                None, None, None, None)
 
 
 class _ChainLoss(torch.autograd.Function):
@@ -182,7 +275,13 @@ def _prepare(logits, labels, inplace):
     """The layouts the extension reads: stride 1 over V (any strides over N and T, so a view
     like logits[:, :-1] is not copied) and contiguous labels."""
     if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+        if logits.shape[-1] == 1:
+            # V = 1 (e.g. a transposed view): contiguous() keeps a size-1 dimension's stride,
+            # which need not be 1; with one element per row any stride over V reads the same.
+            logits = logits.as_strided(logits.shape, (*logits.stride()[:2], 1),
+                                       logits.storage_offset())
+        else:
+            logits = logits.contiguous()
     if inplace and _rows_overlap(logits):
         raise ValueError(
             f"inplace_backward=True needs logits whose rows do not share memory; got shape "
@@ -213,24 +312,52 @@ def _check_sequence_args(logits, labels, ignore_index):
         raise ValueError(
             f"logits must be a [N, T, V] tensor of dtype float32, bfloat16, float16 or float64; "
             f"got {_describe(logits)}")
-    if logits.shape[2] == 0:
+    _check_labels(labels, logits.shape, logits.device, ignore_index, "logits")
+
+
+def _check_labels(labels, shape, device, ignore_index, what):
+    """labels [N, T] int64 against scores of shape [N, T, V] (`what`: logits or hidden)."""
+    vocab = shape[2]
+    if vocab == 0:
         raise ValueError("logits have an empty vocabulary dimension (V = 0)")
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
         raise ValueError(f"labels must be an int64 tensor [N, T]; got {_describe(labels)}")
-    if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"labels must have shape [N, T] = {list(logits.shape[:2])} to match "
-                         f"logits {list(logits.shape)}; got {list(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if tuple(labels.shape) != tuple(shape[:2]):
+        raise ValueError(f"labels must have shape [N, T] = {list(shape[:2])} to match "
+                         f"{what} {list(shape)}; got {list(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {what} on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int; got {ignore_index!r}")
     if labels.device.type == "cpu":
-        vocab = logits.shape[2]
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bad.any():
             n, t = bad.nonzero()[0].tolist()
             raise ValueError(f"labels[{n}, {t}] = {labels[n, t].item()} is outside the "
                              f"vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
+
+
+def _check_linear_args(hidden, weight, bias, labels, ignore_index, chunk_tokens):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.dtype not in LOGIT_DTYPES:
+        raise ValueError(
+            f"hidden must be a [N, T, H] tensor of dtype float32, bfloat16, float16 or float64; "
+            f"got {_describe(hidden)}")
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 2
+            or weight.shape[1] != hidden.shape[2] or weight.dtype != hidden.dtype):
+        raise ValueError(f"weight must be the LM head's [V, H] = [V, {hidden.shape[2]}] of "
+                         f"hidden's dtype {hidden.dtype}; got {_describe(weight)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden on {hidden.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor)
+                             or tuple(bias.shape) != (weight.shape[0],)
+                             or bias.dtype != weight.dtype or bias.device != weight.device):
+        raise ValueError(f"bias must be None or [V] = [{weight.shape[0]}] of weight's dtype "
+                         f"and device; got {_describe(bias)}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool)
+                                     or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be None or a positive int; got {chunk_tokens!r}")
+    n, t, _ = hidden.shape
+    _check_labels(labels, (n, t, weight.shape[0]), hidden.device, ignore_index, "hidden")
 
 
 def _check_chain_args(logits, chains, ref_logps, objective, beta, ntp_weight):

@@ -18,9 +18,10 @@ from types import ModuleType
 import torch
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+# fused_linear.cpp (the LM-head loop, ATen calls only) is compiled into both extensions.
 SOURCES = {
-    "cpu": [os.path.join(CSRC, "fused_cpu.cpp")],
-    "cuda": [os.path.join(CSRC, "fused_cuda.cu")],
+    "cpu": [os.path.join(CSRC, "fused_cpu.cpp"), os.path.join(CSRC, "fused_linear.cpp")],
+    "cuda": [os.path.join(CSRC, "fused_cuda.cu"), os.path.join(CSRC, "fused_linear.cpp")],
 }
 # Without a GPU torch cannot see which architecture to build for: then Ampere and Hopper.
 # (A different list changes the build flags, so the cached build is redone: ~2 minutes here.)

@@ -135,3 +135,24 @@ def fused_chain_loss(logits: torch.Tensor, labels: torch.Tensor, chains: torch.T
     logps, counts = sequence_logps(logits, labels, ignore_index)
     loss = chain_loss(logps, counts, chains, ref_logps, objective, beta, ntp_weight)
     return loss, logps
+
+
+# ----------------------------------------------------------------------------------------------
+# From hidden states: the LM head, then the above. (The compiled backends never make the whole
+# [N, T, V] logits; this specification does, to be obviously right.)
+# ----------------------------------------------------------------------------------------------
+
+def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          bias: torch.Tensor | None = None, ignore_index: int = -100):
+    """sequence_logps of the LM head's logits: hidden [N, T, H] (hidden[n, t] scores
+    labels[n, t]), weight [V, H] (e.g. lm_head.weight), bias [V] or None."""
+    return sequence_logps(F.linear(hidden, weight, bias), labels, ignore_index)
+
+
+def fused_linear_chain_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            chains: torch.Tensor, ref_logps: torch.Tensor, objective: str = "rank",
+                            beta: float = 0.1, ntp_weight: float = 0.1,
+                            bias: torch.Tensor | None = None, ignore_index: int = -100):
+    """fused_chain_loss of the LM head's logits. Returns (loss scalar, logps [N])."""
+    return fused_chain_loss(F.linear(hidden, weight, bias), labels, chains, ref_logps, objective,
+                            beta, ntp_weight, ignore_index)

@@ -8,6 +8,7 @@ summation orders):
   gradients (dtype of the logits): fp64 1e-10; fp32 atol 1e-6 rtol 1e-4;
       bf16 atol 1e-5 rtol 1e-2 and fp16 atol 1e-6 rtol 2e-3 (one rounding step of the dtype:
       the two sides may round a value on either side of a bf16/fp16 boundary)
+The fused-linear tests (LM head fused in) add their own bf16 tolerance: see their section.
 CUDA tests skip without a GPU; building and loading the CUDA extension is tested whenever a
 CUDA toolkit and a CUDA build of torch are present, GPU or not.
 """
@@ -402,6 +403,222 @@ def test_int64_offsets_cuda_forward_and_backward():
     expected_grad[4000] += 1
     assert_close(logits.grad[last].float(), expected_grad, **GRAD_TOL[torch.bfloat16])
     assert not logits.grad[1, t - 3].any()  # an ignored row
+
+
+# ----------------------------------------------------------------------------------------------
+# Review fixes: large logits, a V = 1 transposed view
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_large_logits_keep_their_precision(backend):
+    """Logits near 1e4 in fp32: a stored fp32 lse = max + log(sum) rounds to the ulp of 1e4
+    (~1e-3), losing up to ~5e-4 per token; max and log(sum) kept apart lose nothing there."""
+    gen = torch.Generator().manual_seed(81)
+    logits = (1e4 + torch.randn(64, 1, 1000, generator=gen, dtype=torch.float64) * 3).float()
+    labels = torch.randint(0, 1000, (64, 1), generator=gen)
+    exact = reference.sequence_logps(logits.double(), labels)[0]
+    logps = kernels.sequence_logps(logits.to(backend), labels.to(backend), backend=backend)[0]
+    assert (logps.cpu().double() - exact).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_vocabulary_of_one_as_a_transposed_view(backend):
+    """[N, T, 1] made by a transpose has stride T over V; contiguous() keeps it (a size-1
+    dimension's stride does not count), so the op must not reject it."""
+    logits = torch.randn(2, 1, 5, dtype=torch.float64).transpose(1, 2).to(backend)
+    assert logits.stride(-1) != 1
+    labels = torch.zeros(2, 5, dtype=torch.int64, device=backend)
+    labels[0, 0] = -100
+    weights = torch.ones(2, dtype=torch.float64, device=backend)
+    (_, logps, counts), grad = run(
+        lambda x: (None, *kernels.sequence_logps(x, labels, backend=backend)), logits, weights)
+    (_, logps_r, _), grad_r = run(lambda x: (None, *reference.sequence_logps(x, labels)),
+                                  logits, weights)
+    assert counts.tolist() == [4, 5]
+    assert_close(logps, logps_r, **value_tol(torch.float64))
+    assert_close(grad, grad_r, **GRAD_TOL[torch.float64])
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_linear_chain_loss / fused_linear_sequence_logps: the LM head fused in
+# Tolerances against the reference (F.linear, then the reference loss), same inputs:
+#   fp32 and fp64 as above (the logits come from the same matmul, a chunk of rows at a time);
+#   bf16: values as above; gradients of hidden and weight rtol 2e-2 with atol 2e-3 times
+#   their largest magnitude (the reference rounds grad_W once from a bf16 matmul over all
+#   tokens, the fused op sums per-chunk bf16 products in fp32 and rounds at the end: a
+#   rounding step or two of bf16 apart).
+# ----------------------------------------------------------------------------------------------
+
+def make_linear_batch(seed, n, t, h, v, dtype=torch.float32, device="cpu", bias=True):
+    """Hidden states, an LM head (weight, bias) and labels; prompts ignored, row n-1 empty."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, t, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * (2 / h ** 0.5)
+    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    _, labels = make_batch(seed, n, t, v)
+    to = lambda x: None if x is None else x.to(dtype).to(device)  # noqa: E731
+    return to(hidden), to(weight), to(b), labels.to(device)
+
+
+def run_linear(fn, hidden, weight, bias, weights):
+    """fn(hidden, weight, bias) -> (loss or None, logps, ...): outputs detached, and the
+    gradients of loss + sum(weights * logps) for hidden, weight and bias."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_()
+              for x in (hidden, weight, bias)]
+    out = fn(*leaves)
+    total = (out[1] * weights).sum() + (out[0] if out[0] is not None else 0)
+    total.backward()
+    return [o if o is None else o.detach() for o in out], [None if x is None else x.grad for x in leaves]
+
+
+def linear_grad_tol(dtype, expected):
+    if dtype == torch.bfloat16:
+        return dict(atol=2e-3 * expected.abs().max().item(), rtol=2e-2)
+    return GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("objective", kernels.OBJECTIVES)
+def test_fused_linear_chain_loss_matches_reference(backend, dtype, objective):
+    # V = 515: not a multiple of the CPU's 512-logit row chunks nor of a 16-byte pack;
+    # 48 real tokens in chunks of 7 leave a short last chunk.
+    hidden, weight, bias, labels = make_linear_batch(91, 8, 11, 24, 515, dtype, backend)
+    chains = torch.tensor(CHAINS, device=backend)
+    gen = torch.Generator().manual_seed(4)
+    ref_logps = (reference.linear_sequence_logps(hidden, weight, labels, bias)[0].cpu()
+                 + torch.randn(8, generator=gen) * 4).to(backend)
+    weights = torch.randn(8, generator=gen, dtype=torch.float64).to(backend)
+    kwargs = dict(objective=objective, beta=0.5, ntp_weight=0.3)
+    (loss, logps), grads = run_linear(lambda h, w, b: kernels.fused_linear_chain_loss(
+        h, w, labels, chains, ref_logps, bias=b, chunk_tokens=7, backend=backend, **kwargs),
+        hidden, weight, bias, weights)
+    (loss_r, logps_r), grads_r = run_linear(lambda h, w, b: reference.fused_linear_chain_loss(
+        h, w, labels, chains, ref_logps, bias=b, **kwargs), hidden, weight, bias, weights)
+    assert (labels != -100).sum() % 7 != 0
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert_close(loss, loss_r, **value_tol(dtype))
+    assert_close(logps, logps_r, **value_tol(dtype))
+    for g, g_r in zip(grads, grads_r):
+        assert g.dtype == dtype
+        assert_close(g, g_r, **linear_grad_tol(dtype, g_r))
+    assert not grads[0][labels == -100].any()  # prompt and padding tokens get no gradient
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("chunk_tokens", [1, 5, None])
+def test_fused_linear_sequence_logps_matches_reference(backend, dtype, chunk_tokens):
+    """No bias; a custom ignore_index; every chunk size gives the same numbers."""
+    hidden, weight, _, labels = make_linear_batch(92, 4, 6, 8, 37, dtype, backend, bias=False)
+    labels[labels == -100] = -1
+    weights = torch.randn(4, dtype=torch.float64).to(backend)
+    (_, logps, counts), (gh, gw, _) = run_linear(
+        lambda h, w, b: (None, *kernels.fused_linear_sequence_logps(
+            h, w, labels, ignore_index=-1, chunk_tokens=chunk_tokens, backend=backend)),
+        hidden, weight, None, weights)
+    (_, logps_r, counts_r), (gh_r, gw_r, _) = run_linear(
+        lambda h, w, b: (None, *reference.linear_sequence_logps(h, w, labels, ignore_index=-1)),
+        hidden, weight, None, weights)
+    assert torch.equal(counts, counts_r) and counts[-1] == 0 and logps[-1] == 0
+    assert_close(logps, logps_r, **value_tol(dtype))
+    assert_close(gh, gh_r, **GRAD_TOL[dtype])
+    assert_close(gw, gw_r, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("objective", kernels.OBJECTIVES)
+def test_fused_linear_gradcheck_fp64(objective, backend):
+    """Gradients of hidden, weight and bias against finite differences (fp64)."""
+    hidden, weight, bias, labels = make_linear_batch(93, 5, 3, 4, 7, torch.float64)
+    chains = torch.tensor([[0, 1, 2], [3, 1, -1], [2, -1, -1]])
+    ref = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def f(h, w, b):
+        return kernels.fused_linear_chain_loss(h, w, labels, chains, ref, objective, beta=0.7,
+                                               ntp_weight=0.2, bias=b, chunk_tokens=2,
+                                               backend=backend)
+
+    inputs = tuple(x.requires_grad_() for x in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")  # "not double precision": known
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_fused_linear_gradcheck_fp32(backend):
+    """The same in fp32, where finite differences need a larger step and tolerance."""
+    hidden, weight, bias, labels = make_linear_batch(94, 5, 3, 4, 7, torch.float32)
+    chains = torch.tensor([[0, 1, 2], [3, 1, -1]])
+    ref = torch.randn(5, generator=torch.Generator().manual_seed(3))
+
+    def f(h, w, b):
+        return kernels.fused_linear_chain_loss(h, w, labels, chains, ref, "rank", beta=0.7,
+                                               bias=b, chunk_tokens=3, backend=backend)[0]
+
+    inputs = tuple(x.requires_grad_() for x in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fused_linear_tied_embeddings(backend):
+    """weight shared with the input embedding: its gradient is the head's plus the
+    embedding's, as through the plain F.linear."""
+    torch.manual_seed(95)
+    v, h = 41, 12
+    embed = torch.nn.Embedding(v, h).to(backend)
+    mix = torch.nn.Linear(h, h).to(backend)
+    ids = torch.randint(0, v, (8, 9), device=backend)
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    labels[:, :3] = -100
+    chains = torch.tensor(CHAINS, device=backend)
+    ref = torch.randn(8, device=backend)
+
+    def grads(loss_fn):
+        embed.zero_grad()
+        mix.zero_grad()
+        hidden = torch.tanh(mix(embed(ids)))
+        loss, _ = loss_fn(hidden, embed.weight, labels, chains, ref, "rank")
+        loss.backward()
+        return embed.weight.grad.clone(), mix.weight.grad.clone()
+
+    fused = grads(lambda *a: kernels.fused_linear_chain_loss(*a, chunk_tokens=7, backend=backend))
+    expected = grads(reference.fused_linear_chain_loss)
+    for g, g_r in zip(fused, expected):
+        assert_close(g, g_r, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fused_linear_all_ignored(backend):
+    hidden, weight, bias, labels = make_linear_batch(96, 3, 4, 5, 9, device=backend)
+    labels[:] = -100
+    (_, logps, counts), (gh, gw, gb) = run_linear(
+        lambda h, w, b: (None, *kernels.fused_linear_sequence_logps(h, w, labels, b,
+                                                                   backend=backend)),
+        hidden, weight, bias, torch.ones(3, device=backend))
+    assert not logps.any() and not counts.any()
+    assert not gh.any() and not gw.any() and not gb.any()
+
+
+def test_fused_linear_bad_inputs_are_named():
+    hidden, weight, bias, labels = make_linear_batch(97, 3, 4, 5, 9)
+    chains, ref = torch.tensor([[0, 1]]), torch.zeros(3)
+    cases = [
+        (dict(hidden=hidden[0]), "hidden must be a [N, T, H] tensor"),
+        (dict(weight=weight[:, :4]), "weight must be the LM head's [V, H] = [V, 5]"),
+        (dict(weight=weight.double()), "of hidden's dtype torch.float32"),
+        (dict(bias=bias[:5]), "bias must be None or [V] = [9]"),
+        (dict(labels=labels.masked_fill(labels >= 0, 9)), "is outside the vocabulary [0, 9)"),
+        (dict(chunk_tokens=0), "chunk_tokens must be None or a positive int"),
+        (dict(chains=torch.tensor([[0, 3]])), "chains[0, 1] = 3 is neither a row index"),
+    ]
+    for change, message in cases:
+        args = dict(hidden=hidden, weight=weight, labels=labels, chains=chains, ref_logps=ref,
+                    bias=bias, backend="cpu")
+        args.update(change)
+        with pytest.raises(ValueError) as info:
+            kernels.fused_linear_chain_loss(**args)
+        assert message in str(info.value), message
 
 
 # ----------------------------------------------------------------------------------------------

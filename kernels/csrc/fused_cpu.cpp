@@ -4,9 +4,11 @@
 //
 // logits are [N, T, V] with any strides over N and T and stride 1 over V (a sliced view such
 // as logits[:, :-1] is read in place, never copied). A row is one token's V logits.
-//   forward:  lse[n,t] = logsumexp(logits[n,t,:])   one read of the logits, online max/sum
-//             logps[n] = sum over real t of logits[n,t,label] - lse[n,t]
-//   backward: grad[n,t,v] = g[n] * ([v == label] - exp(logits[n,t,v] - lse[n,t]))
+//   forward:  (m, ls)[n,t] = (max, log sum exp(x - max)) of logits[n,t,:]: one read, online
+//             logps[n] = sum over real t of (logits[n,t,label] - m) - ls
+//   backward: grad[n,t,v] = g[n] * ([v == label] - exp((logits[n,t,v] - m) - ls))
+//             m and ls are kept apart, not stored as one lse = m + ls: at logits near 1e4 an
+//             fp32 lse would lose ~3e-4 to rounding, while x - m is exact there.
 //             one more read and one write (optionally into the logits buffer itself);
 //             rows whose label is ignore_index get 0 and are never read.
 // Math in acc_t = at::opmath_type<scalar_t>: float for fp32/bf16/fp16 logits, double for fp64.
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "common.h"
+#include "fused_linear.h"
 
 namespace rank_dpo {
 namespace {
@@ -76,10 +79,11 @@ RD_MULTIVERSION float chunk_sum_exp(const float* x, int64_t n, float shift) {
   return s;
 }
 
-// out = -g * softmax; `out` may be `x` itself (the in-place option).
-RD_MULTIVERSION void chunk_neg_softmax(const float* x, float* out, int64_t n, float lse, float g) {
+// out = -g * softmax = -g * exp((x - m) - ls); `out` may be `x` itself (the in-place option).
+RD_MULTIVERSION void chunk_neg_softmax(const float* x, float* out, int64_t n, float m, float ls,
+                                       float g) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = -g * exp_nonpos(x[i] - lse);
+  for (int64_t i = 0; i < n; ++i) out[i] = -g * exp_nonpos((x[i] - m) - ls);
 }
 
 double chunk_max(const double* x, int64_t n) {
@@ -94,8 +98,8 @@ double chunk_sum_exp(const double* x, int64_t n, double shift) {
   return s;
 }
 
-void chunk_neg_softmax(const double* x, double* out, int64_t n, double lse, double g) {
-  for (int64_t i = 0; i < n; ++i) out[i] = -g * std::exp(x[i] - lse);
+void chunk_neg_softmax(const double* x, double* out, int64_t n, double m, double ls, double g) {
+  for (int64_t i = 0; i < n; ++i) out[i] = -g * std::exp((x[i] - m) - ls);
 }
 
 // A chunk of a row as acc_t values: the row itself when it already is acc_t, else converted
@@ -110,9 +114,10 @@ const acc_t* as_acc(const scalar_t* x, int64_t n, acc_t* buf) {
   }
 }
 
-// log-sum-exp of one row, reading it once: each chunk's (max, sum) merges into the running pair.
+// log-sum-exp of one row, reading it once: each chunk's (max, sum) merges into the running
+// pair. Writes (m, log s) to out[0], out[1].
 template <typename scalar_t, typename acc_t>
-acc_t row_logsumexp(const scalar_t* row, int64_t V) {
+void row_logsumexp(const scalar_t* row, int64_t V, acc_t* out) {
   acc_t buf[kChunk];
   acc_t m = -INFINITY, s = 0;
   for (int64_t i = 0; i < V; i += kChunk) {
@@ -126,12 +131,14 @@ acc_t row_logsumexp(const scalar_t* row, int64_t V) {
     }
     lse_merge(m, s, cm, chunk_sum_exp(x, n, cm));
   }
-  return m + std::log(s);
+  out[0] = m;
+  out[1] = std::log(s);
 }
 
 // grad row = g * (onehot(label) - softmax(row)); `out` may alias `row`.
 template <typename scalar_t, typename acc_t>
-void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_t lse, acc_t g) {
+void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_t m, acc_t ls,
+              acc_t g) {
   // Read the target logit before any write: in place, `out` is `row`.
   const acc_t target = static_cast<acc_t>(row[label]);
   acc_t xbuf[kChunk], gbuf[kChunk];
@@ -139,13 +146,13 @@ void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_
     const int64_t n = std::min(kChunk, V - i);
     const acc_t* x = as_acc(row + i, n, xbuf);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      chunk_neg_softmax(x, out + i, n, lse, g);
+      chunk_neg_softmax(x, out + i, n, m, ls, g);
     } else {
-      chunk_neg_softmax(x, gbuf, n, lse, g);
+      chunk_neg_softmax(x, gbuf, n, m, ls, g);
       for (int64_t j = 0; j < n; ++j) out[i + j] = static_cast<scalar_t>(gbuf[j]);
     }
   }
-  out[label] = static_cast<scalar_t>(g - g * std::exp(target - lse));
+  out[label] = static_cast<scalar_t>(g - g * std::exp((target - m) - ls));
 }
 
 void check_sequence_args(const at::Tensor& logits, const at::Tensor& labels) {
@@ -159,14 +166,14 @@ void check_sequence_args(const at::Tensor& logits, const at::Tensor& labels) {
 
 }  // namespace
 
-// -> (logps [N] acc, counts [N] int64, lse [N, T] acc)
+// -> (logps [N] acc, counts [N] int64, lse [N, T, 2] acc: (max, log sum exp(x - max)) per row)
 std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor labels,
                                                int64_t ignore_index) {
   check_sequence_args(logits, labels);
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   const int64_t sn = logits.stride(0), st = logits.stride(1);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
-  auto lse = at::empty({N, T}, logits.options().dtype(acc_dtype));
+  auto lse = at::empty({N, T, 2}, logits.options().dtype(acc_dtype));
   auto logps = at::empty({N}, logits.options().dtype(acc_dtype));
   auto counts = at::empty({N}, labels.options());
   const int64_t* lab = labels.data_ptr<int64_t>();
@@ -184,13 +191,13 @@ std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor lab
       for (int64_t r = begin; r < end; ++r) {
         const int64_t label = lab[r];
         if (label == ignore_index) {
-          lse_p[r] = 0;
+          lse_p[2 * r] = lse_p[2 * r + 1] = 0;
           continue;
         }
         TORCH_CHECK(label >= 0 && label < V, "labels[", r / T, ", ", r % T, "] = ", label,
                     " is outside the vocabulary [0, ", V, ") and is not ignore_index (",
                     ignore_index, ")");
-        lse_p[r] = row_logsumexp<scalar_t, acc_t>(x + (r / T) * sn + (r % T) * st, V);
+        row_logsumexp<scalar_t, acc_t>(x + (r / T) * sn + (r % T) * st, V, lse_p + 2 * r);
       }
     });
     // Pass 2: per-sequence sums of logits[label] - lse (one gathered element per token).
@@ -201,7 +208,8 @@ std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor lab
         for (int64_t t = 0; t < T; ++t) {
           const int64_t label = lab[n * T + t];
           if (label == ignore_index) continue;
-          sum += static_cast<acc_t>(x[n * sn + t * st + label]) - lse_p[n * T + t];
+          const acc_t* ml = lse_p + 2 * (n * T + t);
+          sum += (static_cast<acc_t>(x[n * sn + t * st + label]) - ml[0]) - ml[1];
           ++count;
         }
         out[n] = sum;
@@ -219,8 +227,8 @@ at::Tensor sequence_logps_backward(at::Tensor logits, at::Tensor labels, at::Ten
   check_sequence_args(logits, labels);
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc_dtype && lse.is_contiguous() && lse.numel() == N * T,
-              "lse must be the contiguous [N, T] tensor the forward returned");
+  TORCH_CHECK(lse.scalar_type() == acc_dtype && lse.is_contiguous() && lse.numel() == N * T * 2,
+              "lse must be the contiguous [N, T, 2] tensor the forward returned");
   TORCH_CHECK(grad_logps.scalar_type() == acc_dtype && grad_logps.is_contiguous() &&
                   grad_logps.numel() == N,
               "grad_logps must be contiguous [N] of the forward's logps dtype");
@@ -245,7 +253,8 @@ at::Tensor sequence_logps_backward(at::Tensor logits, at::Tensor labels, at::Ten
           std::memset(out, 0, V * sizeof(scalar_t));  // all-zero bits are +0 in every dtype
           continue;
         }
-        row_grad<scalar_t, acc_t>(x + n * sn + t * st, out, V, lab[r], lse_p[r], g_seq[n]);
+        row_grad<scalar_t, acc_t>(x + n * sn + t * st, out, V, lab[r], lse_p[2 * r],
+                                  lse_p[2 * r + 1], g_seq[n]);
       }
     });
   });
@@ -299,9 +308,15 @@ std::vector<at::Tensor> chain_loss_forward(at::Tensor logps, at::Tensor counts, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rank-dpo fused sequence log-prob and chain loss, CPU";
   m.def("sequence_logps_forward", &rank_dpo::sequence_logps_forward,
-        "(logits [N,T,V], labels [N,T], ignore_index) -> (logps [N], counts [N], lse [N,T])");
+        "(logits [N,T,V], labels [N,T], ignore_index) -> (logps [N], counts [N], lse [N,T,2])");
   m.def("sequence_logps_backward", &rank_dpo::sequence_logps_backward,
         "(logits, labels, lse, grad_logps [N], ignore_index, inplace) -> grad_logits");
   m.def("chain_loss_forward", &rank_dpo::chain_loss_forward,
         "(logps, counts, chains [B,K], ref_logps, objective, beta, ntp_weight) -> (loss, dlogps)");
+  m.def("linear_logps_forward", &rank_dpo::linear_logps_forward,
+        "(hidden [N*T,H], weight [V,H], bias [V]|None, labels [N*T], T, ignore_index, chunk) -> "
+        "(logps [N], counts [N], rows [R], lse [R,2])");
+  m.def("linear_logps_backward", &rank_dpo::linear_logps_backward,
+        "(hidden, weight, bias, rows, row_labels, lse, grad_logps [N], T, chunk, need_hidden, "
+        "need_weight, need_bias) -> (grad_hidden, grad_weight, grad_bias)");
 }

@@ -9,7 +9,11 @@
 //   backward  grad_kernel:       one block per token row: one vector read, one vector write
 //   loss      chain_loss_kernel: one block; a thread per chain, then thread 0 sums in order
 // The row kernels are memory-bound: fwd + bwd move the logits three times (read, read, write)
-// and allocate 4 bytes per token (lse) beyond the gradient, none with the in-place option.
+// and allocate 2 acc values per token ((max, log sum exp(x - max)): 8 bytes, 16 for fp64
+// logits) beyond the gradient, none with the in-place option. The pair is kept apart, not
+// summed into one lse, so that x - max stays exact at large logits (see fused_cpu.cpp).
+// Rows need not start on a 16-byte boundary: a scalar head reaches the first one, then the
+// vector loop, then a scalar tail.
 // All offsets are int64_t: N*T*V may pass 2^31.
 #include <torch/extension.h>
 
@@ -22,6 +26,7 @@
 #include <vector>
 
 #include "common.h"
+#include "fused_linear.h"
 
 namespace rank_dpo {
 namespace {
@@ -115,13 +120,20 @@ __device__ T block_sum(T v) {
   return v;
 }
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+// Elements before the first 16-byte boundary of a row (V with an odd row stride, e.g. V = 50257
+// in bf16 or 32001 in fp32, leaves most rows unaligned); at most V.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t head_elems(const scalar_t* p, int64_t V) {
+  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 16);
+  const int64_t head = misalign == 0 ? 0 : (16 - misalign) / static_cast<int64_t>(sizeof(scalar_t));
+  return head < V ? head : V;
 }
 
-// Pass 1 of the forward: lse[r] = logsumexp(row r) for every real token row r = n*T + t.
+// Pass 1 of the forward: lse[r] = (max, log sum exp(x - max)) of row r, for every real token
+// row r = n*T + t. Launched with row_threads(...) <= kMaxThreads threads.
 template <typename scalar_t, typename acc_t>
-__global__ void lse_kernel(const scalar_t* __restrict__ logits, int64_t sn, int64_t st,
+__global__ void __launch_bounds__(kMaxThreads)
+    lse_kernel(const scalar_t* __restrict__ logits, int64_t sn, int64_t st,
                            const int64_t* __restrict__ labels, int64_t rows, int64_t T, int64_t V,
                            int64_t ignore_index, acc_t* __restrict__ lse) {
   using P = Pack<scalar_t>;
@@ -129,15 +141,20 @@ __global__ void lse_kernel(const scalar_t* __restrict__ logits, int64_t sn, int6
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t label = labels[r];
     if (label == ignore_index) {  // the whole block takes this branch
-      if (tid == 0) lse[r] = 0;
+      if (tid == 0) lse[2 * r] = lse[2 * r + 1] = 0;
       continue;
     }
     CUDA_KERNEL_ASSERT_MSG(label >= 0 && label < V, "a label is outside [0, V) and not ignore_index");
     const scalar_t* row = logits + (r / T) * sn + (r % T) * st;
     acc_t m = -INFINITY, s = 0;
-    // Vector body when the row starts on a 16-byte boundary (any realistic V), scalar tail.
-    const int64_t packs = aligned16(row) ? V / P::kSize : 0;
-    const P* prow = reinterpret_cast<const P*>(row);
+    // Scalar head up to the first 16-byte boundary, vector body from there, scalar tail.
+    const int64_t head = head_elems(row, V);
+    for (int64_t e = tid; e < head; e += nt) {
+      const acc_t x[1] = {static_cast<acc_t>(row[e])};
+      lse_add(x, m, s);
+    }
+    const int64_t packs = (V - head) / P::kSize;
+    const P* prow = reinterpret_cast<const P*>(row + head);
     int64_t i = tid;
     for (; i + 3 * nt < packs; i += 4 * nt) {  // four loads in flight before any math
       const P p0 = prow[i], p1 = prow[i + nt], p2 = prow[i + 2 * nt], p3 = prow[i + 3 * nt];
@@ -146,19 +163,26 @@ __global__ void lse_kernel(const scalar_t* __restrict__ logits, int64_t sn, int6
       lse_add_pack(p2, m, s);
       lse_add_pack(p3, m, s);
     }
-    for (; i < packs; i += nt) lse_add_pack(prow[i], m, s);
-    for (int64_t e = packs * P::kSize + tid; e < V; e += nt) {
+    for (; i < packs; i += nt) {
+      const P p = prow[i];  // a local copy: one 16-byte load (a reference splits it)
+      lse_add_pack(p, m, s);
+    }
+    for (int64_t e = head + packs * P::kSize + tid; e < V; e += nt) {
       const acc_t x[1] = {static_cast<acc_t>(row[e])};
       lse_add(x, m, s);
     }
     block_lse_merge(m, s);
-    if (tid == 0) lse[r] = m + rd_log(s);
+    if (tid == 0) {
+      lse[2 * r] = m;
+      lse[2 * r + 1] = rd_log(s);
+    }
   }
 }
 
-// Pass 2 of the forward: logps[n] = sum over real t of logits[n, t, label] - lse[n, t].
+// Pass 2 of the forward: logps[n] = sum over real t of (logits[n, t, label] - m) - log s.
+constexpr int kSeqThreads = 256;
 template <typename scalar_t, typename acc_t>
-__global__ void seq_sum_kernel(const scalar_t* __restrict__ logits, int64_t sn, int64_t st,
+__global__ void __launch_bounds__(kSeqThreads) seq_sum_kernel(const scalar_t* __restrict__ logits, int64_t sn, int64_t st,
                                const int64_t* __restrict__ labels, int64_t N, int64_t T,
                                int64_t ignore_index, const acc_t* __restrict__ lse,
                                acc_t* __restrict__ logps, int64_t* __restrict__ counts) {
@@ -168,7 +192,8 @@ __global__ void seq_sum_kernel(const scalar_t* __restrict__ logits, int64_t sn, 
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
       const int64_t label = labels[n * T + t];
       if (label == ignore_index) continue;
-      sum += static_cast<acc_t>(logits[n * sn + t * st + label]) - lse[n * T + t];
+      const acc_t* ml = lse + 2 * (n * T + t);
+      sum += (static_cast<acc_t>(logits[n * sn + t * st + label]) - ml[0]) - ml[1];
       ++count;
     }
     sum = block_sum(sum);
@@ -180,23 +205,29 @@ __global__ void seq_sum_kernel(const scalar_t* __restrict__ logits, int64_t sn, 
   }
 }
 
+// One gradient element: g * (onehot - exp((x - m) - ls)).
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_elem(acc_t x, bool is_label, acc_t g, acc_t m, acc_t ls) {
+  return (is_label ? g : acc_t(0)) - g * exp_sub(x - m, ls);
+}
+
 // One pack of the gradient, in place: p holds logits [first, first + kSize) on entry and
-// g * (onehot(label) - exp(logit - lse)) on exit.
+// their gradient on exit.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void grad_pack(Pack<scalar_t>& p, int64_t first, int64_t label,
-                                          acc_t g, acc_t lse) {
+                                          acc_t g, acc_t m, acc_t ls) {
 #pragma unroll
-  for (int j = 0; j < Pack<scalar_t>::kSize; ++j) {
-    const acc_t onehot = first + j == label ? g : acc_t(0);
-    p.v[j] = static_cast<scalar_t>(onehot - g * exp_sub(static_cast<acc_t>(p.v[j]), lse));
-  }
+  for (int j = 0; j < Pack<scalar_t>::kSize; ++j)
+    p.v[j] = static_cast<scalar_t>(
+        grad_elem(static_cast<acc_t>(p.v[j]), first + j == label, g, m, ls));
 }
 
 // Backward: grad row = g[n] * (onehot(label) - exp(row - lse)); 0 for ignored rows, which are
 // never read. `grad` may be `logits` (in place): every element is read, by the thread that
 // writes it, before it is written, so no __restrict__ on those two pointers.
 template <typename scalar_t, typename acc_t>
-__global__ void grad_kernel(const scalar_t* logits, int64_t sn, int64_t st, scalar_t* grad,
+__global__ void __launch_bounds__(kMaxThreads)
+    grad_kernel(const scalar_t* logits, int64_t sn, int64_t st, scalar_t* grad,
                             int64_t gsn, int64_t gst, const int64_t* __restrict__ labels,
                             int64_t rows, int64_t T, int64_t V, int64_t ignore_index,
                             const acc_t* __restrict__ lse, const acc_t* __restrict__ grad_logps) {
@@ -207,25 +238,34 @@ __global__ void grad_kernel(const scalar_t* logits, int64_t sn, int64_t st, scal
     const int64_t n = r / T, t = r % T, label = labels[r];
     const scalar_t* row = logits + n * sn + t * st;
     scalar_t* out = grad + n * gsn + t * gst;
-    const int64_t packs = aligned16(row) && aligned16(out) ? V / kSize : 0;
-    const P* prow = reinterpret_cast<const P*>(row);
-    P* pout = reinterpret_cast<P*>(out);
+    // Scalar head, vector body, scalar tail, as in the forward; the vector body needs the
+    // input and output rows equally misaligned (always so in place), else all is scalar.
+    const int64_t head = head_elems(row, V);
+    const bool vec = head == head_elems(out, V);
+    const int64_t scalar_head = vec ? head : V;
+    const int64_t packs = vec ? (V - head) / kSize : 0;
+    const int64_t tail = scalar_head + packs * kSize;
+    const P* prow = reinterpret_cast<const P*>(row + scalar_head);
+    P* pout = reinterpret_cast<P*>(out + scalar_head);
     if (label == ignore_index) {  // the whole block takes this branch
       P zero;
 #pragma unroll
       for (int j = 0; j < kSize; ++j) zero.v[j] = scalar_t(0);
+      for (int64_t e = tid; e < scalar_head; e += nt) out[e] = scalar_t(0);
       for (int64_t i = tid; i < packs; i += nt) pout[i] = zero;
-      for (int64_t e = packs * kSize + tid; e < V; e += nt) out[e] = scalar_t(0);
+      for (int64_t e = tail + tid; e < V; e += nt) out[e] = scalar_t(0);
       continue;
     }
-    const acc_t g = grad_logps[n], l = lse[r];
+    const acc_t g = grad_logps[n], m = lse[2 * r], ls = lse[2 * r + 1];
+    for (int64_t e = tid; e < scalar_head; e += nt)
+      out[e] = static_cast<scalar_t>(grad_elem(static_cast<acc_t>(row[e]), e == label, g, m, ls));
     int64_t i = tid;
     for (; i + 3 * nt < packs; i += 4 * nt) {  // four loads in flight, as in the forward
       P p0 = prow[i], p1 = prow[i + nt], p2 = prow[i + 2 * nt], p3 = prow[i + 3 * nt];
-      grad_pack(p0, i * kSize, label, g, l);
-      grad_pack(p1, (i + nt) * kSize, label, g, l);
-      grad_pack(p2, (i + 2 * nt) * kSize, label, g, l);
-      grad_pack(p3, (i + 3 * nt) * kSize, label, g, l);
+      grad_pack(p0, scalar_head + i * kSize, label, g, m, ls);
+      grad_pack(p1, scalar_head + (i + nt) * kSize, label, g, m, ls);
+      grad_pack(p2, scalar_head + (i + 2 * nt) * kSize, label, g, m, ls);
+      grad_pack(p3, scalar_head + (i + 3 * nt) * kSize, label, g, m, ls);
       pout[i] = p0;
       pout[i + nt] = p1;
       pout[i + 2 * nt] = p2;
@@ -233,20 +273,19 @@ __global__ void grad_kernel(const scalar_t* logits, int64_t sn, int64_t st, scal
     }
     for (; i < packs; i += nt) {
       P p = prow[i];
-      grad_pack(p, i * kSize, label, g, l);
+      grad_pack(p, scalar_head + i * kSize, label, g, m, ls);
       pout[i] = p;
     }
-    for (int64_t e = packs * kSize + tid; e < V; e += nt) {
-      const acc_t onehot = e == label ? g : acc_t(0);
-      out[e] = static_cast<scalar_t>(onehot - g * exp_sub(static_cast<acc_t>(row[e]), l));
-    }
+    for (int64_t e = tail + tid; e < V; e += nt)
+      out[e] = static_cast<scalar_t>(grad_elem(static_cast<acc_t>(row[e]), e == label, g, m, ls));
   }
 }
 
 // The chain loss: a thread per chain writes its loss and d loss / d logp at each position to
 // scratch; then thread 0 adds them up in chain order (deterministic, like the CPU loop).
+constexpr int kChainThreads = 128;
 template <typename T>
-__global__ void chain_loss_kernel(const int64_t* __restrict__ chains, int64_t B, int64_t K,
+__global__ void __launch_bounds__(kChainThreads) chain_loss_kernel(const int64_t* __restrict__ chains, int64_t B, int64_t K,
                                   const T* __restrict__ logps, const T* __restrict__ ref,
                                   const int64_t* __restrict__ counts, int64_t N, int objective,
                                   T beta, T ntp_weight, T* __restrict__ chain_loss,
@@ -303,7 +342,7 @@ std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor lab
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
-  auto lse = at::empty({N, T}, logits.options().dtype(acc_dtype));
+  auto lse = at::empty({N, T, 2}, logits.options().dtype(acc_dtype));
   auto logps = at::empty({N}, logits.options().dtype(acc_dtype));
   auto counts = at::empty({N}, labels.options());
   if (N == 0) return {logps, counts, lse};
@@ -318,7 +357,7 @@ std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor lab
               labels.data_ptr<int64_t>(), N * T, T, V, ignore_index, lse.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    seq_sum_kernel<scalar_t, acc_t><<<row_blocks(N), 256, 0, stream>>>(
+    seq_sum_kernel<scalar_t, acc_t><<<row_blocks(N), kSeqThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
         labels.data_ptr<int64_t>(), N, T, ignore_index, lse.data_ptr<acc_t>(),
         logps.data_ptr<acc_t>(), counts.data_ptr<int64_t>());
@@ -333,9 +372,9 @@ at::Tensor sequence_logps_backward(at::Tensor logits, at::Tensor labels, at::Ten
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc_dtype && lse.is_contiguous() && lse.numel() == N * T &&
-                  lse.device() == logits.device(),
-              "lse must be the contiguous [N, T] tensor the forward returned");
+  TORCH_CHECK(lse.scalar_type() == acc_dtype && lse.is_contiguous() &&
+                  lse.numel() == N * T * 2 && lse.device() == logits.device(),
+              "lse must be the contiguous [N, T, 2] tensor the forward returned");
   TORCH_CHECK(grad_logps.scalar_type() == acc_dtype && grad_logps.is_contiguous() &&
                   grad_logps.numel() == N && grad_logps.device() == logits.device(),
               "grad_logps must be contiguous [N] of the forward's logps dtype, on logits' device");
@@ -381,7 +420,7 @@ std::vector<at::Tensor> chain_loss_forward(at::Tensor logps, at::Tensor counts, 
   auto d = at::empty({B, K}, logps.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logps.scalar_type(), "chain_loss_forward_cuda", [&] {
-    chain_loss_kernel<scalar_t><<<1, 128, 0, stream>>>(
+    chain_loss_kernel<scalar_t><<<1, kChainThreads, 0, stream>>>(
         chains.data_ptr<int64_t>(), B, K, logps.data_ptr<scalar_t>(),
         ref_logps.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(), N,
         static_cast<int>(objective), static_cast<scalar_t>(beta),
@@ -397,9 +436,15 @@ std::vector<at::Tensor> chain_loss_forward(at::Tensor logps, at::Tensor counts, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rank-dpo fused sequence log-prob and chain loss, CUDA";
   m.def("sequence_logps_forward", &rank_dpo::sequence_logps_forward,
-        "(logits [N,T,V], labels [N,T], ignore_index) -> (logps [N], counts [N], lse [N,T])");
+        "(logits [N,T,V], labels [N,T], ignore_index) -> (logps [N], counts [N], lse [N,T,2])");
   m.def("sequence_logps_backward", &rank_dpo::sequence_logps_backward,
         "(logits, labels, lse, grad_logps [N], ignore_index, inplace) -> grad_logits");
   m.def("chain_loss_forward", &rank_dpo::chain_loss_forward,
         "(logps, counts, chains [B,K], ref_logps, objective, beta, ntp_weight) -> (loss, dlogps)");
+  m.def("linear_logps_forward", &rank_dpo::linear_logps_forward,
+        "(hidden [N*T,H], weight [V,H], bias [V]|None, labels [N*T], T, ignore_index, chunk) -> "
+        "(logps [N], counts [N], rows [R], lse [R,2])");
+  m.def("linear_logps_backward", &rank_dpo::linear_logps_backward,
+        "(hidden, weight, bias, rows, row_labels, lse, grad_logps [N], T, chunk, need_hidden, "
+        "need_weight, need_bias) -> (grad_hidden, grad_weight, grad_bias)");
 }
