@@ -837,6 +837,40 @@ def packed_logits(model, batch: Batch, packing: Packing,
     return model.get_output_embeddings()(hidden), labels
 
 
+FUSED_LINEAR_MODES = ("on", "off", "auto")
+
+
+def output_head(model):
+    """The LM head as it runs now: its `.weight`/`.bias` are peft's trained copy while adapters
+    are on (--modules_to_save lm_head) and the original while they are disabled (the reference)."""
+    return model.get_output_embeddings()
+
+
+def resolve_fused_linear(model, mode: str, shared_prefix: bool, log=print) -> bool:
+    """--fused_linear on|off|auto -> whether the LM head runs inside the fused loss
+    (kernels.fused_linear_chain_loss: the response logits are never materialised). It takes the
+    hidden states the packed forward returns, so it needs --shared_prefix, and a head that is a
+    plain linear layer. `on` where it cannot apply is an error; `auto` says once why it is off."""
+    if mode not in FUSED_LINEAR_MODES:
+        raise ValueError(f"fused_linear must be one of {FUSED_LINEAR_MODES}, got {mode!r}")
+    if mode == "off":
+        return False
+    head = output_head(model)
+    head = getattr(head, "original_module", head)          # under peft's modules_to_save wrapper
+    reason = (None if type(head) is torch.nn.Linear else
+              f"the LM head is a {type(head).__name__}, not a plain linear layer")
+    if reason is None and not shared_prefix:
+        reason = "it runs on the packed forward's hidden states, and --shared_prefix is off here"
+    if reason is None:
+        return True
+    if mode == "on":
+        raise SystemExit(f"--fused_linear on: {reason}")
+    if log is not None and reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        log(f"--fused_linear auto: off, logits then the fused loss ({reason})")
+    return False
+
+
 def chain_logits(model, batch: Batch, packing: Packing | None = None,
                  video_embeds: list[VideoFeatures] | None = None):
     """The trainer's and the evaluation's one entry: packed when given a Packing, else unshared."""
@@ -1160,6 +1194,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run each chain's prompt and video through the LM once (one packed "
                    "sequence per chain); auto: where the model family supports it, else off "
                    "with the reason in the log")
+    p.add_argument("--fused_linear", choices=FUSED_LINEAR_MODES, default="auto",
+                   help="apply the LM head inside the fused loss, chunk by chunk, so the response "
+                   "logits are never materialised; auto: where the head is a plain linear layer "
+                   "and the packed forward runs, else off with the reason in the log")
     p.add_argument("--log_every", type=int, default=1)
     args = p.parse_args(argv)
     if args.max_chain is not None and args.max_chain < (2 if args.objective != "sft" else 1):
@@ -1282,12 +1320,13 @@ def chain_stats(logps, ref, counts, index, beta) -> torch.Tensor:
 
 
 def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_trainable: bool,
-                    shared_prefix: bool = False):
+                    shared_prefix: bool = False, fused_linear: bool = False):
     """Reference log-probs (adapters off, no grad), policy forward, the fused loss.
 
     Returns (loss, stats). The videos are encoded once per pass; with a frozen tower once in
     all, since the policy and the reference then see the same video features. shared_prefix:
-    each chain is one packed sequence (section 3b), its prefix run once per pass.
+    each chain is one packed sequence (section 3b), its prefix run once per pass. fused_linear:
+    the LM head is applied inside the loss kernel, chunk by chunk (needs shared_prefix).
     """
     packing = pack_model_chains(model, batch, index) if shared_prefix else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if batch.input_ids.is_cuda \
@@ -1296,27 +1335,52 @@ def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_train
     if batch.videos and not vision_trainable:
         with torch.no_grad(), autocast:
             shared = encode_videos(model, batch.videos)
+    summed_ntp = getattr(args, "ntp_norm", "mean") == "sum" and args.objective != "sft"
+    loss_args = dict(objective=args.objective, beta=args.beta,
+                     ntp_weight=0.0 if summed_ntp else args.ntp_weight, backend=args.loss_backend)
+
+    def head_inputs(hidden):
+        """(hidden, weight, bias) in one dtype, as the fused-linear kernels take them."""
+        head = output_head(model)
+        bias = head.bias.to(hidden.dtype) if head.bias is not None else None
+        return hidden, head.weight.to(hidden.dtype), bias
+
     ref = None
     if args.objective in REFERENCE_OBJECTIVES:
         with torch.no_grad(), model.disable_adapter(), autocast:
-            ref_logits, labels = chain_logits(model, batch, packing, shared)
-            ref, _ = kernels.sequence_logps(ref_logits, labels, backend=args.loss_backend)
-        del ref_logits
-    with autocast:
-        logits, labels = chain_logits(model, batch, packing, shared)
-    summed_ntp = getattr(args, "ntp_norm", "mean") == "sum" and args.objective != "sft"
-    loss, logps = kernels.fused_chain_loss(
-        logits, labels, index.to(logits.device),
-        ref if ref is not None else torch.zeros(len(labels), device=logits.device),
-        objective=args.objective, beta=args.beta,
-        ntp_weight=0.0 if summed_ntp else args.ntp_weight,
-        backend=args.loss_backend, inplace_backward=True)   # logits come straight from the LM
-    # head, which needs only its input and weight for backward: their gradient may overwrite them
+            if fused_linear:
+                hidden, labels = packed_hidden_states(model, batch, packing, shared)
+                h, w, b = head_inputs(hidden)
+                ref, _ = kernels.fused_linear_sequence_logps(h, w, labels, bias=b,
+                                                             backend=args.loss_backend)
+                del hidden, h
+            else:
+                ref_logits, labels = chain_logits(model, batch, packing, shared)
+                ref, _ = kernels.sequence_logps(ref_logits, labels, backend=args.loss_backend)
+                del ref_logits
+    if fused_linear:
+        with autocast:
+            hidden, labels = packed_hidden_states(model, batch, packing, shared)
+        h, w, b = head_inputs(hidden)
+        device = hidden.device
+        loss, logps = kernels.fused_linear_chain_loss(
+            h, w, labels, index.to(device),
+            ref if ref is not None else torch.zeros(len(labels), device=device), bias=b,
+            **loss_args)
+    else:
+        with autocast:
+            logits, labels = chain_logits(model, batch, packing, shared)
+        device = logits.device
+        loss, logps = kernels.fused_chain_loss(
+            logits, labels, index.to(device),
+            ref if ref is not None else torch.zeros(len(labels), device=device),
+            inplace_backward=True, **loss_args)   # logits come straight from the LM head, which
+        # needs only its input and weight for backward: their gradient may overwrite them
     if summed_ntp:   # the kernels' NTP is per token; this one is the summed NLL of y_0, added
         # here from the per-sequence log-probs (they carry the gradient back to the logits)
         loss = loss + args.ntp_weight * (-logps[index[:, 0].to(logps.device)]).mean()
     counts = (labels != IGNORE_INDEX).sum(-1)
-    stats = chain_stats(logps.detach().float(), ref, counts, index.to(logits.device), args.beta)
+    stats = chain_stats(logps.detach().float(), ref, counts, index.to(device), args.beta)
     return loss, stats
 
 
@@ -1485,6 +1549,8 @@ def train(args) -> list[dict]:
     vision_trainable = args.vision != "frozen" and bool(vision_module_names(model))
     shared_prefix = resolve_shared_prefix(model, args.shared_prefix,
                                           log=print if rank == 0 else None)
+    fused_linear = resolve_fused_linear(model, args.fused_linear, shared_prefix,
+                                        log=print if rank == 0 else None)
     torch.manual_seed(args.seed + rank)
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -1526,7 +1592,7 @@ def train(args) -> list[dict]:
                 batch, index = collate(micro, processor, VideoSampling.of(args), args.max_length)
                 batch.to(device)
                 loss, micro_stats = chain_loss_step(model, batch, index, args, vision_trainable,
-                                                    shared_prefix)
+                                                    shared_prefix, fused_linear)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"step {step + 1}: loss is {loss.item()} on chains "
