@@ -625,7 +625,7 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
 #     flash_attention_2/flex_attention would need varlen/BlockMask plumbing: `auto` falls back.
 # ------------------------------------------------------------------------------------------------
 
-SHARED_PREFIX_MODES = ("on", "off", "auto")
+FEATURE_MODES = ("on", "off", "auto")       # --shared_prefix, --fused_linear
 # Families whose packed forward tests/test_shared_prefix.py checks against the unshared one.
 SHARED_PREFIX_FAMILIES = ("qwen2_5_vl", "qwen2")
 _fallbacks_logged: set[str] = set()
@@ -648,22 +648,29 @@ def shared_prefix_unsupported(model) -> str | None:
     return None
 
 
-def resolve_shared_prefix(model, mode: str, log=print) -> bool:
-    """--shared_prefix on|off|auto -> whether to pack. `on` where unsupported is an error; `auto`
-    falls back to the unshared forward and says so once per process, with the reason."""
-    if mode not in SHARED_PREFIX_MODES:
-        raise ValueError(f"shared_prefix must be one of {SHARED_PREFIX_MODES}, got {mode!r}")
+def resolve_mode(flag: str, mode: str, why_not, fallback: str, log=print) -> bool:
+    """An on|off|auto flag for a feature that may not apply: why_not() is the reason it does not,
+    or None. `on` where it does not apply is an error; `auto` falls back to `fallback` and says
+    so once per process, with the reason."""
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"{flag} must be one of {FEATURE_MODES}, got {mode!r}")
     if mode == "off":
         return False
-    reason = shared_prefix_unsupported(model)
+    reason = why_not()
     if reason is None:
         return True
     if mode == "on":
-        raise SystemExit(f"--shared_prefix on: {reason}")
+        raise SystemExit(f"--{flag} on: {reason}")
     if log is not None and reason not in _fallbacks_logged:
         _fallbacks_logged.add(reason)
-        log(f"--shared_prefix auto: off, one sequence per caption ({reason})")
+        log(f"--{flag} auto: off, {fallback} ({reason})")
     return False
+
+
+def resolve_shared_prefix(model, mode: str, log=print) -> bool:
+    """--shared_prefix on|off|auto -> whether to pack (resolve_mode)."""
+    return resolve_mode("shared_prefix", mode, lambda: shared_prefix_unsupported(model),
+                        "one sequence per caption", log)
 
 
 @dataclass
@@ -837,9 +844,6 @@ def packed_logits(model, batch: Batch, packing: Packing,
     return model.get_output_embeddings()(hidden), labels
 
 
-FUSED_LINEAR_MODES = ("on", "off", "auto")
-
-
 def output_head(model):
     """The LM head as it runs now: its `.weight`/`.bias` are peft's trained copy while adapters
     are on (--modules_to_save lm_head) and the original while they are disabled (the reference)."""
@@ -850,25 +854,16 @@ def resolve_fused_linear(model, mode: str, shared_prefix: bool, log=print) -> bo
     """--fused_linear on|off|auto -> whether the LM head runs inside the fused loss
     (kernels.fused_linear_chain_loss: the response logits are never materialised). It takes the
     hidden states the packed forward returns, so it needs --shared_prefix, and a head that is a
-    plain linear layer. `on` where it cannot apply is an error; `auto` says once why it is off."""
-    if mode not in FUSED_LINEAR_MODES:
-        raise ValueError(f"fused_linear must be one of {FUSED_LINEAR_MODES}, got {mode!r}")
-    if mode == "off":
-        return False
-    head = output_head(model)
-    head = getattr(head, "original_module", head)          # under peft's modules_to_save wrapper
-    reason = (None if type(head) is torch.nn.Linear else
-              f"the LM head is a {type(head).__name__}, not a plain linear layer")
-    if reason is None and not shared_prefix:
-        reason = "it runs on the packed forward's hidden states, and --shared_prefix is off here"
-    if reason is None:
-        return True
-    if mode == "on":
-        raise SystemExit(f"--fused_linear on: {reason}")
-    if log is not None and reason not in _fallbacks_logged:
-        _fallbacks_logged.add(reason)
-        log(f"--fused_linear auto: off, logits then the fused loss ({reason})")
-    return False
+    plain linear layer (resolve_mode says what `on` and `auto` do where it cannot apply)."""
+    def why_not():
+        head = output_head(model)
+        head = getattr(head, "original_module", head)      # under peft's modules_to_save wrapper
+        if type(head) is not torch.nn.Linear:
+            return f"the LM head is a {type(head).__name__}, not a plain linear layer"
+        if not shared_prefix:
+            return "it runs on the packed forward's hidden states, and --shared_prefix is off here"
+        return None
+    return resolve_mode("fused_linear", mode, why_not, "logits then the fused loss", log)
 
 
 def chain_logits(model, batch: Batch, packing: Packing | None = None,
@@ -1190,11 +1185,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--shared_prefix", choices=SHARED_PREFIX_MODES, default="auto",
+    p.add_argument("--shared_prefix", choices=FEATURE_MODES, default="auto",
                    help="run each chain's prompt and video through the LM once (one packed "
                    "sequence per chain); auto: where the model family supports it, else off "
                    "with the reason in the log")
-    p.add_argument("--fused_linear", choices=FUSED_LINEAR_MODES, default="auto",
+    p.add_argument("--fused_linear", choices=FEATURE_MODES, default="auto",
                    help="apply the LM head inside the fused loss, chunk by chunk, so the response "
                    "logits are never materialised; auto: where the head is a plain linear layer "
                    "and the packed forward runs, else off with the reason in the log")
