@@ -122,45 +122,7 @@ def time_ms(method, base, args, backend, device):
 
 def peak_extra_bytes(method, base, args, backend, device):
     logits = base.clone()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        _, grad = step(method, logits, *args, backend)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch._C._profiler import _EventType  # the allocation events' type tag
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _, grad = step(method, logits, *args, backend)
-    allocations = []  # (time, bytes (+ alloc, - free), allocator total after it)
-
-    def walk(events):
-        for e in events:
-            if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-                f = e.extra_fields
-                allocations.append((e.start_time_ns, f.alloc_size, f.total_allocated))
-            walk(e.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    allocations.sort()
-    if not allocations:
-        return 0
-    _, first_size, first_total = allocations[0]
-    return max(total for _, _, total in allocations) - (first_total - first_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Part 2: the LM head fused in
-# ----------------------------------------------------------------------------------------------
-
-# (V, H, tokens): the flat line at V = 32000, H = 1024 over 2k..16k tokens; Qwen2.5-VL's
-# V = 151936 with H = 2048 at two token counts (its matmuls are ~10x dearer on 2 cores).
-LINEAR_SHAPES = {"cpu": [(32000, 1024, t) for t in (2048, 4096, 8192, 16384)]
-                 + [(151936, 2048, t) for t in (1024, 2048)],
-                 "cuda": [(v, h, t) for v, h in ((32000, 1024), (151936, 2048))
-                          for t in (2048, 4096, 8192, 16384)]}
-LINEAR_METHODS = ("fused_linear", "logits_then_fused", "naive")
+    return measure(lambda: step(method, logits, *args, backend), device)[2]
 
 
 def make_linear_inputs(v, h, tokens, dtype, device, n=8):

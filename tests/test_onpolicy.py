@@ -19,21 +19,10 @@ import eval_judge as E
 import gen_chains as gc
 import synthetic
 from fake_llm import FakeLLM, Reply
+from test_gen_chains import lines, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEN = os.path.join(ROOT, "gen_chains.py")
-
-
-def lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(x) for x in f if x.strip()]
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
 
 
 def http_args(llm, *extra):
