@@ -50,6 +50,7 @@ from eval_judge import bootstrap_ci, chain_metrics  # noqa: E402
 PY = sys.executable
 T0 = time.time()
 PRINT_LOCK = threading.Lock()
+COMPUTED = threading.Event()   # set when this invocation trained or evaluated anything
 METHODS = ["sft", "dpo", "mpo", "hinge", "rank", "rank, vision frozen", "inject + mpo"]
 
 
@@ -63,6 +64,7 @@ def run(cmd: list[str], log: str, threads: int = 1) -> None:
     """One CLI call, output appended to `log`; a failure stops the demo with the log's tail.
     MKL_CBWR=AUTO,STRICT: MKL otherwise picks code paths by buffer alignment, so the same GEMM
     can round differently from run to run; with it, a run is bit-for-bit repeatable."""
+    COMPUTED.set()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                MKL_CBWR="AUTO,STRICT", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     os.makedirs(os.path.dirname(log), exist_ok=True)
@@ -138,12 +140,14 @@ def make_data(a) -> None:
              "--test_frac", str(a.test_frac), "--seed", str(a.data_seed)], log)
         open(os.path.join(d, ".synth_done"), "w").close()
     # chains and inject append and skip ids already written: re-running them resumes
-    for cmd, inp, out in [("chains", "train.jsonl", "all_train_chains.jsonl"),
-                          ("chains", "test.jsonl", "test_chains.jsonl"),
-                          ("inject", "train.jsonl", "all_inject.jsonl")]:
-        run([PY, "gen_chains.py", cmd, "--backend", "rules", "--in", os.path.join(d, inp),
-             "--out", os.path.join(d, out), "--length", str(a.length), "--seed", str(a.data_seed)],
-            log)
+    if not os.path.exists(os.path.join(d, ".chains_done")):
+        for cmd, inp, out in [("chains", "train.jsonl", "all_train_chains.jsonl"),
+                              ("chains", "test.jsonl", "test_chains.jsonl"),
+                              ("inject", "train.jsonl", "all_inject.jsonl")]:
+            run([PY, "gen_chains.py", cmd, "--backend", "rules", "--in", os.path.join(d, inp),
+                 "--out", os.path.join(d, out), "--length", str(a.length), "--seed", str(a.data_seed)],
+                log)
+        open(os.path.join(d, ".chains_done"), "w").close()
     # the last --val_videos training videos are the warm start's validation set, in no training set
     chains = read_jsonl(os.path.join(d, "all_train_chains.jsonl"))
     val_ids = {c["id"] for c in chains[len(chains) - a.val_videos:]}
@@ -345,7 +349,22 @@ def by_row(a, jobs: list[dict]) -> dict[str, list[dict]]:
     return rows
 
 
-def report(a, jobs: list[dict], curve: list[dict], wall: float) -> str:
+def record_wall_time(a, seconds: float) -> tuple[float, int]:
+    """(total seconds, invocations) of the demo invocations that computed something for OUT:
+    a kill and a resume add up, a report-only re-run (`make demo-readme`) adds nothing."""
+    path, ledger = os.path.join(a.out, "wall_time.json"), []
+    if os.path.exists(path):
+        with open(path) as f:
+            ledger = json.load(f)
+    if COMPUTED.is_set():
+        ledger.append(round(seconds, 1))
+        with open(path + ".tmp", "w") as f:
+            json.dump(ledger, f)
+        os.replace(path + ".tmp", path)
+    return sum(ledger), len(ledger)
+
+
+def report(a, jobs: list[dict], curve: list[dict], wall: tuple[float, int]) -> str:
     rows = by_row(a, jobs)
     warm = [per_item(a, "warm")]
     n_test = len(warm[0]["pairwise"])
@@ -353,9 +372,10 @@ def report(a, jobs: list[dict], curve: list[dict], wall: float) -> str:
             ("top1", "top-1"), ("reward", "pairwise acc (implicit reward)"),
             ("judge", "rules judge, overall 1-10")]
     lines = ["# Demo results", "",
-             f"Machine: {a.machine}. Wall time of this run of `scripts/demo.py`: {wall / 60:.1f} min "
-             f"({a.jobs} jobs in parallel, 1 torch thread each; set-up and pip excluded; resumed "
-             f"steps count only the time they took in this run).", "",
+             f"Machine: {a.machine}. Wall time of `scripts/demo.py` for these numbers: "
+             f"{wall[0] / 60:.1f} min over {wall[1]} invocation{'s' if wall[1] != 1 else ''} "
+             f"({a.jobs} jobs in parallel, 1 torch thread each; set-up and pip excluded; a resumed "
+             f"run adds the time each invocation took).", "",
              f"Setting: `gen_chains.py synth --n {a.videos} --test_frac {a.test_frac:.3g}`, rules chains "
              f"of {a.length + 1} captions (`--length {a.length}`), {a.val_videos} training videos kept "
              f"apart for validation. Warm start: SFT at lr {a.warm_lr} (constant), batch "
@@ -566,7 +586,7 @@ def main(argv=None) -> None:
     say(f"warm start done ({time.time() - t:.0f} s, {curve[-1]['step']} steps): held-out pairwise "
         f"acc {read_rank(os.path.join(a.out, 'eval', 'warm'))['pairwise']:.3f}")
     run_all(a, jobs)
-    text = report(a, jobs, curve, time.time() - T0)
+    text = report(a, jobs, curve, record_wall_time(a, time.time() - T0))
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)

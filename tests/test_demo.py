@@ -136,3 +136,14 @@ def test_an_out_folder_refuses_other_settings(tmp_path):
         assert "lr" in str(e)
     else:
         raise AssertionError("a changed --lr reused the old runs")
+
+
+def test_wall_time_adds_up_resumed_invocations_and_ignores_report_only_ones(tmp_path):
+    a = demo.parse_args(["--out", str(tmp_path)])
+    demo.COMPUTED.clear()
+    assert demo.record_wall_time(a, 5.0) == (0, 0)          # nothing computed: nothing recorded
+    demo.COMPUTED.set()
+    assert demo.record_wall_time(a, 600.0) == (600.0, 1)     # the run, killed
+    assert demo.record_wall_time(a, 360.0) == (960.0, 2)     # its resume
+    demo.COMPUTED.clear()
+    assert demo.record_wall_time(a, 3.0) == (960.0, 2)       # `make demo-readme`: report only
