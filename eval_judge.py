@@ -663,7 +663,8 @@ def cmd_generate(args) -> dict:
             sampling = _sampling(args)
             for i, batch in enumerate(blocks):
                 videos = [load_clip(v, sampling) if v else None for _, _, v in batch]
-                inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos, sampling)
+                inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos, sampling,
+                                                 model=model)
                 inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
                 with torch.no_grad():
                     ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -700,8 +701,8 @@ def cmd_sample(args) -> dict:
     """N sampled responses per record (per video; per question when the record has one):
     {"id", "video"?, "prompt" | "question", "caption"? (passed through), "answers": [N]}.
 
-    The N samples of a record are one generate call (num_return_sequences=N): the video is read
-    and preprocessed once for its N samples. Seeded per record (record_seed), so the output does not
+    The N samples of a record are one generate call over N copies of its prompt: the video is
+    read, preprocessed and encoded by the vision tower once for its N samples. Seeded per record (record_seed), so the output does not
     depend on where a run was killed and resumed. --temperature 0 is greedy decoding (N must be 1).
     """
     import torch
@@ -731,14 +732,14 @@ def cmd_sample(args) -> dict:
             video_sampling = _sampling(args)
             for n, job in enumerate(todo, 1):
                 video = load_clip(job["video_path"], video_sampling) if job["video_path"] else None
-                inputs = build_generation_inputs(processor, [job["prompt"]], [video], video_sampling)
+                inputs = build_generation_inputs(processor, [job["prompt"]], [video], video_sampling,
+                                                 model=model, copies=args.num_samples)
                 inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
                 torch.manual_seed(record_seed(args.seed, job["id"]))
                 sampling = {} if greedy else {"do_sample": True, "temperature": args.temperature,
                                               "top_p": args.top_p, "top_k": 0}
                 with torch.no_grad():
                     ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
-                                         num_return_sequences=args.num_samples,
                                          pad_token_id=tokenizer.pad_token_id,
                                          **({"do_sample": False} if greedy else sampling))
                 texts = [t.strip() for t in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:],

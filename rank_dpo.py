@@ -899,9 +899,16 @@ def response_logps(model, processor, video, prompts: list[str], responses: list[
 
 
 def build_generation_inputs(processor, prompts: list[str], videos: list[np.ndarray | Clip | None],
-                            sampling: VideoSampling | None = None) -> dict:
+                            sampling: VideoSampling | None = None, model=None,
+                            copies: int = 1) -> dict:
     """A left-padded batch of chat prompts (generation prompt appended), ready for
-    model.generate(**inputs). Each video is encoded by generate itself (once per prompt)."""
+    model.generate(**inputs), with each prompt's row repeated `copies` times (adjacent).
+
+    Without `model`, generate gets the pixels and encodes each video itself. With it, each video
+    is encoded here, once, and generate gets the features (mm_encoder_outputs): the copies of a
+    row share them. N samples of one video are then one vision-tower pass, where
+    num_return_sequences=N would repeat the pixels N times for a family whose generate does not
+    encode before expanding (PerceptionLM's)."""
     if len(prompts) != len(videos):
         raise ValueError(f"{len(prompts)} prompts but {len(videos)} videos")
     tok = tokenizer_of(processor)
@@ -911,7 +918,7 @@ def build_generation_inputs(processor, prompts: list[str], videos: list[np.ndarr
         ids, _ = encode_text(processor, prompt, None, enc is not None)
         if enc is not None:
             ids = expand_video_tokens(processor, ids, enc)
-        seqs.append(ids)
+        seqs.extend([ids] * copies)
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -919,12 +926,20 @@ def build_generation_inputs(processor, prompts: list[str], videos: list[np.ndarr
         input_ids[n, width - len(s):] = torch.tensor(s)
         attention_mask[n, width - len(s):] = 1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    present = [e for e in encoded if e is not None]
+    present = [{k: v for k, v in e.items() if k != "placeholder_ids"} for e in encoded if e is not None]
     if present:
         family = processor_family(processor)
-        for key in present[0]:
-            if key != "placeholder_ids":
-                inputs[key] = torch.cat([e[key] for e in present])
+        per_row = [v for v in present for _ in range(copies)]
+        if model is None:
+            for key in present[0]:
+                inputs[key] = torch.cat([v[key] for v in per_row])
+        else:
+            device = next(model.parameters()).device
+            present = [{k: t.to(device) for k, t in v.items()} for v in present]
+            with torch.no_grad():
+                features = family.encode(model, present)         # the tower, once per video
+            inputs.update(family.inputs([f for f in features for _ in range(copies)],
+                                        [v for v in present for _ in range(copies)]))
         if family.token_types:
             inputs["mm_token_type_ids"] = (input_ids == video_token_id(processor)).int() * 2
     return inputs

@@ -112,8 +112,8 @@ def test_resumed_generate_decodes_in_the_same_batches(tmp_path, monkeypatch):
     data = str(tmp_path / "train.jsonl")
     sizes, build = [], rank_dpo.build_generation_inputs
     monkeypatch.setattr(rank_dpo, "build_generation_inputs",
-                        lambda processor, prompts, videos, sampling=None: sizes.append(len(prompts))
-                        or build(processor, prompts, videos, sampling))
+                        lambda processor, prompts, videos, sampling=None, **kw: sizes.append(len(prompts))
+                        or build(processor, prompts, videos, sampling, **kw))
     gen = ["generate", "--data", data, "--batch_size", "2", "--max_new_tokens", "6"]
     eval_judge.main(gen + ["--out", str(tmp_path / "full.jsonl")])
     full = demo.read_jsonl(str(tmp_path / "full.jsonl"))

@@ -146,6 +146,44 @@ def test_shared_video_logps_equal_the_processors_own_per_row_forward(hub, clips,
         assert ours[k].item() == pytest.approx(plain.item(), abs=1e-5 * len(response_ids))
 
 
+def vision_tower(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.model, "visual", None) or base.model.vision_tower
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_runs_the_vision_tower_once_per_video_for_all_its_samples(hub, clips, tmp_path,
+                                                                         family, monkeypatch):
+    """`sample --num_samples 3` over two videos: two tower passes, each over one video's frames
+    (num_return_sequences would hand PerceptionLM's generate the pixels three times); and greedy
+    decoding from the pre-encoded features is the decoding from pixels, token for token."""
+    model, processor = R.load_model(hub[family])
+    sampling = R.VideoSampling(num_frames=4, fps=4, max_pixels=3136)
+    clip = R.load_clip(os.path.join(clips["root"], "videos", "1.mp4"), sampling)
+    one_video = R.video_inputs(processor, clip, sampling)["pixel_values_videos"].shape
+    passes = []
+    vision_tower(model).register_forward_hook(lambda m, args, out: passes.append(args[0].shape))
+    monkeypatch.setattr(R, "load_model", lambda *a, **k: (model, processor))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"v{i}", "video": f"videos/{i}.mp4"} for i in (1, 2)])
+    res = E.main(["sample", "--model", hub[family], "--data", data, "--video_root", clips["root"],
+                  "--num_samples", "3", "--max_new_tokens", "4", *VIDEO_FLAGS, "--device", "cpu",
+                  "--out", str(tmp_path / "s.jsonl")])
+    assert res["sampled"] == 2 and all(len(r["answers"]) == 3 for r in read_jsonl(tmp_path / "s.jsonl"))
+    assert len(passes) == 2 and all(p[0] == one_video[0] * (one_video[1] if len(one_video) == 5 else 1)
+                                    for p in passes), (passes, one_video)
+
+    passes.clear()
+    decoded = []
+    for encode_here in (None, model):
+        inputs = R.build_generation_inputs(processor, ["Describe."] * 2, [clip, clip], sampling,
+                                           model=encode_here, copies=2)
+        with torch.no_grad():
+            decoded.append(model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                                          pad_token_id=R.tokenizer_of(processor).pad_token_id))
+    assert decoded[0].shape[0] == 4 and torch.equal(decoded[0], decoded[1])
+    assert len(passes) == 2     # from pixels: generate's own pass; pre-encoded: ours, none in generate
+
+
 def test_qwen3_keeps_the_sampled_frames_and_writes_their_timestamps(hub, clips):
     _, processor = R.load_base(hub["qwen3_vl"])
     clip = R.load_clip(os.path.join(clips["root"], "videos", "0.mp4"), 8)   # 16 frames at 8 fps
