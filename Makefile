@@ -10,7 +10,7 @@ PYTHON := $(VENV)/bin/python
 # toolkit (nvcc may be a wrapper script) and, only where no GPU is visible, builds for 8.0;9.0.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build test demo demo-readme sweep bench bench-kernels bench-train bench-gen clean
+.PHONY: setup build test demo demo-readme demo-onpolicy sweep bench bench-kernels bench-train bench-gen clean
 
 # requirements.txt is the core (torch, transformers, peft, ...); requirements-real.txt the
 # real-model extras (torchvision, Pillow, PyAV, timm, matplotlib), installed by default so that
@@ -33,9 +33,17 @@ test: build
 demo: build
 	$(PYTHON) scripts/demo.py --out runs/demo
 
-# After `make demo`: the README's demo section rewritten from runs/demo/RESULTS.md (resumes; no retraining).
+# After `make demo` (and `make demo-onpolicy`): the README's demo (and on-policy) section
+# rewritten from runs/demo/RESULTS.md (runs/demo_onpolicy/RESULTS.md); resumes, no retraining.
 demo-readme: build
 	$(PYTHON) scripts/demo.py --out runs/demo --readme README.md
+	if [ -f runs/demo_onpolicy/RESULTS.md ]; then $(PYTHON) scripts/demo.py --onpolicy \
+	    --out runs/demo_onpolicy --warm_from runs/demo --readme README.md; fi
+
+# The paper's Table 1: caption chains against the on-policy pipelines (resumable; reuses the
+# warm start of a finished `make demo`, else builds it the same way).
+demo-onpolicy: build
+	$(PYTHON) scripts/demo.py --onpolicy --out runs/demo_onpolicy --warm_from runs/demo
 
 # The recipe sweep the demo's defaults come from (scripts/sweep.py; reuses the demo's data and warm start).
 sweep: build

@@ -596,17 +596,24 @@ def main(argv=None) -> None:
     say(f"done: {os.path.join(a.out, 'RESULTS.md')}")
 
 
-README_START, README_END = "<!-- SECTION:demo -->", "<!-- END:demo -->"
+def replace_readme_section(readme: str, name: str, text: str) -> str:
+    """Swap the text between README's <!-- SECTION:name --> and <!-- END:name --> markers."""
+    start, end = f"<!-- SECTION:{name} -->", f"<!-- END:{name} -->"
+    with open(readme) as f:
+        body = f.read()
+    if start not in body or end not in body:
+        raise SystemExit(f"{readme}: no {start} ... {end} section to replace")
+    head, rest = body.split(start, 1)
+    with open(readme + ".tmp", "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    os.replace(readme + ".tmp", readme)
+    return f"readme: {readme} {name} section rewritten from RESULTS.md"
 
 
 def write_readme(a, results: str) -> str:
     """The README's demo section = RESULTS.md as printed (headings one level down), the plot,
     and a pointer to the recipe sweep; nothing in it is typed by hand."""
     import shutil
-    with open(a.readme) as f:
-        readme = f.read()
-    if README_START not in readme or README_END not in readme:
-        raise SystemExit(f"{a.readme}: no {README_START} ... {README_END} section to replace")
     docs = os.path.join(os.path.dirname(os.path.abspath(a.readme)), "docs")
     os.makedirs(docs, exist_ok=True)
     shutil.copyfile(os.path.join(a.out, "plots.png"), os.path.join(docs, "demo_plots.png"))
@@ -617,15 +624,12 @@ def write_readme(a, results: str) -> str:
             "it says which way each effect goes on this toy task, not how large it is on real "
             "videos.\n\n")
     body = body.replace("\n\n", "\n\n" + lead, 1)
-    section = (f"{README_START}\n{body}\n![demo plots](docs/demo_plots.png)\n\nThe recipe "
-               "(lr, beta, NTP weight and normalisation) comes from `scripts/sweep.py`; its table "
-               "and what it shows: [docs/demo_sweep.md](docs/demo_sweep.md).\n\nBenchmarks (kernel "
-               "speed and memory, training throughput, chain generation), with the machine each ran "
-               f"on: [bench/RESULTS.md](bench/RESULTS.md).\n{README_END}")
-    head, rest = readme.split(README_START, 1)
-    with open(a.readme, "w") as f:
-        f.write(head + section + rest.split(README_END, 1)[1])
-    return f"readme: {a.readme} demo section rewritten from RESULTS.md"
+    return replace_readme_section(a.readme, "demo", (
+        f"{body}\n![demo plots](docs/demo_plots.png)\n\nThe recipe "
+        "(lr, beta, NTP weight and normalisation) comes from `scripts/sweep.py`; its table "
+        "and what it shows: [docs/demo_sweep.md](docs/demo_sweep.md).\n\nBenchmarks (kernel "
+        "speed and memory, training throughput, chain generation), with the machine each ran "
+        "on: [bench/RESULTS.md](bench/RESULTS.md)."))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
                (the first --train_videos training videos; every method below uses only those)
   3. data      gen_chains.py improve / compare / rlaifv --backend rules over the samples (the
                synthetic facts play the teacher); chains and inject restricted to the same videos
-  4. train     from the same warm start (--init, also the reference), --steps each, over --seeds:
+  4. train     from the same warm start (--init, also the reference) with the main demo's recipe
+               (scripts/sweep.py's lr, beta, NTP weight and norm), --steps each, over --seeds:
                inject + mpo (error injection), chains + rank (caption chains), improve + dpo,
                compare + dpo, rlaifv + rank (its ranked list; a pair is DPO)
   5. eval      eval_judge.py generate on the first --gen_videos held-out videos, judge --judge rules
@@ -68,19 +69,18 @@ def write(path: str, recs: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def base(a) -> argparse.Namespace:
-    """The main demo's data and warm start: --warm_from's when finished there, else built in OUT/base."""
+    """The main demo's data and warm start: --warm_from's when finished there, else built in
+    OUT/base by the main demo's own steps (scripts/demo.py make_data, warm_start)."""
     for out in (a.warm_from, os.path.join(a.out, "base")):
         b = demo.parse_args(["--out", out] + (["--smoke"] if a.smoke else []))
         if os.path.exists(os.path.join(b.out, "runs", "warm", ".done")):
             say(f"base: reusing the data and warm start in {b.out}")
             return b
-    say(f"base: building the main demo's data and warm start in {b.out} (scripts/demo.py's commands)")
+    say(f"base: building the main demo's data and warm start in {b.out} (scripts/demo.py's steps)")
+    os.makedirs(os.path.join(b.out, "eval"), exist_ok=True)
+    demo.check_settings(b)
     demo.make_data(b)
-    # the same command as scripts/demo.py's warm start
-    demo.train(b, "warm", ["--objective", "sft", "--data", os.path.join(b.out, "data", "chains.jsonl"),
-                           "--lr", str(b.warm_lr), "--batch_size", str(b.batch_size),
-                           "--max_steps", str(b.warm_steps), "--warmup_steps", str(max(1, b.warm_steps // 10)),
-                           "--seed", "0"], a.jobs)
+    demo.warm_start(b)
     return b
 
 
@@ -94,6 +94,8 @@ def make_data(a, b) -> None:
     for name in ("chains.jsonl", "inject.jsonl"):
         write(os.path.join(d, name), [{**r, "video": os.path.join(bd, r["video"])}
                                       for r in read(os.path.join(bd, name)) if r["id"] in ids])
+    if os.path.exists(os.path.join(d, ".done")):
+        return
     t = time.time()
     run([PY, "eval_judge.py", "sample", "--adapter", os.path.join(b.out, "runs", "warm"),
          "--data", os.path.join(d, "train.jsonl"), "--video_root", "/", "--out",
@@ -107,6 +109,7 @@ def make_data(a, b) -> None:
     counts = {n: sum(r.get("status", "ok") == "ok" for r in read(os.path.join(d, n + ".jsonl")))
               for n in ("chains", "inject", "improve", "compare", "rlaifv")}
     say("data (training examples): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    open(os.path.join(d, ".done"), "w").close()
 
 
 def evaluate(a, b, name: str, adapter: str, threads: int) -> None:
@@ -121,11 +124,15 @@ def evaluate(a, b, name: str, adapter: str, threads: int) -> None:
         log, threads)
 
 
+def recipe(a, b) -> argparse.Namespace:
+    """The main demo's preference recipe (lr, beta, NTP weight and norm, batch: scripts/sweep.py's
+    choice), with this stage's step count."""
+    return argparse.Namespace(**{**vars(b), "steps": a.steps})
+
+
 def jobs_of(a, b) -> list[dict]:
     d = os.path.join(a.out, "data")
-    common = ["--batch_size", str(a.batch_size), "--max_steps", str(a.steps), "--warmup_steps",
-              str(max(1, a.steps // 10)), "--beta", str(a.beta), "--lr", str(a.lr),
-              "--init", os.path.join(b.out, "runs", "warm")]
+    common = demo.recipe_args(recipe(a, b)) + ["--init", os.path.join(b.out, "runs", "warm")]
     return [dict(name=f"{slug(row)}-s{seed}", row=row, seed=seed,
                  args=["--objective", obj, "--data", os.path.join(d, data), "--seed", str(seed)] + common)
             for seed in range(a.seeds) for row, obj, data in METHODS]
@@ -157,16 +164,6 @@ def score_matrix(a, names: list[str], videos: list[str]) -> np.ndarray:
     return np.array([[overall_by_video(a, n)[v] for v in videos] for n in names])
 
 
-def bootstrap(m: np.ndarray, n_boot: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% interval, resampling seeds (rows) and videos (columns) independently."""
-    rng = np.random.default_rng(seed)
-    s = rng.integers(0, m.shape[0], (n_boot, m.shape[0]))
-    v = rng.integers(0, m.shape[1], (n_boot, m.shape[1]))
-    means = np.array([m[np.ix_(si, vi)].mean() for si, vi in zip(s, v)])
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(m.mean()), float(lo), float(hi)
-
-
 def data_cost(a, b, data: str) -> tuple[int, float, int]:
     """(training examples, LLM calls per example, model samples per example) of one data file.
     Rules chains/inject records carry no call count: one teacher call per degradation (the
@@ -181,44 +178,46 @@ def data_cost(a, b, data: str) -> tuple[int, float, int]:
     return len(ok), calls / max(1, len(ok)), round(samples / max(1, len(ok)), 2)
 
 
-def report(a, b, jobs: list[dict], wall: float) -> str:
+def report(a, b, jobs: list[dict], wall: tuple[float, int]) -> str:
     videos = sorted(overall_by_video(a, "warm"))
     names = {row: [j["name"] for j in jobs if j["row"] == row] for row, _, _ in METHODS}
     mats = {row: score_matrix(a, names[row], videos) for row in names}
     warm = score_matrix(a, ["warm"], videos)
+    r = recipe(a, b)
     lines = ["# On-policy comparison (the paper's Table 1) on the embedded world", "",
-             f"Machine: {b.machine}. Wall time of this run of `scripts/demo_onpolicy.py`: {wall / 60:.1f} min "
-             f"({a.jobs} jobs in parallel, 1 torch thread each; steps resumed from an earlier run count only "
-             "their time in this run).", "",
-             f"Setting: the main demo's synthetic set and SFT warm start ({b.out}); the first "
-             f"{a.train_videos} training videos; {a.num_samples} samples per video from the warm start "
-             f"(`eval_judge.py sample --temperature {a.temperature} --max_new_tokens {a.max_new_tokens}`); "
-             "the on-policy data by `gen_chains.py improve|compare|rlaifv --backend rules` (the scene's facts "
-             f"play the teacher). Every method: {a.steps} steps from the warm start (`--init`, also the "
-             f"reference), lr {a.lr}, batch {a.batch_size}, beta {a.beta}, seeds 0..{a.seeds - 1}. Metric: "
-             f"the rules judge's overall score (mean of its four axes, 1-10) of greedy captions of "
-             f"{len(videos)} held-out videos; 95% interval by a bootstrap over seeds and videos.", "",
+             f"Machine: {b.machine}. Wall time of `scripts/demo_onpolicy.py` for these numbers: "
+             f"{wall[0] / 60:.1f} min over {wall[1]} invocation{'s' if wall[1] != 1 else ''} ({a.jobs} "
+             "jobs in parallel, 1 torch thread each; the main demo's data and warm start not counted).", "",
+             f"Setting: the main demo's synthetic set and SFT warm start (`{os.path.relpath(b.out, ROOT)}`); "
+             f"the first {a.train_videos} training videos; {a.num_samples} samples per video from the "
+             f"warm start (`eval_judge.py sample --temperature {a.temperature} --max_new_tokens "
+             f"{a.max_new_tokens}`); the on-policy data by `gen_chains.py improve|compare|rlaifv --backend "
+             "rules` (the scene's facts play the teacher). Every method: the main demo's recipe, "
+             f"{r.steps} steps from the warm start (`--init`, also the reference): lr {r.lr}, batch "
+             f"{r.batch_size}, beta {r.beta}, NTP weight {r.ntp_weight} ({r.ntp_norm} over tokens); seeds "
+             f"0..{a.seeds - 1}. Metric: the rules judge's overall score (mean of its four axes, 1-10) of "
+             f"greedy captions of {len(videos)} held-out videos; 95% interval by a bootstrap over seeds "
+             "and videos together.", "",
              "| training data (objective) | examples | LLM calls / example | model samples / example "
-             "| rules judge overall [95% CI] |", "|---|---|---|---|---|"]
-    m, lo, hi = bootstrap(warm)
-    lines.append(f"| warm start (SFT, no preference step) | - | - | - | {m:.2f} [{lo:.2f}, {hi:.2f}] |")
+             "| rules judge overall [95% CI] |", "|---|---|---|---|---|",
+             f"| warm start (SFT, no preference step) | - | - | - | {demo.cell(warm, 2)} |"]
     for row, _, data in METHODS:
         n, calls, samples = data_cost(a, b, data)
-        m, lo, hi = bootstrap(mats[row])
-        lines.append(f"| {row} | {n} | {calls:.1f} | {samples:g} | {m:.2f} [{lo:.2f}, {hi:.2f}] |")
+        lines.append(f"| {row} | {n} | {calls:.1f} | {samples:g} | {demo.cell(mats[row], 2)} |")
     lines += ["", "## Verdict: do caption chains beat every on-policy pipeline?", "",
-              "Gap = chains minus the method on the same held-out video and seed index; 95% interval by "
-              "the same bootstrap. 'beats' needs the whole interval above 0.", ""]
-    wins = 0
-    for row, _, _ in METHODS[2:]:
-        m, lo, hi = bootstrap(mats[CHAINS] - mats[row])
-        verdict = "chains beat it" if lo > 0 else "chains lose" if hi < 0 else "no significant difference"
-        wins += lo > 0
-        lines.append(f"- vs {row}: gap {m:+.2f} [{lo:+.2f}, {hi:+.2f}]: **{verdict}**.")
-    m, lo, hi = bootstrap(mats[CHAINS] - mats[METHODS[0][0]])
-    lines.append(f"- (the paper's other baseline) vs {METHODS[0][0]}: gap {m:+.2f} [{lo:+.2f}, {hi:+.2f}].")
-    lines += ["", f"**Chains beat every on-policy pipeline: {'reproduced' if wins == 3 else 'not reproduced'}** "
-              f"({wins} of 3 significantly).", "",
+              "Each line: the paired difference chains - method (the same held-out video, the same "
+              "seed index) with its 95% bootstrap interval. Reproduced: the interval lies above 0; not "
+              "reproduced: below 0; inconclusive: it holds 0.", ""]
+    verdicts = []
+    for row, _, _ in METHODS[2:] + METHODS[:1]:
+        d, lo, hi, word = demo.verdict(mats[CHAINS] - mats[row])
+        verdicts.append((row, lo, hi))
+        lines.append(f"- chains > {row}: {word}. Difference {d:+.2f}, 95% interval [{lo:+.2f}, {hi:+.2f}].")
+    on_policy = verdicts[:3]
+    won, lost = sum(lo > 0 for _, lo, _ in on_policy), sum(hi < 0 for _, _, hi in on_policy)
+    overall = "**reproduced**" if won == 3 else "**not reproduced**" if lost else "**inconclusive**"
+    lines += ["", f"Chains beat every on-policy pipeline: {overall} (ahead of {won} of 3 with the interval "
+              f"above 0, behind {lost} with it below).", "",
               "Data cost: LLM calls per training example count every teacher query a record needed (the "
               "rules backend answers the same queries an LLM would: K degradations per chain, 1 correction, "
               "2 comparisons (both orders), 1 claim extraction + 1 verification per claim per sample), "
@@ -237,33 +236,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=72)
     p.add_argument("--steps", type=int, default=50, help="training steps per method (from the warm start)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--save_every", type=int, default=50)
+    p.add_argument("--readme", metavar="README.md", help="also write RESULTS.md into this file's "
+                   "onpolicy section")
     p.add_argument("--smoke", action="store_true", help="a few steps on a few videos (plumbing only)")
     a = p.parse_args(argv)
     if a.smoke:
         a.train_videos, a.num_samples, a.steps, a.seeds, a.max_new_tokens = 6, 3, 2, 1, 16
-        a.batch_size = 1
     a.out, a.warm_from = os.path.abspath(a.out), os.path.abspath(a.warm_from)
     return a
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    t0 = time.time()
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
+    demo.check_settings(a)      # resuming reuses finished runs: OUT must hold these settings' runs
     b = base(a)
+    t0 = time.time()            # the base is the main demo's: its time is not this stage's
+    demo.COMPUTED.clear()
     make_data(a, b)
     evaluate(a, b, "warm", os.path.join(b.out, "runs", "warm"), a.jobs)
     jobs = jobs_of(a, b)
     say(f"train: {len(jobs)} runs ({len(METHODS)} methods x {a.seeds} seeds), {a.jobs} at a time")
     run_all(a, b, jobs)
-    text = report(a, b, jobs, time.time() - t0)
+    text = report(a, b, jobs, demo.record_wall_time(a, time.time() - t0))
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)
+    if a.readme:
+        body = text.replace("\n## ", "\n#### ").replace(
+            "# On-policy comparison (the paper's Table 1) on the embedded world",
+            "## On-policy comparison: the paper's Table 1 (`python scripts/demo.py --onpolicy`)", 1)
+        say(demo.replace_readme_section(a.readme, "onpolicy", body + (
+            "Written by `make demo-readme` from the `runs/demo_onpolicy/RESULTS.md` that `make "
+            "demo-onpolicy` (`python scripts/demo.py --onpolicy`) printed: every number above is that "
+            "run's. `--smoke` checks the plumbing in a few steps.")))
     say(f"done: {os.path.join(a.out, 'RESULTS.md')}")
 
 

@@ -147,3 +147,46 @@ def test_wall_time_adds_up_resumed_invocations_and_ignores_report_only_ones(tmp_
     assert demo.record_wall_time(a, 360.0) == (960.0, 2)     # its resume
     demo.COMPUTED.clear()
     assert demo.record_wall_time(a, 3.0) == (960.0, 2)       # `make demo-readme`: report only
+
+
+def test_onpolicy_table_verdicts_and_readme_section(tmp_path):
+    """Table 1's report from finished runs (fabricated judge scores): chains ahead of two
+    on-policy pipelines and level with the third is 'inconclusive', the recipe is the main
+    demo's, and --readme swaps exactly the on-policy section."""
+    import json
+    import demo_onpolicy as op
+    a = op.parse_args(["--out", str(tmp_path / "op"), "--warm_from", str(tmp_path / "demo")])
+    b = demo.parse_args(["--out", str(tmp_path / "demo")])
+    os.makedirs(os.path.join(a.out, "eval"))
+    os.makedirs(os.path.join(a.out, "data"))
+    videos = [f"t{i:02d}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    base = rng.uniform(3, 7, size=len(videos))
+    level = {"chains": 1.0, "inject": 0.9, "improve": 0.0, "compare": 0.1, "rlaifv": 0.95}
+
+    def scores(name, shift, noise):
+        with open(os.path.join(a.out, "eval", name + ".scores.jsonl"), "w") as f:
+            for v, s in zip(videos, base + shift + rng.normal(0, noise, len(videos))):
+                f.write(json.dumps({"id": v, "scores": {"accuracy": s, "fluency": s}}) + "\n")
+
+    scores("warm", 0.0, 0.0)
+    jobs = op.jobs_of(a, b)
+    for j in jobs:
+        scores(j["name"], level[op.slug(j["row"])], 0.1)
+    for _, _, data in op.METHODS:
+        recs = [{"id": v, "chain": ["a", "b", "c"], "llm_calls": 3} for v in videos[:10]]
+        with open(os.path.join(a.out, "data", data), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    text = op.report(a, b, jobs, (420.0, 1))
+    assert "7.0 min over 1 invocation " in text and f"lr {b.lr}, batch {b.batch_size}" in text
+    lines = {ln.split(":")[0]: ln for ln in text.splitlines() if ln.startswith("- chains > ")}
+    assert "**reproduced**" in lines["- chains > response improvement (improve + dpo)"]
+    assert "**reproduced**" in lines["- chains > response comparison (compare + dpo)"]
+    assert "inconclusive" in lines["- chains > RLAIF-V (rlaifv + rank)"]
+    assert "Chains beat every on-policy pipeline: **inconclusive** (ahead of 2 of 3" in text
+    assert "| caption chains (rank) | 10 | 2.0 | 0 |" in text    # rules chains: K-1 calls each
+
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- SECTION:onpolicy -->\nold\n<!-- END:onpolicy -->\nbottom\n")
+    demo.replace_readme_section(str(readme), "onpolicy", "new table")
+    assert readme.read_text() == "top\n<!-- SECTION:onpolicy -->\nnew table\n<!-- END:onpolicy -->\nbottom\n"

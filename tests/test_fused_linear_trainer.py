@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import rank_dpo as R
-from test_shared_prefix import adapted, one_thread, records, tiny  # noqa: F401 (fixtures)
+from test_shared_prefix import adapted, records, tiny  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def step(model, batch, index, args, fused: bool):

@@ -28,12 +28,7 @@ FAST = ["--loss_backend", "reference", "--lr", "1e-3", "--save_every", "0"]
 VIDEO_FLAGS = ["--num_frames", "4", "--fps", "4", "--max_pixels", "3136"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

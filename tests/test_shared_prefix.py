@@ -22,12 +22,7 @@ from test_train import ROOT, read_metrics, run, run_process, write_jsonl
 OBJECTIVES = R.kernels.OBJECTIVES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
