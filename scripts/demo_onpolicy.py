@@ -6,7 +6,8 @@
                --warm_from (default runs/demo) when it finished there, else built here by the
                same commands
   2. sample    eval_judge.py sample: --num_samples captions per training video from the warm start
-               (the first --train_videos training videos; every method below uses only those)
+               (the main demo's training videos, or the first --train_videos of them; every method
+               below uses only those)
   3. data      gen_chains.py improve / compare / rlaifv --backend rules over the samples (the
                synthetic facts play the teacher); chains and inject restricted to the same videos
   4. train     from the same warm start (--init, also the reference) with the main demo's recipe
@@ -88,9 +89,12 @@ def make_data(a, b) -> None:
     d, bd = os.path.join(a.out, "data"), os.path.join(b.out, "data")
     log = os.path.join(a.out, "logs", "data.log")
     os.makedirs(d, exist_ok=True)
-    train = read(os.path.join(bd, "train.jsonl"))[:a.train_videos]
-    ids = {r["id"] for r in train}
+    # the main demo's training chains (its validation videos stay out), the first --train_videos
+    ids = [r["id"] for r in read(os.path.join(bd, "chains.jsonl"))][:a.train_videos or None]
+    train = [r for r in read(os.path.join(bd, "train.jsonl")) if r["id"] in set(ids)]
     write(os.path.join(d, "train.jsonl"), [{**r, "video": os.path.join(bd, r["video"])} for r in train])
+    write(os.path.join(d, "gen_test.jsonl"), [{**r, "video": os.path.join(bd, r["video"])}
+                                              for r in read(os.path.join(bd, "test.jsonl"))[:a.gen_videos]])
     for name in ("chains.jsonl", "inject.jsonl"):
         write(os.path.join(d, name), [{**r, "video": os.path.join(bd, r["video"])}
                                       for r in read(os.path.join(bd, name)) if r["id"] in ids])
@@ -118,7 +122,7 @@ def evaluate(a, b, name: str, adapter: str, threads: int) -> None:
     if os.path.exists(scores + ".results.json"):
         return
     run([PY, "eval_judge.py", "generate", "--adapter", adapter, "--data",
-         os.path.join(b.out, "data", "gen_test.jsonl"), "--out", caps, "--device", "cpu"], log, threads)
+         os.path.join(a.out, "data", "gen_test.jsonl"), "--out", caps, "--device", "cpu"], log, threads)
     run([PY, "eval_judge.py", "judge", "--judge", "rules", "--pred", caps, "--ref",
          os.path.join(b.out, "data", "test.jsonl"), "--out", scores, "--results", scores + ".results.json"],
         log, threads)
@@ -189,7 +193,8 @@ def report(a, b, jobs: list[dict], wall: tuple[float, int]) -> str:
              f"{wall[0] / 60:.1f} min over {wall[1]} invocation{'s' if wall[1] != 1 else ''} ({a.jobs} "
              "jobs in parallel, 1 torch thread each; the main demo's data and warm start not counted).", "",
              f"Setting: the main demo's synthetic set and SFT warm start (`{os.path.relpath(b.out, ROOT)}`); "
-             f"the first {a.train_videos} training videos; {a.num_samples} samples per video from the "
+             f"its {len(read(os.path.join(a.out, 'data', 'chains.jsonl')))} training videos; "
+             f"{a.num_samples} samples per video from the "
              f"warm start (`eval_judge.py sample --temperature {a.temperature} --max_new_tokens "
              f"{a.max_new_tokens}`); the on-policy data by `gen_chains.py improve|compare|rlaifv --backend "
              "rules` (the scene's facts play the teacher). Every method: the main demo's recipe, "
@@ -230,19 +235,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo_onpolicy")
     p.add_argument("--warm_from", default="runs/demo", help="a finished main demo whose warm start to reuse")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--train_videos", type=int, default=60, help="training videos (all methods)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--train_videos", type=int, default=0,
+                   help="the first N of the main demo's training videos (all methods); 0: all")
+    p.add_argument("--gen_videos", type=int, default=100, help="held-out videos captioned and judged")
     p.add_argument("--num_samples", type=int, default=4, help="samples per video for the on-policy data")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=72)
-    p.add_argument("--steps", type=int, default=50, help="training steps per method (from the warm start)")
+    p.add_argument("--steps", type=int, default=100, help="training steps per method (from the warm start)")
     p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--readme", metavar="README.md", help="also write RESULTS.md into this file's "
                    "onpolicy section")
     p.add_argument("--smoke", action="store_true", help="a few steps on a few videos (plumbing only)")
     a = p.parse_args(argv)
     if a.smoke:
-        a.train_videos, a.num_samples, a.steps, a.seeds, a.max_new_tokens = 6, 3, 2, 1, 16
+        a.train_videos, a.num_samples, a.steps, a.seeds, a.max_new_tokens, a.gen_videos = 6, 3, 2, 1, 16, 2
     a.out, a.warm_from = os.path.abspath(a.out), os.path.abspath(a.warm_from)
     return a
 

@@ -162,7 +162,7 @@ def test_onpolicy_table_verdicts_and_readme_section(tmp_path):
     videos = [f"t{i:02d}" for i in range(40)]
     rng = np.random.default_rng(0)
     base = rng.uniform(3, 7, size=len(videos))
-    level = {"chains": 1.0, "inject": 0.9, "improve": 0.0, "compare": 0.1, "rlaifv": 0.95}
+    level = {"chains": 1.0, "inject": 0.9, "improve": 0.0, "compare": 0.1, "rlaifv": 1.0}
 
     def scores(name, shift, noise):
         with open(os.path.join(a.out, "eval", name + ".scores.jsonl"), "w") as f:
@@ -178,7 +178,7 @@ def test_onpolicy_table_verdicts_and_readme_section(tmp_path):
         with open(os.path.join(a.out, "data", data), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
     text = op.report(a, b, jobs, (420.0, 1))
-    assert "7.0 min over 1 invocation " in text and f"lr {b.lr}, batch {b.batch_size}" in text
+    assert "7.0 min over 1 invocation " in text and "its 10 training videos" in text and f"lr {b.lr}, batch {b.batch_size}" in text
     lines = {ln.split(":")[0]: ln for ln in text.splitlines() if ln.startswith("- chains > ")}
     assert "**reproduced**" in lines["- chains > response improvement (improve + dpo)"]
     assert "**reproduced**" in lines["- chains > response comparison (compare + dpo)"]
