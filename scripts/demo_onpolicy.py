@@ -226,7 +226,12 @@ def report(a, b, jobs: list[dict], wall: tuple[float, int]) -> str:
               "Data cost: LLM calls per training example count every teacher query a record needed (the "
               "rules backend answers the same queries an LLM would: K degradations per chain, 1 correction, "
               "2 comparisons (both orders), 1 claim extraction + 1 verification per claim per sample), "
-              "divided by the examples kept; model samples are the policy's own generations it needed.", ""]
+              "divided by the examples kept; model samples are the policy's own generations it needed.", "",
+              "Reading it: on this toy world the teachers and the judge are one fact matcher "
+              "(synthetic.match_facts). RLAIF-V's claim check (`rules_supported`) is the judge's precision "
+              "test applied per sentence, so ranking samples by supported share optimises two of the judge's "
+              "four axes directly; improve's correction is the gold caption itself. With an LLM teacher and "
+              "an LLM judge (README, recipe 7) they are separate models and this shortcut is gone.", ""]
     return "\n".join(lines)
 
 
