@@ -279,7 +279,7 @@ def main(argv=None) -> None:
         body = text.replace("\n## ", "\n#### ").replace(
             "# On-policy comparison (the paper's Table 1) on the embedded world",
             "## On-policy comparison: the paper's Table 1 (`python scripts/demo.py --onpolicy`)", 1)
-        say(demo.replace_readme_section(a.readme, "onpolicy", body + (
+        say(demo.replace_readme_section(a.readme, "onpolicy", body.rstrip() + "\n\n" + (
             "Written by `make demo-readme` from the `runs/demo_onpolicy/RESULTS.md` that `make "
             "demo-onpolicy` (`python scripts/demo.py --onpolicy`) printed: every number above is that "
             "run's. `--smoke` checks the plumbing in a few steps.")))
