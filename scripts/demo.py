@@ -76,6 +76,8 @@ def run(cmd: list[str], log: str, threads: int = 1) -> None:
         with open(log, errors="replace") as f:
             tail = f.read()[-2000:]
         raise SystemExit(f"failed (exit {rc}): {' '.join(cmd)}\n--- {log} (tail) ---\n{tail}")
+    if WALL["path"]:
+        wall_time()
 
 
 def recipe_args(a) -> list[str]:
@@ -349,19 +351,30 @@ def by_row(a, jobs: list[dict]) -> dict[str, list[dict]]:
     return rows
 
 
-def record_wall_time(a, seconds: float) -> tuple[float, int]:
-    """(total seconds, invocations) of the demo invocations that computed something for OUT:
-    a kill and a resume add up, a report-only re-run (`make demo-readme`) adds nothing."""
-    path, ledger = os.path.join(a.out, "wall_time.json"), []
-    if os.path.exists(path):
-        with open(path) as f:
-            ledger = json.load(f)
-    if COMPUTED.is_set():
-        ledger.append(round(seconds, 1))
-        with open(path + ".tmp", "w") as f:
-            json.dump(ledger, f)
-        os.replace(path + ".tmp", path)
-    return sum(ledger), len(ledger)
+WALL = {"path": None, "since": 0.0}    # this invocation's entry in OUT/wall_time.json
+WALL_LOCK = threading.Lock()
+
+
+def start_wall_clock(out: str, since: float) -> None:
+    WALL.update(path=os.path.join(out, "wall_time.json"), since=since)
+
+
+def wall_time() -> tuple[float, int]:
+    """(total seconds, invocations) over the invocations that computed something for OUT. This
+    invocation's entry (keyed by its start) is rewritten after every finished step, so a killed
+    run keeps its time up to its last step, a resume adds its own, and a report-only re-run
+    (`make demo-readme`) adds nothing."""
+    with WALL_LOCK:
+        ledger = {}
+        if os.path.exists(WALL["path"]):
+            with open(WALL["path"]) as f:
+                ledger = json.load(f)
+        if COMPUTED.is_set():
+            ledger[f"{WALL['since']:.3f}"] = round(time.time() - WALL["since"], 1)
+            with open(WALL["path"] + ".tmp", "w") as f:
+                json.dump(ledger, f)
+            os.replace(WALL["path"] + ".tmp", WALL["path"])
+        return sum(ledger.values()), len(ledger)
 
 
 def report(a, jobs: list[dict], curve: list[dict], wall: tuple[float, int]) -> str:
@@ -576,6 +589,7 @@ def main(argv=None) -> None:
         raise SystemExit("scripts/demo.py draws plots.png with matplotlib: `pip install matplotlib`")
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
     check_settings(a)
+    start_wall_clock(a.out, T0)
     jobs = plan(a)
     say(f"demo -> {a.out}: data, warm start, {len(jobs)} runs ({a.jobs} at a time), evaluation")
     make_data(a)
@@ -586,7 +600,7 @@ def main(argv=None) -> None:
     say(f"warm start done ({time.time() - t:.0f} s, {curve[-1]['step']} steps): held-out pairwise "
         f"acc {read_rank(os.path.join(a.out, 'eval', 'warm'))['pairwise']:.3f}")
     run_all(a, jobs)
-    text = report(a, jobs, curve, record_wall_time(a, time.time() - T0))
+    text = report(a, jobs, curve, wall_time())
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)

@@ -264,14 +264,14 @@ def main(argv=None) -> None:
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
     demo.check_settings(a)      # resuming reuses finished runs: OUT must hold these settings' runs
     b = base(a)
-    t0 = time.time()            # the base is the main demo's: its time is not this stage's
+    demo.start_wall_clock(a.out, time.time())   # the base is the main demo's: not this stage's time
     demo.COMPUTED.clear()
     make_data(a, b)
     evaluate(a, b, "warm", os.path.join(b.out, "runs", "warm"), a.jobs)
     jobs = jobs_of(a, b)
     say(f"train: {len(jobs)} runs ({len(METHODS)} methods x {a.seeds} seeds), {a.jobs} at a time")
     run_all(a, b, jobs)
-    text = report(a, b, jobs, demo.record_wall_time(a, time.time() - t0))
+    text = report(a, b, jobs, demo.wall_time())
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)

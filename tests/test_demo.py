@@ -138,15 +138,25 @@ def test_an_out_folder_refuses_other_settings(tmp_path):
         raise AssertionError("a changed --lr reused the old runs")
 
 
-def test_wall_time_adds_up_resumed_invocations_and_ignores_report_only_ones(tmp_path):
-    a = demo.parse_args(["--out", str(tmp_path)])
+def test_wall_time_adds_up_killed_and_resumed_invocations_not_report_only_ones(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(demo.time, "time", lambda: clock[0])
     demo.COMPUTED.clear()
-    assert demo.record_wall_time(a, 5.0) == (0, 0)          # nothing computed: nothing recorded
+    demo.start_wall_clock(str(tmp_path), since=1000.0)
+    clock[0] = 1005.0
+    assert demo.wall_time() == (0, 0)                   # nothing computed: nothing recorded
     demo.COMPUTED.set()
-    assert demo.record_wall_time(a, 600.0) == (600.0, 1)     # the run, killed
-    assert demo.record_wall_time(a, 360.0) == (960.0, 2)     # its resume
+    clock[0] = 1300.0
+    assert demo.wall_time() == (300.0, 1)               # a step finished at 300 s ...
+    clock[0] = 1600.0
+    assert demo.wall_time() == (600.0, 1)               # ... another at 600 s; then a kill
+    demo.start_wall_clock(str(tmp_path), since=2000.0)  # the resume
+    clock[0] = 2360.0
+    assert demo.wall_time() == (960.0, 2)
     demo.COMPUTED.clear()
-    assert demo.record_wall_time(a, 3.0) == (960.0, 2)       # `make demo-readme`: report only
+    demo.start_wall_clock(str(tmp_path), since=3000.0)  # `make demo-readme`: report only
+    clock[0] = 3003.0
+    assert demo.wall_time() == (960.0, 2)
 
 
 def test_onpolicy_table_verdicts_and_readme_section(tmp_path):
