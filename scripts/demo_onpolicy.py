@@ -131,7 +131,8 @@ def evaluate(a, b, name: str, adapter: str, threads: int) -> None:
 def recipe(a, b) -> argparse.Namespace:
     """The main demo's preference recipe (lr, beta, NTP weight and norm, batch: scripts/sweep.py's
     choice), with this stage's step count."""
-    return argparse.Namespace(**{**vars(b), "steps": a.steps})
+    smoke = {"batch_size": 1} if a.smoke else {}   # a few videos can leave one rlaifv chain
+    return argparse.Namespace(**{**vars(b), "steps": a.steps, **smoke})
 
 
 def jobs_of(a, b) -> list[dict]:
