@@ -363,8 +363,9 @@ def ensure_trl() -> str:
     return trl.__version__
 
 
-def machine() -> str:
-    """lscpu's model name (with family/model: a VM may show only the brand) and the cores."""
+def machine(load_before: float | None = None) -> str:
+    """lscpu's model name (with family/model: a VM may show only the brand), the cores, and the
+    1-minute load average before and after the run (other work on the machine slows it)."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         field = lambda name: (re.search(rf"^{name}:\s*(.+)$", out, re.M) or [None, "?"])[1].strip()
@@ -373,7 +374,8 @@ def machine() -> str:
             model += f", {field('Hypervisor vendor')} VM"
     except (OSError, IndexError):
         model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} CPU cores visible, shared with other work"
+    load = f"load average {load_before:.2f} before the run, " if load_before is not None else ""
+    return f"{model}, {os.cpu_count()} CPU cores visible, {load}{os.getloadavg()[0]:.2f} after it"
 
 
 def summarise(run: dict, tokens_per_step: float | None = None, skip: int = 1) -> dict:
@@ -446,13 +448,14 @@ def main() -> None:
         write_block(a.results_md, md)
         return
 
+    load = os.getloadavg()[0]
     trl_version = ensure_trl()
     import torch
     import transformers
     work = tempfile.mkdtemp(prefix="bench_train_")
     chains = make_video_chains(os.path.join(work, "video"), 16, 4)
     pairs = make_pairs(os.path.join(work, "text"), 32)
-    report = {"machine": machine(), "torch": torch.__version__,
+    report = {"machine": machine(load), "torch": torch.__version__,
               "transformers": transformers.__version__, "trl": trl_version,
               "threads": a.threads, "steps": a.steps, "rounds": a.rounds, "gpu": "none in this task: the ~1B-parameter GPU run was not measured"}
 
@@ -556,9 +559,10 @@ def run_shared_prefix(a) -> dict:
     import transformers
     print(f"4/4 shared prefix vs one sequence per caption (K {SHARED_K}, P/R {SHARED_RATIOS}, "
           f"R = {a.caption_tokens}, hidden {SHARED_TEXT['hidden_size']})", flush=True)
+    load = os.getloadavg()[0]
     result = spawn("shared_prefix", threads=a.threads, repeats=a.shared_repeats,
                    caption_tokens=a.caption_tokens)
-    result.update(machine=machine(), torch=torch.__version__,
+    result.update(machine=machine(load), torch=torch.__version__,
                   transformers=transformers.__version__, threads=a.threads)
     return result
 
