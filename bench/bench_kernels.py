@@ -125,6 +125,19 @@ def peak_extra_bytes(method, base, args, backend, device):
     return measure(lambda: step(method, logits, *args, backend), device)[2]
 
 
+# ----------------------------------------------------------------------------------------------
+# Part 2: the LM head fused in
+# ----------------------------------------------------------------------------------------------
+
+# (V, H, tokens): the flat line at V = 32000, H = 1024 over 2k..16k tokens; Qwen2.5-VL's
+# V = 151936 with H = 2048 at two token counts (its matmuls are ~10x dearer on 2 cores).
+LINEAR_SHAPES = {"cpu": [(32000, 1024, t) for t in (2048, 4096, 8192, 16384)]
+                 + [(151936, 2048, t) for t in (1024, 2048)],
+                 "cuda": [(v, h, t) for v, h in ((32000, 1024), (151936, 2048))
+                          for t in (2048, 4096, 8192, 16384)]}
+LINEAR_METHODS = ("fused_linear", "logits_then_fused", "naive")
+
+
 def make_linear_inputs(v, h, tokens, dtype, device, n=8):
     gen = torch.Generator().manual_seed(1)
     t = tokens // n
