@@ -150,9 +150,11 @@ def make_linear_inputs(v, h, tokens, dtype, device, n=8):
     return hidden, weight, labels.to(device), chains.to(device), ref_logps.to(device)
 
 
-def linear_step(method, hidden, weight, labels, chains, ref_logps, backend):
-    """One fwd+bwd from hidden states; returns (loss, grad hidden, grad weight)."""
-    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+def linear_step(method, hidden, weight, labels, chains, ref_logps, backend, head="trained"):
+    """One fwd+bwd from hidden states; returns (loss, grad hidden, grad weight). head="frozen":
+    the weight takes no gradient (a pretrained head under LoRA); grad weight is then None."""
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_(head == "trained")
     if method == "fused_linear":
         loss, _ = kernels.fused_linear_chain_loss(h, w, labels, chains, ref_logps, "rank",
                                                   backend=backend)
@@ -161,6 +163,8 @@ def linear_step(method, hidden, weight, labels, chains, ref_logps, backend):
                                            backend=backend, inplace_backward=True)
     else:
         loss, _ = naive_chain_loss(F.linear(h, w), labels, chains, ref_logps)
+    if head == "frozen":
+        return loss.detach(), torch.autograd.grad(loss, h)[0], None
     grad_h, grad_w = torch.autograd.grad(loss, (h, w))
     return loss.detach(), grad_h, grad_w
 
@@ -209,32 +213,36 @@ def bench_linear(device, naive_max_gb, shapes=None):
     for v, h, tokens in shapes or LINEAR_SHAPES[device]:
         inputs = make_linear_inputs(v, h, tokens, dtype, device)
         logits_bytes = tokens * v * inputs[0].element_size()
-        grad_bytes = (inputs[0].numel() + inputs[1].numel()) * inputs[0].element_size()
-        outs = {}
-        for m in LINEAR_METHODS:
-            if m == "naive" and logits_bytes > naive_max_gb * 1e9:
-                continue
-            outs[m], ms, peak = measure(lambda: linear_step(m, *inputs, backend), device)
-            rows.append(dict(v=v, h=h, tokens=tokens, real_tokens=int((inputs[2] != -100).sum()),
-                             method=m, ms=ms, peak_extra_bytes=peak,
-                             beyond_grads_bytes=peak - grad_bytes, logits_bytes=logits_bytes))
-            print(_linear_row(rows[-1]), flush=True)
-        base = outs["logits_then_fused"]
-        for m, o in outs.items():  # every method's loss and gradients against logits_then_fused
-            rows[-len(outs) + list(outs).index(m)]["max_rel_diff"] = max(
-                ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-                for a, b in zip(o, base))
-        del outs, inputs
-    by = {(r["v"], r["h"], r["tokens"], r["method"]): r for r in rows}
-    ratios = {f"{v}x{h}x{t}": by[(v, h, t, "fused_linear")]["ms"]
-              / by[(v, h, t, "logits_then_fused")]["ms"]
-              for v, h, t, m in by if m == "fused_linear"}
+        for head in ("trained", "frozen"):   # the head's weight trained, or frozen (LoRA)
+            grads = [inputs[0]] + ([inputs[1]] if head == "trained" else [])
+            grad_bytes = sum(g.numel() for g in grads) * inputs[0].element_size()
+            outs = {}
+            for m in LINEAR_METHODS:
+                if m == "naive" and logits_bytes > naive_max_gb * 1e9:
+                    continue
+                outs[m], ms, peak = measure(lambda: linear_step(m, *inputs, backend, head), device)
+                rows.append(dict(v=v, h=h, tokens=tokens, head=head,
+                                 real_tokens=int((inputs[2] != -100).sum()), method=m, ms=ms,
+                                 peak_extra_bytes=peak, beyond_grads_bytes=peak - grad_bytes,
+                                 logits_bytes=logits_bytes))
+                print(_linear_row(rows[-1]), flush=True)
+            base = outs["logits_then_fused"]
+            for m, o in outs.items():  # every method's loss and gradients against logits_then_fused
+                rows[-len(outs) + list(outs).index(m)]["max_rel_diff"] = max(
+                    ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                    for a, b in zip(o, base) if a is not None)
+            del outs
+        del inputs
+    by = {(r["v"], r["h"], r["tokens"], r["head"], r["method"]): r for r in rows}
+    ratios = {f"{v}x{h}x{t} head {head}": by[(v, h, t, head, "fused_linear")]["ms"]
+              / by[(v, h, t, head, "logits_then_fused")]["ms"]
+              for v, h, t, head, m in by if m == "fused_linear"}
     return dict(dtype=str(dtype), backend=backend, rows=rows,
                 fused_linear_time_over_logits_then_fused=ratios)
 
 
 def _linear_row(r):
-    return (f"V={r['v']:<7} H={r['h']:<5} tokens={r['tokens']:<6} {r['method']:<18}"
+    return (f"V={r['v']:<7} H={r['h']:<5} tokens={r['tokens']:<6} head {r['head']:<8} {r['method']:<18}"
             f"{r['ms'] / 1e3:>8.2f} s  peak extra {r['peak_extra_bytes'] / 1e6:>9.1f} MB  "
             f"beyond grads {r['beyond_grads_bytes'] / 1e6:>9.1f} MB  "
             f"(logits would be {r['logits_bytes'] / 1e6:.0f} MB)")
@@ -243,12 +251,12 @@ def _linear_row(r):
 def print_linear_table(device, r):
     print(f"\n{device}: LM head fused in, {r['dtype']}, backend {r['backend']!r} "
           "(one fwd+bwd per row; MB = 1e6 bytes)")
-    print(f"{'V':>7}{'H':>6}{'tokens':>8}  {'method':<18}{'s':>8}{'vs l-t-f':>10}"
+    print(f"{'V':>7}{'H':>6}{'tokens':>8}  {'head':<8}{'method':<18}{'s':>8}{'vs l-t-f':>10}"
           f"{'peak extra MB':>15}{'beyond grads MB':>17}{'max rel diff':>14}")
-    by = {(x["v"], x["h"], x["tokens"], x["method"]): x for x in r["rows"]}
+    by = {(x["v"], x["h"], x["tokens"], x["head"], x["method"]): x for x in r["rows"]}
     for x in r["rows"]:
-        base = by[(x["v"], x["h"], x["tokens"], "logits_then_fused")]["ms"]
-        print(f"{x['v']:>7}{x['h']:>6}{x['tokens']:>8}  {x['method']:<18}{x['ms'] / 1e3:>8.2f}"
+        base = by[(x["v"], x["h"], x["tokens"], x["head"], "logits_then_fused")]["ms"]
+        print(f"{x['v']:>7}{x['h']:>6}{x['tokens']:>8}  {x['head']:<8}{x['method']:<18}{x['ms'] / 1e3:>8.2f}"
               f"{x['ms'] / base:>9.2f}x{x['peak_extra_bytes'] / 1e6:>15.1f}"
               f"{x['beyond_grads_bytes'] / 1e6:>17.1f}{x.get('max_rel_diff', 0):>14.1e}")
 

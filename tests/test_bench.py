@@ -14,6 +14,7 @@ def test_bench_kernels_linear_part_runs_and_its_methods_agree(tmp_path):
     bench_kernels.main(["--device", "cpu", "--part", "linear", "--linear_shapes", "512:64:256,256:32:128",
                         "--out", str(out)])
     rows = json.loads(out.read_text())["linear_cpu"]["rows"]
-    assert {(r["v"], r["method"]) for r in rows} == {(v, m) for v in (512, 256)
-                                                     for m in bench_kernels.LINEAR_METHODS}
+    assert {(r["v"], r["head"], r["method"]) for r in rows} == {
+        (v, head, m) for v in (512, 256) for head in ("trained", "frozen")
+        for m in bench_kernels.LINEAR_METHODS}
     assert all(r["max_rel_diff"] < 1e-4 and r["ms"] > 0 for r in rows)

@@ -43,6 +43,26 @@ def test_fused_linear_step_equals_logits_step(tiny, records, objective, ntp_norm
         assert float((grads_on[name] - g).abs().max() / scale) < 1e-4, name
 
 
+@pytest.mark.parametrize("objective", ["rank", "sft"])
+def test_fused_linear_step_with_a_frozen_head_equals_logits_step(tiny, records, objective):
+    """A pretrained model's head under LoRA (--modules_to_save none): frozen, so the kernel
+    keeps d logp / d hidden from its forward and its backward makes no logits."""
+    base, processor = tiny
+    model, args = adapted(base, "lora", objective, "--modules_to_save", "none")
+    args.ntp_norm = "sum"
+    assert not R.output_head(model).weight.requires_grad
+    chains, _ = R.load_chains(records["mixed"], processor, objective)
+    batch, index = R.collate(chains, processor, 8, 2048)
+    loss_off, stats_off, grads_off = step(model, batch, index, args, fused=False)
+    loss_on, stats_on, grads_on = step(model, batch, index, args, fused=True)
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats_on, stats_off, rtol=1e-5, atol=1e-5)
+    assert grads_on.keys() == grads_off.keys() and not any("lm_head" in n for n in grads_off)
+    for name, g in grads_off.items():
+        scale = g.abs().max().clamp_min(1e-8)
+        assert float((grads_on[name] - g).abs().max() / scale) < 1e-4, name
+
+
 def test_reference_pass_uses_the_original_head(tiny, records):
     """With adapters disabled the head's weight is the original, not peft's trained copy."""
     base, _ = tiny

@@ -460,11 +460,12 @@ def make_linear_batch(seed, n, t, h, v, dtype=torch.float32, device="cpu", bias=
     return to(hidden), to(weight), to(b), labels.to(device)
 
 
-def run_linear(fn, hidden, weight, bias, weights):
+def run_linear(fn, hidden, weight, bias, weights, train_head=True):
     """fn(hidden, weight, bias) -> (loss or None, logps, ...): outputs detached, and the
-    gradients of loss + sum(weights * logps) for hidden, weight and bias."""
-    leaves = [None if x is None else x.detach().clone().requires_grad_()
-              for x in (hidden, weight, bias)]
+    gradients of loss + sum(weights * logps) for hidden, weight and bias (for hidden only,
+    the weight and bias None, with a frozen head: train_head=False)."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_(train_head or i == 0)
+              for i, x in enumerate((hidden, weight, bias))]
     out = fn(*leaves)
     total = (out[1] * weights).sum() + (out[0] if out[0] is not None else 0)
     total.backward()
@@ -480,7 +481,10 @@ def linear_grad_tol(dtype, expected):
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("objective", kernels.OBJECTIVES)
-def test_fused_linear_chain_loss_matches_reference(backend, dtype, objective):
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_fused_linear_chain_loss_matches_reference(backend, dtype, objective, head):
+    """head=frozen: only hidden needs a gradient, the road where the forward keeps each real
+    token's d logp / d hidden and the backward makes no logits."""
     # V = 515: not a multiple of the CPU's 512-logit row chunks nor of a 16-byte pack;
     # 48 real tokens in chunks of 7 leave a short last chunk.
     hidden, weight, bias, labels = make_linear_batch(91, 8, 11, 24, 515, dtype, backend)
@@ -490,16 +494,18 @@ def test_fused_linear_chain_loss_matches_reference(backend, dtype, objective):
                  + torch.randn(8, generator=gen) * 4).to(backend)
     weights = torch.randn(8, generator=gen, dtype=torch.float64).to(backend)
     kwargs = dict(objective=objective, beta=0.5, ntp_weight=0.3)
+    trained = head == "trained"
     (loss, logps), grads = run_linear(lambda h, w, b: kernels.fused_linear_chain_loss(
         h, w, labels, chains, ref_logps, bias=b, chunk_tokens=7, backend=backend, **kwargs),
-        hidden, weight, bias, weights)
+        hidden, weight, bias, weights, trained)
     (loss_r, logps_r), grads_r = run_linear(lambda h, w, b: reference.fused_linear_chain_loss(
-        h, w, labels, chains, ref_logps, bias=b, **kwargs), hidden, weight, bias, weights)
+        h, w, labels, chains, ref_logps, bias=b, **kwargs), hidden, weight, bias, weights, trained)
     assert (labels != -100).sum() % 7 != 0
     assert loss.shape == () and loss.dtype == torch.float32
     assert_close(loss, loss_r, **value_tol(dtype))
     assert_close(logps, logps_r, **value_tol(dtype))
-    for g, g_r in zip(grads, grads_r):
+    assert (grads[1] is None and grads[2] is None) != trained
+    for g, g_r in zip(grads[:3 if trained else 1], grads_r):
         assert g.dtype == dtype
         assert_close(g, g_r, **linear_grad_tol(dtype, g_r))
     assert not grads[0][labels == -100].any()  # prompt and padding tokens get no gradient
@@ -541,6 +547,21 @@ def test_fused_linear_gradcheck_fp64(objective, backend):
 
     inputs = tuple(x.requires_grad_() for x in (hidden, weight, bias))
     assert torch.autograd.gradcheck(f, inputs)
+    # a frozen head: the gradient of hidden alone, kept from the forward
+    assert torch.autograd.gradcheck(lambda h: f(h, weight.detach(), bias.detach()),
+                                    (hidden.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fused_linear_frozen_head_keeps_token_grads_for_a_backward_without_logits(backend):
+    """Which road the op takes: with the head frozen and grad mode on it saves the real tokens'
+    d logp / d hidden [R, H] (and their rows); with the head trained, what a recompute needs."""
+    hidden, weight, _, labels = make_linear_batch(95, 3, 5, 8, 11, torch.float32, backend, bias=False)
+    real = int((labels != -100).sum())
+    logps, _ = kernels.fused_linear_sequence_logps(hidden.requires_grad_(), weight, labels, backend=backend)
+    assert [tuple(t.shape) for t in logps.grad_fn.saved_tensors] == [(real,), (real, 8)]
+    logps, _ = kernels.fused_linear_sequence_logps(hidden, weight.requires_grad_(), labels, backend=backend)
+    assert len(logps.grad_fn.saved_tensors) == 6          # hidden, weight, bias, rows, labels, lse
 
 
 @pytest.mark.filterwarnings("ignore:Input #:UserWarning")  # "not double precision": known

@@ -55,11 +55,11 @@ def records(tmp_path_factory):
             "mixed": write_jsonl(root / "mixed.jsonl", [video[0], yesno, text[0]])}
 
 
-def adapted(base, vision: str, objective: str):
+def adapted(base, vision: str, objective: str, *flags: str):
     """A LoRA policy (per --vision) whose adapters are perturbed, so policy != reference."""
     torch.manual_seed(0)
     args = R.parse_args(["--data", "x", "--output_dir", "x", "--vision", vision, "--lora_r", "4",
-                         "--objective", objective])
+                         "--objective", objective, *flags])
     model = R.add_adapters(copy.deepcopy(base), args)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -442,8 +442,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chain_loss_forward", &rank_dpo::chain_loss_forward,
         "(logps, counts, chains [B,K], ref_logps, objective, beta, ntp_weight) -> (loss, dlogps)");
   m.def("linear_logps_forward", &rank_dpo::linear_logps_forward,
-        "(hidden [N*T,H], weight [V,H], bias [V]|None, labels [N*T], T, ignore_index, chunk) -> "
-        "(logps [N], counts [N], rows [R], lse [R,2])");
+        "(hidden [N*T,H], weight [V,H], bias [V]|None, labels [N*T], T, ignore_index, chunk, "
+        "token_grads) -> (logps [N], counts [N], rows [R], lse [R,2], token_grads [R,H]|None)");
   m.def("linear_logps_backward", &rank_dpo::linear_logps_backward,
         "(hidden, weight, bias, rows, row_labels, lse, grad_logps [N], T, chunk, need_hidden, "
         "need_weight, need_bias) -> (grad_hidden, grad_weight, grad_bias)");

@@ -14,6 +14,11 @@
 //             d logits = g[n] * (onehot(label) - softmax), then
 //             grad_hidden[rows] = d logits @ W, grad_W += d logits^T @ h, grad_b += sum_rows.
 // grad_W and grad_b accumulate in the math dtype (fp32 for bf16/fp16, else the weight's).
+//   frozen head (token_grads = true; only hidden needs a gradient): the forward also turns each
+//             chunk's logits into d logp_token / d logits = onehot(label) - softmax and keeps
+//             (onehot - softmax) @ W [c, H] per real token; the backward is then a scaling of
+//             those rows, with no logits made again: 2 matmuls in all, like logits-then-loss,
+//             instead of 3 (the 4th, grad_W, is the one a trained head needs).
 #include "fused_linear.h"
 
 #include <ATen/OpMathType.h>
@@ -44,10 +49,12 @@ void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight,
 }  // namespace
 
 // labels [N*T] int64. -> (logps [N] acc, counts [N] int64, rows [R] int64 (flat indices of the
-// real tokens, ascending), lse [R, 2] acc (per row: max and log sum exp(x - max)))
+// real tokens, ascending), lse [R, 2] acc (per row: max and log sum exp(x - max)),
+// token_grads [R, H] in hidden's dtype (d logp_token / d hidden) or undefined)
 std::vector<at::Tensor> linear_logps_forward(at::Tensor hidden, at::Tensor weight,
                                              c10::optional<at::Tensor> bias, at::Tensor labels,
-                                             int64_t T, int64_t ignore_index, int64_t chunk) {
+                                             int64_t T, int64_t ignore_index, int64_t chunk,
+                                             bool token_grads) {
   check_linear_args(hidden, weight, bias, chunk);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0) && T >= 1 &&
                   labels.size(0) % T == 0 && labels.scalar_type() == at::kLong,
@@ -60,19 +67,29 @@ std::vector<at::Tensor> linear_logps_forward(at::Tensor hidden, at::Tensor weigh
   const at::Tensor row_labels = labels.index_select(0, rows).contiguous();
   at::Tensor token_logps = at::zeros({NT}, acc_opts);
   at::Tensor lse = at::empty({R, 2}, acc_opts);
+  at::Tensor grads = token_grads ? at::empty({R, weight.size(1)}, hidden.options()) : at::Tensor();
+  const at::Tensor ones = token_grads ? at::ones({std::min(chunk, R)}, acc_opts) : at::Tensor();
   for (int64_t start = 0; start < R; start += chunk) {
     const int64_t c = std::min(chunk, R - start);
     const at::Tensor idx = rows.narrow(0, start, c);
     const at::Tensor logits = chunk_logits(hidden.index_select(0, idx), weight, bias);
     // The chunk as N = c sequences of one token: its "sequence" log-probs are token log-probs.
-    auto out = sequence_logps_forward(logits.view({c, 1, V}),
-                                      row_labels.narrow(0, start, c).view({c, 1}), ignore_index);
+    const at::Tensor chunk_labels = row_labels.narrow(0, start, c).view({c, 1});
+    auto out = sequence_logps_forward(logits.view({c, 1, V}), chunk_labels, ignore_index);
     token_logps.index_copy_(0, idx, out[0]);
     lse.narrow(0, start, c).copy_(out[2].view({c, 2}));
+    if (token_grads) {  // onehot - softmax, over the logits in place (they are not needed after)
+      const at::Tensor dlogits =
+          sequence_logps_backward(logits.view({c, 1, V}), chunk_labels, out[2].view({c, 1, 2}),
+                                  ones.narrow(0, 0, c), ignore_index, true)
+              .view({c, V});
+      at::Tensor rows_grad = grads.narrow(0, start, c);
+      at::mm_out(rows_grad, dlogits, weight);
+    }
   }
   at::Tensor logps = token_logps.view({N, T}).sum(1);
   at::Tensor counts = real.view({N, T}).sum(1);
-  return {logps, counts, rows, lse};
+  return {logps, counts, rows, lse, grads};
 }
 
 // rows, row_labels [R], lse [R, 2] from the forward; grad_logps [N] acc.

@@ -19,7 +19,8 @@ at::Tensor sequence_logps_backward(at::Tensor logits, at::Tensor labels, at::Ten
 // Defined in fused_linear.cpp, once for both.
 std::vector<at::Tensor> linear_logps_forward(at::Tensor hidden, at::Tensor weight,
                                              c10::optional<at::Tensor> bias, at::Tensor labels,
-                                             int64_t T, int64_t ignore_index, int64_t chunk);
+                                             int64_t T, int64_t ignore_index, int64_t chunk,
+                                             bool token_grads);
 std::vector<at::Tensor> linear_logps_backward(at::Tensor hidden, at::Tensor weight,
                                               c10::optional<at::Tensor> bias, at::Tensor rows,
                                               at::Tensor row_labels, at::Tensor lse,
