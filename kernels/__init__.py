@@ -107,8 +107,10 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor,
     hidden [N, T, H] is aligned like the logits it replaces (hidden[n, t] scores labels[n, t]),
     weight [V, H] (lm_head.weight; tied embeddings are fine), bias [V] or None, all one dtype.
     The compiled backends make the logits of `chunk_tokens` real tokens at a time (default:
-    about 2**25 logits per chunk) and free them; the backward makes them again. Gradients
-    reach hidden, weight and bias. Returns (logps [N], counts [N] int64).
+    about 2**25 logits per chunk) and free them; the backward makes them again, unless the head
+    is frozen (only hidden requires grad): then the forward keeps each real token's
+    d logp / d hidden and the backward makes no logits. Gradients reach hidden, weight and
+    bias. Returns (logps [N], counts [N] int64).
     """
     _check_linear_args(hidden, weight, bias, labels, ignore_index, chunk_tokens)
     ext = _extension(backend, hidden.device)
