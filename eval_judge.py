@@ -638,9 +638,24 @@ def _sampling(args):
     return run_video_sampling(args, args.adapter)
 
 
-def cmd_generate(args) -> dict:
+def generate_texts(model, processor, prompts: list[str], videos: list, video_sampling,
+                   copies: int = 1, **decoding) -> list[str]:
+    """The new text of each prompt's `copies` generated rows (a prompt's copies adjacent): each
+    video encoded by the vision tower once (build_generation_inputs with the model), the rows
+    left padded, so every prompt ends at the same column and the rest is new text."""
     import torch
-    from rank_dpo import build_generation_inputs, load_clip, resolve_video
+    from rank_dpo import build_generation_inputs
+    tokenizer = getattr(processor, "tokenizer", processor)
+    inputs = build_generation_inputs(processor, prompts, videos, video_sampling, model=model,
+                                     copies=copies)
+    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    with torch.no_grad():
+        ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **decoding)
+    return tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cmd_generate(args) -> dict:
+    from rank_dpo import load_clip, resolve_video
 
     data = load_by_id(args.data)
     jobs = [(rid, args.prompt or rec.get("prompt") or DEFAULT_PROMPT,
@@ -659,19 +674,11 @@ def cmd_generate(args) -> dict:
     try:
         if todo:
             model, processor = _load(args, args.adapter)
-            tokenizer = getattr(processor, "tokenizer", processor)
             sampling = _sampling(args)
             for i, batch in enumerate(blocks):
                 videos = [load_clip(v, sampling) if v else None for _, _, v in batch]
-                inputs = build_generation_inputs(processor, [p for _, p, _ in batch], videos, sampling,
-                                                 model=model)
-                inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
-                with torch.no_grad():
-                    ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
-                # Left padding puts every prompt's end at the same column: the rest is new text.
-                texts = tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
-                                               skip_special_tokens=True)
+                texts = generate_texts(model, processor, [p for _, p, _ in batch], videos, sampling,
+                                       max_new_tokens=args.max_new_tokens, do_sample=False)
                 for (rid, _, _), text in zip(batch, texts):
                     if rid not in out.done_ids:
                         out.append({"id": rid, "caption": text.strip()})
@@ -706,7 +713,7 @@ def cmd_sample(args) -> dict:
     depend on where a run was killed and resumed. --temperature 0 is greedy decoding (N must be 1).
     """
     import torch
-    from rank_dpo import build_generation_inputs, load_clip, resolve_video
+    from rank_dpo import load_clip, resolve_video
 
     if args.num_samples < 1:
         raise SystemExit("sample: --num_samples must be at least 1")
@@ -727,23 +734,15 @@ def cmd_sample(args) -> dict:
     try:
         if todo:
             model, processor = _load(args, args.adapter)
-            tokenizer = getattr(processor, "tokenizer", processor)
-            greedy = args.temperature == 0
             video_sampling = _sampling(args)
+            decoding = {"do_sample": False} if args.temperature == 0 else {
+                "do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
             for n, job in enumerate(todo, 1):
                 video = load_clip(job["video_path"], video_sampling) if job["video_path"] else None
-                inputs = build_generation_inputs(processor, [job["prompt"]], [video], video_sampling,
-                                                 model=model, copies=args.num_samples)
-                inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
                 torch.manual_seed(record_seed(args.seed, job["id"]))
-                sampling = {} if greedy else {"do_sample": True, "temperature": args.temperature,
-                                              "top_p": args.top_p, "top_k": 0}
-                with torch.no_grad():
-                    ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
-                                         pad_token_id=tokenizer.pad_token_id,
-                                         **({"do_sample": False} if greedy else sampling))
-                texts = [t.strip() for t in tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
-                                                                     skip_special_tokens=True)]
+                texts = [t.strip() for t in generate_texts(
+                    model, processor, [job["prompt"]], [video], video_sampling,
+                    copies=args.num_samples, max_new_tokens=args.max_new_tokens, **decoding)]
                 rec = job["record"]
                 result = {"id": job["id"], job["key"]: job["prompt"], "answers": texts}
                 for passthrough in ("video", "caption", "caption_id"):  # not "answer": the gold one

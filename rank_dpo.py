@@ -572,6 +572,21 @@ def encode_videos(model, videos: list[dict]) -> list[VideoFeatures]:
     return video_family(model).encode(model, videos)
 
 
+def video_forward_kwargs(model, videos: list[dict], spans: list[int], input_ids: torch.Tensor,
+                         video_embeds: list[VideoFeatures] | None = None) -> dict:
+    """The forward's video inputs: spans[i] is the video (an index into `videos`) of the i-th
+    video span in input_ids, in order. Each video is encoded once (unless video_embeds are
+    given) however many spans show it; plus the token types where the family takes them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = video_family(base)
+    if video_embeds is None:
+        video_embeds = family.encode(model, videos)
+    kwargs = family.inputs([video_embeds[v] for v in spans], [videos[v] for v in spans])
+    if family.token_types:
+        kwargs["mm_token_type_ids"] = (input_ids == base.config.video_token_id).int() * 2
+    return kwargs
+
+
 def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None = None):
     """(logits [N, L, V], labels [N, L]) over the response region only.
 
@@ -583,13 +598,8 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
     kwargs = {}
     rows_with_video = [v for v in batch.video_of_row if v >= 0]
     if rows_with_video:
-        family = video_family(model)
-        if video_embeds is None:
-            video_embeds = family.encode(model, batch.videos)
-        kwargs = family.inputs([video_embeds[v] for v in rows_with_video],   # shared, not re-encoded
-                               [batch.videos[v] for v in rows_with_video])
-        if family.token_types:
-            kwargs["mm_token_type_ids"] = (batch.input_ids == model.config.video_token_id).int() * 2
+        kwargs = video_forward_kwargs(model, batch.videos, rows_with_video, batch.input_ids,
+                                      video_embeds)
     real = batch.labels != IGNORE_INDEX
     first = int(real.float().argmax(-1)[real.any(-1)].min()) if real.any() else 0
     keep = torch.arange(first, batch.labels.shape[1], device=batch.labels.device)
@@ -820,13 +830,7 @@ def packed_hidden_states(model, batch: Batch, packing: Packing,
     packed_pos = flat_pos[..., packing.source.clamp_min(0)] * (packing.source >= 0)
     spans = [v for row in packing.videos_of_row for v in row]
     if spans:
-        family = video_family(base)
-        if video_embeds is None:
-            video_embeds = family.encode(model, batch.videos)
-        kwargs = family.inputs([video_embeds[v] for v in spans],       # shared, not re-encoded
-                               [batch.videos[v] for v in spans])
-        if family.token_types:
-            kwargs["mm_token_type_ids"] = (ids == base.config.video_token_id).int() * 2
+        kwargs = video_forward_kwargs(model, batch.videos, spans, ids, video_embeds)
     text = base.config.get_text_config()
     mask = packed_attention_mask(packing.segment, text._attn_implementation or "eager",
                                  inner.get_input_embeddings().weight.dtype)
@@ -927,20 +931,16 @@ def build_generation_inputs(processor, prompts: list[str], videos: list[np.ndarr
         attention_mask[n, width - len(s):] = 1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     present = [{k: v for k, v in e.items() if k != "placeholder_ids"} for e in encoded if e is not None]
-    if present:
-        family = processor_family(processor)
-        per_row = [v for v in present for _ in range(copies)]
-        if model is None:
-            for key in present[0]:
-                inputs[key] = torch.cat([v[key] for v in per_row])
-        else:
-            device = next(model.parameters()).device
-            present = [{k: t.to(device) for k, t in v.items()} for v in present]
-            with torch.no_grad():
-                features = family.encode(model, present)         # the tower, once per video
-            inputs.update(family.inputs([f for f in features for _ in range(copies)],
-                                        [v for v in present for _ in range(copies)]))
-        if family.token_types:
+    if present and model is not None:
+        device = next(model.parameters()).device
+        present = [{k: t.to(device) for k, t in v.items()} for v in present]
+        spans = [v for v in range(len(present)) for _ in range(copies)]
+        with torch.no_grad():                                   # the tower, once per video
+            inputs.update(video_forward_kwargs(model, present, spans, input_ids.to(device)))
+    elif present:
+        for key in present[0]:
+            inputs[key] = torch.cat([v[key] for v in present for _ in range(copies)])
+        if processor_family(processor).token_types:
             inputs["mm_token_type_ids"] = (input_ids == video_token_id(processor)).int() * 2
     return inputs
 
