@@ -74,9 +74,10 @@ def test_reference_pass_uses_the_original_head(tiny, records):
     assert torch.equal(original, base.get_output_embeddings().weight)
 
 
-def test_fused_linear_falls_back_or_refuses(tiny, capsys):
+def test_fused_linear_falls_back_or_refuses(tiny, monkeypatch):
     base, _ = tiny
     model, _ = adapted(base, "lora", "rank")
+    monkeypatch.setattr(R, "_fallbacks_logged", set())   # said once per process: not yet here
     messages = []
     assert not R.resolve_fused_linear(model, "auto", shared_prefix=False, log=messages.append)
     assert "--shared_prefix is off" in messages[0]
