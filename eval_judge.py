@@ -22,7 +22,6 @@ rank_dpo.load_model (the project's one loader), imported only by the subcommands
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -32,9 +31,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from gen_chains import (DEFAULT_PROMPT, ChatClient, DataError, OutputLocked, ResumableJsonl,
-                        add_client_args, format_mcq, map_resumable, parse_json_object, read_jsonl,
+from gen_chains import (DEFAULT_PROMPT, ChatClient, add_client_args, format_mcq, parse_json_object,
                         score_answer)
+from records import (DataError, OutputLocked, ResumableJsonl, collect_outputs, map_resumable,
+                     read_records, read_run_meta, records_by_id, write_json, write_jsonl)
 
 AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
 SCORE_MIN, SCORE_MAX = 1, 10
@@ -366,29 +366,6 @@ def combine_orders(first: str, second: str) -> str:
 # Files: records keyed by id, results JSON, markdown tables
 # ----------------------------------------------------------------------------------------------
 
-def load_by_id(path: str, fields: Iterable[str] = (),
-               skip_failed: bool = False) -> dict[str, tuple[int, dict]]:
-    """{id: (line, record)} of a JSONL file; a missing field or a repeated id names file and line.
-
-    `fields` are required, e.g. ("caption",) or ("scores",). With skip_failed, records written as
-    {"id", "status": "failed", ...} by an earlier step are left out (they carry no result).
-    """
-    out: dict[str, tuple[int, dict]] = {}
-    for line, rec in read_jsonl(path):
-        rid = rec.get("id")
-        if not isinstance(rid, str) or not rid:
-            raise DataError(path, line, "missing or not a string", field="id")
-        if rid in out:
-            raise DataError(path, line, f"id {rid!r} repeats line {out[rid][0]}", field="id")
-        if skip_failed and rec.get("status") == "failed":
-            continue
-        for f in fields:
-            if rec.get(f) is None:
-                raise DataError(path, line, "missing", field=f)
-        out[rid] = (line, rec)
-    return out
-
-
 def require_text(path: str, line: int, rec: dict, field: str) -> str:
     value = rec.get(field)
     if not isinstance(value, str):
@@ -415,27 +392,6 @@ def sibling(path: str, suffix: str) -> str:
     return os.path.splitext(path)[0] + suffix
 
 
-def _json_safe(x):
-    """NaN / inf (an undefined correlation) -> null, so the results file is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def write_results(path: str, results: dict) -> None:
-    """Write the results JSON whole or not at all (tmp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(results), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def fmt(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -455,22 +411,10 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
 
 def report(results: dict, table: str, path: str) -> dict:
     """Write the results JSON and print the table (what every subcommand ends with)."""
-    write_results(path, results)
+    write_json(path, results)
     print(table)
     print(f"\nresults: {path}")
     return results
-
-
-def collect_outputs(path: str, ids: Iterable[str]) -> dict[str, dict]:
-    """The records of a resumable output file for `ids`; a later success replaces a failure."""
-    wanted, out = set(ids), {}
-    if not os.path.exists(path):
-        return out
-    for _, rec in read_jsonl(path):
-        rid = str(rec.get("id"))
-        if rid in wanted and (rid not in out or out[rid].get("status") == "failed"):
-            out[rid] = rec
-    return out
 
 
 def failure_summary(records: Iterable[dict]) -> dict:
@@ -506,8 +450,8 @@ def _chat_params(args) -> dict:
 
 
 def cmd_judge(args) -> dict:
-    preds = load_by_id(args.pred, skip_failed=True)
-    refs = load_by_id(args.ref)
+    preds = records_by_id(args.pred)
+    refs = records_by_id(args.ref)
     reference = _judge_inputs(args, args.pred, preds, refs)
     jobs = [{"id": rid, "caption": require_text(args.pred, line, rec, "caption")}
             for rid, (line, rec) in preds.items()]
@@ -546,8 +490,8 @@ def cmd_judge(args) -> dict:
 
 
 def cmd_agree(args) -> dict:
-    a = load_by_id(args.a, ("scores",), skip_failed=True)
-    b = load_by_id(args.b, ("scores",), skip_failed=True)
+    a = records_by_id(args.a, {"scores": dict})
+    b = records_by_id(args.b, {"scores": dict})
     common = [rid for rid in a if rid in b]
     if len(common) < 2:
         raise SystemExit(f"agree: {args.a} and {args.b} share {len(common)} scored ids; need at least 2")
@@ -569,10 +513,10 @@ def cmd_agree(args) -> dict:
 
 
 def cmd_compare(args) -> dict:
-    a = load_by_id(args.a, ("caption",), skip_failed=True)
-    b = load_by_id(args.b, ("caption",), skip_failed=True)
+    a = records_by_id(args.a, {"caption": str}, allow_empty=True)
+    b = records_by_id(args.b, {"caption": str}, allow_empty=True)
     both = {rid: a[rid] for rid in a if rid in b}
-    reference = _judge_inputs(args, args.a, both, load_by_id(args.ref))
+    reference = _judge_inputs(args, args.a, both, records_by_id(args.ref))
     jobs = [{"id": rid, "a": require_text(args.a, *a[rid], "caption"),
              "b": require_text(args.b, *b[rid], "caption")} for rid in both]
     if args.judge == "rules":
@@ -657,7 +601,7 @@ def generate_texts(model, processor, prompts: list[str], videos: list, video_sam
 def cmd_generate(args) -> dict:
     from rank_dpo import load_clip, resolve_video
 
-    data = load_by_id(args.data)
+    data = records_by_id(args.data)
     jobs = [(rid, args.prompt or rec.get("prompt") or DEFAULT_PROMPT,
              resolve_video(args.data, line, rec, args.video_root))
             for rid, (line, rec) in data.items()]  # every video checked before the model loads
@@ -719,7 +663,7 @@ def cmd_sample(args) -> dict:
         raise SystemExit("sample: --num_samples must be at least 1")
     if args.temperature == 0 and args.num_samples != 1:
         raise SystemExit("sample: --temperature 0 is greedy decoding; it gives one answer (--num_samples 1)")
-    data = load_by_id(args.data, skip_failed=True)
+    data = records_by_id(args.data)
     jobs = []
     for rid, (line, rec) in data.items():    # every record checked before the model loads
         key = "question" if rec.get("question") is not None else "prompt"
@@ -783,14 +727,10 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
     """
     from rank_dpo import resolve_video
 
-    items, failed = [], 0
-    for line, rec in read_jsonl(path):
-        rid = rec.get("id")
-        if not isinstance(rid, str) or not rid:
-            raise DataError(path, line, "missing or not a string", field="id")
-        if rec.get("status", "ok") != "ok":     # failed or no_preference: no item to score
-            failed += 1
-            continue
+    found, failed = read_records(path)     # failed or no_preference records: no item to score
+    items = []
+    for line, rec in found:
+        rid = rec["id"]
         if "chain" in rec:
             prompt, chain = require_text(path, line, rec, "prompt"), rec["chain"]
             if not (isinstance(chain, list) and len(chain) >= 2 and
@@ -879,14 +819,10 @@ def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
     """
     from rank_dpo import chain_record
 
-    chains, failed = [], 0
-    for line, rec in read_jsonl(path):
-        rid = rec.get("id")
-        if not isinstance(rid, str) or not rid:
-            raise DataError(path, line, "missing or not a string", field="id")
-        if rec.get("status", "ok") != "ok":     # failed or no_preference: no item to score
-            failed += 1
-            continue
+    found, failed = read_records(path)     # failed or no_preference records: no item to score
+    chains = []
+    for line, rec in found:
+        rid = rec["id"]
         field, prompts, responses, video = chain_record(path, line, rec, video_root)
         if len(prompts) < 2:
             raise DataError(path, line, "expected a list of at least two strings", field=field)
@@ -943,21 +879,12 @@ def reference_adapter(args) -> str | None:
     adapter's run file), else the base model (None). --ref_adapter overrides ("none" = base)."""
     if args.ref_adapter:
         return None if args.ref_adapter == "none" else args.ref_adapter
-    from rank_dpo import RUN_META
-    meta = os.path.join(args.adapter, RUN_META)
-    init = json.load(open(meta)).get("init") if os.path.isfile(meta) else None
+    init = read_run_meta(args.adapter).get("init")
     return os.path.normpath(os.path.join(args.adapter, init)) if init else None
 
 
 def _model_name(args) -> str:
     return f"{args.model} + {args.adapter}" if args.adapter else args.model
-
-
-def write_jsonl(path: str, records: Iterable[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -973,12 +900,10 @@ def cmd_reward(args) -> dict:
     `sample --num_samples 1` file scores the model's answer. The caption is the record's own, or
     the one with id caption_id (else id) in --captions.
     """
-    captions = load_by_id(args.captions, ("caption",)) if args.captions else {}
+    captions = records_by_id(args.captions, {"caption": str}) if args.captions else {}
     jobs = []
-    for line, rec in read_jsonl(args.data):
-        rid = rec.get("id")
-        if not isinstance(rid, str) or not rid:
-            raise DataError(args.data, line, "missing or not a string", field="id")
+    for line, rec in read_records(args.data)[0]:
+        rid = rec["id"]
         if rec.get("caption") is not None:
             caption = require_text(args.data, line, rec, "caption")
         else:
@@ -1138,14 +1063,13 @@ def main(argv: list[str] | None = None) -> dict:
         return COMMANDS[args.command](args)
     except (DataError, OutputLocked) as e:
         raise SystemExit(f"error: {e}") from None
-    except ImportError as e:          # rank_dpo.MissingDependency: names the package to install
-        if type(e).__name__ != "MissingDependency":
-            raise
-        raise SystemExit(f"error: {e}") from None
-    except ValueError as e:           # rank_dpo.ModelError: an unusable model directory
-        if type(e).__name__ != "ModelError":
-            raise
-        raise SystemExit(f"error: {e}") from None
+    except (ImportError, ValueError) as e:
+        # The trainer's errors (a missing optional package, an unusable model directory) can only
+        # come from a command that imported it; the judge-only commands never load torch.
+        trainer = sys.modules.get("rank_dpo")
+        if trainer and isinstance(e, (trainer.MissingDependency, trainer.ModelError)):
+            raise SystemExit(f"error: {e}") from None
+        raise
 
 
 if __name__ == "__main__":

@@ -26,10 +26,8 @@ and the offline `--backend rules`) lives in synthetic.py, imported only by those
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import difflib
 import email.utils
-import fcntl
 import json
 import logging
 import os
@@ -40,7 +38,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable
+
+from records import (DataError, OutputLocked, RecordFailed, is_ok, map_resumable, read_jsonl,
+                     read_records, write_jsonl)
 
 log = logging.getLogger("gen_chains")
 
@@ -48,273 +49,14 @@ DEFAULT_PROMPT = "Describe this video in detail."
 
 
 # =============================================================================================
-# Input and output: bad input is named by file and line; output is append-only and resumable
-# =============================================================================================
-
-class DataError(ValueError):
-    """Bad input, with where it is: `file:line: field 'x': problem`."""
-
-    def __init__(self, path: str, line: int | None, message: str, field: str | None = None):
-        where = f"{path}:{line}" if line is not None else str(path)
-        what = f"field '{field}': {message}" if field else message
-        super().__init__(f"{where}: {what}")
-        self.path, self.line, self.field = str(path), line, field
-
-
-def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, record) for each non-blank line; malformed lines raise DataError."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, line_no, f"malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(path, line_no, f"expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
-
-
-def read_records(path: str, require: dict[str, type | tuple[type, ...]]
-                 ) -> tuple[list[tuple[int, dict]], int]:
-    """(line, record) for every record of an input file, checked up front: each has a unique
-    string `id` and each required field with the right type. Errors name file, line and field.
-    Records an earlier step wrote with a status other than "ok" (failed, no_preference) carry no
-    data: they are left out and counted (the second return value), never silently dropped."""
-    if not os.path.exists(path):
-        raise DataError(path, None, "input file not found")
-    records, seen, left_out = [], {}, 0
-    for line_no, rec in read_jsonl(path):
-        rid = rec.get("id")
-        if not isinstance(rid, str) or not rid:
-            raise DataError(path, line_no, "missing or not a non-empty string", "id")
-        if rid in seen:
-            raise DataError(path, line_no, f"duplicate id {rid!r} (first on line {seen[rid]})", "id")
-        seen[rid] = line_no
-        if rec.get("status", "ok") != "ok":
-            left_out += 1
-            continue
-        for name, kind in require.items():
-            value = rec.get(name)
-            if value is None:
-                raise DataError(path, line_no, "missing", name)
-            if not isinstance(value, kind) or (isinstance(value, (str, list)) and not value):
-                raise DataError(path, line_no, f"expected a non-empty {_type_names(kind)}", name)
-        records.append((line_no, rec))
-    return records, left_out
-
-
-def _type_names(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({"str": "string", "list": "list", "dict": "object"}.get(k.__name__, k.__name__)
-                       for k in kinds)
-
-
-class OutputLocked(RuntimeError):
-    """Another live process is writing the same output file."""
-
-
-def lock_output(path: str) -> int:
-    """Take the one-writer lock of an output file: flock on the sidecar PATH.lock, which holds the
-    holder's pid. The kernel drops a flock when its holder dies, so a killed run never blocks the
-    next one; a live holder makes this raise OutputLocked at once, naming the file and the pid.
-    Returns the lock's fd (closing it releases the lock)."""
-    lock_path = path + ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        finally:
-            os.close(fd)
-        raise OutputLocked(f"{path}: another run (pid {holder}) is writing this file; wait for it "
-                           f"to finish or stop it (lock: {lock_path})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-class ResumableJsonl:
-    """An append-only JSONL output that survives kill -9, with one writer at a time.
-
-    Each finished record is one line written with a single write, then flushed and fsynced, so
-    at any instant the file holds complete lines plus at most one torn last line. Opening the
-    file repairs that torn line (a tail that is not a complete JSON object is cut off) and
-    collects the ids already written; a run skips those, so re-running the same command
-    finishes the job with every id exactly once. The file is locked (lock_output) from before
-    the scan until close, so two runs on one file cannot write the same id twice.
-    """
-
-    def __init__(self, path: str, drop_failed: bool = False):
-        self.path = path
-        self.done_ids: set[str] = set()
-        self.repaired = False
-        self._lock = threading.Lock()
-        self._fd = None
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._lock_fd = lock_output(path)
-        try:
-            self._repair_and_scan(drop_failed)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
-
-    def _repair_and_scan(self, drop_failed: bool) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb") as f:
-            data = f.read()
-        cut = data.rfind(b"\n") + 1            # end of the last complete line
-        tail = data[cut:]
-        if tail.strip():
-            try:
-                whole = json.loads(tail)
-            except ValueError:
-                whole = None
-            if isinstance(whole, dict) and "id" in whole:
-                data = data + b"\n"            # killed between the object and its newline: keep it
-            else:
-                log.warning("%s: repaired a torn last line (%d bytes from an interrupted write)",
-                            self.path, len(tail))
-                data = data[:cut]
-            self.repaired = True
-        kept, dropped = [], 0
-        for line_no, raw in enumerate(data.split(b"\n")[:-1] if data else [], start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                raise DataError(self.path, line_no, "malformed line in the middle of an output file "
-                                "(not an interrupted write; fix or remove the file)") from None
-            rid = rec.get("id") if isinstance(rec, dict) else None
-            if not isinstance(rid, str):
-                raise DataError(self.path, line_no, "output record without a string id", "id")
-            if rid in self.done_ids:
-                raise DataError(self.path, line_no, f"duplicate id {rid!r} in the output file", "id")
-            if drop_failed and rec.get("status") == "failed":
-                dropped += 1
-                continue
-            self.done_ids.add(rid)
-            kept.append(raw)
-        if self.repaired or dropped:
-            # Rewrite atomically: a kill during the rewrite leaves the old file in place.
-            tmp = self.path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(b"".join(line + b"\n" for line in kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            if dropped:
-                log.info("%s: dropped %d failed records to retry them", self.path, dropped)
-
-    def append(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock:
-            view = memoryview(line)
-            while view:                        # os.write may write less than asked
-                view = view[os.write(self._fd, view):]
-            os.fsync(self._fd)
-            self.done_ids.add(record["id"])
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)            # releases the flock; the .lock file stays, harmless
-            self._lock_fd = None
-
-    def __enter__(self) -> "ResumableJsonl":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def map_resumable(records: Iterable[dict], fn: Callable[[dict], dict], out_path: str,
-                  concurrency: int = 1, desc: str = "records", drop_failed: bool = False) -> dict:
-    """Run fn(record) -> output record over a thread pool, appending each result to out_path.
-
-    Ids already in out_path are skipped (resume). A ChatError (a request that failed for good)
-    becomes {"id", "status": "failed", "reason"}; a fatal ChatError (wrong URL, key or model)
-    or any other exception stops the run, since every record would fail the same way.
-    Returns a summary: total, skipped (already done), done, failed, seconds, rate.
-    """
-    from tqdm.auto import tqdm              # comes with transformers
-
-    out = ResumableJsonl(out_path, drop_failed=drop_failed)
-    records = list(records)
-    todo = [r for r in records if r["id"] not in out.done_ids]
-    summary = {"total": len(records), "skipped": len(records) - len(todo), "done": 0, "failed": 0}
-    start = time.monotonic()
-    bar = tqdm(total=len(todo), desc=desc, unit="rec", dynamic_ncols=True, file=sys.stderr,
-               disable=None if todo else True)
-
-    def run_one(rec: dict) -> dict:
-        try:
-            result = fn(rec)
-        except ChatError as e:
-            if e.fatal:
-                raise
-            result = {"id": rec["id"], "status": "failed", "reason": str(e), **e.details}
-        if result.get("id") != rec["id"]:
-            raise RuntimeError(f"output record for {rec['id']!r} has id {result.get('id')!r}")
-        out.append(result)
-        return result
-
-    workers = max(1, int(concurrency))
-    try:
-        with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: set[cf.Future] = set()
-            queue = iter(todo)
-            while True:
-                # Keep a bounded number of records in flight so huge inputs stay cheap.
-                while len(pending) < 2 * workers:
-                    rec = next(queue, None)
-                    if rec is None:
-                        break
-                    pending.add(pool.submit(run_one, rec))
-                if not pending:
-                    break
-                finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    try:
-                        result = fut.result()
-                    except BaseException:
-                        for p in pending:
-                            p.cancel()
-                        raise
-                    if result.get("status") == "failed":
-                        summary["failed"] += 1
-                    else:
-                        summary["done"] += 1
-                    bar.update(1)
-                    bar.set_postfix(failed=summary["failed"], refresh=False)
-    finally:
-        bar.close()
-        out.close()
-    summary["seconds"] = round(time.monotonic() - start, 3)
-    summary["rate"] = round((summary["done"] + summary["failed"]) / max(summary["seconds"], 1e-9), 2)
-    return summary
-
-
-# =============================================================================================
 # The HTTP client: one, OpenAI-compatible (vLLM, llama.cpp server, Ollama, OpenAI)
 # =============================================================================================
 
-class ChatError(RuntimeError):
+class ChatError(RecordFailed):
     """A chat request that failed for good. str() is the reason; it never contains the key.
     fatal=True means retrying other records cannot help (bad URL, key or model name).
-    map_resumable writes a non-fatal one as {"id", "status": "failed", "reason", **details}."""
-
-    def __init__(self, reason: str, fatal: bool = False, details: dict | None = None):
-        super().__init__(reason)
-        self.fatal = fatal
-        self.details = details or {}       # extra fields for the failed record (e.g. a partial chain)
+    map_resumable writes a non-fatal one as {"id", "status": "failed", "reason", **details}
+    (details: extra fields for the failed record, e.g. a partial chain)."""
 
 
 @dataclass
@@ -1297,19 +1039,12 @@ def write_qa_items(out: str) -> tuple[str, int]:
     """Flatten qa's per-video records into one record per question (what SFT, `sample` and
     `eval_judge.py reward` read): {"id": VIDEO-qK, "video"?, "caption", "question", "answer",
     "prompt", "chain": [answer]}. Rewritten atomically from the whole output on every run."""
-    path, n = qa_items_path(out), 0
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for _, rec in read_jsonl(out):
-            if rec.get("status") != "ok":
-                continue
-            for k, item in enumerate(rec["qa"]):
-                row = {"id": f"{rec['id']}-q{k}", **{x: rec[x] for x in ("video",) if x in rec},
-                       "caption": rec["caption"], "question": item["question"], "answer": item["answer"],
-                       "prompt": item["question"], "chain": [item["answer"]], "source": "qa"}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-    os.replace(tmp, path)
+    rows = [{"id": f"{rec['id']}-q{k}", **{x: rec[x] for x in ("video",) if x in rec},
+             "caption": rec["caption"], "question": item["question"], "answer": item["answer"],
+             "prompt": item["question"], "chain": [item["answer"]], "source": "qa"}
+            for _, rec in read_jsonl(out) if is_ok(rec) for k, item in enumerate(rec["qa"])]
+    path, n = qa_items_path(out), len(rows)
+    write_jsonl(path, rows)
     return path, n
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from gen_chains import DataError, read_jsonl
+from records import DataError, RUN_META, read_records, read_run_meta, write_run_meta
 
 IGNORE_INDEX = -100
 
@@ -49,7 +49,6 @@ IGNORE_INDEX = -100
 # 1. Loading: one model loader (the trainer and eval_judge.py both use it) and one video reader.
 # ================================================================================================
 
-RUN_META = "rank_dpo.json"      # written next to the adapter: base model, init chain, run args
 
 
 def load_base(model: str, *, device="cpu", dtype=None):
@@ -113,8 +112,7 @@ def merge_adapter(net, adapter: str):
     from peft import PeftModel
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter}: not an adapter directory (no adapter_config.json)")
-    meta_path = os.path.join(adapter, RUN_META)
-    init = json.load(open(meta_path)).get("init") if os.path.isfile(meta_path) else None
+    init = read_run_meta(adapter).get("init")
     if init:                        # relative to the adapter: init/ in a run, ../../init in a checkpoint
         net = merge_adapter(net, os.path.join(adapter, init))
     with _quiet_peft():
@@ -132,10 +130,7 @@ def _quiet_peft():
 def run_video_sampling(args, adapter: str | None) -> VideoSampling:
     """Video flags for evaluation: each one given on the command line wins, then the value the
     adapter's run trained with (its rank_dpo.json), then the VideoSampling default."""
-    stored = {}
-    meta = os.path.join(adapter, RUN_META) if adapter else None
-    if meta and os.path.isfile(meta):
-        stored = json.load(open(meta)).get("video") or {}
+    stored = (read_run_meta(adapter).get("video") or {}) if adapter else {}
     pick = {k: getattr(args, k, None) if getattr(args, k, None) is not None else stored.get(k)
             for k in ("num_frames", "fps", "max_pixels")}
     return VideoSampling(**{k: v for k, v in pick.items() if v is not None})
@@ -1074,11 +1069,9 @@ def load_chains(path: str, processor, objective: str, video_root: str | None = N
     """
     sampling, token_cache = _sampling(sampling), {}
     takes_video = getattr(processor, "video_processor", None) is not None
-    chains, left_out = [], 0
-    for line, record in read_jsonl(path):
-        if record.get("status", "ok") != "ok":
-            left_out += 1
-            continue
+    found, left_out = read_records(path)
+    chains = []
+    for line, record in found:
         field, prompts, responses, video = chain_record(path, line, record, video_root)
         if video is not None and not takes_video:
             raise DataError(path, line, "this model's processor takes no video", "video")
@@ -1101,7 +1094,7 @@ def load_chains(path: str, processor, objective: str, video_root: str | None = N
                 raise DataError(path, line, f"prompt is {length} tokens"
                                 f"{' (video included)' if video else ''}, max_length is {max_length}",
                                 "prompts" if field == "prompts" else "prompt")
-        chains.append(Chain(str(record.get("id", f"{path}:{line}")), path, line, field, video, rows))
+        chains.append(Chain(record["id"], path, line, field, video, rows))
     if not chains:
         raise DataError(path, None, f"no usable records ({left_out} not ok)" if left_out
                         else "no records")
@@ -1454,8 +1447,7 @@ def latest_checkpoint(out: str) -> str | None:
 def write_meta(directory: str, args, init: str | None) -> None:
     meta = {"base_model": args.model, "init": init, "objective": args.objective,
             "vision": args.vision, "video": VideoSampling.of(args).as_dict(), "args": vars(args)}
-    with open(os.path.join(directory, RUN_META), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_run_meta(directory, meta)
 
 
 def copy_adapter(src: str, dst: str) -> None:
@@ -1672,10 +1664,10 @@ def export(argv) -> str:
     p.add_argument("--model", help="base model (default: the one the run recorded)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = p.parse_args(argv)
-    meta_path = os.path.join(args.adapter, RUN_META)
-    if not os.path.isfile(meta_path):
+    meta = read_run_meta(args.adapter)
+    if not meta:
         raise ModelError(f"{args.adapter}: no {RUN_META}; not a rank_dpo.py run (pass --model?)")
-    base = args.model or json.load(open(meta_path))["base_model"]
+    base = args.model or meta["base_model"]
     import synthetic
     if synthetic.is_tiny(base):                   # the run saved the embedded model under base/
         base = os.path.join(args.adapter, "base")

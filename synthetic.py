@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from records import write_jsonl
+
 TINY_PROCESSOR_FILE = "tiny_processor.json"     # marks a saved tiny model directory
 # The tiny preset's modules trained in full beside LoRA (`rank_dpo.py --modules_to_save auto`):
 # a randomly initialised model cannot learn through LoRA alone, because its frozen random lm_head
@@ -528,19 +530,9 @@ def write_dataset(out: str, n: int, seed: int = 0, test_frac: float = 0.1, frame
         np.save(tmp, render_scene(facts, frames, size))
         os.replace(tmp, os.path.join(out, rel))
         records.append({"id": rid, "caption": caption_from_facts(facts), "video": rel, "facts": facts})
-    _write_jsonl_atomically(os.path.join(out, "train.jsonl"), records[:n - n_test])
-    _write_jsonl_atomically(os.path.join(out, "test.jsonl"), records[n - n_test:])
+    write_jsonl(os.path.join(out, "train.jsonl"), records[:n - n_test])
+    write_jsonl(os.path.join(out, "test.jsonl"), records[n - n_test:])
     return n - n_test, n_test
-
-
-def _write_jsonl_atomically(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # =============================================================================================

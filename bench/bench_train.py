@@ -31,6 +31,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from records import load_jsonl, write_jsonl  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
 SHAPES = ["square", "circle", "triangle", "star"]
@@ -59,8 +60,7 @@ def make_video_chains(root: str, n: int, k: int) -> str:
         records.append({"id": f"v{i}", "video": f"videos/{i}.npy",
                         "prompt": "Describe this video in detail.", "chain": chain[:k]})
     path = os.path.join(root, "chains.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    write_jsonl(path, records)
     return path
 
 
@@ -74,8 +74,7 @@ def make_pairs(root: str, n: int) -> str:
                                   caption(COLOURS[(i + 3) % 6], shape, ("left", "right"))
                                   + " It stays there."]})
     path = os.path.join(root, "pairs.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    write_jsonl(path, records)
     return path
 
 
@@ -155,7 +154,7 @@ def worker_trl(a) -> dict:
     import synthetic
     torch.set_num_threads(a.threads)
     model, processor = synthetic.build_tiny()
-    records = [json.loads(line) for line in open(a.data)]
+    records = load_jsonl(a.data)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "chosen": [{"role": "assistant", "content": r["chain"][0]}],
                                "rejected": [{"role": "assistant", "content": r["chain"][1]}]}
@@ -217,11 +216,10 @@ def worker_vision(a) -> dict:
     for k in (2, 4, 8):
         root = tempfile.mkdtemp()
         data = make_video_chains(root, 2, 4)
-        recs = [json.loads(line) for line in open(data)]
+        recs = load_jsonl(data)
         for r in recs:                                      # K captions per chain
             r["chain"] = [r["chain"][i % 4] + (" again" * (i // 4)) for i in range(k)]
-        with open(data, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+        write_jsonl(data, recs)
         model, processor = synthetic.build_tiny()
         args = R.parse_args(["--data", data, "--output_dir", root, "--vision", "lora"])
         model = R.add_adapters(model, args)
@@ -396,8 +394,7 @@ def pair_tokens(path: str) -> float:
     import synthetic
     _, processor = synthetic.build_tiny()
     total, n = 0, 0
-    for line in open(path):
-        r = json.loads(line)
+    for r in load_jsonl(path):
         for response in r["chain"][:2]:
             p, q = R.encode_text(processor, r["prompt"], response, False)
             total += len(p) + len(q)

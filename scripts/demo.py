@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -46,6 +45,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_judge import bootstrap_ci, chain_metrics  # noqa: E402
+from records import load_jsonl, write_json, write_jsonl  # noqa: E402
 
 PY = sys.executable
 T0 = time.time()
@@ -123,17 +123,6 @@ def plan(a) -> list[dict]:
 # Steps
 # ---------------------------------------------------------------------------------------------
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
-
-
-def write_lines(path: str, records: list[dict]) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
-
-
 def make_data(a) -> None:
     d = os.path.join(a.out, "data")
     log = os.path.join(a.out, "logs", "data.log")
@@ -151,15 +140,15 @@ def make_data(a) -> None:
                 log)
         open(os.path.join(d, ".chains_done"), "w").close()
     # the last --val_videos training videos are the warm start's validation set, in no training set
-    chains = read_jsonl(os.path.join(d, "all_train_chains.jsonl"))
+    chains = load_jsonl(os.path.join(d, "all_train_chains.jsonl"))
     val_ids = {c["id"] for c in chains[len(chains) - a.val_videos:]}
-    write_lines(os.path.join(d, "val_chains.jsonl"), [c for c in chains if c["id"] in val_ids])
-    write_lines(os.path.join(d, "chains.jsonl"), [c for c in chains if c["id"] not in val_ids])
-    write_lines(os.path.join(d, "inject.jsonl"),
-                [c for c in read_jsonl(os.path.join(d, "all_inject.jsonl")) if c["id"] not in val_ids])
+    write_jsonl(os.path.join(d, "val_chains.jsonl"), [c for c in chains if c["id"] in val_ids])
+    write_jsonl(os.path.join(d, "chains.jsonl"), [c for c in chains if c["id"] not in val_ids])
+    write_jsonl(os.path.join(d, "inject.jsonl"),
+                [c for c in load_jsonl(os.path.join(d, "all_inject.jsonl")) if c["id"] not in val_ids])
     # captions are generated for the first --gen_videos held-out videos (decoding is the slow part)
-    write_lines(os.path.join(d, "gen_test.jsonl"), read_jsonl(os.path.join(d, "test.jsonl"))[:a.gen_videos])
-    n = {k: len(read_jsonl(os.path.join(d, k)))
+    write_jsonl(os.path.join(d, "gen_test.jsonl"), load_jsonl(os.path.join(d, "test.jsonl"))[:a.gen_videos])
+    n = {k: len(load_jsonl(os.path.join(d, k)))
          for k in ("chains.jsonl", "val_chains.jsonl", "test_chains.jsonl", "inject.jsonl")}
     say(f"data: {n['chains.jsonl']} training chains of {a.length + 1} captions, "
         f"{n['val_chains.jsonl']} validation, {n['test_chains.jsonl']} held-out test chains, "
@@ -198,7 +187,7 @@ def evaluate(a, name: str, threads: int = 1) -> None:
 
 def caption_nll(stem: str) -> float:
     """Held-out caption loss: mean over chains of -log p(c0 | video), nats per caption."""
-    return float(np.mean([-r["log-prob"][0] for r in read_jsonl(stem + ".chains.jsonl")]))
+    return float(np.mean([-r["log-prob"][0] for r in load_jsonl(stem + ".chains.jsonl")]))
 
 
 def warm_start(a) -> list[dict]:
@@ -208,7 +197,7 @@ def warm_start(a) -> list[dict]:
     d, out = os.path.join(a.out, "data"), os.path.join(a.out, "runs", "warm")
     log, curve = os.path.join(a.out, "logs", "warm.log"), []
     if os.path.exists(os.path.join(out, ".done")):
-        return read_jsonl(os.path.join(out, "curve.jsonl"))
+        return load_jsonl(os.path.join(out, "curve.jsonl"))
     step = 0
     while step < a.warm_max_steps:
         step = min(step + a.warm_eval_every, a.warm_max_steps)
@@ -220,7 +209,7 @@ def warm_start(a) -> list[dict]:
             log)
         stem = os.path.join(a.out, "eval", f"warm-val-{step:05d}")
         rank_eval(a, out, os.path.join(d, "val_chains.jsonl"), stem, log)
-        train_loss = [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
+        train_loss = [r["loss"] for r in load_jsonl(os.path.join(out, "metrics.jsonl"))
                       if r["step"] > step - a.warm_eval_every]
         curve.append({"step": step, "train_ntp": float(np.mean(train_loss)),
                       "val_nll": caption_nll(stem), "val_pairwise": read_rank(stem)["pairwise"]})
@@ -228,7 +217,7 @@ def warm_start(a) -> list[dict]:
             f"pairwise acc {curve[-1]['val_pairwise']:.3f}")
         if len(curve) > 1 and curve[-1]["val_nll"] > curve[-2]["val_nll"] * (1 - a.warm_min_gain):
             break
-    write_lines(os.path.join(out, "curve.jsonl"), curve)
+    write_jsonl(os.path.join(out, "curve.jsonl"), curve)
     open(os.path.join(out, ".done"), "w").close()
     return curve
 
@@ -295,13 +284,13 @@ def per_item(a, name: str) -> dict[str, np.ndarray]:
     """One number per held-out chain (pairwise, kendall, top1 of the policy's log-probs; reward:
     pairwise of the implicit reward) and per judged video (judge: rules overall), in id order."""
     ev = os.path.join(a.out, "eval", name)
-    rows = sorted(read_jsonl(ev + ".chains.jsonl"), key=lambda r: r["id"])
+    rows = sorted(load_jsonl(ev + ".chains.jsonl"), key=lambda r: r["id"])
     out = {m: np.array([chain_metrics(r["log-prob"])[m] for r in rows])
            for m in ("pairwise", "kendall", "top1")}
     if rows and "implicit reward" in rows[0]:
         out["reward"] = np.array([chain_metrics(r["implicit reward"])["pairwise"] for r in rows])
     if os.path.exists(ev + ".scores.jsonl"):
-        scores = sorted(read_jsonl(ev + ".scores.jsonl"), key=lambda r: r["id"])
+        scores = sorted(load_jsonl(ev + ".scores.jsonl"), key=lambda r: r["id"])
         out["judge"] = np.array([np.mean(list(r["scores"].values())) for r in scores])
     return out
 
@@ -371,9 +360,7 @@ def wall_time() -> tuple[float, int]:
                 ledger = json.load(f)
         if COMPUTED.is_set():
             ledger[f"{WALL['since']:.3f}"] = round(time.time() - WALL["since"], 1)
-            with open(WALL["path"] + ".tmp", "w") as f:
-                json.dump(ledger, f)
-            os.replace(WALL["path"] + ".tmp", WALL["path"])
+            write_json(WALL["path"], ledger)
         return sum(ledger.values()), len(ledger)
 
 
@@ -467,7 +454,7 @@ def plot(a, jobs: list[dict], curve: list[dict]) -> str:
     for j in jobs:                                   # seed 0 of every method: the curves
         if j["study"] != "methods" or j["seed"] != 0:
             continue
-        m = read_jsonl(os.path.join(a.out, "runs", j["name"], "metrics.jsonl"))
+        m = load_jsonl(os.path.join(a.out, "runs", j["name"], "metrics.jsonl"))
         steps = [r["step"] for r in m]
         c = colours[j["row"]]
         ax[0, 0].plot(steps, [r["loss"] for r in m], color=c, lw=1, label=j["row"])
@@ -577,8 +564,7 @@ def check_settings(a) -> None:
             raise SystemExit(f"{a.out} holds a demo run with other settings ({', '.join(changed)}); "
                              "use a new --out")
     else:
-        with open(path, "w") as f:
-            json.dump(now, f, indent=1)
+        write_json(path, now, indent=1)
 
 
 def main(argv=None) -> None:

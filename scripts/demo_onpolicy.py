@@ -28,7 +28,6 @@ JSON) and is skipped; an interrupted one resumes. Jobs run --jobs at a time, 1 t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402  (the main demo's runner, data and training steps)
+from records import is_ok, load_jsonl, write_jsonl  # noqa: E402
 
 ROOT, PY, say, run = demo.ROOT, demo.PY, demo.say, demo.run
 
@@ -53,18 +53,6 @@ CHAINS = METHODS[1][0]
 def slug(row: str) -> str:
     """'caption chains (rank)' -> 'chains': the data file's name, which names the run."""
     return next(data for r, _, data in METHODS if r == row).removesuffix(".jsonl")
-
-
-def read(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(x) for x in f if x.strip()]
-
-
-def write(path: str, recs: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,14 +78,14 @@ def make_data(a, b) -> None:
     log = os.path.join(a.out, "logs", "data.log")
     os.makedirs(d, exist_ok=True)
     # the main demo's training chains (its validation videos stay out), the first --train_videos
-    ids = [r["id"] for r in read(os.path.join(bd, "chains.jsonl"))][:a.train_videos or None]
-    train = [r for r in read(os.path.join(bd, "train.jsonl")) if r["id"] in set(ids)]
-    write(os.path.join(d, "train.jsonl"), [{**r, "video": os.path.join(bd, r["video"])} for r in train])
-    write(os.path.join(d, "gen_test.jsonl"), [{**r, "video": os.path.join(bd, r["video"])}
-                                              for r in read(os.path.join(bd, "test.jsonl"))[:a.gen_videos]])
+    ids = [r["id"] for r in load_jsonl(os.path.join(bd, "chains.jsonl"))][:a.train_videos or None]
+    train = [r for r in load_jsonl(os.path.join(bd, "train.jsonl")) if r["id"] in set(ids)]
+    write_jsonl(os.path.join(d, "train.jsonl"), [{**r, "video": os.path.join(bd, r["video"])} for r in train])
+    write_jsonl(os.path.join(d, "gen_test.jsonl"), [{**r, "video": os.path.join(bd, r["video"])}
+                                              for r in load_jsonl(os.path.join(bd, "test.jsonl"))[:a.gen_videos]])
     for name in ("chains.jsonl", "inject.jsonl"):
-        write(os.path.join(d, name), [{**r, "video": os.path.join(bd, r["video"])}
-                                      for r in read(os.path.join(bd, name)) if r["id"] in ids])
+        write_jsonl(os.path.join(d, name), [{**r, "video": os.path.join(bd, r["video"])}
+                                      for r in load_jsonl(os.path.join(bd, name)) if r["id"] in ids])
     if os.path.exists(os.path.join(d, ".done")):
         return
     t = time.time()
@@ -110,7 +98,7 @@ def make_data(a, b) -> None:
     for step in ("improve", "compare", "rlaifv"):
         run([PY, "gen_chains.py", step, "--backend", "rules", "--in", os.path.join(d, "samples.jsonl"),
              "--ref", os.path.join(d, "train.jsonl"), "--out", os.path.join(d, f"{step}.jsonl")], log, 1)
-    counts = {n: sum(r.get("status", "ok") == "ok" for r in read(os.path.join(d, n + ".jsonl")))
+    counts = {n: sum(is_ok(r) for r in load_jsonl(os.path.join(d, n + ".jsonl")))
               for n in ("chains", "inject", "improve", "compare", "rlaifv")}
     say("data (training examples): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     open(os.path.join(d, ".done"), "w").close()
@@ -160,7 +148,7 @@ def run_all(a, b, jobs: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def overall_by_video(a, name: str) -> dict[str, float]:
-    recs = read(os.path.join(a.out, "eval", name + ".scores.jsonl"))
+    recs = load_jsonl(os.path.join(a.out, "eval", name + ".scores.jsonl"))
     return {r["id"]: float(np.mean(list(r["scores"].values()))) for r in recs if r.get("status") != "failed"}
 
 
@@ -174,7 +162,7 @@ def data_cost(a, b, data: str) -> tuple[int, float, int]:
     Rules chains/inject records carry no call count: one teacher call per degradation (the
     LLM backend's cost when no reply is rejected). On-policy records count their own calls,
     failed and no_preference ones included (paid for, yet no example)."""
-    recs = read(os.path.join(a.out, "data", data))
+    recs = load_jsonl(os.path.join(a.out, "data", data))
     ok = [r for r in recs if r.get("status", "ok") == "ok"]
     if data in ("chains.jsonl", "inject.jsonl"):
         calls, samples = sum(len(r["chain"]) - 1 for r in ok), 0
@@ -194,7 +182,7 @@ def report(a, b, jobs: list[dict], wall: tuple[float, int]) -> str:
              f"{wall[0] / 60:.1f} min over {wall[1]} invocation{'s' if wall[1] != 1 else ''} ({a.jobs} "
              "jobs in parallel, 1 torch thread each; the main demo's data and warm start not counted).", "",
              f"Setting: the main demo's synthetic set and SFT warm start (`{os.path.relpath(b.out, ROOT)}`); "
-             f"its {len(read(os.path.join(a.out, 'data', 'chains.jsonl')))} training videos; "
+             f"its {len(load_jsonl(os.path.join(a.out, 'data', 'chains.jsonl')))} training videos; "
              f"{a.num_samples} samples per video from the "
              f"warm start (`eval_judge.py sample --temperature {a.temperature} --max_new_tokens "
              f"{a.max_new_tokens}`); the on-policy data by `gen_chains.py improve|compare|rlaifv --backend "

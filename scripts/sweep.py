@@ -19,7 +19,6 @@ Resumable like the demo (finished runs and evaluations are kept).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
-from demo import PY, chain_metrics, read_jsonl, run, say  # noqa: E402
+from demo import PY, chain_metrics, run, say  # noqa: E402
+from records import load_jsonl, write_json, write_jsonl  # noqa: E402
 
 # (objective, lr, beta, ntp_weight, ntp_norm); the first is the recipe the demo used before
 GRID = [("rank", 1e-3, 0.1, 0.1, "mean"),
@@ -75,19 +75,19 @@ def one(s, d: demo.argparse.Namespace, cfg) -> dict:
         run([PY, "eval_judge.py", "judge", "--judge", "rules", "--pred", caps, "--ref",
              os.path.join(data, "val.jsonl"), "--out", scores, "--results", scores + ".results.json"],
             log)
-    metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    metrics = load_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     last = metrics[-10:]
     share = float(np.mean([w * r["ntp"] / r["loss"] for r in last])) if obj != "sft" else 1.0
-    judged = read_jsonl(scores)
+    judged = load_jsonl(scores)
     return {"name": name, "objective": obj, "lr": lr, "beta": beta, "ntp_weight": w,
             "ntp_norm": norm, "trace": trace, "pairwise": trace[-1]["pairwise"],
             "judge": float(np.mean([np.mean(list(r["scores"].values())) for r in judged])),
             "ntp_loss_share": share if norm == "mean" else float("nan"),
-            "samples": [r["caption"] for r in read_jsonl(caps)[:2]]}
+            "samples": [r["caption"] for r in load_jsonl(caps)[:2]]}
 
 
 def logp_ends(stem: str) -> dict:
-    rows = read_jsonl(stem + ".chains.jsonl")
+    rows = load_jsonl(stem + ".chains.jsonl")
     return {"logp_c0": float(np.mean([r["log-prob"][0] for r in rows])),
             "logp_cK": float(np.mean([r["log-prob"][-1] for r in rows])),
             "pairwise": float(np.mean([chain_metrics(r["log-prob"])["pairwise"] for r in rows]))}
@@ -133,9 +133,9 @@ def main(argv=None) -> None:
     demo.make_data(d)
     demo.warm_start(d)
     data = os.path.join(d.out, "data")
-    val_ids = {c["id"] for c in read_jsonl(os.path.join(data, "val_chains.jsonl"))}
-    demo.write_lines(os.path.join(data, "val.jsonl"),
-                     [r for r in read_jsonl(os.path.join(data, "train.jsonl")) if r["id"] in val_ids])
+    val_ids = {c["id"] for c in load_jsonl(os.path.join(data, "val_chains.jsonl"))}
+    write_jsonl(os.path.join(data, "val.jsonl"),
+                     [r for r in load_jsonl(os.path.join(data, "train.jsonl")) if r["id"] in val_ids])
     warm_stem = os.path.join(s.out, "eval", "warm")
     log = os.path.join(s.out, "logs", "warm.log")
     demo.rank_eval(d, os.path.join(d.out, "runs", "warm"), os.path.join(data, "val_chains.jsonl"),
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
              "--results", warm_stem + ".scores.jsonl.results.json"], log)
     warm = {**logp_ends(warm_stem), "n": len(val_ids),
             "judge": float(np.mean([np.mean(list(r["scores"].values()))
-                                    for r in read_jsonl(warm_stem + ".scores.jsonl")]))}
+                                    for r in load_jsonl(warm_stem + ".scores.jsonl")]))}
     with ThreadPoolExecutor(s.jobs) as pool:            # results in grid order, whatever finishes first
         results = list(pool.map(lambda cfg: one(s, d, cfg), grid))
     for r in results:
@@ -156,8 +156,7 @@ def main(argv=None) -> None:
     text = table(s, d, results, warm)
     with open(os.path.join(s.out, "SWEEP.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(s.out, "sweep.json"), "w") as f:
-        json.dump({"warm": warm, "runs": results}, f, indent=1)
+    write_json(os.path.join(s.out, "sweep.json"), {"warm": warm, "runs": results}, indent=1)
     print("\n" + text)
 
 

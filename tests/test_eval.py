@@ -243,7 +243,7 @@ def test_agree_spearman_per_axis(tmp_path):
 
 @pytest.mark.parametrize("make, where", [
     (lambda p: write_jsonl(p, [score_rec("v0", 5), "{not json", score_rec("v2", 5)]), ":2: malformed JSON"),
-    (lambda p: write_jsonl(p, [score_rec("v0", 5), score_rec("v0", 6)]), ":2: field 'id': id 'v0' repeats line 1"),
+    (lambda p: write_jsonl(p, [score_rec("v0", 5), score_rec("v0", 6)]), ":2: field 'id': duplicate id 'v0' (first on line 1)"),
     (lambda p: write_jsonl(p, [score_rec("v0", 5), {"id": "v1", "scores": {"relevance": 3}}]),
      ":2: field 'scores.descriptiveness'"),
     (lambda p: write_jsonl(p, [score_rec("v0", 5), score_rec("v1", "high")]), ":2: field 'scores.relevance'"),

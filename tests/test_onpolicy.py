@@ -337,7 +337,7 @@ def test_sample_on_a_hub_format_model_from_a_local_path(tmp_path):
 def test_eval_steps_take_the_same_lock(synth_dir, tmp_path):
     """`eval_judge.py judge` (like generate and sample) writes through the same locked output."""
     out = tmp_path / "scores.jsonl"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, gen_chains as g; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, records as g; "
                                f"g.lock_output({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
