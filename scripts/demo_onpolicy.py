@@ -36,10 +36,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo  # noqa: E402  (the main demo's runner, data and training steps)
+import demo_steps  # noqa: E402  (the runner, the main demo's data and warm start, training steps)
+from demo_steps import PY, ROOT, run, say  # noqa: E402
 from records import is_ok, load_jsonl, write_jsonl  # noqa: E402
-
-ROOT, PY, say, run = demo.ROOT, demo.PY, demo.say, demo.run
 
 # (row, objective, data file) in Table 1's order; the first two are the paper's own data
 METHODS = [("error injection (inject + mpo)", "mpo", "inject.jsonl"),
@@ -59,17 +58,17 @@ def slug(row: str) -> str:
 
 def base(a) -> argparse.Namespace:
     """The main demo's data and warm start: --warm_from's when finished there, else built in
-    OUT/base by the main demo's own steps (scripts/demo.py make_data, warm_start)."""
+    OUT/base by the main demo's own steps (scripts/demo_steps.py make_data, warm_start)."""
     for out in (a.warm_from, os.path.join(a.out, "base")):
-        b = demo.parse_args(["--out", out] + (["--smoke"] if a.smoke else []))
+        b = demo_steps.parse_args(["--out", out] + (["--smoke"] if a.smoke else []))
         if os.path.exists(os.path.join(b.out, "runs", "warm", ".done")):
             say(f"base: reusing the data and warm start in {b.out}")
             return b
     say(f"base: building the main demo's data and warm start in {b.out} (scripts/demo.py's steps)")
     os.makedirs(os.path.join(b.out, "eval"), exist_ok=True)
-    demo.check_settings(b)
-    demo.make_data(b)
-    demo.warm_start(b)
+    demo_steps.check_settings(b)
+    demo_steps.make_data(b)
+    demo_steps.warm_start(b)
     return b
 
 
@@ -125,7 +124,7 @@ def recipe(a, b) -> argparse.Namespace:
 
 def jobs_of(a, b) -> list[dict]:
     d = os.path.join(a.out, "data")
-    common = demo.recipe_args(recipe(a, b)) + ["--init", os.path.join(b.out, "runs", "warm")]
+    common = demo_steps.recipe_args(recipe(a, b)) + ["--init", os.path.join(b.out, "runs", "warm")]
     return [dict(name=f"{slug(row)}-s{seed}", row=row, seed=seed,
                  args=["--objective", obj, "--data", os.path.join(d, data), "--seed", str(seed)] + common)
             for seed in range(a.seeds) for row, obj, data in METHODS]
@@ -134,7 +133,7 @@ def jobs_of(a, b) -> list[dict]:
 def run_all(a, b, jobs: list[dict]) -> None:
     def one(job):
         t = time.time()
-        demo.train(a, job["name"], job["args"], 1)
+        demo_steps.train_run(a, job["name"], job["args"], 1)
         evaluate(a, b, job["name"], os.path.join(a.out, "runs", job["name"]), 1)
         say(f"{job['name']:<14s} done ({time.time() - t:.0f} s)")
 
@@ -194,17 +193,17 @@ def report(a, b, jobs: list[dict], wall: tuple[float, int]) -> str:
              "and videos together.", "",
              "| training data (objective) | examples | LLM calls / example | model samples / example "
              "| rules judge overall [95% CI] |", "|---|---|---|---|---|",
-             f"| warm start (SFT, no preference step) | - | - | - | {demo.cell(warm, 2)} |"]
+             f"| warm start (SFT, no preference step) | - | - | - | {demo_steps.cell(warm, 2)} |"]
     for row, _, data in METHODS:
         n, calls, samples = data_cost(a, b, data)
-        lines.append(f"| {row} | {n} | {calls:.1f} | {samples:g} | {demo.cell(mats[row], 2)} |")
+        lines.append(f"| {row} | {n} | {calls:.1f} | {samples:g} | {demo_steps.cell(mats[row], 2)} |")
     lines += ["", "## Verdict: do caption chains beat every on-policy pipeline?", "",
               "Each line: the paired difference chains - method (the same held-out video, the same "
               "seed index) with its 95% bootstrap interval. Reproduced: the interval lies above 0; not "
               "reproduced: below 0; inconclusive: it holds 0.", ""]
     verdicts = []
     for row, _, _ in METHODS[2:] + METHODS[:1]:
-        d, lo, hi, word = demo.verdict(mats[CHAINS] - mats[row])
+        d, lo, hi, word = demo_steps.verdict(mats[CHAINS] - mats[row])
         verdicts.append((row, lo, hi))
         lines.append(f"- chains > {row}: {word}. Difference {d:+.2f}, 95% interval [{lo:+.2f}, {hi:+.2f}].")
     on_policy = verdicts[:3]
@@ -251,16 +250,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     a = parse_args(argv)
     os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
-    demo.check_settings(a)      # resuming reuses finished runs: OUT must hold these settings' runs
+    demo_steps.check_settings(a)      # resuming reuses finished runs: OUT must hold these settings' runs
     b = base(a)
-    demo.start_wall_clock(a.out, time.time())   # the base is the main demo's: not this stage's time
-    demo.COMPUTED.clear()
+    demo_steps.start_wall_clock(a.out, time.time())   # the base is the main demo's: not this stage's time
+    demo_steps.COMPUTED.clear()
     make_data(a, b)
     evaluate(a, b, "warm", os.path.join(b.out, "runs", "warm"), a.jobs)
     jobs = jobs_of(a, b)
     say(f"train: {len(jobs)} runs ({len(METHODS)} methods x {a.seeds} seeds), {a.jobs} at a time")
     run_all(a, b, jobs)
-    text = report(a, b, jobs, demo.wall_time())
+    text = report(a, b, jobs, demo_steps.wall_time())
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)
@@ -268,7 +267,7 @@ def main(argv=None) -> None:
         body = text.replace("\n## ", "\n#### ").replace(
             "# On-policy comparison (the paper's Table 1) on the embedded world",
             "## On-policy comparison: the paper's Table 1 (`python scripts/demo.py --onpolicy`)", 1)
-        say(demo.replace_readme_section(a.readme, "onpolicy", body.rstrip() + "\n\n" + (
+        say(demo_steps.replace_readme_section(a.readme, "onpolicy", body.rstrip() + "\n\n" + (
             "Written by `make demo-readme` from the `runs/demo_onpolicy/RESULTS.md` that `make "
             "demo-onpolicy` (`python scripts/demo.py --onpolicy`) printed: every number above is that "
             "run's. `--smoke` checks the plumbing in a few steps.")))

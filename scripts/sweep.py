@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Why do the preference objectives hurt captions, and which recipe does not? (issue 11, part 2)
 
-From the demo's data and warm start (made by scripts/demo.py's own steps if missing), train
+From the demo's data and warm start (made by scripts/demo_steps.py's own steps if missing), train
 `rank` (and `sft`, its caption-quality yardstick) under a small grid of recipes -- learning
 rate, beta, NTP weight, NTP normalisation (mean over tokens, as the kernels do, or summed) --
 one seed each, and measure on the *validation* videos (never the demo's test set):
@@ -26,8 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo  # noqa: E402
-from demo import PY, chain_metrics, run, say  # noqa: E402
+import demo_steps  # noqa: E402
+from demo_steps import PY, run, say  # noqa: E402
+from eval_judge import chain_metrics  # noqa: E402
 from records import load_jsonl, write_json, write_jsonl  # noqa: E402
 
 # (objective, lr, beta, ntp_weight, ntp_norm); the first is the recipe the demo used before
@@ -47,7 +48,7 @@ def slug(cfg) -> str:
     return f"{obj}-lr{lr:g}-b{beta:g}-ntp{w:g}{norm}"
 
 
-def one(s, d: demo.argparse.Namespace, cfg) -> dict:
+def one(s, d: demo_steps.argparse.Namespace, cfg) -> dict:
     obj, lr, beta, w, norm = cfg
     name = slug(cfg)
     run_dir, log = os.path.join(s.out, "runs", name), os.path.join(s.out, "logs", name + ".log")
@@ -65,7 +66,7 @@ def one(s, d: demo.argparse.Namespace, cfg) -> dict:
     for step in (s.steps // 2, s.steps):
         adapter = os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
         stem = os.path.join(s.out, "eval", f"{name}-{step:05d}")
-        demo.rank_eval(d, adapter, os.path.join(data, "val_chains.jsonl"), stem, log)
+        demo_steps.rank_eval(d, adapter, os.path.join(data, "val_chains.jsonl"), stem, log)
         trace.append({"step": step, **logp_ends(stem)})
     caps, scores = (os.path.join(s.out, "eval", name + ".captions.jsonl"),
                     os.path.join(s.out, "eval", name + ".scores.jsonl"))
@@ -124,21 +125,21 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="the demo's smoke settings, 2 grid points")
     s = p.parse_args(argv)
-    d = demo.parse_args(["--out", s.demo_out] + (["--smoke"] if s.smoke else []))
+    d = demo_steps.parse_args(["--out", s.demo_out] + (["--smoke"] if s.smoke else []))
     grid = GRID[:1] + GRID[-1:] if s.smoke else GRID
     if s.smoke:
         s.steps = 2
     s.out = os.path.abspath(s.out)
     os.makedirs(os.path.join(s.out, "eval"), exist_ok=True)
-    demo.make_data(d)
-    demo.warm_start(d)
+    demo_steps.make_data(d)
+    demo_steps.warm_start(d)
     data = os.path.join(d.out, "data")
     val_ids = {c["id"] for c in load_jsonl(os.path.join(data, "val_chains.jsonl"))}
     write_jsonl(os.path.join(data, "val.jsonl"),
                      [r for r in load_jsonl(os.path.join(data, "train.jsonl")) if r["id"] in val_ids])
     warm_stem = os.path.join(s.out, "eval", "warm")
     log = os.path.join(s.out, "logs", "warm.log")
-    demo.rank_eval(d, os.path.join(d.out, "runs", "warm"), os.path.join(data, "val_chains.jsonl"),
+    demo_steps.rank_eval(d, os.path.join(d.out, "runs", "warm"), os.path.join(data, "val_chains.jsonl"),
                    warm_stem, log)
     if not os.path.exists(warm_stem + ".scores.jsonl.results.json"):
         run([PY, "eval_judge.py", "generate", "--adapter", os.path.join(d.out, "runs", "warm"),

@@ -1,4 +1,4 @@
-"""scripts/demo.py and scripts/sweep.py: the plan, the bootstrap and the claim verdicts
+"""scripts/demo.py, scripts/demo_steps.py and scripts/sweep.py: the plan, the bootstrap and the claim verdicts
 (the full demo is `make demo`, too slow for CI)."""
 import os
 import sys
@@ -9,8 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, ROOT)
 import demo  # noqa: E402
+import demo_steps  # noqa: E402
 import sweep  # noqa: E402
 from eval_judge import bootstrap_ci  # noqa: E402
+from records import load_jsonl  # noqa: E402
 
 
 def flag(args, name):
@@ -116,13 +118,13 @@ def test_resumed_generate_decodes_in_the_same_batches(tmp_path, monkeypatch):
                         or build(processor, prompts, videos, sampling, **kw))
     gen = ["generate", "--data", data, "--batch_size", "2", "--max_new_tokens", "6"]
     eval_judge.main(gen + ["--out", str(tmp_path / "full.jsonl")])
-    full = demo.read_jsonl(str(tmp_path / "full.jsonl"))
+    full = load_jsonl(str(tmp_path / "full.jsonl"))
     assert len(full) == 4 and sizes == [2, 2]
     (tmp_path / "resumed.jsonl").write_text(__import__("json").dumps(full[0]) + "\n")  # killed after 1
     sizes.clear()
     eval_judge.main(gen + ["--out", str(tmp_path / "resumed.jsonl")])
     assert sizes == [2, 2]                # blocks 1-2 and 3-4 again, not 2-3 and then 4
-    resumed = {r["id"]: r["caption"] for r in demo.read_jsonl(str(tmp_path / "resumed.jsonl"))}
+    resumed = {r["id"]: r["caption"] for r in load_jsonl(str(tmp_path / "resumed.jsonl"))}
     assert resumed == {r["id"]: r["caption"] for r in full}
 
 
@@ -140,23 +142,23 @@ def test_an_out_folder_refuses_other_settings(tmp_path):
 
 def test_wall_time_adds_up_killed_and_resumed_invocations_not_report_only_ones(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(demo.time, "time", lambda: clock[0])
-    demo.COMPUTED.clear()
-    demo.start_wall_clock(str(tmp_path), since=1000.0)
+    monkeypatch.setattr(demo_steps.time, "time", lambda: clock[0])
+    demo_steps.COMPUTED.clear()
+    demo_steps.start_wall_clock(str(tmp_path), since=1000.0)
     clock[0] = 1005.0
-    assert demo.wall_time() == (0, 0)                   # nothing computed: nothing recorded
-    demo.COMPUTED.set()
+    assert demo_steps.wall_time() == (0, 0)                   # nothing computed: nothing recorded
+    demo_steps.COMPUTED.set()
     clock[0] = 1300.0
-    assert demo.wall_time() == (300.0, 1)               # a step finished at 300 s ...
+    assert demo_steps.wall_time() == (300.0, 1)               # a step finished at 300 s ...
     clock[0] = 1600.0
-    assert demo.wall_time() == (600.0, 1)               # ... another at 600 s; then a kill
-    demo.start_wall_clock(str(tmp_path), since=2000.0)  # the resume
+    assert demo_steps.wall_time() == (600.0, 1)               # ... another at 600 s; then a kill
+    demo_steps.start_wall_clock(str(tmp_path), since=2000.0)  # the resume
     clock[0] = 2360.0
-    assert demo.wall_time() == (960.0, 2)
-    demo.COMPUTED.clear()
-    demo.start_wall_clock(str(tmp_path), since=3000.0)  # `make demo-readme`: report only
+    assert demo_steps.wall_time() == (960.0, 2)
+    demo_steps.COMPUTED.clear()
+    demo_steps.start_wall_clock(str(tmp_path), since=3000.0)  # `make demo-readme`: report only
     clock[0] = 3003.0
-    assert demo.wall_time() == (960.0, 2)
+    assert demo_steps.wall_time() == (960.0, 2)
 
 
 def test_onpolicy_table_verdicts_and_readme_section(tmp_path):
@@ -200,3 +202,20 @@ def test_onpolicy_table_verdicts_and_readme_section(tmp_path):
     readme.write_text("top\n<!-- SECTION:onpolicy -->\nold\n<!-- END:onpolicy -->\nbottom\n")
     demo.replace_readme_section(str(readme), "onpolicy", "new table")
     assert readme.read_text() == "top\n<!-- SECTION:onpolicy -->\nnew table\n<!-- END:onpolicy -->\nbottom\n"
+
+
+def test_the_demo_scripts_import_no_circle():
+    """demo.py, demo_onpolicy.py and sweep.py share demo_steps.py; none imports another demo."""
+    import ast
+    scripts = {"demo", "demo_onpolicy", "sweep", "demo_steps"}
+    imports = {}
+    for name in scripts:
+        with open(os.path.join(ROOT, "scripts", name + ".py")) as f:
+            tree = ast.parse(f.read())
+        imports[name] = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                         for alias in node.names} | {node.module for node in ast.walk(tree)
+                                                     if isinstance(node, ast.ImportFrom)}
+    assert imports["demo_steps"] & scripts == set()
+    assert imports["demo_onpolicy"] & scripts == {"demo_steps"}
+    assert imports["sweep"] & scripts == {"demo_steps"}
+    assert imports["demo"] & scripts == {"demo_steps", "demo_onpolicy"}   # --onpolicy dispatches
