@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The whole method, end to end, on the embedded tiny model and synthetic videos (issue 6, 11).
+"""The whole method, end to end, on the embedded tiny model and synthetic videos.
 
 Every step calls the project's real command lines as subprocesses, exactly as a user would:
 

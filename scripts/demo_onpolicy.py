@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The paper's Table 1 on the embedded world: caption chains against the on-policy pipelines
-(issue 14). Every step is the project's real command line, run as a subprocess:
+"""The paper's Table 1 on the embedded world: caption chains against the on-policy pipelines.
+Every step is the project's real command line, run as a subprocess:
 
   1. base      the main demo's data and SFT warm start (scripts/demo.py): reused from
                --warm_from (default runs/demo) when it finished there, else built here by the

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why do the preference objectives hurt captions, and which recipe does not? (issue 11, part 2)
+"""Why do the preference objectives hurt captions, and which recipe does not?
 
 From the demo's data and warm start (made by scripts/demo_steps.py's own steps if missing), train
 `rank` (and `sft`, its caption-quality yardstick) under a small grid of recipes -- learning
