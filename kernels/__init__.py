@@ -22,7 +22,7 @@ kernels/build.py); "reference" is kernels/reference.py; "auto" takes "cuda" for 
 and "cpu" otherwise, and falls back to the reference, with one warning, when the extension
 cannot be compiled here. The compiled ops are registered with torch.library (kernels/ops.py):
 each signature declared once in C++, one kernel per device, fake kernels and autograd formulas
-in Python.
+in Python, so torch.compile traces through them (fullgraph) instead of breaking the graph.
 
 The compiled forward reads the logits once and keeps 2 numbers per token (max and log-sum-exp of
 the rest, fp32: 8 bytes; fp64 logits: 16); the
@@ -31,7 +31,8 @@ allocated but the gradient itself, and with inplace_backward=True not even that:
 is written over the logits. That is safe when nothing else needs the logits after this loss
 (the usual case: they come from the LM head, whose backward needs its input and weight, not
 its output). If another autograd node did save them, its backward raises torch's "modified
-by an inplace operation" error rather than computing a wrong gradient.
+by an inplace operation" error rather than computing a wrong gradient. Under torch.compile the
+option is ignored (the gradient goes to a new tensor, same numbers): see _compiled_sequence_logps.
 """
 from __future__ import annotations
 
@@ -171,6 +172,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def _compiled_sequence_logps(logits, labels, ignore_index, inplace_backward):
     logits, labels = _prepare(logits, labels, inplace_backward)
+    # Under torch.compile the gradient goes to a new tensor (same numbers, one [N, T, V] tensor
+    # more): a compiled backward that overwrote the logits would skip the version check that
+    # makes eager mode fail loudly when another node saved them, and give that node's backward
+    # the gradient instead of the logits, silently.
+    inplace_backward = inplace_backward and not torch.compiler.is_compiling()
     logps, counts, _ = torch.ops.rank_dpo.sequence_logps_forward(logits, labels, ignore_index,
                                                                  inplace_backward)
     return logps, counts
@@ -199,6 +205,10 @@ def _compiled_chain_loss(logps, counts, chains, ref_logps, objective, beta, ntp_
 _warned: set[str] = set()
 
 
+# torch.compile calls this while tracing (it cannot trace the build and its lock) and bakes the
+# answer, op or reference, into the graph: safe, as it does not change within a process (builds
+# and failures are cached).
+@torch.compiler.assume_constant_result
 def _use_compiled(backend: str, device: torch.device) -> bool:
     """Whether the compiled op serves tensors on `device` (its library loaded), or the reference."""
     if backend not in BACKENDS:
@@ -261,8 +271,15 @@ def _rows_overlap(logits) -> bool:
 # Argument checks: the same for every backend, so a mistake reads the same everywhere.
 # Value checks (labels in the vocabulary, chain indices in range) need the data: done here
 # for CPU tensors; for CUDA tensors the kernels check them with a device-side assert, as
-# torch's own gather / cross_entropy do, instead of a host sync on every call.
+# torch's own gather / cross_entropy do, instead of a host sync on every call. Under
+# torch.compile they are skipped too (a branch on the data would break the graph): there the
+# kernels' own checks raise instead (RuntimeError on the CPU).
 # ----------------------------------------------------------------------------------------------
+
+def _checks_values(tensor) -> bool:
+    """Whether the value checks read this tensor's data here (see above)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
 
 def _check_sequence_args(logits, labels, ignore_index):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.dtype not in LOGIT_DTYPES:
@@ -286,7 +303,7 @@ def _check_labels(labels, shape, device, ignore_index, what):
         raise ValueError(f"labels are on {labels.device} but {what} on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int; got {ignore_index!r}")
-    if labels.device.type == "cpu":
+    if _checks_values(labels):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bad.any():
             n, t = bad.nonzero()[0].tolist()
@@ -337,7 +354,7 @@ def _check_chain_args(logits, chains, ref_logps, objective, beta, ntp_weight):
     for name, value in (("beta", beta), ("ntp_weight", ntp_weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number; got {value!r}")
-    if chains.device.type == "cpu":
+    if _checks_values(chains):
         bad = (chains < -1) | (chains >= n)
         if bad.any():
             b, k = bad.nonzero()[0].tolist()
