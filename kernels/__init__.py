@@ -20,7 +20,9 @@ pure-PyTorch specification every backend matches; see README.md (kernels) for th
 Backends: "cpu" and "cuda" are the compiled C++/CUDA extensions (kernels/csrc, built JIT by
 kernels/build.py); "reference" is kernels/reference.py; "auto" takes "cuda" for CUDA tensors
 and "cpu" otherwise, and falls back to the reference, with one warning, when the extension
-cannot be compiled here.
+cannot be compiled here. The compiled ops are registered with torch.library (kernels/ops.py):
+each signature declared once in C++, one kernel per device, fake kernels and autograd formulas
+in Python, so torch.compile traces through them (fullgraph) instead of breaking the graph.
 
 The compiled forward reads the logits once and keeps 2 numbers per token (max and log-sum-exp of
 the rest, fp32: 8 bytes; fp64 logits: 16); the
@@ -29,7 +31,8 @@ allocated but the gradient itself, and with inplace_backward=True not even that:
 is written over the logits. That is safe when nothing else needs the logits after this loss
 (the usual case: they come from the LM head, whose backward needs its input and weight, not
 its output). If another autograd node did save them, its backward raises torch's "modified
-by an inplace operation" error rather than computing a wrong gradient.
+by an inplace operation" error rather than computing a wrong gradient. Under torch.compile the
+option is ignored (the gradient goes to a new tensor, same numbers): see _compiled_sequence_logps.
 """
 from __future__ import annotations
 
@@ -37,9 +40,8 @@ import math
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import build, reference
+from . import ops, reference
 from .build import BuildError
 from .reference import OBJECTIVES
 
@@ -67,11 +69,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     real (non-ignored) tokens. A sequence with no real token has logp 0 and count 0.
     """
     _check_sequence_args(logits, labels, ignore_index)
-    ext = _extension(backend, logits.device)
-    if ext is None:
+    if not _use_compiled(backend, logits.device):
         return reference.sequence_logps(logits, labels, ignore_index)
-    logits, labels = _prepare(logits, labels, inplace_backward)
-    return _SequenceLogps.apply(logits, labels, ignore_index, inplace_backward, ext)
+    return _compiled_sequence_logps(logits, labels, ignore_index, inplace_backward)
 
 
 def fused_chain_loss(logits: torch.Tensor, labels: torch.Tensor, chains: torch.Tensor,
@@ -86,15 +86,11 @@ def fused_chain_loss(logits: torch.Tensor, labels: torch.Tensor, chains: torch.T
     """
     _check_sequence_args(logits, labels, ignore_index)
     _check_chain_args(logits, chains, ref_logps, objective, beta, ntp_weight)
-    ext = _extension(backend, logits.device)
-    if ext is None:
+    if not _use_compiled(backend, logits.device):
         return reference.fused_chain_loss(logits, labels, chains, ref_logps, objective, beta,
                                           ntp_weight, ignore_index)
-    logits, labels = _prepare(logits, labels, inplace_backward)
-    logps, counts = _SequenceLogps.apply(logits, labels, ignore_index, inplace_backward, ext)
-    ref = ref_logps.detach().to(logps.dtype).contiguous()
-    loss = _ChainLoss.apply(logps, counts, chains.contiguous(), ref, objective, float(beta),
-                            float(ntp_weight), ext)
+    logps, counts = _compiled_sequence_logps(logits, labels, ignore_index, inplace_backward)
+    loss = _compiled_chain_loss(logps, counts, chains, ref_logps, objective, beta, ntp_weight)
     return loss, logps
 
 
@@ -113,12 +109,10 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor,
     bias. Returns (logps [N], counts [N] int64).
     """
     _check_linear_args(hidden, weight, bias, labels, ignore_index, chunk_tokens)
-    ext = _extension(backend, hidden.device)
-    if ext is None:
+    if not _use_compiled(backend, hidden.device):
         return reference.linear_sequence_logps(hidden, weight, labels, bias, ignore_index)
-    return _LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
-                                      _chunk(chunk_tokens, weight), ext,
-                                      _frozen_head(hidden, weight, bias))
+    return _compiled_linear_sequence_logps(hidden, weight, bias, labels, ignore_index,
+                                           chunk_tokens)
 
 
 def fused_linear_chain_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -132,23 +126,19 @@ def fused_linear_chain_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     """
     _check_linear_args(hidden, weight, bias, labels, ignore_index, chunk_tokens)
     _check_chain_args(hidden, chains, ref_logps, objective, beta, ntp_weight)
-    ext = _extension(backend, hidden.device)
-    if ext is None:
+    if not _use_compiled(backend, hidden.device):
         return reference.fused_linear_chain_loss(hidden, weight, labels, chains, ref_logps,
                                                  objective, beta, ntp_weight, bias, ignore_index)
-    logps, counts = _LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
-                                               _chunk(chunk_tokens, weight), ext,
-                                               _frozen_head(hidden, weight, bias))
-    ref = ref_logps.detach().to(logps.dtype).contiguous()
-    loss = _ChainLoss.apply(logps, counts, chains.contiguous(), ref, objective, float(beta),
-                            float(ntp_weight), ext)
+    logps, counts = _compiled_linear_sequence_logps(hidden, weight, bias, labels, ignore_index,
+                                                    chunk_tokens)
+    loss = _compiled_chain_loss(logps, counts, chains, ref_logps, objective, beta, ntp_weight)
     return loss, logps
 
 
 def _frozen_head(hidden, weight, bias) -> bool:
     """Only hidden will need a gradient (the head frozen, as under LoRA): the forward then keeps
-    d logp / d hidden per real token (_LinearSequenceLogps). Decided here: inside forward,
-    grad mode is always off."""
+    d logp / d hidden per real token (kernels/ops.py). Decided here: inside the op, grad mode
+    is always off."""
     return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
             and (bias is None or not bias.requires_grad))
 
@@ -171,96 +161,41 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     backend cannot be had; "auto" falls back to "reference" (with one warning).
     """
     device = torch.device(device)
-    if _extension(backend, device) is None:
+    if not _use_compiled(backend, device):
         return "reference"
     return "cuda" if device.type == "cuda" else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd wrappers around the extension (kernels/csrc)
+# Calls of the compiled ops (kernels/ops.py: their fake kernels and autograd formulas)
 # ----------------------------------------------------------------------------------------------
 
-class _SequenceLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, inplace, ext):
-        logps, counts, lse = ext.sequence_logps_forward(logits, labels, ignore_index)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index, ctx.inplace, ctx.ext = ignore_index, inplace, ext
-        ctx.mark_non_differentiable(counts)
-        return logps, counts
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logps, _grad_counts):
-        logits, labels, lse = ctx.saved_tensors
-        grad = ctx.ext.sequence_logps_backward(logits, labels, lse,
-                                               grad_logps.to(lse.dtype).contiguous(),
-                                               ctx.ignore_index, ctx.inplace)
-        if ctx.inplace:  # any later use of the saved logits now fails loudly
-            torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None
+def _compiled_sequence_logps(logits, labels, ignore_index, inplace_backward):
+    logits, labels = _prepare(logits, labels, inplace_backward)
+    # Under torch.compile the gradient goes to a new tensor (same numbers, one [N, T, V] tensor
+    # more): a compiled backward that overwrote the logits would skip the version check that
+    # makes eager mode fail loudly when another node saved them, and give that node's backward
+    # the gradient instead of the logits, silently.
+    inplace_backward = inplace_backward and not torch.compiler.is_compiling()
+    logps, counts, _ = torch.ops.rank_dpo.sequence_logps_forward(logits, labels, ignore_index,
+                                                                 inplace_backward)
+    return logps, counts
 
 
-class _LinearSequenceLogps(torch.autograd.Function):
-    """The LM head and the per-sequence log-probs in one: saves hidden, weight and bias (which
-    the caller holds anyway) and 3 numbers per real token, not the logits.
-
-    A frozen head (only hidden needs a gradient, as under LoRA) takes the cheaper road: the
-    forward also keeps d logp_token / d hidden [real tokens, H], so the backward scales rows
-    and makes no logits again (2 matmuls in all instead of 3)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk, ext, frozen_head):
-        n, t, h = hidden.shape
-        hidden2d = hidden.reshape(n * t, h)
-        logps, counts, rows, lse, token_grads = ext.linear_logps_forward(
-            hidden2d, weight, bias, labels.reshape(-1).contiguous(), t, ignore_index, chunk,
-            frozen_head)
-        if frozen_head:
-            ctx.save_for_backward(rows, token_grads)
-        else:
-            row_labels = labels.reshape(-1).index_select(0, rows)
-            ctx.save_for_backward(hidden2d, weight, bias, rows, row_labels, lse)
-        ctx.frozen_head, ctx.shape, ctx.chunk, ctx.ext = frozen_head, hidden.shape, chunk, ext
-        ctx.mark_non_differentiable(counts)
-        return logps, counts
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logps, _grad_counts):
-        if ctx.frozen_head:
-            rows, token_grads = ctx.saved_tensors
-            n, t, h = ctx.shape
-            scale = grad_logps.to(torch.promote_types(token_grads.dtype, torch.float32))
-            grad_rows = token_grads * scale.index_select(0, rows.div(t, rounding_mode="floor"))[:, None]
-            grad_hidden = token_grads.new_zeros(n * t, h).index_copy_(0, rows, grad_rows.to(token_grads.dtype))
-            return grad_hidden.view(n, t, h), None, None, None, None, None, None, None
-        hidden2d, weight, bias, rows, row_labels, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        gh, gw, gb = ctx.ext.linear_logps_backward(
-            hidden2d, weight, bias, rows, row_labels, lse, grad_logps.contiguous(),
-            ctx.shape[1], ctx.chunk, need_h, need_w, need_b and bias is not None)
-        return (gh.reshape(ctx.shape) if need_h else None,
-                gw.to(weight.dtype) if need_w else None,
-                gb.to(bias.dtype) if need_b and bias is not None else None,
-                None, None, None, None, None)
+def _compiled_linear_sequence_logps(hidden, weight, bias, labels, ignore_index, chunk_tokens):
+    n, t, h = hidden.shape
+    logps, counts, *_ = torch.ops.rank_dpo.linear_logps_forward(
+        hidden.reshape(n * t, h), weight, bias, labels.reshape(-1).contiguous(), t, ignore_index,
+        _chunk(chunk_tokens, weight), _frozen_head(hidden, weight, bias))
+    return logps, counts
 
 
-class _ChainLoss(torch.autograd.Function):
-    """The [B, K] part: tiny, so forward also returns d loss / d logps for the backward."""
-
-    @staticmethod
-    def forward(ctx, logps, counts, chains, ref_logps, objective, beta, ntp_weight, ext):
-        loss, dlogps = ext.chain_loss_forward(logps, counts, chains, ref_logps,
-                                              OBJECTIVES.index(objective), beta, ntp_weight)
-        ctx.save_for_backward(dlogps)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        (dlogps,) = ctx.saved_tensors
-        return grad_loss * dlogps, None, None, None, None, None, None, None
+def _compiled_chain_loss(logps, counts, chains, ref_logps, objective, beta, ntp_weight):
+    ref = ref_logps.detach().to(logps.dtype).contiguous()
+    loss, _ = torch.ops.rank_dpo.chain_loss_forward(logps, counts, chains.contiguous(), ref,
+                                                    OBJECTIVES.index(objective), float(beta),
+                                                    float(ntp_weight))
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,20 +205,24 @@ class _ChainLoss(torch.autograd.Function):
 _warned: set[str] = set()
 
 
-def _extension(backend: str, device: torch.device):
-    """The compiled module to use, or None for the reference."""
+# torch.compile calls this while tracing (it cannot trace the build and its lock) and bakes the
+# answer, op or reference, into the graph: safe, as it does not change within a process (builds
+# and failures are cached).
+@torch.compiler.assume_constant_result
+def _use_compiled(backend: str, device: torch.device) -> bool:
+    """Whether the compiled op serves tensors on `device` (its library loaded), or the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
-        return None
+        return False
     kind = "cuda" if device.type == "cuda" else "cpu"
     if backend == "auto" and device.type not in ("cpu", "cuda"):
-        return None  # mps, xpu, meta...: only the reference runs there
+        return False  # mps, xpu, meta...: only the reference runs there
     if backend != "auto" and backend != device.type:
         raise BackendUnavailableError(
             f"backend={backend!r} needs {backend} tensors, but logits are on {device}")
     try:
-        return build.load(kind)
+        ops.load(kind)
     except BuildError as e:
         if backend != "auto":
             raise BackendUnavailableError(f"backend={backend!r} is not available: {e}") from e
@@ -295,7 +234,8 @@ def _extension(backend: str, device: torch.device):
                 "pure-PyTorch reference instead, which materialises fp32 log-probs of the "
                 "whole [N, T, V] logits. `python -m kernels --build --verbose` shows why.",
                 RuntimeWarning, stacklevel=4)
-        return None
+        return False
+    return True
 
 
 def _prepare(logits, labels, inplace):
@@ -331,8 +271,15 @@ def _rows_overlap(logits) -> bool:
 # Argument checks: the same for every backend, so a mistake reads the same everywhere.
 # Value checks (labels in the vocabulary, chain indices in range) need the data: done here
 # for CPU tensors; for CUDA tensors the kernels check them with a device-side assert, as
-# torch's own gather / cross_entropy do, instead of a host sync on every call.
+# torch's own gather / cross_entropy do, instead of a host sync on every call. Under
+# torch.compile they are skipped too (a branch on the data would break the graph): there the
+# kernels' own checks raise instead (RuntimeError on the CPU).
 # ----------------------------------------------------------------------------------------------
+
+def _checks_values(tensor) -> bool:
+    """Whether the value checks read this tensor's data here (see above)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
 
 def _check_sequence_args(logits, labels, ignore_index):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.dtype not in LOGIT_DTYPES:
@@ -356,7 +303,7 @@ def _check_labels(labels, shape, device, ignore_index, what):
         raise ValueError(f"labels are on {labels.device} but {what} on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int; got {ignore_index!r}")
-    if labels.device.type == "cpu":
+    if _checks_values(labels):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bad.any():
             n, t = bad.nonzero()[0].tolist()
@@ -407,7 +354,7 @@ def _check_chain_args(logits, chains, ref_logps, objective, beta, ntp_weight):
     for name, value in (("beta", beta), ("ntp_weight", ntp_weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number; got {value!r}")
-    if chains.device.type == "cpu":
+    if _checks_values(chains):
         bad = (chains < -1) | (chains >= n)
         if bad.any():
             b, k = bad.nonzero()[0].tolist()

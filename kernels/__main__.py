@@ -53,12 +53,12 @@ def main(argv=None) -> int:
                 continue
         start = time.time()
         try:
-            module = build.load(backend, verbose=args.verbose)
+            library = build.load(backend, verbose=args.verbose)
         except build.BuildError as e:
             print(f"{backend}: BUILD FAILED\n{e}", file=sys.stderr)
             failed = True
             continue
-        line = f"{backend}: ready in {time.time() - start:.0f} s ({module.__file__})"
+        line = f"{backend}: ready in {time.time() - start:.0f} s ({library})"
         if backend == "cuda" and not torch.cuda.is_available():
             print(f"{line}; loaded, not run (no GPU here)")
             continue

@@ -1,7 +1,8 @@
 """JIT build of the C++ (CPU) and CUDA extensions with torch.utils.cpp_extension + ninja.
 
-`load("cpu")` / `load("cuda")` compile on first use and return the Python module; later calls,
-and later processes, reuse the build cached under TORCH_EXTENSIONS_DIR (default
+`load("cpu")` / `load("cuda")` compile on first use and load the shared library into the
+process, where it registers its kernels of the torch.ops.rank_dpo ops; they return its path.
+Later calls, and later processes, reuse the build cached under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions), which torch re-checks against the sources and flags (ninja rebuilds
 only what changed). Concurrent processes (torchrun ranks) wait on torch's file lock, so one
 compiles and the others load. A failed build raises BuildError and is remembered for the
@@ -13,22 +14,25 @@ import logging
 import os
 import shutil
 import threading
-from types import ModuleType
 
 import torch
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-# fused_linear.cpp (the LM-head loop, ATen calls only) is compiled into both extensions.
+# fused_linear.cpp (the LM-head loop, ATen calls only) and register.cpp (the table of kernels)
+# are compiled into both extensions; schema.cpp (the ops' signatures) into the CPU one only,
+# which is why loading the CUDA extension loads the CPU one first.
 SOURCES = {
-    "cpu": [os.path.join(CSRC, "fused_cpu.cpp"), os.path.join(CSRC, "fused_linear.cpp")],
-    "cuda": [os.path.join(CSRC, "fused_cuda.cu"), os.path.join(CSRC, "fused_linear.cpp")],
+    "cpu": [os.path.join(CSRC, name)
+            for name in ("schema.cpp", "register.cpp", "fused_cpu.cpp", "fused_linear.cpp")],
+    "cuda": [os.path.join(CSRC, name)
+             for name in ("register.cpp", "fused_cuda.cu", "fused_linear.cpp")],
 }
 # Without a GPU torch cannot see which architecture to build for: then Ampere and Hopper.
 # (A different list changes the build flags, so the cached build is redone: ~2 minutes here.)
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
-_lock = threading.Lock()
-_loaded: dict[str, ModuleType | BaseException] = {}
+_lock = threading.RLock()  # reentrant: load("cuda") takes it, then load("cpu") inside
+_loaded: dict[str, str | BaseException] = {}
 
 
 class BuildError(RuntimeError):
@@ -85,27 +89,35 @@ def _cpp_extension():
     return cpp_extension
 
 
-def _build(backend: str, verbose: bool) -> ModuleType:
+def _build(backend: str, verbose: bool) -> str:
     cpp_extension = _cpp_extension()
     name = f"rank_dpo_kernels_{backend}"
+    # is_python_module=False: a plain shared library, loaded for its op registrations only.
     if backend == "cpu":
         # -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it; the runtime
         # is the libgomp torch already loaded.
         return cpp_extension.load(
             name=name, sources=SOURCES["cpu"], extra_include_paths=[CSRC],
-            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose)
+            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            is_python_module=False, verbose=verbose)
     ok, why = cuda_build_possible()
     if not ok:
         raise BuildError(f"cannot build the CUDA extension: {why}")
+    try:
+        load("cpu", verbose)  # the ops' schema: the CUDA library only adds kernels to it
+    except BuildError as e:
+        raise BuildError(f"the CUDA extension needs the CPU one, which failed: {e}") from e
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     return cpp_extension.load(
         name=name, sources=SOURCES["cuda"], extra_include_paths=[CSRC],
-        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
+        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+        is_python_module=False, verbose=verbose)
 
 
-def load(backend: str, verbose: bool = False) -> ModuleType:
-    """The compiled extension for backend "cpu" or "cuda"; raises BuildError if it cannot be had."""
+def load(backend: str, verbose: bool = False) -> str:
+    """Builds (or finds cached) and loads the library of backend "cpu" or "cuda"; returns its
+    path. Raises BuildError if it cannot be had."""
     if backend not in SOURCES:
         raise ValueError(f"no compiled backend {backend!r}; expected one of {tuple(SOURCES)}")
     with _lock:

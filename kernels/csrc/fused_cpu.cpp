@@ -1,6 +1,6 @@
 // CPU twin of fused_cuda.cu: per-sequence log-probs of the labels, forward and backward,
 // and the chain loss on the [B, K] rewards. Same three entry points, same arguments, same
-// results (to rounding); kernels/__init__.py wraps them in torch.autograd.Functions.
+// results (to rounding); registered as the CPU kernels of the rank_dpo ops (end of file).
 //
 // logits are [N, T, V] with any strides over N and T and stride 1 over V (a sliced view such
 // as logits[:, :-1] is read in place, never copied). A row is one token's V logits.
@@ -13,8 +13,6 @@
 //             rows whose label is ignore_index get 0 and are never read.
 // Math in acc_t = at::opmath_type<scalar_t>: float for fp32/bf16/fp16 logits, double for fp64.
 // All offsets are int64_t: N*T*V may pass 2^31.
-#include <torch/extension.h>
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,7 +23,7 @@
 #include <vector>
 
 #include "common.h"
-#include "fused_linear.h"
+#include "ops.h"
 
 namespace rank_dpo {
 namespace {
@@ -167,8 +165,9 @@ void check_sequence_args(const at::Tensor& logits, const at::Tensor& labels) {
 }  // namespace
 
 // -> (logps [N] acc, counts [N] int64, lse [N, T, 2] acc: (max, log sum exp(x - max)) per row)
-std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor labels,
-                                               int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_logps_forward(const at::Tensor& logits,
+                                                                     const at::Tensor& labels,
+                                                                     int64_t ignore_index) {
   check_sequence_args(logits, labels);
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   const int64_t sn = logits.stride(0), st = logits.stride(1);
@@ -222,8 +221,9 @@ std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor lab
 
 // grad_logps [N] acc: d loss / d logps. Returns d loss / d logits, written into `logits`
 // itself when inplace (the caller makes sure nothing else still needs them).
-at::Tensor sequence_logps_backward(at::Tensor logits, at::Tensor labels, at::Tensor lse,
-                                   at::Tensor grad_logps, int64_t ignore_index, bool inplace) {
+at::Tensor sequence_logps_backward(const at::Tensor& logits, const at::Tensor& labels,
+                                   const at::Tensor& lse, const at::Tensor& grad_logps,
+                                   int64_t ignore_index, bool inplace) {
   check_sequence_args(logits, labels);
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
@@ -263,9 +263,12 @@ at::Tensor sequence_logps_backward(at::Tensor logits, at::Tensor labels, at::Ten
 
 // logps [N], counts [N] int64, chains [B, K] int64 (-1 = padding), ref_logps [N] of logps'
 // dtype. -> (loss [] mean over chains, d loss / d logps [N]).
-std::vector<at::Tensor> chain_loss_forward(at::Tensor logps, at::Tensor counts, at::Tensor chains,
-                                           at::Tensor ref_logps, int64_t objective, double beta,
-                                           double ntp_weight) {
+std::tuple<at::Tensor, at::Tensor> chain_loss_forward(const at::Tensor& logps,
+                                                      const at::Tensor& counts,
+                                                      const at::Tensor& chains,
+                                                      const at::Tensor& ref_logps,
+                                                      int64_t objective, double beta,
+                                                      double ntp_weight) {
   TORCH_CHECK(logps.dim() == 1 && logps.is_contiguous(), "logps must be contiguous [N]");
   TORCH_CHECK(ref_logps.sizes() == logps.sizes() && ref_logps.is_contiguous() &&
                   ref_logps.scalar_type() == logps.scalar_type(),
@@ -305,18 +308,5 @@ std::vector<at::Tensor> chain_loss_forward(at::Tensor logps, at::Tensor counts, 
 
 }  // namespace rank_dpo
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rank-dpo fused sequence log-prob and chain loss, CPU";
-  m.def("sequence_logps_forward", &rank_dpo::sequence_logps_forward,
-        "(logits [N,T,V], labels [N,T], ignore_index) -> (logps [N], counts [N], lse [N,T,2])");
-  m.def("sequence_logps_backward", &rank_dpo::sequence_logps_backward,
-        "(logits, labels, lse, grad_logps [N], ignore_index, inplace) -> grad_logits");
-  m.def("chain_loss_forward", &rank_dpo::chain_loss_forward,
-        "(logps, counts, chains [B,K], ref_logps, objective, beta, ntp_weight) -> (loss, dlogps)");
-  m.def("linear_logps_forward", &rank_dpo::linear_logps_forward,
-        "(hidden [N*T,H], weight [V,H], bias [V]|None, labels [N*T], T, ignore_index, chunk, "
-        "token_grads) -> (logps [N], counts [N], rows [R], lse [R,2], token_grads [R,H]|None)");
-  m.def("linear_logps_backward", &rank_dpo::linear_logps_backward,
-        "(hidden, weight, bias, rows, row_labels, lse, grad_logps [N], T, chunk, need_hidden, "
-        "need_weight, need_bias) -> (grad_hidden, grad_weight, grad_bias)");
-}
+// The ops' signatures: schema.cpp; the table of kernels, shared with CUDA: register.cpp.
+TORCH_LIBRARY_IMPL(rank_dpo, CPU, m) { rank_dpo::register_kernels(m); }

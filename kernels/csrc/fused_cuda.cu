@@ -15,18 +15,16 @@
 // Rows need not start on a 16-byte boundary: a scalar head reaches the first one, then the
 // vector loop, then a scalar tail.
 // All offsets are int64_t: N*T*V may pass 2^31.
-#include <torch/extension.h>
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <vector>
+#include <algorithm>
 
 #include "common.h"
-#include "fused_linear.h"
+#include "ops.h"
 
 namespace rank_dpo {
 namespace {
@@ -336,8 +334,9 @@ void check_sequence_args(const at::Tensor& logits, const at::Tensor& labels) {
 
 }  // namespace
 
-std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor labels,
-                                               int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_logps_forward(const at::Tensor& logits,
+                                                                     const at::Tensor& labels,
+                                                                     int64_t ignore_index) {
   check_sequence_args(logits, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
@@ -366,8 +365,9 @@ std::vector<at::Tensor> sequence_logps_forward(at::Tensor logits, at::Tensor lab
   return {logps, counts, lse};
 }
 
-at::Tensor sequence_logps_backward(at::Tensor logits, at::Tensor labels, at::Tensor lse,
-                                   at::Tensor grad_logps, int64_t ignore_index, bool inplace) {
+at::Tensor sequence_logps_backward(const at::Tensor& logits, const at::Tensor& labels,
+                                   const at::Tensor& lse, const at::Tensor& grad_logps,
+                                   int64_t ignore_index, bool inplace) {
   check_sequence_args(logits, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
@@ -395,9 +395,12 @@ at::Tensor sequence_logps_backward(at::Tensor logits, at::Tensor labels, at::Ten
   return grad;
 }
 
-std::vector<at::Tensor> chain_loss_forward(at::Tensor logps, at::Tensor counts, at::Tensor chains,
-                                           at::Tensor ref_logps, int64_t objective, double beta,
-                                           double ntp_weight) {
+std::tuple<at::Tensor, at::Tensor> chain_loss_forward(const at::Tensor& logps,
+                                                      const at::Tensor& counts,
+                                                      const at::Tensor& chains,
+                                                      const at::Tensor& ref_logps,
+                                                      int64_t objective, double beta,
+                                                      double ntp_weight) {
   TORCH_CHECK(logps.is_cuda() && logps.dim() == 1 && logps.is_contiguous(),
               "logps must be contiguous [N] on a CUDA device");
   TORCH_CHECK(ref_logps.sizes() == logps.sizes() && ref_logps.is_contiguous() &&
@@ -433,18 +436,6 @@ std::vector<at::Tensor> chain_loss_forward(at::Tensor logps, at::Tensor counts, 
 
 }  // namespace rank_dpo
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rank-dpo fused sequence log-prob and chain loss, CUDA";
-  m.def("sequence_logps_forward", &rank_dpo::sequence_logps_forward,
-        "(logits [N,T,V], labels [N,T], ignore_index) -> (logps [N], counts [N], lse [N,T,2])");
-  m.def("sequence_logps_backward", &rank_dpo::sequence_logps_backward,
-        "(logits, labels, lse, grad_logps [N], ignore_index, inplace) -> grad_logits");
-  m.def("chain_loss_forward", &rank_dpo::chain_loss_forward,
-        "(logps, counts, chains [B,K], ref_logps, objective, beta, ntp_weight) -> (loss, dlogps)");
-  m.def("linear_logps_forward", &rank_dpo::linear_logps_forward,
-        "(hidden [N*T,H], weight [V,H], bias [V]|None, labels [N*T], T, ignore_index, chunk, "
-        "token_grads) -> (logps [N], counts [N], rows [R], lse [R,2], token_grads [R,H]|None)");
-  m.def("linear_logps_backward", &rank_dpo::linear_logps_backward,
-        "(hidden, weight, bias, rows, row_labels, lse, grad_logps [N], T, chunk, need_hidden, "
-        "need_weight, need_bias) -> (grad_hidden, grad_weight, grad_bias)");
-}
+// The ops' signatures: schema.cpp (in the CPU extension, loaded first); the table of
+// kernels, shared with the CPU: register.cpp.
+TORCH_LIBRARY_IMPL(rank_dpo, CUDA, m) { rank_dpo::register_kernels(m); }

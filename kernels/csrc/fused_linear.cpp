@@ -19,7 +19,7 @@
 //             (onehot - softmax) @ W [c, H] per real token; the backward is then a scaling of
 //             those rows, with no logits made again: 2 matmuls in all, like logits-then-loss,
 //             instead of 3 (the 4th, grad_W, is the one a trained head needs).
-#include "fused_linear.h"
+#include "ops.h"
 
 #include <ATen/OpMathType.h>
 
@@ -29,12 +29,12 @@ namespace rank_dpo {
 namespace {
 
 at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight,
-                        const c10::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& bias) {
   return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
 }
 
 void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight,
-                       const c10::optional<at::Tensor>& bias, int64_t chunk) {
+                       const std::optional<at::Tensor>& bias, int64_t chunk) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
               "hidden must be [N*T, H] and weight [V, H]");
   TORCH_CHECK(hidden.scalar_type() == weight.scalar_type() && hidden.device() == weight.device(),
@@ -50,11 +50,10 @@ void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight,
 
 // labels [N*T] int64. -> (logps [N] acc, counts [N] int64, rows [R] int64 (flat indices of the
 // real tokens, ascending), lse [R, 2] acc (per row: max and log sum exp(x - max)),
-// token_grads [R, H] in hidden's dtype (d logp_token / d hidden) or undefined)
-std::vector<at::Tensor> linear_logps_forward(at::Tensor hidden, at::Tensor weight,
-                                             c10::optional<at::Tensor> bias, at::Tensor labels,
-                                             int64_t T, int64_t ignore_index, int64_t chunk,
-                                             bool token_grads) {
+// token_grads [R, H] in hidden's dtype (d logp_token / d hidden), or [0, H] when not asked for)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logps_forward(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t T, int64_t ignore_index, int64_t chunk, bool token_grads) {
   check_linear_args(hidden, weight, bias, chunk);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0) && T >= 1 &&
                   labels.size(0) % T == 0 && labels.scalar_type() == at::kLong,
@@ -67,7 +66,7 @@ std::vector<at::Tensor> linear_logps_forward(at::Tensor hidden, at::Tensor weigh
   const at::Tensor row_labels = labels.index_select(0, rows).contiguous();
   at::Tensor token_logps = at::zeros({NT}, acc_opts);
   at::Tensor lse = at::empty({R, 2}, acc_opts);
-  at::Tensor grads = token_grads ? at::empty({R, weight.size(1)}, hidden.options()) : at::Tensor();
+  at::Tensor grads = at::empty({token_grads ? R : 0, weight.size(1)}, hidden.options());
   const at::Tensor ones = token_grads ? at::ones({std::min(chunk, R)}, acc_opts) : at::Tensor();
   for (int64_t start = 0; start < R; start += chunk) {
     const int64_t c = std::min(chunk, R - start);
@@ -75,12 +74,13 @@ std::vector<at::Tensor> linear_logps_forward(at::Tensor hidden, at::Tensor weigh
     const at::Tensor logits = chunk_logits(hidden.index_select(0, idx), weight, bias);
     // The chunk as N = c sequences of one token: its "sequence" log-probs are token log-probs.
     const at::Tensor chunk_labels = row_labels.narrow(0, start, c).view({c, 1});
-    auto out = sequence_logps_forward(logits.view({c, 1, V}), chunk_labels, ignore_index);
-    token_logps.index_copy_(0, idx, out[0]);
-    lse.narrow(0, start, c).copy_(out[2].view({c, 2}));
+    const auto out = sequence_logps_forward(logits.view({c, 1, V}), chunk_labels, ignore_index);
+    const at::Tensor& chunk_lse = std::get<2>(out);
+    token_logps.index_copy_(0, idx, std::get<0>(out));
+    lse.narrow(0, start, c).copy_(chunk_lse.view({c, 2}));
     if (token_grads) {  // onehot - softmax, over the logits in place (they are not needed after)
       const at::Tensor dlogits =
-          sequence_logps_backward(logits.view({c, 1, V}), chunk_labels, out[2].view({c, 1, 2}),
+          sequence_logps_backward(logits.view({c, 1, V}), chunk_labels, chunk_lse.view({c, 1, 2}),
                                   ones.narrow(0, 0, c), ignore_index, true)
               .view({c, V});
       at::Tensor rows_grad = grads.narrow(0, start, c);
@@ -93,14 +93,13 @@ std::vector<at::Tensor> linear_logps_forward(at::Tensor hidden, at::Tensor weigh
 }
 
 // rows, row_labels [R], lse [R, 2] from the forward; grad_logps [N] acc.
-// -> (grad_hidden [N*T, H] or undefined, grad_weight [V, H] acc or undefined,
-//     grad_bias [V] acc or undefined), each only where asked for.
-std::vector<at::Tensor> linear_logps_backward(at::Tensor hidden, at::Tensor weight,
-                                              c10::optional<at::Tensor> bias, at::Tensor rows,
-                                              at::Tensor row_labels, at::Tensor lse,
-                                              at::Tensor grad_logps, int64_t T,
-                                              int64_t chunk, bool need_hidden,
-                                              bool need_weight, bool need_bias) {
+// -> (grad_hidden [N*T, H], grad_weight [V, H] acc, grad_bias [V] acc), each only where asked
+//    for, else empty [0] (the op's schema has no optional returns).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logps_backward(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& rows, const at::Tensor& row_labels, const at::Tensor& lse,
+    const at::Tensor& grad_logps, int64_t T, int64_t chunk, bool need_hidden, bool need_weight,
+    bool need_bias) {
   check_linear_args(hidden, weight, bias, chunk);
   const int64_t R = rows.size(0), V = weight.size(0), H = weight.size(1);
   const auto acc_type = at::toOpMathType(hidden.scalar_type());
@@ -111,9 +110,9 @@ std::vector<at::Tensor> linear_logps_backward(at::Tensor hidden, at::Tensor weig
   const auto acc_opts = hidden.options().dtype(acc_type);
   const bool acc_is_dtype = acc_type == hidden.scalar_type();
   const at::Tensor grad_tokens = grad_logps.to(acc_type).index_select(0, rows.div(T, "floor"));
-  at::Tensor grad_hidden = need_hidden ? at::zeros_like(hidden) : at::Tensor();
-  at::Tensor grad_weight = need_weight ? at::zeros({V, H}, acc_opts) : at::Tensor();
-  at::Tensor grad_bias = need_bias ? at::zeros({V}, acc_opts) : at::Tensor();
+  at::Tensor grad_hidden = need_hidden ? at::zeros_like(hidden) : at::empty({0}, hidden.options());
+  at::Tensor grad_weight = need_weight ? at::zeros({V, H}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor grad_bias = need_bias ? at::zeros({V}, acc_opts) : at::empty({0}, acc_opts);
   // No label here is ignore_index: -1 is never equal to one of them ([0, V)).
   const int64_t no_ignore = -1;
   for (int64_t start = 0; start < R; start += chunk) {
