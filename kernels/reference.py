@@ -2,7 +2,7 @@
 
 Copy this file into your own code base if all you want is the losses; it needs only torch.
 
-Notation (see ../shared/DESIGN.md):
+Notation (see docs/DESIGN.md, "What the method is"):
   * A *chain* is a list of responses ranked best first: y_0 > y_1 > ... > y_{K-1}.
   * logp_i = log pi(y_i | x), the SUM of the response's token log-probs under the policy;
     ref_i is the same under the frozen reference model.
