@@ -544,6 +544,11 @@ def _known_type(name) -> str:
     return "other"
 
 
+def chat_messages(system: str, user: str) -> list[dict]:
+    """One request's messages: the system prompt, then the user's."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
 def degrade_messages(caption: str, etype: str | None, earlier: list[str]) -> list[dict]:
     """The prompt for one step: add one error of `etype` (or of the LLM's choice when None)."""
     if etype is None:
@@ -561,9 +566,8 @@ def degrade_messages(caption: str, etype: str | None, earlier: list[str]) -> lis
                  + "; ".join(earlier) + ".")
     user = (f"Caption:\n{caption}\n\n{what} {keep}\nReply with JSON only: {fmt}\n"
             'If this kind of error cannot be introduced into this caption, reply {"cannot_apply": true}.')
-    return [{"role": "system", "content": "You write hard negative captions for training video-language "
-             "models: you edit a caption so that it becomes wrong about exactly one fact."},
-            {"role": "user", "content": user}]
+    return chat_messages("You write hard negative captions for training video-language "
+                         "models: you edit a caption so that it becomes wrong about exactly one fact.", user)
 
 
 def llm_step(client: ChatClient, prev: str, etype: str | None, earlier: list[dict],
@@ -633,9 +637,8 @@ def reward_messages(caption: str, question: str, answer: str) -> list[dict]:
             "Is the answer correct according to the description? Reply with JSON only: "
             '{"verdict": "yes" or "no", "score": <integer 0-5: 5 = correct and complete, '
             '0 = wrong or unsupported by the description>, "explanation": "<one sentence>"}')
-    return [{"role": "system", "content": "You grade answers to questions about a video you cannot see. "
-             "A detailed description of the video is the evidence; judge only by it."},
-            {"role": "user", "content": user}]
+    return chat_messages("You grade answers to questions about a video you cannot see. "
+                         "A detailed description of the video is the evidence; judge only by it.", user)
 
 
 def parse_reward(text: str) -> dict | None:
@@ -734,8 +737,7 @@ def recaption_messages(captions: list[str]) -> list[dict]:
             "Write one detailed caption of the video that states every fact these captions give "
             "(objects, colours, counts, actions, positions, directions, the order of events, the scene), "
             "without inventing anything they do not support. Reply with the caption only.")
-    return [{"role": "system", "content": "You write detailed, accurate video captions."},
-            {"role": "user", "content": user}]
+    return chat_messages("You write detailed, accurate video captions.", user)
 
 
 def cmd_recaption(args) -> dict:
@@ -905,8 +907,7 @@ def lfmcqa_messages(caption: str) -> list[dict]:
             "description, each other one is wrong in a specific detail. Reply with JSON only: "
             '{"question": "...", "options": ["...", "...", "...", "...", "..."], "answer": <index 0-4 of the '
             "correct option>}")
-    return [{"role": "system", "content": "You write exam questions about videos from their descriptions."},
-            {"role": "user", "content": user}]
+    return chat_messages("You write exam questions about videos from their descriptions.", user)
 
 
 def parse_lfmcqa(text: str) -> tuple[str, list[str], int] | None:
@@ -1010,9 +1011,8 @@ def qa_messages(caption: str, n: int) -> list[dict]:
             "of events, the scene), each with its correct answer in one or two full sentences taken "
             "only from the description. Reply with JSON only: "
             '{"qa": [{"question": "...", "answer": "..."}, ...]}')
-    return [{"role": "system", "content": "You write video question-answer pairs from detailed video "
-             "descriptions, for instruction tuning."},
-            {"role": "user", "content": user}]
+    return chat_messages("You write video question-answer pairs from detailed video "
+                         "descriptions, for instruction tuning.", user)
 
 
 def parse_qa(text: str) -> list[dict] | None:
@@ -1123,8 +1123,8 @@ def improve_messages(reference: str, caption: str) -> list[dict]:
             f"same video:\n{caption}\n\nRewrite the model's caption so that it is correct: fix every "
             "statement the reference contradicts, drop what it does not support, add what the caption "
             "misses; keep the caption's style. Reply with JSON only: {\"caption\": \"<the corrected caption>\"}")
-    return [{"role": "system", "content": "You are a teacher who corrects video captions against a "
-             "reference description."}, {"role": "user", "content": user}]
+    return chat_messages("You are a teacher who corrects video captions against a "
+                         "reference description.", user)
 
 
 def parse_caption_reply(text: str) -> str | None:
@@ -1168,8 +1168,8 @@ def pick_messages(reference: str, first: str, second: str) -> list[dict]:
     user = (f"Reference description of a video (correct):\n{reference}\n\nCaption 1:\n{first}\n\n"
             f"Caption 2:\n{second}\n\nWhich caption describes the video better: more correct facts, "
             "fewer wrong ones? Reply with JSON only: {\"better\": 1 or 2}")
-    return [{"role": "system", "content": "You are a teacher who compares video captions against a "
-             "reference description."}, {"role": "user", "content": user}]
+    return chat_messages("You are a teacher who compares video captions against a "
+                         "reference description.", user)
 
 
 def parse_pick(text: str) -> str | None:
@@ -1227,15 +1227,14 @@ def claims_messages(caption: str) -> list[dict]:
     user = (f"Caption of a video:\n{caption}\n\nSplit the caption into atomic claims: short, "
             "self-contained statements, each stating one fact about the video. Reply with JSON only: "
             '{"claims": ["...", "..."]}')
-    return [{"role": "system", "content": "You split text into atomic factual claims."},
-            {"role": "user", "content": user}]
+    return chat_messages("You split text into atomic factual claims.", user)
 
 
 def verify_messages(reference: str, claim: str) -> list[dict]:
     user = (f"Reference description of a video (correct):\n{reference}\n\nClaim: {claim}\n\n"
             'Does the reference support the claim? Reply with JSON only: {"verdict": "yes" or "no"}')
-    return [{"role": "system", "content": "You check claims about a video against its reference "
-             "description."}, {"role": "user", "content": user}]
+    return chat_messages("You check claims about a video against its reference "
+                         "description.", user)
 
 
 def parse_claims(text: str) -> list[str] | None:
