@@ -27,12 +27,13 @@ import os
 import re
 import sys
 import time
+from functools import partial
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from gen_chains import (DEFAULT_PROMPT, ChatClient, add_client_args, format_mcq, parse_json_object,
-                        score_answer)
+from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, add_client_args, ask_both_orders,
+                        ask_until_parsed, format_mcq, parse_json_object, score_answer)
 from records import (DataError, OutputLocked, ResumableJsonl, collect_outputs, map_resumable,
                      read_records, read_run_meta, records_by_id, write_json, write_jsonl)
 
@@ -296,70 +297,49 @@ Which caption describes the video better, judged against the reference on these 
 Reply with only a JSON object and no other text:
 {{"better": "1"}}, {{"better": "2"}} or {{"better": "tie"}}"""
 
-REASK = "I could not use your reply: {problems}. Reply again with only the JSON object: {json}"
+VERDICT_JSON = '{"better": "1" | "2" | "tie"}'
 
 
-def ask_until_parsed(client, prompt: str, parse, json_hint: str, reask: int = 2,
-                     **params) -> dict:
-    """Ask; if `parse(reply)` reports problems, say what was wrong and ask again (reask times).
-
-    The conversation is kept, so the judge sees its own unusable reply and what was wrong with it.
-    Returns {"value", "tries", "reply"} or, when every try fails, {"status": "failed", "reason",
-    "reply"}: a failure is recorded, never silently dropped or replaced by a default score.
-    A ChatError (the request itself failed for good) propagates to map_resumable, which records it.
-    """
+def ask_judge(client, prompt: str, parse, json_hint: str, reask: int = 2, **params) -> Asked:
+    """The judge's prompt, asked again up to `reask` times while parse(reply) reports problems,
+    saying what was wrong (gen_chains.ask_until_parsed: the judge sees its own unusable reply).
+    A ChatError (the request itself failed for good) propagates to map_resumable, which records it."""
     messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
-    for attempt in range(1, reask + 2):
-        reply = client.chat(messages, **params).text
-        value, problems = parse(reply)
-        if not problems:
-            return {"value": value, "tries": attempt, "reply": reply}
-        messages += [{"role": "assistant", "content": reply},
-                     {"role": "user", "content": REASK.format(problems="; ".join(problems),
-                                                              json=json_hint)}]
-    return {"status": "failed", "reason": "unparseable judge reply after "
-            f"{reask + 1} tries: " + "; ".join(problems), "reply": reply}
+    return ask_until_parsed(client, messages, parse, f"Reply again with only the JSON object: {json_hint}",
+                            reask + 1, **params)
+
+
+def judge_failure(asked: Asked) -> dict:
+    """An unusable judge is recorded as failed, never silently dropped or replaced by a default score."""
+    return {"status": "failed", "reason": f"unparseable judge reply after {asked.tries} tries: "
+            + "; ".join(asked.problems), "reply": asked.reply}
 
 
 def judge_llm(client, reference: str, candidate: str, reask: int = 2, **params) -> dict:
-    """Four axis scores for one candidate caption from the LLM judge (see ask_until_parsed)."""
+    """Four axis scores for one candidate caption from the LLM judge: {"scores", "tries", "reply"},
+    or a failed record (judge_failure)."""
     prompt = SCORE_PROMPT.format(reference=reference, candidate=candidate, guide=AXIS_GUIDE,
                                  json=SCORE_JSON)
-    out = ask_until_parsed(client, prompt, parse_axis_scores, SCORE_JSON, reask, **params)
-    if "value" not in out:
-        return out
-    return {"scores": out["value"], "tries": out["tries"], "reply": out["reply"]}
+    out = ask_judge(client, prompt, parse_axis_scores, SCORE_JSON, reask, **params)
+    if not out.ok:
+        return judge_failure(out)
+    return {"scores": out.value, "tries": out.tries, "reply": out.reply}
+
+
+def ask_verdict(client, reference: str, first: str, second: str, reask: int = 2, **params) -> Asked:
+    """Which of two captions is better against the reference: "1", "2" or "tie"."""
+    prompt = COMPARE_PROMPT.format(reference=reference, first=first, second=second, guide=AXIS_GUIDE)
+    return ask_judge(client, prompt, parse_verdict, VERDICT_JSON, reask, **params)
 
 
 def compare_llm(client, reference: str, a: str, b: str, reask: int = 2, **params) -> dict:
-    """Head-to-head of captions a and b, asked twice with the order swapped.
-
-    LLM judges favour a position (often the first); a caption wins only if it wins in both
-    orders, loses only if it loses in both, and everything else is a tie. This cancels a pure
-    position bias instead of averaging it into the result.
-    """
-    verdicts, tries = [], 0
-    for first, second in ((a, b), (b, a)):
-        prompt = COMPARE_PROMPT.format(reference=reference, first=first, second=second,
-                                       guide=AXIS_GUIDE)
-        out = ask_until_parsed(client, prompt, parse_verdict, '{"better": "1" | "2" | "tie"}',
-                               reask, **params)
-        if "value" not in out:
-            return out
-        verdicts.append(out["value"])
-        tries += out["tries"]
-    # Translate each verdict to a's point of view: in the swapped order, "2" means a.
-    a_view = [{"1": "a", "2": "b"}.get(verdicts[0], "tie"), {"1": "b", "2": "a"}.get(verdicts[1], "tie")]
-    return {"result": combine_orders(*a_view), "verdicts": verdicts, "a_view": a_view, "tries": tries}
-
-
-def combine_orders(first: str, second: str) -> str:
-    """"a"/"b"/"tie" from each order -> "win"/"loss"/"tie" for a (win needs both orders)."""
-    if first == second == "a":
-        return "win"
-    if first == second == "b":
-        return "loss"
-    return "tie"
+    """Head-to-head of captions a and b, asked in both orders (gen_chains.ask_both_orders: a
+    caption wins only if it wins in both orders, loses only if it loses in both, else a tie,
+    which cancels a pure position bias instead of averaging it into the result)."""
+    both = ask_both_orders(partial(ask_verdict, client, reference, reask=reask, **params), a, b)
+    if both.failed is not None:
+        return judge_failure(both.failed)
+    return {"result": both.result, "verdicts": both.verdicts, "a_view": both.a_view, "tries": both.tries}
 
 
 # ----------------------------------------------------------------------------------------------

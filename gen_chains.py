@@ -5,7 +5,7 @@ A caption chain is c0 > c1 > ... > cK: c0 is a correct, detailed caption of a vi
 later caption adds exactly one factual error to the one before, so ck holds k errors and the
 chain is totally ordered by construction. The trainer (rank_dpo.py) ranks whole chains.
 
-Subcommands (records are JSONL, see DESIGN.md):
+Subcommands (records are JSONL, see docs/DESIGN.md):
   synth      the embedded dataset: synthetic videos of coloured shapes, gold captions and facts
   recaption  short human captions -> one detailed caption (LLM)
   chains     repeated degradation: c0 -> c1 -> ... -> cK (LLM over HTTP, or offline rules)
@@ -18,10 +18,18 @@ Subcommands (records are JSONL, see DESIGN.md):
   compare    Response Comparison: the teacher's pick of two sampled captions (asked in both orders)
   rlaifv     RLAIF-V: claims per sample, each checked against the reference; ranked by support
 
-Read top to bottom: input/output that never loses or duplicates a record; the one HTTP client
-and reading JSON out of LLM text; the error types; checking each LLM degradation step; the LM
-reward; then one function per subcommand and the command line. The embedded toy world (`synth`
-and the offline `--backend rules`) lives in synthetic.py, imported only by those paths.
+Read top to bottom: the one HTTP client and reading JSON out of LLM text; the error types;
+checking each LLM degradation step; asking until a reply parses (ask_until_parsed) and asking
+in both orders (ask_both_orders), which eval_judge.py's LLM judge uses too; the LM reward; the
+command runner; then the subcommands and the command line.
+
+A record command is its inputs and, per record, a rules function and an LLM function (plain
+module-level functions that return the output record, with "llm_calls" where the method counts
+them). run_command does the rest once: the backend (a ChatClient for --backend http; for
+--backend rules the toy world of synthetic.py, imported in toy_world() only, so the http path
+never loads it), the counters (RunStats), the resumable map (records.map_resumable; one record
+at a time for rules) and the summary. The on-policy steps are written once against a teacher:
+the LLM (LLMTeacher) or the scene's facts (RulesTeacher).
 """
 from __future__ import annotations
 
@@ -37,7 +45,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable
 
 from records import (DataError, OutputLocked, RecordFailed, is_ok, map_resumable, read_jsonl,
@@ -544,6 +553,11 @@ def _known_type(name) -> str:
     return "other"
 
 
+def chat_messages(system: str, user: str) -> list[dict]:
+    """One request's messages: the system prompt, then the user's."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
 def degrade_messages(caption: str, etype: str | None, earlier: list[str]) -> list[dict]:
     """The prompt for one step: add one error of `etype` (or of the LLM's choice when None)."""
     if etype is None:
@@ -561,9 +575,8 @@ def degrade_messages(caption: str, etype: str | None, earlier: list[str]) -> lis
                  + "; ".join(earlier) + ".")
     user = (f"Caption:\n{caption}\n\n{what} {keep}\nReply with JSON only: {fmt}\n"
             'If this kind of error cannot be introduced into this caption, reply {"cannot_apply": true}.')
-    return [{"role": "system", "content": "You write hard negative captions for training video-language "
-             "models: you edit a caption so that it becomes wrong about exactly one fact."},
-            {"role": "user", "content": user}]
+    return chat_messages("You write hard negative captions for training video-language "
+                         "models: you edit a caption so that it becomes wrong about exactly one fact.", user)
 
 
 def llm_step(client: ChatClient, prev: str, etype: str | None, earlier: list[dict],
@@ -624,6 +637,115 @@ def _public_errors(errors: list[dict | None]) -> list[dict | None]:
 
 
 # =============================================================================================
+# Asking until a reply parses, and asking in both orders (eval_judge.py's judge uses both)
+# =============================================================================================
+
+@dataclass
+class Asked:
+    """One question put to an LLM (or answered by rules) and what came of it."""
+    value: object = None                   # what the parser made of the usable reply
+    tries: int = 1                         # requests sent, the usable one included (the data cost)
+    reply: str = ""                        # the last reply
+    problems: list[str] = field(default_factory=list)   # the last reply's; empty when it was usable
+    rejected: list[str] = field(default_factory=list)   # each unusable reply's problems, in order
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+JSON_REASK = "Reply again with only the JSON object I asked for."
+# How a short problem name reads in a re-ask; any other problem is said as it is.
+PROBLEM_TEXT = {"unreadable": "I could not read the answer I asked for in it",
+                "refused": "it declines the task", "empty": "it is empty",
+                "too_short": "it is shorter than the longest of the short captions"}
+
+
+def ask_until_parsed(client: ChatClient, messages: list[dict], parse: Callable[[str], tuple],
+                     reask: str, tries: int, stats: RunStats | None = None, **params) -> Asked:
+    """Ask until parse(reply) -> (value, problems) names no problem, `tries` requests at most.
+
+    After an unusable reply the conversation is kept and goes on with what was wrong and
+    `reask` (what to send again), so the model sees its own reply and the problem: re-sending
+    the same prompt only helps a sampling model, and a judge at temperature 0 would repeat
+    itself. Each problem is counted under stats["rejected"]. When every try fails, the result
+    is not ok (the caller records the failure); a ChatError (the request itself failed for
+    good) propagates."""
+    messages, rejected = list(messages), []
+    reply, problems = "", ["not asked (no tries)"]
+    for attempt in range(1, tries + 1):
+        reply = client.chat(messages, **params).text
+        value, problems = parse(reply)
+        if not problems:
+            return Asked(value, attempt, reply, [], rejected)
+        rejected.append("; ".join(problems))
+        if stats is not None:
+            for problem in problems:
+                stats.add("rejected", problem)
+        said = "; ".join(PROBLEM_TEXT.get(p, p) for p in problems)
+        messages += [{"role": "assistant", "content": reply},
+                     {"role": "user", "content": f"I could not use your reply: {said}. {reask}"}]
+    return Asked(None, max(0, tries), reply, problems, rejected)
+
+
+def read_reply(parse: Callable[[str], object], text: str) -> tuple[object, list[str]]:
+    """parse(text) for ask_until_parsed, from a parser that gives None for an unusable reply:
+    the problem is "refused" (no JSON and a refusal) or "unreadable"."""
+    value = parse(text)
+    if value is not None:
+        return value, []
+    return None, ["refused" if parse_json_object(text) is None and REFUSAL.search(text) else "unreadable"]
+
+
+def ask_or_fail(client: ChatClient, messages: list[dict], parse: Callable[[str], tuple], reask: str,
+                tries: int, stats: RunStats, **params) -> Asked:
+    """ask_until_parsed for one data step: the usable reply, else StepFailed naming every
+    rejected reply (the record is written as failed with them)."""
+    asked = ask_until_parsed(client, messages, parse, reask, tries, stats, **params)
+    if not asked.ok:
+        raise StepFailed(f"every try rejected ({', '.join(asked.rejected)})")
+    return asked
+
+
+@dataclass
+class Comparison:
+    """a against b, asked in both orders (ask_both_orders)."""
+    verdicts: list                         # each order's verdict as given: "1", "2" or "tie"
+    a_view: list[str]                      # the same from a's side: "a", "b" or "tie"
+    result: str                            # a's result: "win", "loss" or "tie"
+    tries: int                             # requests both orders took
+    failed: Asked | None = None            # the ask that got no usable verdict (then no result)
+
+
+def ask_both_orders(pick: Callable[[str, str], Asked], a: str, b: str) -> Comparison:
+    """Compare a and b with pick(first, second) -> Asked of "1", "2" or "tie", asked twice
+    with the positions swapped.
+
+    Judges favour a position (often the first); a wins only if it wins in both orders, loses
+    only if it loses in both, and everything else is a tie (combine_orders): a pure position
+    bias cancels instead of being averaged into the result. When an order gets no usable
+    verdict the other is not asked and `failed` holds that ask."""
+    asks = []
+    for first, second in ((a, b), (b, a)):
+        asks.append(pick(first, second))
+        if not asks[-1].ok:
+            return Comparison([x.value for x in asks[:-1]], [], "", sum(x.tries for x in asks), asks[-1])
+    verdicts = [x.value for x in asks]
+    # Each verdict from a's point of view: in the swapped order, "2" means a.
+    a_view = [{"1": "a", "2": "b"}.get(verdicts[0], "tie"), {"1": "b", "2": "a"}.get(verdicts[1], "tie")]
+    return Comparison(verdicts, a_view, combine_orders(*a_view), sum(x.tries for x in asks))
+
+
+def combine_orders(first: str, second: str) -> str:
+    """"a"/"b"/"tie" from each order -> "win"/"loss"/"tie" for a (win needs both orders)."""
+    if first == second == "a":
+        return "win"
+    if first == second == "b":
+        return "loss"
+    return "tie"
+
+
+# =============================================================================================
 # The LM reward of LLaVA-Hound-DPO: a detailed caption stands in for the video
 # =============================================================================================
 
@@ -633,9 +755,8 @@ def reward_messages(caption: str, question: str, answer: str) -> list[dict]:
             "Is the answer correct according to the description? Reply with JSON only: "
             '{"verdict": "yes" or "no", "score": <integer 0-5: 5 = correct and complete, '
             '0 = wrong or unsupported by the description>, "explanation": "<one sentence>"}')
-    return [{"role": "system", "content": "You grade answers to questions about a video you cannot see. "
-             "A detailed description of the video is the evidence; judge only by it."},
-            {"role": "user", "content": user}]
+    return chat_messages("You grade answers to questions about a video you cannot see. "
+                         "A detailed description of the video is the evidence; judge only by it.", user)
 
 
 def parse_reward(text: str) -> dict | None:
@@ -662,15 +783,12 @@ def parse_reward(text: str) -> dict | None:
 
 def score_answer(client: ChatClient, caption: str, question: str, answer: str, tries: int = 3) -> dict:
     """LM reward: {"verdict": "yes"|"no", "score": 0..5, "explanation"}. An unreadable reply is
-    asked again; after `tries` a ChatError (the record is written as failed)."""
-    last = ""
-    for _ in range(tries):
-        reply = client.chat(reward_messages(caption, question, answer), max_tokens=200)
-        parsed = parse_reward(reply.text)
-        if parsed is not None:
-            return parsed
-        last = " ".join(reply.text.split())[:80]
-    raise ChatError(f"unreadable reward reply after {tries} tries: {last!r}")
+    asked again (ask_until_parsed); after `tries` a ChatError (the record is written as failed)."""
+    asked = ask_until_parsed(client, reward_messages(caption, question, answer),
+                             partial(read_reply, parse_reward), JSON_REASK, tries, max_tokens=200)
+    if not asked.ok:
+        raise ChatError(f"unreadable reward reply after {tries} tries: {' '.join(asked.reply.split())[:80]!r}")
+    return asked.value
 
 
 def rank_answers(answers: list[str], scored: list[dict], pairs: bool) -> list[int]:
@@ -689,8 +807,49 @@ def rank_answers(answers: list[str], scored: list[dict], pairs: bool) -> list[in
 
 
 # =============================================================================================
-# Subcommands
+# A command: its inputs, a rules function and an LLM function per record; one runner
 # =============================================================================================
+
+def toy_world():
+    """The embedded toy world (synthetic.py: synthetic videos, their facts, the rules backends).
+    Imported here and nowhere else, so the http path never loads it."""
+    import synthetic
+    return synthetic
+
+
+def run_command(name: str, args, records: list[dict], *, rules: Callable | None = None,
+                llm: Callable | None = None, taught: Callable | None = None,
+                offline: Callable | None = None, left_out: int | None = None,
+                then: Callable[[], dict] | None = None) -> dict:
+    """Every record of a command through its backend, resumably, then the summary.
+
+    The per-record functions return the output record (or raise a RecordFailed: the record is
+    written as failed with the reason):
+      rules(rec, world, stats)    --backend rules: the toy world (toy_world()), one record at a time
+      llm(rec, client, stats)     --backend http (the default): a ChatClient from the command
+                                  line, --concurrency records at once
+      taught(rec, teacher, stats) either backend: the teacher is the scene's facts (RulesTeacher)
+                                  or the LLM (LLMTeacher)
+      offline(rec)                no backend (mcq, ynq)
+    then() runs after the records; what it returns joins the summary."""
+    if taught is not None:
+        rules = lambda rec, world, stats: taught(rec, RulesTeacher(world), stats)
+        llm = lambda rec, client, stats: taught(rec, LLMTeacher(client, args.step_tries, stats), stats)
+    stats, client, concurrency = RunStats(), None, 1
+    if offline is not None:
+        one = offline
+    elif getattr(args, "backend", "http") == "rules":
+        world = toy_world()
+        one = lambda rec: rules(rec, world, stats)
+    else:
+        client, concurrency = ChatClient.from_args(args), args.concurrency
+        one = lambda rec: llm(rec, client, stats)
+    desc = f"{name} ({args.backend})" if hasattr(args, "backend") else name
+    run = map_resumable(records, one, args.out, concurrency, desc, args.retry_failed)
+    if then is not None:
+        run = {**run, **then()}
+    return _finish(name, run, stats, client, left_out)
+
 
 def _finish(name: str, run: dict, stats: RunStats | None = None, client: ChatClient | None = None,
             left_out: int | None = None) -> dict:
@@ -713,18 +872,22 @@ def _base_record(rec: dict) -> dict:
     return out
 
 
-def _limits(args) -> StepLimits:
-    return StepLimits(max_edit_frac=args.max_edit_frac, max_length_change=args.max_length_change)
+def _record_rng(seed: int, rec: dict) -> random.Random:
+    """A record's own random stream: the same output for it whatever else the run holds."""
+    return random.Random(f"{seed}:{rec['id']}")
 
+
+# =============================================================================================
+# Subcommands
+# =============================================================================================
 
 def cmd_synth(args) -> dict:
     """The embedded data set (synthetic.py): videos, gold captions and facts ->
     DIR/train.jsonl, DIR/test.jsonl, DIR/videos/. Deterministic by seed; re-run after a kill."""
-    import synthetic
     if args.n < 1:
         raise SystemExit("synth: --n must be at least 1")
-    train, test = synthetic.write_dataset(args.out, args.n, args.seed, args.test_frac, args.frames,
-                                          args.size)
+    train, test = toy_world().write_dataset(args.out, args.n, args.seed, args.test_frac, args.frames,
+                                            args.size)
     return _finish("synth", {"train": train, "test": test, "out": args.out})
 
 
@@ -734,40 +897,46 @@ def recaption_messages(captions: list[str]) -> list[dict]:
             "Write one detailed caption of the video that states every fact these captions give "
             "(objects, colours, counts, actions, positions, directions, the order of events, the scene), "
             "without inventing anything they do not support. Reply with the caption only.")
-    return [{"role": "system", "content": "You write detailed, accurate video captions."},
-            {"role": "user", "content": user}]
+    return chat_messages("You write detailed, accurate video captions.", user)
+
+
+def source_captions(rec: dict) -> list[str] | None:
+    """The short captions of a recaption input ("captions", or one "caption"), None if unusable."""
+    srcs = rec.get("captions", rec.get("caption"))
+    srcs = [srcs] if isinstance(srcs, str) else srcs
+    if not isinstance(srcs, list) or not srcs or not all(isinstance(s, str) and s.strip() for s in srcs):
+        return None
+    return srcs
+
+
+def parse_recaption(min_words: int, text: str) -> tuple[str | None, list[str]]:
+    """The detailed caption in a reply, or why it is unusable: empty, refused, or too_short
+    (fewer words than the longest short caption)."""
+    caption, _ = clean_reply(text)
+    words = _tokens(caption)
+    refused = re.match(r"(?:i|sorry|unfortunately|as an)\b", caption, re.I) and REFUSAL.search(caption)
+    reason = "empty" if not words else "refused" if refused else "too_short" if len(words) < min_words else None
+    return (caption, []) if reason is None else (None, [reason])
 
 
 def cmd_recaption(args) -> dict:
     records = []
     found, left_out = read_records(args.inp, {})
     for line, rec in found:
-        srcs = rec.get("captions", rec.get("caption"))
-        srcs = [srcs] if isinstance(srcs, str) else srcs
-        if not isinstance(srcs, list) or not srcs or not all(isinstance(s, str) and s.strip() for s in srcs):
+        if source_captions(rec) is None:
             raise DataError(args.inp, line, "expected 'captions' (a list of strings) or 'caption' (a string)",
                             "captions")
         records.append(rec)
-    client, stats = ChatClient.from_args(args), RunStats()
+    return run_command("recaption", args, records, llm=partial(recaption_by_llm, args.step_tries),
+                       left_out=left_out)
 
-    def one(rec: dict) -> dict:
-        srcs = rec.get("captions", rec.get("caption"))
-        srcs = [srcs] if isinstance(srcs, str) else srcs
-        longest, reasons = max(len(_tokens(s)) for s in srcs), []
-        for _ in range(args.step_tries):
-            caption, _ = clean_reply(client.chat(recaption_messages(srcs)).text)
-            words = _tokens(caption)
-            refused = re.match(r"(?:i|sorry|unfortunately|as an)\b", caption, re.I) and REFUSAL.search(caption)
-            reason = ("empty" if not words else "refused" if refused else
-                      "too_short" if len(words) < longest else None)
-            if reason is None:
-                return {**_base_record(rec), "caption": caption, "source_captions": srcs, "status": "ok"}
-            stats.add("rejected", reason)
-            reasons.append(reason)
-        raise StepFailed(f"every try rejected ({', '.join(reasons)})")
 
-    run = map_resumable(records, one, args.out, args.concurrency, "recaption", args.retry_failed)
-    return _finish("recaption", run, stats, client, left_out)
+def recaption_by_llm(tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    srcs = source_captions(rec)
+    longest = max(len(_tokens(s)) for s in srcs)
+    asked = ask_or_fail(client, recaption_messages(srcs), partial(parse_recaption, longest),
+                        "Reply again with the caption only.", tries, stats)
+    return {**_base_record(rec), "caption": asked.value, "source_captions": srcs, "status": "ok"}
 
 
 def _chain_inputs(args) -> tuple[list[dict], int]:
@@ -778,30 +947,36 @@ def _chain_inputs(args) -> tuple[list[dict], int]:
     return [rec for _, rec in found], left_out
 
 
+def _limits(args) -> StepLimits:
+    return StepLimits(max_edit_frac=args.max_edit_frac, max_length_change=args.max_length_change)
+
+
+def _chain_record(args, rec: dict, chain: list[str], errors: list, **extra) -> dict:
+    return {**_base_record(rec), "prompt": rec.get("prompt", args.prompt), "chain": chain, "errors": errors,
+            **extra, "status": "ok"}
+
+
 def cmd_chains(args) -> dict:
     """c0 > c1 > ... > cK per record: --backend rules (offline, from facts) or http (an LLM)."""
     records, left_out = _chain_inputs(args)
-    client = ChatClient.from_args(args) if args.backend == "http" else None
-    stats, limits = RunStats(), _limits(args)
+    return run_command("chains", args, records, rules=partial(chain_by_rules, args),
+                       llm=partial(chain_by_llm, args), left_out=left_out)
 
-    def one(rec: dict) -> dict:
-        if client is None:
-            import synthetic
-            try:
-                chain, errors = synthetic.rules_chain(rec, args.length, args.seed, args.unconditioned)
-            except ValueError as e:
-                raise StepFailed(str(e)) from None
-            for e in errors[1:]:
-                stats.add("steps_by_type", e["type"])
-        else:
-            chain, errors = http_chain(rec, client, args.length, args.seed, args.unconditioned,
-                                       limits, stats, args.step_tries)
-        return {**_base_record(rec), "prompt": rec.get("prompt", args.prompt), "chain": chain,
-                "errors": errors, "status": "ok"}
 
-    run = map_resumable(records, one, args.out, args.concurrency if client else 1,
-                        f"chains ({args.backend})", args.retry_failed)
-    return _finish("chains", run, stats, client, left_out)
+def chain_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
+    try:
+        chain, errors = world.rules_chain(rec, args.length, args.seed, args.unconditioned)
+    except ValueError as e:
+        raise StepFailed(str(e)) from None
+    for e in errors[1:]:
+        stats.add("steps_by_type", e["type"])
+    return _chain_record(args, rec, chain, errors)
+
+
+def chain_by_llm(args, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    chain, errors = http_chain(rec, client, args.length, args.seed, args.unconditioned, _limits(args),
+                               stats, args.step_tries)
+    return _chain_record(args, rec, chain, errors)
 
 
 def cmd_inject(args) -> dict:
@@ -810,45 +985,49 @@ def cmd_inject(args) -> dict:
     ("ranking": "best_only"): train it with an objective that only uses the best
     (--objective mpo or dpo), not with rank."""
     records, left_out = _chain_inputs(args)
-    client = ChatClient.from_args(args) if args.backend == "http" else None
-    stats, limits = RunStats(), _limits(args)
+    return run_command("inject", args, records, rules=partial(inject_by_rules, args),
+                       llm=partial(inject_by_llm, args), left_out=left_out)
 
-    def one(rec: dict) -> dict:
-        rng = random.Random(f"{args.seed}:{rec['id']}")
-        gold, negatives, errors = rec["caption"], [], []
-        if client is None:
-            import synthetic
-            made = synthetic.inject_negatives(rec, args.length, rng)
-            if made is None:
-                raise StepFailed(f"too few distinct one-fact changes for --length {args.length}")
-            negatives, errors = made
+
+def inject_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
+    made = world.inject_negatives(rec, args.length, _record_rng(args.seed, rec))
+    if made is None:
+        raise StepFailed(f"too few distinct one-fact changes for --length {args.length}")
+    negatives, errors = made
+    return _inject_record(args, rec, negatives, errors, stats)
+
+
+def inject_by_llm(args, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    """K negatives, each one LLM step from the gold caption; an error type is not used twice
+    while unused ones apply, and a negative equal to an earlier one is asked again."""
+    rng, gold, limits = _record_rng(args.seed, rec), rec["caption"], _limits(args)
+    negatives, errors = [], []
+    types = applicable_error_types(gold)
+    if not types:
+        raise StepFailed("no error type applies to the caption")
+    for k in range(args.length):
+        pool = [t for t in types if t not in {e["type"] for e in errors}] or types
+        for _ in range(args.step_tries):
+            try:
+                caption, err = llm_step(client, gold, rng.choice(pool), [], limits, stats,
+                                        args.step_tries, rng, types)
+            except StepFailed as e:
+                raise StepFailed(f"negative {k + 1}: {e}", details={"partial_chain": [gold, *negatives]})
+            if caption not in negatives:
+                break
+            stats.add("rejected", "duplicate")
         else:
-            types = applicable_error_types(gold)
-            if not types:
-                raise StepFailed("no error type applies to the caption")
-            for k in range(args.length):
-                pool = [t for t in types if t not in {e["type"] for e in errors}] or types
-                for _ in range(args.step_tries):
-                    try:
-                        caption, err = llm_step(client, gold, rng.choice(pool), [], limits, stats,
-                                                args.step_tries, rng, types)
-                    except StepFailed as e:
-                        raise StepFailed(f"negative {k + 1}: {e}", details={"partial_chain": [gold, *negatives]})
-                    if caption not in negatives:
-                        break
-                    stats.add("rejected", "duplicate")
-                else:
-                    raise StepFailed(f"negative {k + 1}: only duplicates of earlier negatives")
-                negatives.append(caption)
-                errors.append(err)
-        for e in errors:
-            stats.add("steps_by_type", e["type"])
-        return {**_base_record(rec), "prompt": rec.get("prompt", args.prompt), "chain": [gold, *negatives],
-                "errors": _public_errors([None, *errors]), "ranking": "best_only", "status": "ok"}
+            raise StepFailed(f"negative {k + 1}: only duplicates of earlier negatives")
+        negatives.append(caption)
+        errors.append(err)
+    return _inject_record(args, rec, negatives, errors, stats)
 
-    run = map_resumable(records, one, args.out, args.concurrency if client else 1,
-                        f"inject ({args.backend})", args.retry_failed)
-    return _finish("inject", run, stats, client, left_out)
+
+def _inject_record(args, rec: dict, negatives: list[str], errors: list[dict], stats: RunStats) -> dict:
+    for e in errors:
+        stats.add("steps_by_type", e["type"])
+    return _chain_record(args, rec, [rec["caption"], *negatives], _public_errors([None, *errors]),
+                         ranking="best_only")
 
 
 def _read_chains(path: str) -> tuple[list[dict], int]:
@@ -869,16 +1048,16 @@ def cmd_mcq(args) -> dict:
     """Chains -> multiple-choice chains: the options are the chain's captions in a seeded random
     order; the chain becomes the letters, best first (the letter of c0, then of c1, ...)."""
     records, failed = _read_chains(args.inp)
+    return run_command("mcq", args, records, offline=partial(mcq_record, args.question, args.seed),
+                       left_out=failed)
 
-    def one(rec: dict) -> dict:
-        options = list(rec["chain"])
-        random.Random(f"{args.seed}:{rec['id']}").shuffle(options)
-        letters = [LETTERS[options.index(c)] for c in rec["chain"]]
-        return {**_base_record(rec), "prompt": format_mcq(args.question, options), "chain": letters,
-                "options": options, "errors": rec.get("errors"), "status": "ok"}
 
-    run = map_resumable(records, one, args.out, 1, "mcq", args.retry_failed)
-    return _finish("mcq", run, left_out=failed)
+def mcq_record(question: str, seed: int, rec: dict) -> dict:
+    options = list(rec["chain"])
+    _record_rng(seed, rec).shuffle(options)
+    letters = [LETTERS[options.index(c)] for c in rec["chain"]]
+    return {**_base_record(rec), "prompt": format_mcq(question, options), "chain": letters,
+            "options": options, "errors": rec.get("errors"), "status": "ok"}
 
 
 def cmd_ynq(args) -> dict:
@@ -887,15 +1066,14 @@ def cmd_ynq(args) -> dict:
     records, failed = _read_chains(args.inp)
     if "{caption}" not in args.question:
         raise SystemExit("ynq: --question must contain {caption}")
+    return run_command("ynq", args, records, offline=partial(ynq_record, args.question), left_out=failed)
 
-    def one(rec: dict) -> dict:
-        prompts = [args.question.format(caption=c) for c in reversed(rec["chain"])]
-        errors = rec.get("errors")
-        return {**_base_record(rec), "prompts": prompts, "response": "no",
-                "errors": list(reversed(errors)) if isinstance(errors, list) else None, "status": "ok"}
 
-    run = map_resumable(records, one, args.out, 1, "ynq", args.retry_failed)
-    return _finish("ynq", run, left_out=failed)
+def ynq_record(question: str, rec: dict) -> dict:
+    prompts = [question.format(caption=c) for c in reversed(rec["chain"])]
+    errors = rec.get("errors")
+    return {**_base_record(rec), "prompts": prompts, "response": "no",
+            "errors": list(reversed(errors)) if isinstance(errors, list) else None, "status": "ok"}
 
 
 def lfmcqa_messages(caption: str) -> list[dict]:
@@ -905,8 +1083,7 @@ def lfmcqa_messages(caption: str) -> list[dict]:
             "description, each other one is wrong in a specific detail. Reply with JSON only: "
             '{"question": "...", "options": ["...", "...", "...", "...", "..."], "answer": <index 0-4 of the '
             "correct option>}")
-    return [{"role": "system", "content": "You write exam questions about videos from their descriptions."},
-            {"role": "user", "content": user}]
+    return chat_messages("You write exam questions about videos from their descriptions.", user)
 
 
 def parse_lfmcqa(text: str) -> tuple[str, list[str], int] | None:
@@ -927,32 +1104,27 @@ def cmd_lfmcqa(args) -> dict:
     {"id", "video"?, "question", "options": [5], "answer": index}."""
     require = {"caption": str, **({"facts": dict} if args.backend == "rules" else {})}
     found, left_out = read_records(args.inp, require)
-    records = [rec for _, rec in found]
-    client = ChatClient.from_args(args) if args.backend == "http" else None
-    stats = RunStats()
+    return run_command("lfmcqa", args, [rec for _, rec in found], rules=partial(lfmcqa_by_rules, args.seed),
+                       llm=partial(lfmcqa_by_llm, args.seed, args.step_tries), left_out=left_out)
 
-    def one(rec: dict) -> dict:
-        rng = random.Random(f"{args.seed}:{rec['id']}")
-        if client is None:
-            import synthetic
-            question, options, answer = synthetic.lfmcqa_from_facts(rec["facts"], rng)
-        else:
-            for _ in range(args.step_tries):
-                parsed = parse_lfmcqa(client.chat(lfmcqa_messages(rec["caption"])).text)
-                if parsed is not None:
-                    break
-                stats.add("rejected", "unreadable")
-            else:
-                raise StepFailed(f"no readable question after {args.step_tries} tries")
-            question, options, answer = parsed
-            order = list(range(5))
-            rng.shuffle(order)                 # LLMs favour putting the answer first: reshuffle
-            options, answer = [options[i] for i in order], order.index(answer)
-        return {**_base_record(rec), "question": question, "options": options, "answer": answer, "status": "ok"}
 
-    run = map_resumable(records, one, args.out, args.concurrency if client else 1,
-                        f"lfmcqa ({args.backend})", args.retry_failed)
-    return _finish("lfmcqa", run, stats, client, left_out)
+def lfmcqa_by_rules(seed: int, rec: dict, world, stats: RunStats) -> dict:
+    return _lfmcqa_record(rec, *world.lfmcqa_from_facts(rec["facts"], _record_rng(seed, rec)))
+
+
+def lfmcqa_by_llm(seed: int, tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    asked = ask_until_parsed(client, lfmcqa_messages(rec["caption"]), partial(read_reply, parse_lfmcqa),
+                             JSON_REASK, tries, stats)
+    if not asked.ok:
+        raise StepFailed(f"no readable question after {tries} tries")
+    question, options, answer = asked.value
+    order = list(range(5))
+    _record_rng(seed, rec).shuffle(order)         # LLMs favour putting the answer first: reshuffle
+    return _lfmcqa_record(rec, question, [options[i] for i in order], order.index(answer))
+
+
+def _lfmcqa_record(rec: dict, question: str, options: list[str], answer: int) -> dict:
+    return {**_base_record(rec), "question": question, "options": options, "answer": answer, "status": "ok"}
 
 
 def cmd_reward(args) -> dict:
@@ -964,45 +1136,28 @@ def cmd_reward(args) -> dict:
         if len(rec["answers"]) < 2 or not all(isinstance(a, str) and a.strip() for a in rec["answers"]):
             raise DataError(args.inp, line, "expected at least two non-empty answer strings", "answers")
         records.append(rec)
-    client, stats = ChatClient.from_args(args), RunStats()
+    return run_command("reward", args, records, llm=partial(reward_by_llm, args.pairs), left_out=left_out)
 
-    def one(rec: dict) -> dict:
-        scored = [score_answer(client, rec["caption"], rec["question"], a) for a in rec["answers"]]
-        ranked = rank_answers(rec["answers"], scored, args.pairs)
-        base = {**_base_record(rec), "scored": [{"answer": a, **s} for a, s in zip(rec["answers"], scored)]}
-        if len(ranked) < 2:
-            stats.add("no_preference", "all answers scored alike")
-            return {**base, "status": "no_preference"}
-        stats.add("chain_length", str(len(ranked)))
-        return {**base, "prompt": rec["question"], "chain": [rec["answers"][i] for i in ranked],
-                "scores": [scored[i]["score"] for i in ranked], "status": "ok"}
 
-    run = map_resumable(records, one, args.out, args.concurrency, "reward", args.retry_failed)
-    return _finish("reward", run, stats, client, left_out)
+def reward_by_llm(pairs: bool, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    scored = [score_answer(client, rec["caption"], rec["question"], a) for a in rec["answers"]]
+    ranked = rank_answers(rec["answers"], scored, pairs)
+    base = {**_base_record(rec), "scored": [{"answer": a, **s} for a, s in zip(rec["answers"], scored)]}
+    if len(ranked) < 2:
+        stats.add("no_preference", "all answers scored alike")
+        return {**base, "status": "no_preference"}
+    stats.add("chain_length", str(len(ranked)))
+    return {**base, "prompt": rec["question"], "chain": [rec["answers"][i] for i in ranked],
+            "scores": [scored[i]["score"] for i in ranked], "status": "ok"}
 
 
 # =============================================================================================
 # On-policy data: QA from captions (LLaVA-Hound), and the paper's on-policy baselines
 # (Response Improvement, Response Comparison, RLAIF-V) over the model's own samples
 # =============================================================================================
-
-def ask_validated(client: ChatClient, messages: list[dict], parse: Callable[[str], object],
-                  tries: int, stats: RunStats, calls: list[int], max_tokens: int = 400):
-    """Ask until parse(reply) gives a value (not None); a refusal or an unreadable reply is
-    counted under stats["rejected"] and asked again; after `tries` a StepFailed (the record is
-    written as failed with the reason). calls[0] counts the requests (the data cost)."""
-    reasons = []
-    for _ in range(tries):
-        calls[0] += 1
-        text = client.chat(messages, max_tokens=max_tokens).text
-        value = parse(text)
-        if value is not None:
-            return value
-        reason = "refused" if parse_json_object(text) is None and REFUSAL.search(text) else "unreadable"
-        stats.add("rejected", reason)
-        reasons.append(reason)
-    raise StepFailed(f"every try rejected ({', '.join(reasons)})")
-
+# Each is written once against a teacher, whose every answer is an Asked (the value and the
+# requests it took): the LLM (LLMTeacher), or with --backend rules the scene's facts
+# (RulesTeacher, synthetic.py; each answer counts as one call).
 
 def qa_messages(caption: str, n: int) -> list[dict]:
     user = (f"Video description:\n{caption}\n\nWrite {n} questions about this video that the "
@@ -1010,9 +1165,8 @@ def qa_messages(caption: str, n: int) -> list[dict]:
             "of events, the scene), each with its correct answer in one or two full sentences taken "
             "only from the description. Reply with JSON only: "
             '{"qa": [{"question": "...", "answer": "..."}, ...]}')
-    return [{"role": "system", "content": "You write video question-answer pairs from detailed video "
-             "descriptions, for instruction tuning."},
-            {"role": "user", "content": user}]
+    return chat_messages("You write video question-answer pairs from detailed video "
+                         "descriptions, for instruction tuning.", user)
 
 
 def parse_qa(text: str) -> list[dict] | None:
@@ -1031,100 +1185,13 @@ def parse_qa(text: str) -> list[dict] | None:
     return out or None
 
 
-def qa_items_path(out: str) -> str:
-    return re.sub(r"\.jsonl$", "", out) + ".items.jsonl"
-
-
-def write_qa_items(out: str) -> tuple[str, int]:
-    """Flatten qa's per-video records into one record per question (what SFT, `sample` and
-    `eval_judge.py reward` read): {"id": VIDEO-qK, "video"?, "caption", "question", "answer",
-    "prompt", "chain": [answer]}. Rewritten atomically from the whole output on every run."""
-    rows = [{"id": f"{rec['id']}-q{k}", **{x: rec[x] for x in ("video",) if x in rec},
-             "caption": rec["caption"], "question": item["question"], "answer": item["answer"],
-             "prompt": item["question"], "chain": [item["answer"]], "source": "qa"}
-            for _, rec in read_jsonl(out) if is_ok(rec) for k, item in enumerate(rec["qa"])]
-    path, n = qa_items_path(out), len(rows)
-    write_jsonl(path, rows)
-    return path, n
-
-
-def cmd_qa(args) -> dict:
-    """LLaVA-Hound's instruction data: an LLM writes question-answer pairs from each detailed
-    caption -> OUT (one record per video, resumable) and OUT.items.jsonl (one per question)."""
-    require = {"caption": str, **({"facts": dict} if args.backend == "rules" else {})}
-    found, left_out = read_records(args.inp, require)
-    client = ChatClient.from_args(args) if args.backend == "http" else None
-    stats = RunStats()
-
-    def one(rec: dict) -> dict:
-        calls = [0]
-        if client is None:
-            import synthetic
-            qa = synthetic.qa_from_facts(rec["facts"], random.Random(f"{args.seed}:{rec['id']}"), args.n)
-            calls[0] = 1
-        else:
-            qa = ask_validated(client, qa_messages(rec["caption"], args.n), parse_qa, args.step_tries,
-                               stats, calls, max_tokens=120 * args.n)[:args.n]
-        stats.add("questions", "written", len(qa))
-        return {**_base_record(rec), "caption": rec["caption"], "qa": qa, "source": "qa",
-                "llm_calls": calls[0], "status": "ok"}
-
-    run = map_resumable([r for _, r in found], one, args.out, args.concurrency if client else 1,
-                        f"qa ({args.backend})", args.retry_failed)
-    items, n = write_qa_items(args.out)
-    return _finish("qa", {**run, "items": items, "questions": n}, stats, client, left_out)
-
-
-def read_samples(path: str, min_answers: int = 1) -> tuple[list[tuple[int, dict]], int]:
-    """`eval_judge.py sample` output as (line, record): every record needs `answers`, a list of at
-    least min_answers non-empty strings."""
-    found, left_out = read_records(path, {"answers": list})
-    for line, rec in found:
-        if len(rec["answers"]) < min_answers or not all(isinstance(a, str) for a in rec["answers"]):
-            raise DataError(path, line, f"expected at least {min_answers} answer strings "
-                            "(the output of `eval_judge.py sample`)", "answers")
-    return found, left_out
-
-
-def usable_answers(rec: dict, need: int, source: str, stats: RunStats) -> tuple[list[str], dict | None]:
-    """The non-empty samples of a record (a model may stop at once: an empty sample is real output,
-    not bad input), or a no_preference record when fewer than `need` are left."""
-    answers = [a for a in rec["answers"] if a.strip()]
-    if len(answers) >= need:
-        return answers, None
-    stats.add("no_preference", "empty samples")
-    return answers, {**_base_record(rec), "source": source, "llm_calls": 0, "status": "no_preference",
-                     "reason": f"{len(answers)} non-empty sample(s), {need} needed"}
-
-
-def read_refs(path: str, rules: bool) -> dict[str, dict]:
-    """The reference captions by id ({"id", "caption"}; the rules backend also needs `facts`)."""
-    found, _ = read_records(path, {"caption": str, **({"facts": dict} if rules else {})})
-    return {rec["id"]: rec for _, rec in found}
-
-
-def _onpolicy_inputs(args, min_answers: int) -> tuple[list[dict], dict[str, dict], int]:
-    """The samples (--in) and their reference captions (--ref), matched by id, checked up front."""
-    found, left_out = read_samples(args.inp, min_answers)
-    refs = read_refs(args.ref, args.backend == "rules")
-    for line, rec in found:
-        if rec["id"] not in refs:
-            raise DataError(args.inp, line, f"no reference caption with id {rec['id']!r} in {args.ref}", "id")
-    return [rec for _, rec in found], refs, left_out
-
-
-def _pair_record(rec: dict, better: str, worse: str, source: str, calls: int, **extra) -> dict:
-    return {**_base_record(rec), "prompt": rec.get("prompt", rec.get("question", DEFAULT_PROMPT)),
-            "chain": [better, worse], "source": source, "llm_calls": calls, **extra, "status": "ok"}
-
-
 def improve_messages(reference: str, caption: str) -> list[dict]:
     user = (f"Reference description of a video (correct):\n{reference}\n\nA model's caption of the "
             f"same video:\n{caption}\n\nRewrite the model's caption so that it is correct: fix every "
             "statement the reference contradicts, drop what it does not support, add what the caption "
             "misses; keep the caption's style. Reply with JSON only: {\"caption\": \"<the corrected caption>\"}")
-    return [{"role": "system", "content": "You are a teacher who corrects video captions against a "
-             "reference description."}, {"role": "user", "content": user}]
+    return chat_messages("You are a teacher who corrects video captions against a "
+                         "reference description.", user)
 
 
 def parse_caption_reply(text: str) -> str | None:
@@ -1134,42 +1201,12 @@ def parse_caption_reply(text: str) -> str | None:
     return caption
 
 
-def cmd_improve(args) -> dict:
-    """Response Improvement: the teacher corrects the model's caption against the reference;
-    pair: corrected > sampled (the first sample of each record)."""
-    samples, refs, left_out = _onpolicy_inputs(args, 1)
-    client = ChatClient.from_args(args) if args.backend == "http" else None
-    stats = RunStats()
-
-    def one(rec: dict) -> dict:
-        answers, skip = usable_answers(rec, 1, "improve", stats)
-        if skip:
-            return skip
-        ref, sample, calls = refs[rec["id"]], answers[0], [0]
-        if client is None:
-            import synthetic
-            improved, calls[0] = synthetic.rules_improve(sample, ref["facts"]), 1
-        else:
-            improved = ask_validated(client, improve_messages(ref["caption"], sample), parse_caption_reply,
-                                     args.step_tries, stats, calls,
-                                     max_tokens=max(128, 3 * len(ref["caption"].split())))
-        if _tokens(improved) == _tokens(sample):
-            stats.add("no_preference", "already correct")
-            return {**_base_record(rec), "source": "improve", "llm_calls": calls[0],
-                    "status": "no_preference", "reason": "the teacher left the sample unchanged"}
-        return _pair_record(rec, improved, sample, "improve", calls[0])
-
-    run = map_resumable(samples, one, args.out, args.concurrency if client else 1,
-                        f"improve ({args.backend})", args.retry_failed)
-    return _finish("improve", run, stats, client, left_out)
-
-
 def pick_messages(reference: str, first: str, second: str) -> list[dict]:
     user = (f"Reference description of a video (correct):\n{reference}\n\nCaption 1:\n{first}\n\n"
             f"Caption 2:\n{second}\n\nWhich caption describes the video better: more correct facts, "
             "fewer wrong ones? Reply with JSON only: {\"better\": 1 or 2}")
-    return [{"role": "system", "content": "You are a teacher who compares video captions against a "
-             "reference description."}, {"role": "user", "content": user}]
+    return chat_messages("You are a teacher who compares video captions against a "
+                         "reference description.", user)
 
 
 def parse_pick(text: str) -> str | None:
@@ -1182,60 +1219,18 @@ def parse_pick(text: str) -> str | None:
     return value if value in ("1", "2") else None
 
 
-def cmd_compare(args) -> dict:
-    """Response Comparison: the teacher picks the better of two samples, asked twice with the
-    positions swapped; a pair only when both orders agree (disagreements are written as
-    no_preference and counted: that is the position bias cancelled)."""
-    samples, refs, left_out = _onpolicy_inputs(args, 2)
-    client = ChatClient.from_args(args) if args.backend == "http" else None
-    stats = RunStats()
-
-    def one(rec: dict) -> dict:
-        answers, skip = usable_answers(rec, 2, "compare", stats)
-        if skip:
-            return skip
-        ref, calls = refs[rec["id"]], [0]
-        a, b = next(((x, y) for i, x in enumerate(answers) for y in answers[i + 1:]
-                     if _tokens(x) != _tokens(y)), (answers[0], answers[1]))
-        if _tokens(a) == _tokens(b):
-            stats.add("no_preference", "identical samples")
-            return {**_base_record(rec), "source": "compare", "llm_calls": 0, "status": "no_preference",
-                    "reason": "all samples are the same text"}
-        if client is None:
-            import synthetic
-            qa, qb = (synthetic.caption_quality(x, ref["facts"]) for x in (a, b))
-            picks = ["1" if qa > qb else "2" if qb > qa else "tie", "2" if qa > qb else "1" if qb > qa else "tie"]
-            calls[0] = 2
-        else:
-            picks = [ask_validated(client, pick_messages(ref["caption"], x, y), parse_pick, args.step_tries,
-                                   stats, calls, max_tokens=64) for x, y in ((a, b), (b, a))]
-        a_wins = [picks[0] == "1", picks[1] == "2"]
-        if all(a_wins) or not any(a_wins) and "tie" not in picks:
-            better, worse = (a, b) if all(a_wins) else (b, a)
-            stats.add("decided", "both orders agree")
-            return _pair_record(rec, better, worse, "compare", calls[0], picks=picks)
-        stats.add("no_preference", "orders disagree")
-        return {**_base_record(rec), "source": "compare", "llm_calls": calls[0], "picks": picks,
-                "status": "no_preference", "reason": "the two orders disagree (position bias or a tie)"}
-
-    run = map_resumable(samples, one, args.out, args.concurrency if client else 1,
-                        f"compare ({args.backend})", args.retry_failed)
-    return _finish("compare", run, stats, client, left_out)
-
-
 def claims_messages(caption: str) -> list[dict]:
     user = (f"Caption of a video:\n{caption}\n\nSplit the caption into atomic claims: short, "
             "self-contained statements, each stating one fact about the video. Reply with JSON only: "
             '{"claims": ["...", "..."]}')
-    return [{"role": "system", "content": "You split text into atomic factual claims."},
-            {"role": "user", "content": user}]
+    return chat_messages("You split text into atomic factual claims.", user)
 
 
 def verify_messages(reference: str, claim: str) -> list[dict]:
     user = (f"Reference description of a video (correct):\n{reference}\n\nClaim: {claim}\n\n"
             'Does the reference support the claim? Reply with JSON only: {"verdict": "yes" or "no"}')
-    return [{"role": "system", "content": "You check claims about a video against its reference "
-             "description."}, {"role": "user", "content": user}]
+    return chat_messages("You check claims about a video against its reference "
+                         "description.", user)
 
 
 def parse_claims(text: str) -> list[str] | None:
@@ -1259,6 +1254,184 @@ def parse_claim_verdict(text: str) -> bool | None:
     return {"yes": True, "no": False}.get(v)
 
 
+class LLMTeacher:
+    """The teacher over HTTP: each answer is asked until it parses (a refusal or an unreadable
+    reply is counted under "rejected" and asked again); a record whose `tries` replies to one
+    question were all unusable fails (StepFailed)."""
+
+    def __init__(self, client: ChatClient, tries: int, stats: RunStats):
+        self.client, self.tries, self.stats = client, tries, stats
+
+    def _ask(self, messages: list[dict], parse: Callable[[str], object], max_tokens: int) -> Asked:
+        return ask_or_fail(self.client, messages, partial(read_reply, parse), JSON_REASK, self.tries,
+                           self.stats, max_tokens=max_tokens)
+
+    def qa(self, rec: dict, n: int, rng: random.Random) -> Asked:
+        asked = self._ask(qa_messages(rec["caption"], n), parse_qa, 120 * n)
+        return replace(asked, value=asked.value[:n])
+
+    def improve(self, ref: dict, sample: str) -> Asked:
+        return self._ask(improve_messages(ref["caption"], sample), parse_caption_reply,
+                         max(128, 3 * len(ref["caption"].split())))
+
+    def pick(self, ref: dict, first: str, second: str) -> Asked:
+        return self._ask(pick_messages(ref["caption"], first, second), parse_pick, 64)
+
+    def claims(self, answer: str) -> Asked:
+        return self._ask(claims_messages(answer), parse_claims, max(128, 3 * len(answer.split())))
+
+    def verify(self, ref: dict, claim: str) -> Asked:
+        return self._ask(verify_messages(ref["caption"], claim), parse_claim_verdict, 32)
+
+
+class RulesTeacher:
+    """The scene's facts as the teacher (--backend rules; synthetic.py): `improve` writes the
+    gold caption, `pick` goes by the rules judge's score, `claims` are sentences and `verify`
+    is match_facts. Each answer counts as one call."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def qa(self, rec: dict, n: int, rng: random.Random) -> Asked:
+        return Asked(self.world.qa_from_facts(rec["facts"], rng, n))
+
+    def improve(self, ref: dict, sample: str) -> Asked:
+        return Asked(self.world.rules_improve(sample, ref["facts"]))
+
+    def pick(self, ref: dict, first: str, second: str) -> Asked:
+        q1, q2 = (self.world.caption_quality(x, ref["facts"]) for x in (first, second))
+        return Asked("1" if q1 > q2 else "2" if q2 > q1 else "tie")
+
+    def claims(self, answer: str) -> Asked:
+        return Asked(self.world.rules_claims(answer))
+
+    def verify(self, ref: dict, claim: str) -> Asked:
+        return Asked(self.world.rules_supported(claim, ref["facts"]))
+
+
+def qa_items_path(out: str) -> str:
+    return re.sub(r"\.jsonl$", "", out) + ".items.jsonl"
+
+
+def write_qa_items(out: str) -> dict:
+    """Flatten qa's per-video records into one record per question (what SFT, `sample` and
+    `eval_judge.py reward` read): {"id": VIDEO-qK, "video"?, "caption", "question", "answer",
+    "prompt", "chain": [answer]}. Rewritten atomically from the whole output on every run.
+    Returns {"items": its path, "questions": how many} for the summary."""
+    rows = [{"id": f"{rec['id']}-q{k}", **{x: rec[x] for x in ("video",) if x in rec},
+             "caption": rec["caption"], "question": item["question"], "answer": item["answer"],
+             "prompt": item["question"], "chain": [item["answer"]], "source": "qa"}
+            for _, rec in read_jsonl(out) if is_ok(rec) for k, item in enumerate(rec["qa"])]
+    path = qa_items_path(out)
+    write_jsonl(path, rows)
+    return {"items": path, "questions": len(rows)}
+
+
+def cmd_qa(args) -> dict:
+    """LLaVA-Hound's instruction data: an LLM writes question-answer pairs from each detailed
+    caption -> OUT (one record per video, resumable) and OUT.items.jsonl (one per question)."""
+    require = {"caption": str, **({"facts": dict} if args.backend == "rules" else {})}
+    found, left_out = read_records(args.inp, require)
+    return run_command("qa", args, [r for _, r in found], taught=partial(qa_record, args.n, args.seed),
+                       left_out=left_out, then=partial(write_qa_items, args.out))
+
+
+def qa_record(n: int, seed: int, rec: dict, teacher, stats: RunStats) -> dict:
+    asked = teacher.qa(rec, n, _record_rng(seed, rec))
+    stats.add("questions", "written", len(asked.value))
+    return {**_base_record(rec), "caption": rec["caption"], "qa": asked.value, "source": "qa",
+            "llm_calls": asked.tries, "status": "ok"}
+
+
+def read_samples(path: str, min_answers: int = 1) -> tuple[list[tuple[int, dict]], int]:
+    """`eval_judge.py sample` output as (line, record): every record needs `answers`, a list of at
+    least min_answers non-empty strings."""
+    found, left_out = read_records(path, {"answers": list})
+    for line, rec in found:
+        if len(rec["answers"]) < min_answers or not all(isinstance(a, str) for a in rec["answers"]):
+            raise DataError(path, line, f"expected at least {min_answers} answer strings "
+                            "(the output of `eval_judge.py sample`)", "answers")
+    return found, left_out
+
+
+def read_refs(path: str, rules: bool) -> dict[str, dict]:
+    """The reference captions by id ({"id", "caption"}; the rules backend also needs `facts`)."""
+    found, _ = read_records(path, {"caption": str, **({"facts": dict} if rules else {})})
+    return {rec["id"]: rec for _, rec in found}
+
+
+def run_on_samples(name: str, args, need: int, judge: Callable) -> dict:
+    """The on-policy baselines: the model's samples (--in) and their reference captions (--ref),
+    matched by id and checked up front; per record, judge(rec, ref, answers, teacher, stats)
+    on its non-empty samples (run_command's `taught`)."""
+    found, left_out = read_samples(args.inp, need)
+    refs = read_refs(args.ref, args.backend == "rules")
+    for line, rec in found:
+        if rec["id"] not in refs:
+            raise DataError(args.inp, line, f"no reference caption with id {rec['id']!r} in {args.ref}", "id")
+    return run_command(name, args, [rec for _, rec in found], left_out=left_out,
+                       taught=partial(_on_usable_samples, name, need, refs, judge))
+
+
+def _on_usable_samples(source: str, need: int, refs: dict[str, dict], judge: Callable, rec: dict, teacher,
+                       stats: RunStats) -> dict:
+    """judge() on the record's non-empty samples (a model may stop at once: an empty sample is
+    real output, not bad input), or a no_preference record when fewer than `need` are left."""
+    answers = [a for a in rec["answers"] if a.strip()]
+    if len(answers) < need:
+        stats.add("no_preference", "empty samples")
+        return _no_preference(rec, source, 0, f"{len(answers)} non-empty sample(s), {need} needed")
+    return judge(rec, refs[rec["id"]], answers, teacher, stats)
+
+
+def _no_preference(rec: dict, source: str, calls: int, reason: str, **extra) -> dict:
+    return {**_base_record(rec), "source": source, "llm_calls": calls, **extra, "status": "no_preference",
+            "reason": reason}
+
+
+def _pair_record(rec: dict, better: str, worse: str, source: str, calls: int, **extra) -> dict:
+    return {**_base_record(rec), "prompt": rec.get("prompt", rec.get("question", DEFAULT_PROMPT)),
+            "chain": [better, worse], "source": source, "llm_calls": calls, **extra, "status": "ok"}
+
+
+def cmd_improve(args) -> dict:
+    """Response Improvement: the teacher corrects the model's caption against the reference;
+    pair: corrected > sampled (the first sample of each record)."""
+    return run_on_samples("improve", args, 1, improve_record)
+
+
+def improve_record(rec: dict, ref: dict, answers: list[str], teacher, stats: RunStats) -> dict:
+    sample = answers[0]
+    improved = teacher.improve(ref, sample)
+    if _tokens(improved.value) == _tokens(sample):
+        stats.add("no_preference", "already correct")
+        return _no_preference(rec, "improve", improved.tries, "the teacher left the sample unchanged")
+    return _pair_record(rec, improved.value, sample, "improve", improved.tries)
+
+
+def cmd_response_comparison(args) -> dict:
+    """Response Comparison (`compare`): the teacher picks the better of two samples, asked in
+    both orders (ask_both_orders); a pair only when both orders agree (disagreements are written
+    as no_preference and counted: that is the position bias cancelled)."""
+    return run_on_samples("compare", args, 2, comparison_record)
+
+
+def comparison_record(rec: dict, ref: dict, answers: list[str], teacher, stats: RunStats) -> dict:
+    a, b = next(((x, y) for i, x in enumerate(answers) for y in answers[i + 1:]
+                 if _tokens(x) != _tokens(y)), (answers[0], answers[1]))
+    if _tokens(a) == _tokens(b):
+        stats.add("no_preference", "identical samples")
+        return _no_preference(rec, "compare", 0, "all samples are the same text")
+    both = ask_both_orders(partial(teacher.pick, ref), a, b)
+    if both.result in ("win", "loss"):
+        better, worse = (a, b) if both.result == "win" else (b, a)
+        stats.add("decided", "both orders agree")
+        return _pair_record(rec, better, worse, "compare", both.tries, picks=both.verdicts)
+    stats.add("no_preference", "orders disagree")
+    return _no_preference(rec, "compare", both.tries, "the two orders disagree (position bias or a tie)",
+                          picks=both.verdicts)
+
+
 def rank_by_support(answers: list[str], supported: list[int], claims: list[int], pairs: bool) -> list[int]:
     """RLAIF-V's order: share of supported claims, ties broken by the count of supported claims;
     one sample per distinct (share, count), so the list is strictly ordered."""
@@ -1275,42 +1448,26 @@ def rank_by_support(answers: list[str], supported: list[int], claims: list[int],
 def cmd_rlaifv(args) -> dict:
     """RLAIF-V: claims extracted from each sample, each claim checked against the reference,
     samples ranked by the share of supported claims (ties: by count) -> a ranked chain."""
-    samples, refs, left_out = _onpolicy_inputs(args, 2)
-    client = ChatClient.from_args(args) if args.backend == "http" else None
-    stats = RunStats()
+    return run_on_samples("rlaifv", args, 2, partial(rlaifv_record, args.pairs))
 
-    def one(rec: dict) -> dict:
-        answers, skip = usable_answers(rec, 2, "rlaifv", stats)
-        if skip:
-            return skip
-        ref, calls, supported, n_claims = refs[rec["id"]], [0], [], []
-        for answer in answers:
-            if client is None:
-                import synthetic
-                claims = synthetic.rules_claims(answer)
-                verdicts = [synthetic.rules_supported(c, ref["facts"]) for c in claims]
-                calls[0] += 1 + len(claims)
-            else:
-                claims = ask_validated(client, claims_messages(answer), parse_claims, args.step_tries, stats,
-                                       calls, max_tokens=max(128, 3 * len(answer.split())))
-                verdicts = [ask_validated(client, verify_messages(ref["caption"], c), parse_claim_verdict,
-                                          args.step_tries, stats, calls, max_tokens=32) for c in claims]
-            n_claims.append(len(claims))
-            supported.append(sum(verdicts))
-        ranked = rank_by_support(answers, supported, n_claims, args.pairs)
-        base = {**_base_record(rec), "source": "rlaifv", "llm_calls": calls[0],
-                "support": [{"answer": a, "claims": c, "supported": s}
-                            for a, c, s in zip(answers, n_claims, supported)]}
-        if len(ranked) < 2:
-            stats.add("no_preference", "all samples equally supported")
-            return {**base, "status": "no_preference", "reason": "every sample has the same support"}
-        stats.add("chain_length", str(len(ranked)))
-        return {**base, "prompt": rec.get("prompt", rec.get("question", DEFAULT_PROMPT)),
-                "chain": [answers[i] for i in ranked], "status": "ok"}
 
-    run = map_resumable(samples, one, args.out, args.concurrency if client else 1,
-                        f"rlaifv ({args.backend})", args.retry_failed)
-    return _finish("rlaifv", run, stats, client, left_out)
+def rlaifv_record(pairs: bool, rec: dict, ref: dict, answers: list[str], teacher, stats: RunStats) -> dict:
+    calls, supported, n_claims = 0, [], []
+    for answer in answers:
+        claims = teacher.claims(answer)
+        verdicts = [teacher.verify(ref, c) for c in claims.value]
+        calls += claims.tries + sum(v.tries for v in verdicts)
+        n_claims.append(len(claims.value))
+        supported.append(sum(v.value for v in verdicts))
+    ranked = rank_by_support(answers, supported, n_claims, pairs)
+    support = [{"answer": a, "claims": c, "supported": s} for a, c, s in zip(answers, n_claims, supported)]
+    if len(ranked) < 2:
+        stats.add("no_preference", "all samples equally supported")
+        return _no_preference(rec, "rlaifv", calls, "every sample has the same support", support=support)
+    stats.add("chain_length", str(len(ranked)))
+    return {**_base_record(rec), "source": "rlaifv", "llm_calls": calls, "support": support,
+            "prompt": rec.get("prompt", rec.get("question", DEFAULT_PROMPT)),
+            "chain": [answers[i] for i in ranked], "status": "ok"}
 
 
 # =============================================================================================
@@ -1390,7 +1547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, text in (
             ("improve", cmd_improve, "Response Improvement: teacher-corrected caption > the sample"),
-            ("compare", cmd_compare, "Response Comparison: the teacher's pick of two samples, both orders"),
+            ("compare", cmd_response_comparison, "Response Comparison: the teacher's pick of two samples, both orders"),
             ("rlaifv", cmd_rlaifv, "RLAIF-V: samples ranked by their share of supported claims")):
         c = sub.add_parser(name, help=text)
         io(c, backend=True)

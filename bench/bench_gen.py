@@ -26,6 +26,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import gen_chains as gc          # noqa: E402
 from fake_llm import FakeLLM     # noqa: E402
+from records import map_resumable  # noqa: E402
 
 
 def machine() -> dict:
@@ -48,7 +49,7 @@ def client_rate(url: str, concurrency: int, n: int, workdir: str) -> float:
         return {"id": rec["id"], "text": reply.text}
 
     t0 = time.perf_counter()
-    summary = gc.map_resumable(records, one, out, concurrency, desc=f"c={concurrency}")
+    summary = map_resumable(records, one, out, concurrency, desc=f"c={concurrency}")
     elapsed = time.perf_counter() - t0
     assert summary["done"] == n, summary
     return n / elapsed

@@ -562,7 +562,7 @@ def test_reward_cli(tmp_path):
     ])
 
     def grader(req):
-        text = req.user_text
+        text = next(m["content"] for m in req.messages if m["role"] == "user")   # re-asks follow it
         assert "Video description" in text
         if "UNREADABLE" in text:
             return "hmm"

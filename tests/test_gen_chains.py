@@ -658,6 +658,91 @@ def test_score_answer_reasks_then_fails():
             gc.score_answer(client, "c", "q", "a")
 
 
+def asked_first(req) -> str:
+    """Which caption a comparison request put first."""
+    user = next(m["content"] for m in req.messages if m["role"] == "user")
+    return user.split("Caption 1:\n", 1)[1].split("\n\n", 1)[0]
+
+
+def test_ask_until_parsed_reasks_with_the_problem_then_fails_with_reasons():
+    """The one re-ask loop (gen_chains' steps and eval_judge's judge): the conversation goes on
+    with the unusable reply and what was wrong with it; every problem is counted; when every
+    try fails the result says why, and ask_or_fail turns that into the record's failure."""
+    from functools import partial
+    parse = partial(gc.read_reply, gc.parse_claims)
+    with FakeLLM() as llm:
+        client, stats = gc.ChatClient(llm.url, "m", backoff=0.01), gc.RunStats()
+        llm.push("I'm sorry, I cannot split this caption.", "Claims: the circle is red",
+                 '```json\n{"claims": ["a red circle", "it moves up"]}\n```')
+        asked = gc.ask_until_parsed(client, gc.claims_messages("A red circle moves up."), parse,
+                                    gc.JSON_REASK, 4, stats, max_tokens=50)
+        assert asked.ok and asked.value == ["a red circle", "it moves up"] and asked.tries == 3
+        assert asked.rejected == ["refused", "unreadable"]
+        third = llm.requests[2].messages
+        assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert third[1]["content"].startswith("Caption of a video:\nA red circle moves up.")
+        assert third[2]["content"] == "I'm sorry, I cannot split this caption."
+        assert third[3]["content"] == f"I could not use your reply: it declines the task. {gc.JSON_REASK}"
+        assert third[5]["content"].startswith("I could not use your reply: I could not read the answer")
+        assert all(r.body["max_tokens"] == 50 for r in llm.requests)
+        llm.push("no idea", "I cannot do that.")
+        failed = gc.ask_until_parsed(client, gc.claims_messages("x"), parse, gc.JSON_REASK, 2, stats)
+        assert not failed.ok and failed.value is None and failed.tries == 2
+        assert failed.rejected == ["unreadable", "refused"] and failed.reply == "I cannot do that."
+        assert stats.as_dict() == {"rejected": {"refused": 2, "unreadable": 2}}
+        llm.push("no idea", "still no idea")
+        with pytest.raises(gc.StepFailed, match=r"^every try rejected \(unreadable, unreadable\)$"):
+            gc.ask_or_fail(client, gc.claims_messages("x"), parse, gc.JSON_REASK, 2, stats)
+
+
+def test_ask_both_orders_agreeing_and_disagreeing_pairs():
+    """The one both-orders comparer (gen_chains' compare and eval_judge's compare): a caption
+    wins only when both orders pick it; a judge that always picks position 1 gives a tie."""
+    from functools import partial
+
+    def judge(req):                             # prefers the caption that says GOOD, wherever it is,
+        first = asked_first(req)                # but always picks position 1 when it sees BIASED
+        if "BIASED" in first or "GOOD" in first:
+            return '{"better": 1}'
+        return "Caption 2 is better."
+    with FakeLLM(responder=judge) as llm:
+        teacher = gc.LLMTeacher(gc.ChatClient(llm.url, "m", backoff=0.01), 2, gc.RunStats())
+        pick = partial(teacher.pick, {"caption": "the reference"})
+        agree = gc.ask_both_orders(pick, "a plain caption", "a GOOD caption")
+        assert (agree.verdicts, agree.a_view, agree.result, agree.tries) == (["2", "1"], ["b", "b"], "loss", 2)
+        assert [asked_first(r) for r in llm.requests] == ["a plain caption", "a GOOD caption"]
+        won = gc.ask_both_orders(pick, "a GOOD caption", "a plain caption")
+        assert (won.verdicts, won.a_view, won.result) == (["1", "2"], ["a", "a"], "win")
+        disagree = gc.ask_both_orders(pick, "BIASED one", "BIASED two")
+        assert (disagree.verdicts, disagree.a_view, disagree.result) == (["1", "1"], ["a", "b"], "tie")
+        assert disagree.failed is None
+        # An order with no usable verdict: the other one is not asked, and the failure is kept.
+        n = len(llm.requests)
+        llm.push("hmm", "hmm")
+        failed = gc.ask_both_orders(lambda f, s: gc.ask_until_parsed(
+            teacher.client, gc.pick_messages("ref", f, s), partial(gc.read_reply, gc.parse_pick), gc.JSON_REASK, 2),
+            "one", "two")
+        assert failed.failed is not None and failed.failed.rejected == ["unreadable", "unreadable"]
+        assert failed.result == "" and failed.tries == 2 and len(llm.requests) == n + 2
+    assert [gc.combine_orders(*v) for v in (("a", "a"), ("b", "b"), ("a", "b"), ("tie", "a"))] == \
+        ["win", "loss", "tie", "tie"]
+
+
+def test_http_path_never_loads_the_toy_world(tmp_path):
+    """--backend http goes nowhere near synthetic.py: only toy_world() imports it."""
+    import subprocess
+    import sys
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "caption": "A man opens a red door."}])
+    with FakeLLM(default='{"qa": [{"question": "What opens?", "answer": "A man opens a door."}]}') as llm:
+        code = ("import sys, gen_chains; gen_chains.main(sys.argv[1:]); "
+                "assert 'synthetic' not in sys.modules, 'synthetic was imported'")
+        run = subprocess.run([sys.executable, "-c", code, "qa", "--in", inp, "--out", str(tmp_path / "o.jsonl"),
+                              "--n", "1", "--base_url", llm.url, "--model", "m"],
+                             capture_output=True, text=True, timeout=60, cwd=os.path.dirname(GEN))
+    assert run.returncode == 0, run.stderr
+    assert lines(tmp_path / "o.items.jsonl")[0]["question"] == "What opens?"
+
+
 def test_recaption(tmp_path):
     recs = [{"id": "a", "video": "a.mp4", "captions": ["a man walks", "a dog follows him"]},
             {"id": "b", "caption": "a red car drives away quickly"}]

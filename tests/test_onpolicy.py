@@ -1,4 +1,4 @@
-"""Tests for on-policy preference data (issue 14): `eval_judge.py sample`, `gen_chains.py qa`,
+"""Tests for on-policy preference data: `eval_judge.py sample`, `gen_chains.py qa`,
 the paper's on-policy baselines (improve, compare, rlaifv) with the fake LLM server and the
 rules backend, LLaVA-Hound's whole loop on the tiny model, and the one-writer lock on outputs
 (real processes)."""
@@ -94,8 +94,14 @@ def test_qa_rules_writes_items_for_sft_sample_and_reward(synth_dir, tmp_path):
 # LLM backends against the fake server: good replies, preambles, refusals, malformed JSON
 # ---------------------------------------------------------------------------------------------
 
+def question(req):
+    """The request's first user message: what was asked (a re-ask goes on in the same
+    conversation, after the model's unusable reply)."""
+    return next(m["content"] for m in req.messages if m["role"] == "user")
+
+
 def ref_of(req):
-    return re.search(r"\(correct\):\n(.*?)\n\n", req.user_text, re.S).group(1)
+    return re.search(r"\(correct\):\n(.*?)\n\n", question(req), re.S).group(1)
 
 
 def test_improve_http(synth_dir, samples, tmp_path):
@@ -104,7 +110,7 @@ def test_improve_http(synth_dir, samples, tmp_path):
     seen: dict[str, int] = {}
 
     def responder(req):
-        cap = re.search(r"same video:\n(.*?)\n\n", req.user_text, re.S).group(1)
+        cap = re.search(r"same video:\n(.*?)\n\n", question(req), re.S).group(1)
         seen[cap] = seen.get(cap, 0) + 1
         kind = bad.get(cap)
         if kind == "refuse" and seen[cap] == 1:
@@ -118,6 +124,9 @@ def test_improve_http(synth_dir, samples, tmp_path):
     with FakeLLM(responder=responder) as llm:
         summary = gc.main(["improve", "--in", samples, "--ref", str(synth_dir / "train.jsonl"),
                            "--out", str(tmp_path / "o.jsonl"), *http_args(llm)])
+    reask = [r.messages for r in llm.requests if recs[0]["answers"][0] in question(r)][1]
+    assert [m["role"] for m in reask] == ["system", "user", "assistant", "user"]     # the refusal, shown back
+    assert reask[2]["content"].startswith("I'm sorry") and "declines the task" in reask[3]["content"]
     by_id = {r["id"]: r for r in lines(tmp_path / "o.jsonl")}
     refs = {r["id"]: r["caption"] for r in lines(synth_dir / "train.jsonl")}
     assert by_id[recs[0]["id"]]["chain"] == [refs[recs[0]["id"]], recs[0]["answers"][0]]   # after a refusal
@@ -136,7 +145,7 @@ def test_compare_http_cancels_position_bias(synth_dir, samples, tmp_path):
     calls = {"n": 0}
 
     def responder(req):
-        text = req.user_text
+        text = question(req)
         one = re.search(r"Caption 1:\n(.*?)\n\n", text, re.S).group(1)
         two = re.search(r"Caption 2:\n(.*?)\n\n", text, re.S).group(1)
         if biased in (one, two):
@@ -168,7 +177,7 @@ def test_rlaifv_http_ranks_by_supported_share(synth_dir, samples, tmp_path):
     failing = lines(samples)[0]["answers"][1]
 
     def responder(req):
-        text = req.user_text
+        text = question(req)
         if text.startswith("Caption of a video"):
             cap = text.split("\n", 2)[1]
             if cap == failing:
