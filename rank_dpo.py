@@ -452,12 +452,14 @@ def video_token_id(processor) -> int:
         tokenizer_of(processor).convert_tokens_to_ids(processor.video_token)
 
 
-PROCESSOR_FAMILIES = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "TinyProcessor": "qwen2_5_vl",
-                      "Qwen3VLProcessor": "qwen3_vl", "PerceptionLMProcessor": "perception_lm"}
+# The hub's processor classes by family; a processor may instead name its family itself
+# (a `video_family` attribute, as the tiny preset's does).
+PROCESSOR_FAMILIES = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "Qwen3VLProcessor": "qwen3_vl",
+                      "PerceptionLMProcessor": "perception_lm"}
 
 
 def processor_family(processor) -> VideoFamily:
-    name = PROCESSOR_FAMILIES.get(type(processor).__name__)
+    name = getattr(processor, "video_family", None) or PROCESSOR_FAMILIES.get(type(processor).__name__)
     if name is None:
         raise UnsupportedModel(f"{type(processor).__name__}: no video path for this processor; "
                                f"supported vision-language families: {', '.join(VIDEO_FAMILIES)}")
@@ -476,14 +478,12 @@ def video_inputs(processor, video: np.ndarray | Clip, sampling: VideoSampling | 
     out = vp(videos=[clip.frames], return_tensors="pt", return_metadata=True,
              **family.call(vp, sampling or VideoSampling(len(clip.frames)), clip))
     enc = {k: out[k] for k in family.tensors}
-    if family.name == "qwen2_5_vl" and hasattr(processor, "replace_video_token"):
-        # the time one temporal patch spans, for the rotary time axis (the processor's formula)
+    if "second_per_grid_ts" in getattr(processor, "model_input_names", ()):
+        # Qwen2.5-VL's: the time one temporal patch spans, for the rotary time axis (the
+        # processor's formula); a processor that does not feed it leaves the model's default, 1
         rate = (len(clip.indices) * clip.fps / clip.total) if clip.fps else 2.0
         enc["second_per_grid_ts"] = torch.tensor([vp.temporal_patch_size / rate])
-    if hasattr(processor, "replace_video_token"):
-        text = processor.replace_video_token(out, video_idx=0)
-    else:                                    # the tiny preset: one token per merged patch
-        text = processor.video_token * (int(out["video_grid_thw"][0].prod()) // vp.merge_size ** 2)
+    text = processor.replace_video_token(out, video_idx=0)
     ids = tokenizer_of(processor)(text, add_special_tokens=False).input_ids
     enc["placeholder_ids"] = torch.tensor(ids, dtype=torch.long)
     return enc

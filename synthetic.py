@@ -780,9 +780,12 @@ class TinyProcessor:
     """The tiny preset's processor: its tokenizer (with the chat template) and its video processor.
 
     Shaped like a hub processor (tokenizer, video_processor, video_token, apply_chat_template,
-    save_pretrained / from_pretrained), so the tools need no special case for it. It does not
-    build on Qwen2_5_VLProcessor so that the tiny path runs without torchvision.
+    replace_video_token, save_pretrained / from_pretrained), so the tools need no special case
+    for it; it names its video family itself (the model is a Qwen2.5-VL). It does not build on
+    Qwen2_5_VLProcessor so that the tiny path runs without torchvision.
     """
+
+    video_family = "qwen2_5_vl"        # rank_dpo.VIDEO_FAMILIES: how the tools feed its videos
 
     def __init__(self, tokenizer, patch_size: int, temporal_patch_size: int, merge_size: int,
                  image_size: int = TINY_IMAGE_SIZE):
@@ -795,6 +798,11 @@ class TinyProcessor:
 
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int) -> str:
+        """What the prompt's video placeholder becomes: one video token per merged patch."""
+        merged = int(video_inputs["video_grid_thw"][video_idx].prod())
+        return self.video_token * (merged // self.video_processor.merge_size ** 2)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
