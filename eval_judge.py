@@ -449,6 +449,13 @@ def _chat_params(args) -> dict:
     return {"max_tokens": args.max_tokens}  # temperature travels in the client's default_params
 
 
+def rules_judge():
+    """The offline judge, synthetic.rules_scores (a caption against a synthetic video's stored
+    facts): the one place this file reaches the toy world."""
+    import synthetic
+    return synthetic.rules_scores
+
+
 def cmd_judge(args) -> dict:
     preds = records_by_id(args.pred)
     refs = records_by_id(args.ref)
@@ -456,10 +463,10 @@ def cmd_judge(args) -> dict:
     jobs = [{"id": rid, "caption": require_text(args.pred, line, rec, "caption")}
             for rid, (line, rec) in preds.items()]
     if args.judge == "rules":
-        import synthetic
+        rules_scores = rules_judge()
 
         def judge_one(job):
-            scores, counts = synthetic.rules_scores(job["caption"], reference[job["id"]])
+            scores, counts = rules_scores(job["caption"], reference[job["id"]])
             return {"id": job["id"], "judge": "rules", "scores": scores, "facts": counts}
         concurrency = 1  # pure Python, microseconds a caption
     else:
@@ -520,11 +527,11 @@ def cmd_compare(args) -> dict:
     jobs = [{"id": rid, "a": require_text(args.a, *a[rid], "caption"),
              "b": require_text(args.b, *b[rid], "caption")} for rid in both]
     if args.judge == "rules":
-        import synthetic
+        rules_scores = rules_judge()
         # Deterministic and symmetric: no position to be biased by, one scoring of each caption.
         def compare_one(job):
-            sa, _ = synthetic.rules_scores(job["a"], reference[job["id"]])
-            sb, _ = synthetic.rules_scores(job["b"], reference[job["id"]])
+            sa, _ = rules_scores(job["a"], reference[job["id"]])
+            sb, _ = rules_scores(job["b"], reference[job["id"]])
             ma, mb = np.mean(list(sa.values())), np.mean(list(sb.values()))
             result = "win" if ma > mb else "loss" if mb > ma else "tie"
             return {"id": job["id"], "judge": "rules", "a_scores": sa, "b_scores": sb, "result": result}

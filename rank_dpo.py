@@ -15,7 +15,8 @@ sft). The loss itself lives in kernels/ (kernels/reference.py is its readable sp
 Reading order: (1) loading models and videos, (2) turning prompts/responses/videos into token
 batches, (3) the forward pass that encodes each video once per chain, (4) the data, (5) the
 training loop with DDP, checkpoints and resume. `--model tiny` (the embedded ~1M-parameter
-model, built from a config) lives in synthetic.py with the rest of the toy world.
+model, built from a config) lives in synthetic.py with the rest of the toy world; it comes in
+through one hook, `embedded_preset`, and a real model never imports synthetic.py.
 Importing this file has no side effects; eval_judge.py reuses sections 1-3.
 """
 from __future__ import annotations
@@ -49,20 +50,34 @@ IGNORE_INDEX = -100
 # 1. Loading: one model loader (the trainer and eval_judge.py both use it) and one video reader.
 # ================================================================================================
 
+TINY_SAVED_MARKER = "tiny_processor.json"   # synthetic.TINY_PROCESSOR_FILE: a saved tiny model
+
+
+def embedded_preset(model: str):
+    """The one hook into the toy world: synthetic.TinyPreset for "tiny" or a directory a tiny
+    model was saved to (a run's OUT/base, an export), else None, without importing synthetic.py.
+
+    A preset has load() -> (model in fp32, processor), `built` (no directory holds it) and
+    save_base(path) (writes the untrained model where load_model(path) finds it).
+    """
+    if model != "tiny" and not os.path.isfile(os.path.join(model, TINY_SAVED_MARKER)):
+        return None
+    import synthetic
+    return synthetic.TinyPreset(model)
 
 
 def load_base(model: str, *, device="cpu", dtype=None):
-    """(model, processor) for "tiny" (synthetic.py), a local path or a hub name.
+    """(model, processor) for "tiny" (embedded_preset), a local path or a hub name.
 
     A vision-language model (anything AutoModelForImageTextToText knows) comes with its
     AutoProcessor; any other causal LM with its tokenizer, which then plays the processor.
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor, AutoTokenizer)
-    import synthetic
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    if synthetic.is_tiny(model):
-        net, processor = synthetic.load_tiny(model)
+    preset = embedded_preset(model)
+    if preset is not None:
+        net, processor = preset.load()
     else:
         config = AutoConfig.from_pretrained(model)
         if type(config) in AutoModelForImageTextToText._model_mapping:
@@ -1177,8 +1192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_alpha", type=float, help="default: 2 * lora_r")
     p.add_argument("--modules_to_save", default="auto",
                    help="comma-separated modules trained in full beside LoRA (the reference keeps "
-                   "the originals); 'auto': the tiny preset's lm_head and final norm, none for "
-                   "pretrained models; 'none'")
+                   "the originals); 'auto': the ones the model names (the tiny preset's lm_head "
+                   "and final norm), none for pretrained models; 'none'")
     add_video_flags(p)
     p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence, video included")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: end only)")
@@ -1276,13 +1291,13 @@ def add_adapters(model, args):
 
 
 def full_modules(model, args) -> list[str]:
-    """--modules_to_save: modules trained in full beside LoRA. 'auto' is none for pretrained
-    models, and the output layer and final norm for the tiny preset (synthetic.py says why)."""
-    import synthetic
+    """--modules_to_save: modules trained in full beside LoRA. 'auto' is the model's own
+    `default_modules_to_save`: none for pretrained models, the output layer and final norm for
+    the tiny preset (synthetic.py says why)."""
     if args.modules_to_save == "none":
         return []
     if args.modules_to_save == "auto":
-        return list(synthetic.TINY_FULL_MODULES) if synthetic.is_tiny(args.model) else []
+        return list(getattr(model, "default_modules_to_save", ()))
     names = [n.strip() for n in args.modules_to_save.split(",") if n.strip()]
     present = {n for n, _ in model.named_modules()}
     missing = [n for n in names if n not in present and not any(p.endswith("." + n) for p in present)]
@@ -1569,9 +1584,9 @@ def train(args) -> list[dict]:
         write_meta(out, args, "init" if args.init else None)
         if args.init and not resume_from:
             copy_adapter(args.init, os.path.join(out, "init"))
-        if args.model == "tiny" and not os.path.isdir(os.path.join(out, "base")):
-            import synthetic                            # the saved base: load_model(OUT/base)
-            synthetic.save_tiny_base(os.path.join(out, "base"))
+        preset, base = embedded_preset(args.model), os.path.join(out, "base")
+        if preset is not None and preset.built and not os.path.isdir(base):
+            preset.save_base(base)      # no directory holds a built model: load_model(OUT/base)
         kept = []                                       # drop metrics past the resumed step
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
@@ -1667,10 +1682,8 @@ def export(argv) -> str:
     meta = read_run_meta(args.adapter)
     if not meta:
         raise ModelError(f"{args.adapter}: no {RUN_META}; not a rank_dpo.py run (pass --model?)")
-    base = args.model or meta["base_model"]
-    import synthetic
-    if synthetic.is_tiny(base):                   # the run saved the embedded model under base/
-        base = os.path.join(args.adapter, "base")
+    saved = os.path.join(args.adapter, "base")    # a run on a built model saved its base here
+    base = args.model or (saved if os.path.isdir(saved) else meta["base_model"])
     net, processor = load_model(base, args.adapter, dtype=getattr(torch, args.dtype))
     net.save_pretrained(args.out)
     processor.save_pretrained(args.out)

@@ -124,7 +124,7 @@ def causal_lm():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_packed_step_equals_unshared_causal_lm(causal_lm, records, objective, attention):
     base, tokenizer = causal_lm
-    model, args = adapted(base, "full", objective)
+    model, args = adapted(base, "full", objective, "--modules_to_save", "lm_head")
     model.get_base_model().config._attn_implementation = attention
     assert R.resolve_shared_prefix(model, "auto")
     assert_same_step(model, tokenizer, records["text"], args, "full")
