@@ -404,16 +404,13 @@ def video_family(model_or_config) -> VideoFamily:
     config = getattr(model_or_config, "config", model_or_config)
     name = getattr(config, "model_type", None)
     if name not in VIDEO_FAMILIES:
-        raise UnsupportedModel(f"model type {name!r} has no video path here; supported "
-                               f"vision-language families: {', '.join(VIDEO_FAMILIES)}")
+        raise ModelError(f"model type {name!r} has no video path here; supported "
+                         f"vision-language families: {', '.join(VIDEO_FAMILIES)}")
     return VIDEO_FAMILIES[name]
 
 
 class ModelError(ValueError):
     """A model directory the code cannot use (unknown family, no processor): one-line message."""
-
-
-UnsupportedModel = ModelError
 
 
 # ================================================================================================
@@ -476,8 +473,8 @@ PROCESSOR_FAMILIES = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "Qwen3VLProcessor": "
 def processor_family(processor) -> VideoFamily:
     name = getattr(processor, "video_family", None) or PROCESSOR_FAMILIES.get(type(processor).__name__)
     if name is None:
-        raise UnsupportedModel(f"{type(processor).__name__}: no video path for this processor; "
-                               f"supported vision-language families: {', '.join(VIDEO_FAMILIES)}")
+        raise ModelError(f"{type(processor).__name__}: no video path for this processor; "
+                         f"supported vision-language families: {', '.join(VIDEO_FAMILIES)}")
     return VIDEO_FAMILIES[name]
 
 
@@ -502,11 +499,6 @@ def video_inputs(processor, video: np.ndarray | Clip, sampling: VideoSampling | 
     ids = tokenizer_of(processor)(text, add_special_tokens=False).input_ids
     enc["placeholder_ids"] = torch.tensor(ids, dtype=torch.long)
     return enc
-
-
-def video_token_count(processor, video: dict) -> int:
-    """How many prompt tokens one encoded video takes (its placeholder expansion)."""
-    return len(video["placeholder_ids"])
 
 
 @dataclass
