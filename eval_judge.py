@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from gen_chains import (DEFAULT_PROMPT, ChatClient, add_client_args, format_mcq,
                         score_answer)
 from records import (DataError, OutputLocked, ResumableJsonl, collect_outputs, map_resumable,
                      read_records, read_run_meta, records_by_id, write_json, write_jsonl)
+
+if TYPE_CHECKING:                  # the trainer (and torch) load only with a model-side command
+    from rank_dpo import VideoSampling
 
 AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
 SCORE_MIN, SCORE_MAX = 1, 10
@@ -519,7 +522,7 @@ def cmd_agree(args) -> dict:
     return report(results, table, args.results or sibling(args.a, ".agree.results.json"))
 
 
-def cmd_compare(args) -> dict:
+def cmd_head_to_head(args) -> dict:
     a = records_by_id(args.a, {"caption": str}, allow_empty=True)
     b = records_by_id(args.b, {"caption": str}, allow_empty=True)
     both = {rid: a[rid] for rid in a if rid in b}
@@ -763,13 +766,12 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
     return items, failed
 
 
-def chain_logps(model, processor, chains: list[dict], num_frames) -> list[np.ndarray]:
+def chain_logps(model, processor, chains: list[dict], sampling: VideoSampling) -> list[np.ndarray]:
     """Sequence log-prob of every entry of every item {"video", "prompts", "responses"}
     (the video encoded once per item). Serves rank (chains) and mcq (one entry per letter).
-    `num_frames`: frames per video, or a rank_dpo.VideoSampling (--num_frames/--fps/--max_pixels)."""
-    from rank_dpo import VideoSampling, load_clip, response_logps
+    `sampling`: how frames are taken (--num_frames/--fps/--max_pixels)."""
+    from rank_dpo import load_clip, response_logps
 
-    sampling = num_frames if isinstance(num_frames, VideoSampling) else VideoSampling(num_frames)
     out = []
     for chain in chains:
         try:
@@ -782,13 +784,13 @@ def chain_logps(model, processor, chains: list[dict], num_frames) -> list[np.nda
     return out
 
 
-def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> list[dict]:
+def mcq_predictions(model, processor, items: list[dict], sampling: VideoSampling) -> list[dict]:
     """For each item, the log-probability of every option letter as the response; the prediction
     is the letter with the highest one (no sampling, no parsing of free text)."""
     options = [{"video": item["video"], "prompts": [item["prompt"]] * len(item["letters"]),
                 "responses": item["letters"], "where": item.get("where")} for item in items]
     out = []
-    for item, lp in zip(items, chain_logps(model, processor, options, num_frames)):
+    for item, lp in zip(items, chain_logps(model, processor, options, sampling)):
         letters = item["letters"]
         pred = letters[int(lp.argmax())]
         out.append({"id": item["id"], "pred": pred, "answer": item["answer"],
@@ -817,7 +819,7 @@ def cmd_mcq(args) -> dict:
     return report(results, table, args.results or sibling(args.data, ".mcq.results.json"))
 
 
-def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
+def load_eval_chains(path: str, video_root: str) -> tuple[list[dict], int]:
     """Held-out chains as {"id", "video", "prompts", "responses"}, best first, from either
 
     a caption (or mcq) chain  {"prompt", "chain": [best, ..., worst]}  (one prompt, K responses), or
@@ -850,7 +852,7 @@ def ranking_summary(scores: list[np.ndarray]) -> dict:
 
 
 def cmd_rank(args) -> dict:
-    chains, n_failed = load_chains(args.data, args.video_root)
+    chains, n_failed = load_eval_chains(args.data, args.video_root)
     if not chains:
         raise SystemExit(f"rank: {args.data} holds no usable chain ({n_failed} failed records)")
     model, processor = _load(args, args.adapter)
@@ -1055,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"generate": cmd_generate, "sample": cmd_sample, "judge": cmd_judge, "agree": cmd_agree, "compare": cmd_compare,
+COMMANDS = {"generate": cmd_generate, "sample": cmd_sample, "judge": cmd_judge, "agree": cmd_agree, "compare": cmd_head_to_head,
             "mcq": cmd_mcq, "rank": cmd_rank, "reward": cmd_reward}
 
 
