@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""eval_judge.py: evaluation for caption-chain ranking (issue 5).
+"""eval_judge.py: evaluation for caption-chain ranking.
 
 Subcommands (each writes a results JSON and prints a markdown table):
 

@@ -471,7 +471,8 @@ PROCESSOR_FAMILIES = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "Qwen3VLProcessor": "
 
 
 def processor_family(processor) -> VideoFamily:
-    name = getattr(processor, "video_family", None) or PROCESSOR_FAMILIES.get(type(processor).__name__)
+    name = (getattr(processor, "video_family", None)
+            or PROCESSOR_FAMILIES.get(type(processor).__name__))
     if name is None:
         raise ModelError(f"{type(processor).__name__}: no video path for this processor; "
                          f"supported vision-language families: {', '.join(VIDEO_FAMILIES)}")
@@ -620,21 +621,11 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
 #         sees       causal      P + own    P + own P + own          (never another caption)
 #         position   0 1 2 3 4   5  6  7    5  6    5  6  7  8       (restart after the prefix)
 #
-#     Why packing (one row, a block mask) rather than "prefix once, then the K captions as a
-#     batch over the prefix's expanded keys/values": packing goes through the model's own forward
-#     unchanged, so LoRA, peft's modules_to_save, gradient checkpointing, the vision embeddings'
-#     scatter and the gradients into the prefix (and the vision tower) all work as in the
-#     unshared path, for any family whose attention takes a ready 4-D mask; the KV route needs a
-#     differentiable cache expanded over K and a second forward per pass. The numbers equal the
-#     unshared forward's because every caption token sees exactly the keys and the (mrope)
-#     positions it sees there: positions are taken from the model's own rope index on the
-#     UNPACKED rows and then moved, so Qwen2.5-VL's 3-D video positions need no re-derivation.
-#     Each caption segment starts at its row's last prompt token (repeated K times: K-1 tokens),
-#     so that every response label is predicted from inside its own segment.
-#     Attention backends: sdpa gets a boolean [C, 1, S, S] mask (on GPU SDPA's memory-efficient
-#     kernel takes the mask; the flash kernel does not, so attention costs O(S^2) mask memory and
-#     computes the masked-out caption-caption blocks too); eager gets the additive float mask.
-#     flash_attention_2/flex_attention would need varlen/BlockMask plumbing: `auto` falls back.
+#     Packed, not a KV cache: the model's own forward, so LoRA, peft and gradients work unchanged.
+#     Same numbers: positions are the model's rope index on the UNPACKED rows, moved.
+#     A segment starts at its row's last prompt token: its first label is predicted inside it.
+#     Masks: sdpa boolean, eager additive; other attention backends fall back.
+#     Why, at length: docs/DESIGN.md, "The shared-prefix forward".
 # ------------------------------------------------------------------------------------------------
 
 FEATURE_MODES = ("on", "off", "auto")       # --shared_prefix, --fused_linear
