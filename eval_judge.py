@@ -608,6 +608,15 @@ def generate_texts(model, processor, prompts: list[str], videos: list, video_sam
     return tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def decoding_results(args, n: int, new: int, done: str, seconds: float, n_words: list[int],
+                     **settings) -> dict:
+    """The results fields generate and sample share: the run, how many records were decoded now
+    (`done`) and skipped as already done, the settings given, the time and the mean length."""
+    return {"command": args.command, "model": args.model, "adapter": args.adapter,
+            "data": args.data, "out": args.out, "n": n, done: new, "skipped": n - new, **settings,
+            "seconds": round(seconds, 3), "mean_words": float(np.mean(n_words)) if n_words else None}
+
+
 def cmd_generate(args) -> dict:
     from rank_dpo import load_clip, resolve_video
 
@@ -641,9 +650,7 @@ def cmd_generate(args) -> dict:
     finally:
         out.close()
     seconds = time.monotonic() - start
-    results = {"command": "generate", "model": args.model, "adapter": args.adapter, "data": args.data,
-               "out": args.out, "n": len(jobs), "generated": len(todo), "skipped": len(jobs) - len(todo),
-               "seconds": round(seconds, 3), "mean_words": float(np.mean(n_words)) if n_words else None,
+    results = {**decoding_results(args, len(jobs), len(todo), "generated", seconds, n_words),
                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     table = markdown_table(("records", "generated now", "already done", "seconds", "mean words"),
                            [(len(jobs), len(todo), len(jobs) - len(todo), fmt(seconds, 1),
@@ -709,11 +716,9 @@ def cmd_sample(args) -> dict:
     finally:
         out.close()
     seconds = time.monotonic() - start
-    results = {"command": "sample", "model": args.model, "adapter": args.adapter, "data": args.data,
-               "out": args.out, "n": len(jobs), "sampled": len(todo), "skipped": len(jobs) - len(todo),
-               "num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
-               "seed": args.seed, "seconds": round(seconds, 3),
-               "mean_words": float(np.mean(n_words)) if n_words else None}
+    results = decoding_results(args, len(jobs), len(todo), "sampled", seconds, n_words,
+                               num_samples=args.num_samples, temperature=args.temperature,
+                               top_p=args.top_p, seed=args.seed)
     table = markdown_table(("records", "sampled now", "already done", "answers each", "seconds",
                             "mean words"),
                            [(len(jobs), len(todo), len(jobs) - len(todo), args.num_samples,
@@ -799,11 +804,18 @@ def mcq_predictions(model, processor, items: list[dict], sampling: VideoSampling
     return out
 
 
-def cmd_mcq(args) -> dict:
-    items, n_failed = load_mcq(args.data, args.video_root)
+def items_and_model(args, load_items, what: str):
+    """(items, failed records, model, processor) for a scoring command: the data file's usable
+    items (a stop naming the file when it has none), then the model with --adapter merged."""
+    items, n_failed = load_items(args.data, args.video_root)
     if not items:
-        raise SystemExit(f"mcq: {args.data} holds no usable item ({n_failed} failed records)")
-    model, processor = _load(args, args.adapter)
+        raise SystemExit(f"{args.command}: {args.data} holds no usable {what} "
+                         f"({n_failed} failed records)")
+    return (items, n_failed, *_load(args, args.adapter))
+
+
+def cmd_mcq(args) -> dict:
+    items, n_failed, model, processor = items_and_model(args, load_mcq, "item")
     preds = mcq_predictions(model, processor, items, _sampling(args))
     if args.out:
         write_jsonl(args.out, preds)
@@ -852,10 +864,7 @@ def ranking_summary(scores: list[np.ndarray]) -> dict:
 
 
 def cmd_rank(args) -> dict:
-    chains, n_failed = load_eval_chains(args.data, args.video_root)
-    if not chains:
-        raise SystemExit(f"rank: {args.data} holds no usable chain ({n_failed} failed records)")
-    model, processor = _load(args, args.adapter)
+    chains, n_failed, model, processor = items_and_model(args, load_eval_chains, "chain")
     policy = chain_logps(model, processor, chains, _sampling(args))
     scorers = {"log-prob": policy}
     reference = reference_adapter(args) if args.adapter else None
