@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""eval_judge.py: evaluation for caption-chain ranking (issue 5).
+"""eval_judge.py: evaluation for caption-chain ranking.
 
 Subcommands (each writes a results JSON and prints a markdown table):
 
@@ -28,7 +28,7 @@ import re
 import sys
 import time
 from functools import partial
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, add_client_args, ask_
                         ask_until_parsed, format_mcq, parse_json_object, score_answer)
 from records import (DataError, OutputLocked, ResumableJsonl, collect_outputs, map_resumable,
                      read_records, read_run_meta, records_by_id, write_json, write_jsonl)
+
+if TYPE_CHECKING:                  # the trainer (and torch) load only with a model-side command
+    from rank_dpo import VideoSampling
 
 AXES = ("relevance", "descriptiveness", "temporal_consistency", "fluency")
 SCORE_MIN, SCORE_MAX = 1, 10
@@ -429,6 +432,13 @@ def _chat_params(args) -> dict:
     return {"max_tokens": args.max_tokens}  # temperature travels in the client's default_params
 
 
+def rules_judge():
+    """The offline judge, synthetic.rules_scores (a caption against a synthetic video's stored
+    facts): the one place this file reaches the toy world."""
+    import synthetic
+    return synthetic.rules_scores
+
+
 def cmd_judge(args) -> dict:
     preds = records_by_id(args.pred)
     refs = records_by_id(args.ref)
@@ -436,10 +446,10 @@ def cmd_judge(args) -> dict:
     jobs = [{"id": rid, "caption": require_text(args.pred, line, rec, "caption")}
             for rid, (line, rec) in preds.items()]
     if args.judge == "rules":
-        import synthetic
+        rules_scores = rules_judge()
 
         def judge_one(job):
-            scores, counts = synthetic.rules_scores(job["caption"], reference[job["id"]])
+            scores, counts = rules_scores(job["caption"], reference[job["id"]])
             return {"id": job["id"], "judge": "rules", "scores": scores, "facts": counts}
         concurrency = 1  # pure Python, microseconds a caption
     else:
@@ -492,7 +502,7 @@ def cmd_agree(args) -> dict:
     return report(results, table, args.results or sibling(args.a, ".agree.results.json"))
 
 
-def cmd_compare(args) -> dict:
+def cmd_head_to_head(args) -> dict:
     a = records_by_id(args.a, {"caption": str}, allow_empty=True)
     b = records_by_id(args.b, {"caption": str}, allow_empty=True)
     both = {rid: a[rid] for rid in a if rid in b}
@@ -500,11 +510,11 @@ def cmd_compare(args) -> dict:
     jobs = [{"id": rid, "a": require_text(args.a, *a[rid], "caption"),
              "b": require_text(args.b, *b[rid], "caption")} for rid in both]
     if args.judge == "rules":
-        import synthetic
+        rules_scores = rules_judge()
         # Deterministic and symmetric: no position to be biased by, one scoring of each caption.
         def compare_one(job):
-            sa, _ = synthetic.rules_scores(job["a"], reference[job["id"]])
-            sb, _ = synthetic.rules_scores(job["b"], reference[job["id"]])
+            sa, _ = rules_scores(job["a"], reference[job["id"]])
+            sb, _ = rules_scores(job["b"], reference[job["id"]])
             ma, mb = np.mean(list(sa.values())), np.mean(list(sb.values()))
             result = "win" if ma > mb else "loss" if mb > ma else "tie"
             return {"id": job["id"], "judge": "rules", "a_scores": sa, "b_scores": sb, "result": result}
@@ -578,6 +588,15 @@ def generate_texts(model, processor, prompts: list[str], videos: list, video_sam
     return tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def decoding_results(args, n: int, new: int, done: str, seconds: float, n_words: list[int],
+                     **settings) -> dict:
+    """The results fields generate and sample share: the run, how many records were decoded now
+    (`done`) and skipped as already done, the settings given, the time and the mean length."""
+    return {"command": args.command, "model": args.model, "adapter": args.adapter,
+            "data": args.data, "out": args.out, "n": n, done: new, "skipped": n - new, **settings,
+            "seconds": round(seconds, 3), "mean_words": float(np.mean(n_words)) if n_words else None}
+
+
 def cmd_generate(args) -> dict:
     from rank_dpo import load_clip, resolve_video
 
@@ -611,9 +630,7 @@ def cmd_generate(args) -> dict:
     finally:
         out.close()
     seconds = time.monotonic() - start
-    results = {"command": "generate", "model": args.model, "adapter": args.adapter, "data": args.data,
-               "out": args.out, "n": len(jobs), "generated": len(todo), "skipped": len(jobs) - len(todo),
-               "seconds": round(seconds, 3), "mean_words": float(np.mean(n_words)) if n_words else None,
+    results = {**decoding_results(args, len(jobs), len(todo), "generated", seconds, n_words),
                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     table = markdown_table(("records", "generated now", "already done", "seconds", "mean words"),
                            [(len(jobs), len(todo), len(jobs) - len(todo), fmt(seconds, 1),
@@ -679,11 +696,9 @@ def cmd_sample(args) -> dict:
     finally:
         out.close()
     seconds = time.monotonic() - start
-    results = {"command": "sample", "model": args.model, "adapter": args.adapter, "data": args.data,
-               "out": args.out, "n": len(jobs), "sampled": len(todo), "skipped": len(jobs) - len(todo),
-               "num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
-               "seed": args.seed, "seconds": round(seconds, 3),
-               "mean_words": float(np.mean(n_words)) if n_words else None}
+    results = decoding_results(args, len(jobs), len(todo), "sampled", seconds, n_words,
+                               num_samples=args.num_samples, temperature=args.temperature,
+                               top_p=args.top_p, seed=args.seed)
     table = markdown_table(("records", "sampled now", "already done", "answers each", "seconds",
                             "mean words"),
                            [(len(jobs), len(todo), len(jobs) - len(todo), args.num_samples,
@@ -736,13 +751,12 @@ def load_mcq(path: str, video_root: str) -> tuple[list[dict], int]:
     return items, failed
 
 
-def chain_logps(model, processor, chains: list[dict], num_frames) -> list[np.ndarray]:
+def chain_logps(model, processor, chains: list[dict], sampling: VideoSampling) -> list[np.ndarray]:
     """Sequence log-prob of every entry of every item {"video", "prompts", "responses"}
     (the video encoded once per item). Serves rank (chains) and mcq (one entry per letter).
-    `num_frames`: frames per video, or a rank_dpo.VideoSampling (--num_frames/--fps/--max_pixels)."""
-    from rank_dpo import VideoSampling, load_clip, response_logps
+    `sampling`: how frames are taken (--num_frames/--fps/--max_pixels)."""
+    from rank_dpo import load_clip, response_logps
 
-    sampling = num_frames if isinstance(num_frames, VideoSampling) else VideoSampling(num_frames)
     out = []
     for chain in chains:
         try:
@@ -755,13 +769,13 @@ def chain_logps(model, processor, chains: list[dict], num_frames) -> list[np.nda
     return out
 
 
-def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> list[dict]:
+def mcq_predictions(model, processor, items: list[dict], sampling: VideoSampling) -> list[dict]:
     """For each item, the log-probability of every option letter as the response; the prediction
     is the letter with the highest one (no sampling, no parsing of free text)."""
     options = [{"video": item["video"], "prompts": [item["prompt"]] * len(item["letters"]),
                 "responses": item["letters"], "where": item.get("where")} for item in items]
     out = []
-    for item, lp in zip(items, chain_logps(model, processor, options, num_frames)):
+    for item, lp in zip(items, chain_logps(model, processor, options, sampling)):
         letters = item["letters"]
         pred = letters[int(lp.argmax())]
         out.append({"id": item["id"], "pred": pred, "answer": item["answer"],
@@ -770,11 +784,18 @@ def mcq_predictions(model, processor, items: list[dict], num_frames: int) -> lis
     return out
 
 
-def cmd_mcq(args) -> dict:
-    items, n_failed = load_mcq(args.data, args.video_root)
+def items_and_model(args, load_items, what: str):
+    """(items, failed records, model, processor) for a scoring command: the data file's usable
+    items (a stop naming the file when it has none), then the model with --adapter merged."""
+    items, n_failed = load_items(args.data, args.video_root)
     if not items:
-        raise SystemExit(f"mcq: {args.data} holds no usable item ({n_failed} failed records)")
-    model, processor = _load(args, args.adapter)
+        raise SystemExit(f"{args.command}: {args.data} holds no usable {what} "
+                         f"({n_failed} failed records)")
+    return (items, n_failed, *_load(args, args.adapter))
+
+
+def cmd_mcq(args) -> dict:
+    items, n_failed, model, processor = items_and_model(args, load_mcq, "item")
     preds = mcq_predictions(model, processor, items, _sampling(args))
     if args.out:
         write_jsonl(args.out, preds)
@@ -790,7 +811,7 @@ def cmd_mcq(args) -> dict:
     return report(results, table, args.results or sibling(args.data, ".mcq.results.json"))
 
 
-def load_chains(path: str, video_root: str) -> tuple[list[dict], int]:
+def load_eval_chains(path: str, video_root: str) -> tuple[list[dict], int]:
     """Held-out chains as {"id", "video", "prompts", "responses"}, best first, from either
 
     a caption (or mcq) chain  {"prompt", "chain": [best, ..., worst]}  (one prompt, K responses), or
@@ -823,10 +844,7 @@ def ranking_summary(scores: list[np.ndarray]) -> dict:
 
 
 def cmd_rank(args) -> dict:
-    chains, n_failed = load_chains(args.data, args.video_root)
-    if not chains:
-        raise SystemExit(f"rank: {args.data} holds no usable chain ({n_failed} failed records)")
-    model, processor = _load(args, args.adapter)
+    chains, n_failed, model, processor = items_and_model(args, load_eval_chains, "chain")
     policy = chain_logps(model, processor, chains, _sampling(args))
     scorers = {"log-prob": policy}
     reference = reference_adapter(args) if args.adapter else None
@@ -1028,7 +1046,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"generate": cmd_generate, "sample": cmd_sample, "judge": cmd_judge, "agree": cmd_agree, "compare": cmd_compare,
+COMMANDS = {"generate": cmd_generate, "sample": cmd_sample, "judge": cmd_judge, "agree": cmd_agree, "compare": cmd_head_to_head,
             "mcq": cmd_mcq, "rank": cmd_rank, "reward": cmd_reward}
 
 

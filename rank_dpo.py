@@ -15,7 +15,8 @@ sft). The loss itself lives in kernels/ (kernels/reference.py is its readable sp
 Reading order: (1) loading models and videos, (2) turning prompts/responses/videos into token
 batches, (3) the forward pass that encodes each video once per chain, (4) the data, (5) the
 training loop with DDP, checkpoints and resume. `--model tiny` (the embedded ~1M-parameter
-model, built from a config) lives in synthetic.py with the rest of the toy world.
+model, built from a config) lives in synthetic.py with the rest of the toy world; it comes in
+through one hook, `embedded_preset`, and a real model never imports synthetic.py.
 Importing this file has no side effects; eval_judge.py reuses sections 1-3.
 """
 from __future__ import annotations
@@ -49,20 +50,34 @@ IGNORE_INDEX = -100
 # 1. Loading: one model loader (the trainer and eval_judge.py both use it) and one video reader.
 # ================================================================================================
 
+TINY_SAVED_MARKER = "tiny_processor.json"   # synthetic.TINY_PROCESSOR_FILE: a saved tiny model
+
+
+def embedded_preset(model: str):
+    """The one hook into the toy world: synthetic.TinyPreset for "tiny" or a directory a tiny
+    model was saved to (a run's OUT/base, an export), else None, without importing synthetic.py.
+
+    A preset has load() -> (model in fp32, processor), `built` (no directory holds it) and
+    save_base(path) (writes the untrained model where load_model(path) finds it).
+    """
+    if model != "tiny" and not os.path.isfile(os.path.join(model, TINY_SAVED_MARKER)):
+        return None
+    import synthetic
+    return synthetic.TinyPreset(model)
 
 
 def load_base(model: str, *, device="cpu", dtype=None):
-    """(model, processor) for "tiny" (synthetic.py), a local path or a hub name.
+    """(model, processor) for "tiny" (embedded_preset), a local path or a hub name.
 
     A vision-language model (anything AutoModelForImageTextToText knows) comes with its
     AutoProcessor; any other causal LM with its tokenizer, which then plays the processor.
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor, AutoTokenizer)
-    import synthetic
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    if synthetic.is_tiny(model):
-        net, processor = synthetic.load_tiny(model)
+    preset = embedded_preset(model)
+    if preset is not None:
+        net, processor = preset.load()
     else:
         config = AutoConfig.from_pretrained(model)
         if type(config) in AutoModelForImageTextToText._model_mapping:
@@ -389,16 +404,13 @@ def video_family(model_or_config) -> VideoFamily:
     config = getattr(model_or_config, "config", model_or_config)
     name = getattr(config, "model_type", None)
     if name not in VIDEO_FAMILIES:
-        raise UnsupportedModel(f"model type {name!r} has no video path here; supported "
-                               f"vision-language families: {', '.join(VIDEO_FAMILIES)}")
+        raise ModelError(f"model type {name!r} has no video path here; supported "
+                         f"vision-language families: {', '.join(VIDEO_FAMILIES)}")
     return VIDEO_FAMILIES[name]
 
 
 class ModelError(ValueError):
     """A model directory the code cannot use (unknown family, no processor): one-line message."""
-
-
-UnsupportedModel = ModelError
 
 
 # ================================================================================================
@@ -452,15 +464,18 @@ def video_token_id(processor) -> int:
         tokenizer_of(processor).convert_tokens_to_ids(processor.video_token)
 
 
-PROCESSOR_FAMILIES = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "TinyProcessor": "qwen2_5_vl",
-                      "Qwen3VLProcessor": "qwen3_vl", "PerceptionLMProcessor": "perception_lm"}
+# The hub's processor classes by family; a processor may instead name its family itself
+# (a `video_family` attribute, as the tiny preset's does).
+PROCESSOR_FAMILIES = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "Qwen3VLProcessor": "qwen3_vl",
+                      "PerceptionLMProcessor": "perception_lm"}
 
 
 def processor_family(processor) -> VideoFamily:
-    name = PROCESSOR_FAMILIES.get(type(processor).__name__)
+    name = (getattr(processor, "video_family", None)
+            or PROCESSOR_FAMILIES.get(type(processor).__name__))
     if name is None:
-        raise UnsupportedModel(f"{type(processor).__name__}: no video path for this processor; "
-                               f"supported vision-language families: {', '.join(VIDEO_FAMILIES)}")
+        raise ModelError(f"{type(processor).__name__}: no video path for this processor; "
+                         f"supported vision-language families: {', '.join(VIDEO_FAMILIES)}")
     return VIDEO_FAMILIES[name]
 
 
@@ -476,22 +491,15 @@ def video_inputs(processor, video: np.ndarray | Clip, sampling: VideoSampling | 
     out = vp(videos=[clip.frames], return_tensors="pt", return_metadata=True,
              **family.call(vp, sampling or VideoSampling(len(clip.frames)), clip))
     enc = {k: out[k] for k in family.tensors}
-    if family.name == "qwen2_5_vl" and hasattr(processor, "replace_video_token"):
-        # the time one temporal patch spans, for the rotary time axis (the processor's formula)
+    if "second_per_grid_ts" in getattr(processor, "model_input_names", ()):
+        # Qwen2.5-VL's: the time one temporal patch spans, for the rotary time axis (the
+        # processor's formula); a processor that does not feed it leaves the model's default, 1
         rate = (len(clip.indices) * clip.fps / clip.total) if clip.fps else 2.0
         enc["second_per_grid_ts"] = torch.tensor([vp.temporal_patch_size / rate])
-    if hasattr(processor, "replace_video_token"):
-        text = processor.replace_video_token(out, video_idx=0)
-    else:                                    # the tiny preset: one token per merged patch
-        text = processor.video_token * (int(out["video_grid_thw"][0].prod()) // vp.merge_size ** 2)
+    text = processor.replace_video_token(out, video_idx=0)
     ids = tokenizer_of(processor)(text, add_special_tokens=False).input_ids
     enc["placeholder_ids"] = torch.tensor(ids, dtype=torch.long)
     return enc
-
-
-def video_token_count(processor, video: dict) -> int:
-    """How many prompt tokens one encoded video takes (its placeholder expansion)."""
-    return len(video["placeholder_ids"])
 
 
 @dataclass
@@ -613,21 +621,11 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
 #         sees       causal      P + own    P + own P + own          (never another caption)
 #         position   0 1 2 3 4   5  6  7    5  6    5  6  7  8       (restart after the prefix)
 #
-#     Why packing (one row, a block mask) rather than "prefix once, then the K captions as a
-#     batch over the prefix's expanded keys/values": packing goes through the model's own forward
-#     unchanged, so LoRA, peft's modules_to_save, gradient checkpointing, the vision embeddings'
-#     scatter and the gradients into the prefix (and the vision tower) all work as in the
-#     unshared path, for any family whose attention takes a ready 4-D mask; the KV route needs a
-#     differentiable cache expanded over K and a second forward per pass. The numbers equal the
-#     unshared forward's because every caption token sees exactly the keys and the (mrope)
-#     positions it sees there: positions are taken from the model's own rope index on the
-#     UNPACKED rows and then moved, so Qwen2.5-VL's 3-D video positions need no re-derivation.
-#     Each caption segment starts at its row's last prompt token (repeated K times: K-1 tokens),
-#     so that every response label is predicted from inside its own segment.
-#     Attention backends: sdpa gets a boolean [C, 1, S, S] mask (on GPU SDPA's memory-efficient
-#     kernel takes the mask; the flash kernel does not, so attention costs O(S^2) mask memory and
-#     computes the masked-out caption-caption blocks too); eager gets the additive float mask.
-#     flash_attention_2/flex_attention would need varlen/BlockMask plumbing: `auto` falls back.
+#     Packed, not a KV cache: the model's own forward, so LoRA, peft and gradients work unchanged.
+#     Same numbers: positions are the model's rope index on the UNPACKED rows, moved.
+#     A segment starts at its row's last prompt token: its first label is predicted inside it.
+#     Masks: sdpa boolean, eager additive; other attention backends fall back.
+#     Why, at length: docs/DESIGN.md, "The shared-prefix forward".
 # ------------------------------------------------------------------------------------------------
 
 FEATURE_MODES = ("on", "off", "auto")       # --shared_prefix, --fused_linear
@@ -1177,8 +1175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_alpha", type=float, help="default: 2 * lora_r")
     p.add_argument("--modules_to_save", default="auto",
                    help="comma-separated modules trained in full beside LoRA (the reference keeps "
-                   "the originals); 'auto': the tiny preset's lm_head and final norm, none for "
-                   "pretrained models; 'none'")
+                   "the originals); 'auto': the ones the model names (the tiny preset's lm_head "
+                   "and final norm), none for pretrained models; 'none'")
     add_video_flags(p)
     p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence, video included")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: end only)")
@@ -1276,13 +1274,13 @@ def add_adapters(model, args):
 
 
 def full_modules(model, args) -> list[str]:
-    """--modules_to_save: modules trained in full beside LoRA. 'auto' is none for pretrained
-    models, and the output layer and final norm for the tiny preset (synthetic.py says why)."""
-    import synthetic
+    """--modules_to_save: modules trained in full beside LoRA. 'auto' is the model's own
+    `default_modules_to_save`: none for pretrained models, the output layer and final norm for
+    the tiny preset (synthetic.py says why)."""
     if args.modules_to_save == "none":
         return []
     if args.modules_to_save == "auto":
-        return list(synthetic.TINY_FULL_MODULES) if synthetic.is_tiny(args.model) else []
+        return list(getattr(model, "default_modules_to_save", ()))
     names = [n.strip() for n in args.modules_to_save.split(",") if n.strip()]
     present = {n for n, _ in model.named_modules()}
     missing = [n for n in names if n not in present and not any(p.endswith("." + n) for p in present)]
@@ -1569,9 +1567,9 @@ def train(args) -> list[dict]:
         write_meta(out, args, "init" if args.init else None)
         if args.init and not resume_from:
             copy_adapter(args.init, os.path.join(out, "init"))
-        if args.model == "tiny" and not os.path.isdir(os.path.join(out, "base")):
-            import synthetic                            # the saved base: load_model(OUT/base)
-            synthetic.save_tiny_base(os.path.join(out, "base"))
+        preset, base = embedded_preset(args.model), os.path.join(out, "base")
+        if preset is not None and preset.built and not os.path.isdir(base):
+            preset.save_base(base)      # no directory holds a built model: load_model(OUT/base)
         kept = []                                       # drop metrics past the resumed step
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
@@ -1667,10 +1665,8 @@ def export(argv) -> str:
     meta = read_run_meta(args.adapter)
     if not meta:
         raise ModelError(f"{args.adapter}: no {RUN_META}; not a rank_dpo.py run (pass --model?)")
-    base = args.model or meta["base_model"]
-    import synthetic
-    if synthetic.is_tiny(base):                   # the run saved the embedded model under base/
-        base = os.path.join(args.adapter, "base")
+    saved = os.path.join(args.adapter, "base")    # a run on a built model saved its base here
+    base = args.model or (saved if os.path.isdir(saved) else meta["base_model"])
     net, processor = load_model(base, args.adapter, dtype=getattr(torch, args.dtype))
     net.save_pretrained(args.out)
     processor.save_pretrained(args.out)

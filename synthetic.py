@@ -9,11 +9,13 @@ Everything here exists so that the whole method runs offline, on CPU, with nothi
               long-form multiple choice from facts (`lfmcqa_from_facts`), the data set (`write_dataset`)
   judge       the offline caption judge from the facts (`rules_scores`)
   tiny model  a ~1M-parameter Qwen2.5-VL built from a config, with its own BPE tokenizer and a
-              processor shaped like the hub's (`build_tiny`, `load_tiny`, `TinyProcessor`)
+              processor shaped like the hub's (`build_tiny`, `TinyProcessor`, `TinyPreset`)
 
 The tools reach it through their usual command lines: `gen_chains.py synth`, `--backend rules`,
-`rank_dpo.py --model tiny`, `eval_judge.py judge --judge rules`. None of the tools needs this
-file to work on real data and real models, and this file imports none of them.
+`rank_dpo.py --model tiny`, `eval_judge.py judge --judge rules`. The tiny model comes in through
+one hook, `rank_dpo.embedded_preset` (a `TinyPreset`, for the trainer and the evaluator alike).
+None of the tools needs this file to work on real data and real models, and this file imports
+none of them.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 from records import write_jsonl
 
 TINY_PROCESSOR_FILE = "tiny_processor.json"     # marks a saved tiny model directory
-# The tiny preset's modules trained in full beside LoRA (`rank_dpo.py --modules_to_save auto`):
+# The tiny preset's modules trained in full beside LoRA (`rank_dpo.py --modules_to_save auto`
+# reads them from the model's `default_modules_to_save`):
 # a randomly initialised model cannot learn through LoRA alone, because its frozen random lm_head
 # (rows of norm ~0.2) caps how confident any next-token prediction can get (SFT stalls near
 # 5 nats/token; with these two trained it reaches ~1.6 in 100 steps).
@@ -780,9 +783,12 @@ class TinyProcessor:
     """The tiny preset's processor: its tokenizer (with the chat template) and its video processor.
 
     Shaped like a hub processor (tokenizer, video_processor, video_token, apply_chat_template,
-    save_pretrained / from_pretrained), so the tools need no special case for it. It does not
-    build on Qwen2_5_VLProcessor so that the tiny path runs without torchvision.
+    replace_video_token, save_pretrained / from_pretrained), so the tools need no special case
+    for it; it names its video family itself (the model is a Qwen2.5-VL). It does not build on
+    Qwen2_5_VLProcessor so that the tiny path runs without torchvision.
     """
+
+    video_family = "qwen2_5_vl"        # rank_dpo.VIDEO_FAMILIES: how the tools feed its videos
 
     def __init__(self, tokenizer, patch_size: int, temporal_patch_size: int, merge_size: int,
                  image_size: int = TINY_IMAGE_SIZE):
@@ -795,6 +801,11 @@ class TinyProcessor:
 
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int) -> str:
+        """What the prompt's video placeholder becomes: one video token per merged patch."""
+        merged = int(video_inputs["video_grid_thw"][video_idx].prod())
+        return self.video_token * (merged // self.video_processor.merge_size ** 2)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -850,6 +861,7 @@ def build_tiny(seed: int = 0, text: dict | None = None, vision: dict | None = No
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     with _seeded(seed):
         model = Qwen2_5_VLForConditionalGeneration(config)
+    model.default_modules_to_save = list(TINY_FULL_MODULES)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     processor = TinyProcessor(tokenizer, vision["patch_size"], vision["temporal_patch_size"],
@@ -895,22 +907,25 @@ def patchify_video(frames: np.ndarray, patch_size: int, temporal_patch_size: int
     return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([[t, h, w]])}
 
 
-def is_tiny(model: str) -> bool:
-    """Whether `model` names the tiny preset: "tiny" or a directory a tiny model was saved to."""
-    return model == "tiny" or os.path.isfile(os.path.join(model, TINY_PROCESSOR_FILE))
+class TinyPreset:
+    """The tiny model as the tools see it, through rank_dpo.embedded_preset (their one hook into
+    this file): "tiny", built from the config, or a directory a tiny model was saved to."""
 
+    def __init__(self, model: str = "tiny"):
+        self.model = model
+        self.built = model == "tiny"        # no directory holds it: a run saves it (save_base)
 
-def load_tiny(model: str = "tiny"):
-    """(model in fp32, processor): built from the config for "tiny", else loaded from a saved dir."""
-    if model == "tiny":
-        return build_tiny()
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    return (Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32),
-            TinyProcessor.from_pretrained(model))
+    def load(self):
+        """(model in fp32, processor)."""
+        if self.built:
+            return build_tiny()
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model, dtype=torch.float32)
+        model.default_modules_to_save = list(TINY_FULL_MODULES)
+        return model, TinyProcessor.from_pretrained(self.model)
 
-
-def save_tiny_base(path: str) -> None:
-    """The untrained tiny model and its processor, saved so that `--model PATH` reloads it."""
-    model, processor = build_tiny()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    def save_base(self, path: str) -> None:
+        """The untrained model and its processor, saved so that `--model PATH` reloads it."""
+        model, processor = self.load()
+        model.save_pretrained(path)
+        processor.save_pretrained(path)

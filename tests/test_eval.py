@@ -335,11 +335,12 @@ def test_mcq_picks_the_letter_with_the_highest_logprob(tiny, tmp_path):
     # response "C" is [C, <|im_end|>]: log p = 2 * log(e^50 / (2 e^50 + V - 2)) ~ -2 log 2;
     # any other letter X costs log p(X) ~ -50 - log 2 on its first token. So "C" wins every
     # item: q1 (answer C) and q3 (chain[0] = C) are right, q2 (answer A) is wrong.
+    from rank_dpo import VideoSampling
     model, processor = tiny
     items, _ = E.load_mcq(mcq_file(tmp_path), str(tmp_path))
     boost = {token_id(processor, "C"): 50.0, token_id(processor, "<|im_end|>"): 50.0}
     with fixed_logits(model, boost):
-        preds = E.mcq_predictions(model, processor, items, num_frames=8)
+        preds = E.mcq_predictions(model, processor, items, VideoSampling(8))
     assert [p["pred"] for p in preds] == ["C", "C", "C"]
     assert [p["correct"] for p in preds] == [True, False, True]
     assert preds[0]["logps"]["C"] == pytest.approx(-2 * math.log(2), abs=1e-3)
@@ -394,11 +395,11 @@ def test_rank_on_chains_with_a_certain_order(tiny, tmp_path):
     # the end-of-turn token) scores exactly -n log V. Each entry of GROWING is the previous one
     # plus more words, hence more tokens, hence strictly lower: the order is certain. The yes/no
     # chain has one response ("no") under three prompts: three equal scores, a tie.
-    from rank_dpo import tokenizer_of
+    from rank_dpo import VideoSampling, tokenizer_of
     model, processor = tiny
-    chains, _ = E.load_chains(chains_file(tmp_path), str(tmp_path))
+    chains, _ = E.load_eval_chains(chains_file(tmp_path), str(tmp_path))
     with fixed_logits(model):
-        scores = E.chain_logps(model, processor, chains, num_frames=8)
+        scores = E.chain_logps(model, processor, chains, VideoSampling(8))
     vocab = model.lm_head.out_features
     n_tokens = [len(tokenizer_of(processor)(c + "<|im_end|>", add_special_tokens=False).input_ids)
                 for c in GROWING]
@@ -451,7 +452,7 @@ def test_rank_bad_chain_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"id": "c1", "prompt": "p", "chain": ["a", "b"]},
                                              {"id": "c2", "prompt": "p", "chain": ["only one"]}])
     with pytest.raises(E.DataError, match=r"c.jsonl:2: field 'chain': expected a list of at least two"):
-        E.load_chains(path, str(tmp_path))
+        E.load_eval_chains(path, str(tmp_path))
 
 
 def test_generate_resumes_and_is_greedy(tmp_path):

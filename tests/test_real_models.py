@@ -461,3 +461,44 @@ def test_eval_names_the_record_of_an_undecodable_video(hub, clips, tmp_path):
     with pytest.raises(SystemExit) as e:
         E.main(["rank", "--model", hub["qwen3_vl"], "--data", data, "--device", "cpu"])
     assert f"{data}:1: field 'video'" in str(e.value) and "cannot decode video" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The seam: a real model never enters the toy world (synthetic.py)
+# ---------------------------------------------------------------------------------------------
+
+SEAM_SCRIPT = """
+import json, sys
+sys.path[:0] = [sys.argv[1]]
+import torch
+torch.set_num_threads(1)
+import eval_judge as E, rank_dpo as R
+model, root, data, chains, mcq, out, fast = sys.argv[2:9]
+fast = json.loads(fast)
+R.main(["--model", model, "--data", data, "--output_dir", out, "--max_steps", "1",
+        "--batch_size", "2", *fast])
+R.main(["export", "--adapter", out, "--out", out + "/merged", "--dtype", "float32"])
+R.load_model(out + "/merged")
+common = ["--model", model, "--video_root", root, "--device", "cpu", "--adapter", out]
+E.main(["rank", "--data", chains, *common])
+E.main(["mcq", "--data", mcq, *common])
+E.main(["generate", "--data", chains, "--out", out + "/captions.jsonl", "--max_new_tokens", "2",
+        *common])
+E.main(["sample", "--data", chains, "--out", out + "/samples.jsonl", "--max_new_tokens", "2",
+        "--num_samples", "2", *common])
+print("real:", "synthetic" in sys.modules)
+R.load_model("tiny")                     # the hook: the one way in, so the check can fail
+print("tiny:", "synthetic" in sys.modules)
+"""
+
+
+def test_a_real_model_never_imports_the_toy_world(hub, clips, tmp_path):
+    """Training a hub checkpoint, exporting it, loading the export and every model-side
+    evaluation never import synthetic.py: the tiny preset comes in through one hook
+    (rank_dpo.embedded_preset), which only "tiny" or a saved tiny directory opens."""
+    argv = [sys.executable, "-c", SEAM_SCRIPT, ROOT, hub["qwen2_5_vl"], clips["root"],
+            clips["mixed"], clips["chains"], clips["mcq"], str(tmp_path / "run"),
+            json.dumps(FAST + VIDEO_FLAGS)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "real: False" in done.stdout and "tiny: True" in done.stdout, done.stdout[-2000:]

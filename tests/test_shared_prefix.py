@@ -124,7 +124,7 @@ def causal_lm():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_packed_step_equals_unshared_causal_lm(causal_lm, records, objective, attention):
     base, tokenizer = causal_lm
-    model, args = adapted(base, "full", objective)
+    model, args = adapted(base, "full", objective, "--modules_to_save", "lm_head")
     model.get_base_model().config._attn_implementation = attention
     assert R.resolve_shared_prefix(model, "auto")
     assert_same_step(model, tokenizer, records["text"], args, "full")
@@ -190,7 +190,7 @@ def test_evaluation_uses_the_packed_path(tiny, records, monkeypatch):
     chain = {"video": os.path.join(records["root"], "videos", "0.npy"),
              "prompts": ["Describe this video in detail."] * 3,
              "responses": ["A red square.", "A blue square moves left.", "A cat."]}
-    shared = eval_judge.chain_logps(model, processor, [chain], 8)[0]
+    shared = eval_judge.chain_logps(model, processor, [chain], R.VideoSampling(8))[0]
     assert calls == [1]                    # rank and mcq score through chain_logps
     frames = R.load_video(chain["video"], 8)
     unshared = R.response_logps(model, processor, frames, chain["prompts"], chain["responses"],

@@ -103,6 +103,36 @@ def test_tiny_is_deterministic_and_saved_base_reloads(tmp_path):
     assert pc.tokenizer(text).input_ids == pa.tokenizer(text).input_ids
 
 
+def test_tiny_comes_in_through_the_one_hook(data, tmp_path):
+    """"tiny" and a directory a tiny model was saved to are the names that reach synthetic.py
+    (rank_dpo.embedded_preset); past the hook the tiny model is generic: its processor names its
+    video family and expands its own placeholder, the model names its own --modules_to_save
+    auto, and a run keeps its base under OUT/base, where load_model and export find it."""
+    assert R.TINY_SAVED_MARKER == synthetic.TINY_PROCESSOR_FILE
+    assert R.embedded_preset(str(tmp_path)) is None            # any other directory or name
+    rows = run(data, tmp_path / "run", steps=3)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    base = str(tmp_path / "run" / "base")
+    assert R.embedded_preset("tiny").built and not R.embedded_preset(base).built
+    saved, processor = R.load_model(base)
+    tiny, _ = R.load_model("tiny")
+    assert all(torch.equal(x, y) for x, y in zip(saved.state_dict().values(),
+                                                  tiny.state_dict().values()))
+    assert saved.default_modules_to_save == tiny.default_modules_to_save == synthetic.TINY_FULL_MODULES
+    assert R.processor_family(processor).name == "qwen2_5_vl"
+    frames = R.load_video(os.path.join(data["root"], "videos", "0.npy"), 8)
+    video = R.video_inputs(processor, frames)
+    assert sorted(video) == ["pixel_values_videos", "placeholder_ids", "video_grid_thw"]
+    assert video["placeholder_ids"].tolist() == [processor.video_token_id] * 64
+    R.main(["export", "--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "merged"),
+            "--dtype", "float32"])
+    merged, _ = R.load_model(str(tmp_path / "merged"))
+    trained, _ = R.load_model("tiny", adapter=str(tmp_path / "run"))
+    w = "model.language_model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged.state_dict()[w], trained.state_dict()[w])
+    assert not torch.equal(merged.state_dict()[w], tiny.state_dict()[w])
+
+
 def test_patchify_matches_the_vision_tower_layout():
     """Each merged token must be a 2x2 block of neighbouring patches: put a distinct value in
     one 16x16 block of frame pair 1 and check exactly one merged group of 4 patches sees it."""
