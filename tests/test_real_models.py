@@ -381,6 +381,11 @@ def test_load_video_decodes_only_kept_frames_memory_flat_in_length(tmp_path):
 # Bad input: one clear line naming the file and record, before the first step
 # ---------------------------------------------------------------------------------------------
 
+def many(records: list[dict], copies: int) -> list[dict]:
+    """`copies` copies of the records, each with an id of its own (ids are unique in a data file)."""
+    return [dict(r, id=f"{r['id']}-{k}") for k in range(copies) for r in records]
+
+
 @pytest.mark.parametrize("problem", ["undecodable", "missing", "too_long"])
 def test_bad_rows_are_reported_before_the_first_step(hub, clips, tmp_path, problem):
     good = read_jsonl(clips["chains"])
@@ -395,7 +400,7 @@ def test_bad_rows_are_reported_before_the_first_step(hub, clips, tmp_path, probl
         r["video"] = os.path.join(clips["root"], r["video"])
     if problem != "missing":
         bad["video"] = bad["video"] if os.path.isabs(bad["video"]) else os.path.join(clips["root"], bad["video"])
-    data = write_jsonl(tmp_path / "data.jsonl", [good[0], bad] + good[2:] * 200)
+    data = write_jsonl(tmp_path / "data.jsonl", [good[0], bad] + many(good[2:], 200))
     extra = []
     if problem == "too_long":      # row 2's text fits, with its video tokens it does not
         _, processor = R.load_base(hub["qwen2_5_vl"])
@@ -404,7 +409,7 @@ def test_bad_rows_are_reported_before_the_first_step(hub, clips, tmp_path, probl
         max_length = len(prompt_ids) + video_tokens + 4           # the good rows fit
         bad["prompt"] = "Describe." + " in short" * ((video_tokens - 2) // 9)
         assert len(R.encode_text(processor, bad["prompt"], "x", True)[0]) < max_length
-        data = write_jsonl(tmp_path / "data.jsonl", [good[0], bad] + good[2:] * 200)
+        data = write_jsonl(tmp_path / "data.jsonl", [good[0], bad] + many(good[2:], 200))
         extra = ["--max_length", str(max_length)]
     with pytest.raises(SystemExit) as e:       # main() turns it into one line, no traceback
         R.main(["--model", hub["qwen2_5_vl"], "--data", data, "--output_dir", str(tmp_path / "out"),
