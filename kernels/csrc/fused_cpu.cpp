@@ -153,22 +153,13 @@ void row_grad(const scalar_t* row, scalar_t* out, int64_t V, int64_t label, acc_
   out[label] = static_cast<scalar_t>(g - g * std::exp((target - m) - ls));
 }
 
-void check_sequence_args(const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1,
-              "logits must be [N, T, V] with stride 1 over V");
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) &&
-                  labels.size(1) == logits.size(1) && labels.scalar_type() == at::kLong &&
-                  labels.is_contiguous(),
-              "labels must be contiguous int64 [N, T] matching logits");
-}
-
 }  // namespace
 
 // -> (logps [N] acc, counts [N] int64, lse [N, T, 2] acc: (max, log sum exp(x - max)) per row)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_logps_forward(const at::Tensor& logits,
                                                                      const at::Tensor& labels,
                                                                      int64_t ignore_index) {
-  check_sequence_args(logits, labels);
+  check_sequence_layout(logits, labels);
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   const int64_t sn = logits.stride(0), st = logits.stride(1);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
@@ -224,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_logps_forward(const at::
 at::Tensor sequence_logps_backward(const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& lse, const at::Tensor& grad_logps,
                                    int64_t ignore_index, bool inplace) {
-  check_sequence_args(logits, labels);
+  check_sequence_layout(logits, labels);
   const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
   TORCH_CHECK(lse.scalar_type() == acc_dtype && lse.is_contiguous() && lse.numel() == N * T * 2,

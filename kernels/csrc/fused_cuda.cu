@@ -324,12 +324,7 @@ unsigned row_blocks(int64_t rows) {
 void check_sequence_args(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(logits.is_cuda() && labels.is_cuda() && logits.device() == labels.device(),
               "logits and labels must be on the same CUDA device");
-  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1,
-              "logits must be [N, T, V] with stride 1 over V");
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) &&
-                  labels.size(1) == logits.size(1) && labels.scalar_type() == at::kLong &&
-                  labels.is_contiguous(),
-              "labels must be contiguous int64 [N, T] matching logits");
+  check_sequence_layout(logits, labels);
 }
 
 }  // namespace

@@ -36,6 +36,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logps_backward(
     const at::Tensor& grad_logps, int64_t T, int64_t chunk, bool need_hidden, bool need_weight,
     bool need_bias);
 
+// The layouts the row kernels read, checked the same way by both twins (the Python wrapper
+// prepares them; this guards direct calls of torch.ops.rank_dpo.*).
+inline void check_sequence_layout(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1,
+              "logits must be [N, T, V] with stride 1 over V");
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) &&
+                  labels.size(1) == logits.size(1) && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous(),
+              "labels must be contiguous int64 [N, T] matching logits");
+}
+
 // Registers the functions above as the kernels of the rank_dpo ops for the dispatch key of
 // `m`: each twin calls it from its TORCH_LIBRARY_IMPL block (register.cpp).
 void register_kernels(torch::Library& m);
