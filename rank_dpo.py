@@ -1377,11 +1377,19 @@ def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_train
             ref if ref is not None else torch.zeros(len(labels), device=device),
             inplace_backward=True, **loss_args)   # logits come straight from the LM head, which
         # needs only its input and weight for backward: their gradient may overwrite them
+    counts = (labels != IGNORE_INDEX).sum(-1)
+    best = index[:, 0].to(logps.device)
     if summed_ntp:   # the kernels' NTP is per token; this one is the summed NLL of y_0, added
         # here from the per-sequence log-probs (they carry the gradient back to the logits)
-        loss = loss + args.ntp_weight * (-logps[index[:, 0].to(logps.device)]).mean()
-    counts = (labels != IGNORE_INDEX).sum(-1)
+        ntp_term = args.ntp_weight * (-logps[best]).mean()
+        loss = loss + ntp_term
+    elif args.objective == "sft":
+        ntp_term = loss
+    else:            # what the kernels added: ntp_weight * mean token NLL of y_0
+        ntp_term = args.ntp_weight * (-logps[best] / counts[best].clamp_min(1)).mean()
     stats = chain_stats(logps.detach().float(), ref, counts, index.to(device), args.beta)
+    # the preference loss alone (the loss without its NTP term), logged as pref_loss
+    stats = torch.cat([stats, (loss - ntp_term).detach().double().cpu().view(1)])
     return loss, stats
 
 
@@ -1584,7 +1592,7 @@ def train(args) -> list[dict]:
     try:
         while step < args.max_steps:
             t0 = time.perf_counter()
-            stats, tokens = torch.zeros(6, dtype=torch.float64), 0
+            stats, tokens = torch.zeros(7, dtype=torch.float64), 0
             losses = []
             for ids in step_batches(len(chains), step, args.seed, args.batch_size,
                                     args.grad_accum, world, rank):
@@ -1613,12 +1621,13 @@ def train(args) -> list[dict]:
                                             torch.tensor([float(tokens)], dtype=torch.float64)]),
                                  world)
             if step % args.log_every == 0 or step == args.max_steps:
-                ntp, n, gap, n_gap, right, n_pairs = summed[1:7].tolist()
+                ntp, n, gap, n_gap, right, n_pairs, pref = summed[1:8].tolist()
                 row = {"step": step, "loss": summed[0].item() / (args.grad_accum * world),
+                       "pref_loss": pref / (args.grad_accum * world),
                        "ntp": ntp / n, "margin": gap / max(n_gap, 1),
                        "rank_acc": right / max(n_pairs, 1), "lr": lr,
                        "grad_norm": float(grad_norm),
-                       "tokens_per_s": summed[7].item() / (time.perf_counter() - t0),
+                       "tokens_per_s": summed[8].item() / (time.perf_counter() - t0),
                        "step_time_s": time.perf_counter() - t0,
                        "peak_mem_mb": all_reduce_(torch.tensor([peak_memory_mb(device)]),
                                                   world, "max").item(),

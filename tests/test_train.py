@@ -270,6 +270,26 @@ def test_summed_ntp_adds_the_summed_nll_of_the_best_caption(data):
     assert abs(float(summed - mean)) > 1.0   # the two norms really differ (y_0 has many tokens)
 
 
+@pytest.mark.parametrize("objective, norm", [("rank", "mean"), ("rank", "sum"), ("dpo", "mean"),
+                                             ("mpo", "sum"), ("hinge", "mean"), ("sft", "mean")])
+def test_logged_preference_loss_is_the_loss_without_its_ntp_term(data, objective, norm):
+    """stats[-1] (metrics.jsonl's pref_loss) == the same step's loss at ntp_weight 0; sft has none."""
+    def step(weight):
+        model, processor, args = fresh_model("lora")
+        perturb_adapters(model)
+        args.objective, args.ntp_weight, args.ntp_norm = objective, weight, norm
+        chains, _ = R.load_chains(data["two"], processor, objective)
+        batch, index = R.collate(chains, processor, 8, 2048)
+        with torch.no_grad():
+            return R.chain_loss_step(model, batch, index, args, vision_trainable=True)
+    loss, stats = step(0.5)
+    alone, _ = step(0.0)
+    expected = 0.0 if objective == "sft" else float(alone)
+    assert float(stats[-1]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    if objective != "sft":
+        assert float(loss) - float(stats[-1]) > 0.01   # the NTP term was really there
+
+
 # ---------------------------------------------------------------------------------------------
 # Training runs
 # ---------------------------------------------------------------------------------------------
