@@ -401,6 +401,39 @@ ARGUS_ORDER_PENALTY = 0.1                                   # the official defau
 _MIN_SENTENCE_CHARS = 20
 
 
+def read_argus(path: str) -> dict[str, tuple[int, dict]]:
+    """The ARGUS table, {clip_name: (line, {"clip_name", "human_caption"})}, from JSONL or one
+    JSON list; every clip named once, with a caption of at least one sentence."""
+    if path.endswith(".json"):
+        doc, text = load_json_document(path)
+        if not isinstance(doc, list):
+            raise DataError(path, 1, "expected a list of {clip_name, human_caption}")
+        rows, line = [], 1
+        for rec in doc:
+            name = rec.get("clip_name") if isinstance(rec, dict) else None
+            line = (line_of(text, json.dumps(name), line) or line) if isinstance(name, str) else line
+            rows.append((line, rec))
+    else:
+        if not os.path.exists(path):
+            raise DataError(path, None, "input file not found")
+        rows = list(read_jsonl(path))
+    out: dict[str, tuple[int, dict]] = {}
+    for line, rec in rows:
+        if not isinstance(rec, dict):
+            raise DataError(path, line, "expected an object {clip_name, human_caption}")
+        name, caption = rec.get("clip_name"), rec.get("human_caption")
+        if not isinstance(name, str) or not name:
+            raise DataError(path, line, "missing or not a non-empty string", field="clip_name")
+        if name in out:
+            raise DataError(path, line, f"duplicate clip {name!r} (first on line {out[name][0]})",
+                            field="clip_name")
+        if not isinstance(caption, str) or not split_sentences(caption):
+            raise DataError(path, line, "expected a string with at least one sentence",
+                            field="human_caption")
+        out[name] = (line, rec)
+    return out
+
+
 def split_sentences(text: str) -> list[str]:
     """Caption -> lines the way ARGUS splits both captions: after . ! ? followed by a capital,
     after semicolons, at list bullets and numbers; a piece shorter than 20 characters is joined

@@ -33,7 +33,6 @@ rank_dpo.load_model (the project's one loader), imported only by the subcommands
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -48,7 +47,7 @@ import benchmarks
 from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, add_client_args, ask_both_orders,
                         ask_until_parsed, format_mcq, parse_json_object, score_answer)
 from records import (DataError, OutputLocked, RecordFailed, ResumableJsonl, collect_outputs,
-                     map_resumable, read_jsonl, read_records, read_run_meta, records_by_id,
+                     map_resumable, read_records, read_run_meta, records_by_id,
                      write_json, write_jsonl)
 
 if TYPE_CHECKING:                  # the trainer (and torch) load only with a model-side command
@@ -1146,7 +1145,7 @@ def caption_jobs(args) -> list[tuple[str, str, str]]:
         return list(jobs.values())
     return [(rid, args.prompt or benchmarks.ARGUS_PROMPT,
              benchmark_video(args, args.data, line, rid, "clip_name"))
-            for rid, (line, _) in argus_records(args.data).items()]
+            for rid, (line, _) in benchmarks.read_argus(args.data).items()]
 
 
 def cmd_benchmark_captions(args) -> dict:
@@ -1167,38 +1166,6 @@ def vdc_dimensions(args) -> list[str]:
         raise SystemExit(f"vdc: {args.data} holds none of "
                          f"{', '.join(d + '.jsonl' for d in benchmarks.VDC_DIMENSIONS)}")
     return found
-
-
-def argus_records(path: str) -> dict[str, tuple[int, dict]]:
-    """The ARGUS table ({"clip_name", "human_caption"} per clip) as JSONL or one JSON list."""
-    if path.endswith(".json"):
-        doc, text = benchmarks.load_json_document(path)
-        if not isinstance(doc, list):
-            raise DataError(path, 1, "expected a list of {clip_name, human_caption}")
-        rows, line = [], 1
-        for k, rec in enumerate(doc):
-            name = rec.get("clip_name") if isinstance(rec, dict) else None
-            line = benchmarks.line_of(text, json.dumps(name), line) if isinstance(name, str) else line
-            rows.append((line, rec))
-    else:
-        if not os.path.exists(path):
-            raise DataError(path, None, "input file not found")
-        rows = list(read_jsonl(path))
-    out = {}
-    for line, rec in rows:
-        if not isinstance(rec, dict):
-            raise DataError(path, line, "expected an object {clip_name, human_caption}")
-        name = rec.get("clip_name")
-        if not isinstance(name, str) or not name:
-            raise DataError(path, line, "missing or not a non-empty string", field="clip_name")
-        if name in out:
-            raise DataError(path, line, f"duplicate clip {name!r} (first on line {out[name][0]})",
-                            field="clip_name")
-        require_text(path, line, rec, "human_caption")
-        if not benchmarks.split_sentences(rec["human_caption"]):
-            raise DataError(path, line, "empty caption", field="human_caption")
-        out[name] = (line, rec)
-    return out
 
 
 def benchmark_captions(args, ids: Iterable[str]) -> dict[str, str]:
@@ -1396,7 +1363,7 @@ def cmd_benchmark_score(args) -> dict:
             return {"id": item.id, "dimension": item.dimension, "video_id": item.video_id,
                     **benchmarks.vdc_video_score(graded), "qa": graded}
     else:
-        rows = argus_records(args.data)
+        rows = benchmarks.read_argus(args.data)
         captions = benchmark_captions(args, rows)
 
         def score_one(job):

@@ -527,8 +527,34 @@ def test_argus_caption_step_and_bad_table(tiny, tmp_path, monkeypatch):
     assert E.main(["argus", "caption", "--data", data, "--out", out, "--device", "cpu"])["generated"] == 0
     write_jsonl(tmp_path / "argus.jsonl", [{"clip_name": "woman_run", "human_caption": "A woman runs."},
                                            {"clip_name": "mailman"}])
-    with pytest.raises(SystemExit, match=r"argus.jsonl:2: field 'human_caption': expected a string"):
+    with pytest.raises(SystemExit, match=r"argus.jsonl:2: field 'human_caption': expected a string with"):
         E.main(["argus", "caption", "--data", data, "--out", out, "--device", "cpu"])
     write_jsonl(tmp_path / "argus.jsonl", [{"clip_name": "no_such_clip", "human_caption": "A woman runs."}])
     with pytest.raises(SystemExit, match=r"argus.jsonl:1: field 'clip_name': video not found"):
         E.main(["argus", "caption", "--data", data, "--out", out, "--device", "cpu"])
+
+
+def test_argus_table_as_a_json_list_and_a_pluggable_rules_judge(tmp_path, monkeypatch):
+    # The table may come as one JSON list (the dataset viewer's export): errors keep their line.
+    argus_files(tmp_path)
+    data = write_json(tmp_path / "argus.json", [
+        {"clip_name": "woman_run", "human_caption": "A woman ties her shoes on a bench."},
+        {"clip_name": "mailman", "human_caption": ""}])
+    with pytest.raises(DataError, match=r"argus.json:7: field 'human_caption': expected a string"):
+        B.read_argus(data)
+    write_json(tmp_path / "argus.json", [{"clip_name": "woman_run",
+                                          "human_caption": "A woman ties her shoes on a bench."}])
+    assert list(B.read_argus(data)) == ["woman_run"]
+
+    # --judge rules takes whatever the toy world offers with the LLM judge's methods: here one
+    # that calls every target line an underdetermined summary, so both costs are 1.
+    import synthetic
+
+    class EverythingUnsure:
+        def argus_lines(self, source, target):
+            return [B.LineJudgement("summary", "underdetermined") for _ in target]
+    monkeypatch.setattr(synthetic, "benchmark_rules_judge", EverythingUnsure, raising=False)
+    captions = write_jsonl(tmp_path / "c.jsonl", [{"id": "woman_run", "caption": "A man swims in a lake."}])
+    res = E.main(["argus", "score", "--judge", "rules", "--data", data, "--captions", captions,
+                  "--out", str(tmp_path / "s.jsonl")])
+    assert res["ArgusCost-H"]["mean"] == 1.0 and res["ArgusCost-O"]["mean"] == 1.0 and res["judge"] == "rules"
