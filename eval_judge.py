@@ -1093,11 +1093,12 @@ def cmd_vidhal(args) -> dict:
     """VidHal (annotations.json, videos/<video>.mp4): caption ordering by the model's sequence
     log-prob of each caption (the scoring path of `rank`), scored by VidHal's NDCG (ties are
     coin flips: the mean NDCG over the orders they allow); and MCQA over the same captions
-    shown as options A, B, C (the official prompt and option order) by letter log-prob."""
+    shown as options A, B, C (the official prompt and option order) by letter log-prob. Both
+    tasks of a video are one item of chain_logps, so its clip is encoded once."""
     vidhal = benchmarks.read_vidhal(args.data, args.options)
     if not vidhal:
         raise SystemExit(f"vidhal: {args.data} holds no videos")
-    items = {it.id: (it, benchmark_video(args, args.data, it.line, it.id, f"{it.id}.video"))
+    items = {it.id: (it, benchmark_video(args, args.data, it.line, it.id, "video"))
              for it in vidhal}
     jobs = []
     for rid, (item, video) in items.items():
