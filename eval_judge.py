@@ -14,6 +14,17 @@ Subcommands (each writes a results JSON and prints a markdown table):
               sequence log-probs (and of the implicit reward against the base model)
     reward    LLaVA-Hound-style LM reward: an LLM scores QA answers with the caption as evidence
 
+The paper's benchmarks, read from the folders their authors publish (benchmarks.py holds the
+formats and the metrics):
+
+    tempcompass  multi-choice, yes/no and caption matching: accuracy per temporal dimension, the
+                 answer by option log-probability or by generation + the official matching rules
+    vidhal       caption ordering (VidHal's NDCG) and MCQA from the model's log-probs
+    vdc          `caption`: a caption per dimension (the benchmark's prompts); `score`: VDCscore,
+                 each question answered from the caption and graded by a judge (accuracy, 0-5)
+    argus        `caption`, then `score`: ArgusCost-H / ArgusCost-O from a judge's line-by-line
+                 entailment, aligned with ARGUS's order penalty
+
 The statistics (average ranks, Spearman, Kendall tau-b, bootstrap intervals, ranking metrics)
 are a few lines of numpy each, below, so the numbers in a results file can be checked by hand.
 HTTP goes through gen_chains.ChatClient (the project's one client); models load through
@@ -32,10 +43,12 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+import benchmarks
 from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, add_client_args, ask_both_orders,
                         ask_until_parsed, format_mcq, parse_json_object, score_answer)
-from records import (DataError, OutputLocked, ResumableJsonl, collect_outputs, map_resumable,
-                     read_records, read_run_meta, records_by_id, write_json, write_jsonl)
+from records import (DataError, OutputLocked, RecordFailed, ResumableJsonl, collect_outputs,
+                     map_resumable, read_records, read_run_meta, records_by_id,
+                     write_json, write_jsonl)
 
 if TYPE_CHECKING:                  # the trainer (and torch) load only with a model-side command
     from rank_dpo import VideoSampling
@@ -597,8 +610,36 @@ def decoding_results(args, n: int, new: int, done: str, seconds: float, n_words:
             "seconds": round(seconds, 3), "mean_words": float(np.mean(n_words)) if n_words else None}
 
 
+def decode_blocks(args, jobs: list[tuple[str, str, str | None]], out: ResumableJsonl,
+                  to_record, desc: str = "generate") -> list[int]:
+    """Greedy decoding of jobs (id, prompt, video path) not yet in `out`, --batch_size at a time;
+    out.append(to_record(id, text)) for each. Returns the word counts of the new texts.
+
+    Batches are fixed blocks of the input, whatever was done before a kill: left padding
+    depends on the batch, so a resumed run decodes exactly what an uninterrupted one does."""
+    from rank_dpo import load_clip
+
+    blocks = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    blocks = [b for b in blocks if any(job[0] not in out.done_ids for job in b)]
+    n_words: list[int] = []
+    if not blocks:
+        return n_words
+    model, processor = _load(args, args.adapter)
+    sampling = _sampling(args)
+    for i, batch in enumerate(blocks):
+        videos = [load_clip(v, sampling) if v else None for _, _, v in batch]
+        texts = generate_texts(model, processor, [p for _, p, _ in batch], videos, sampling,
+                               max_new_tokens=args.max_new_tokens, do_sample=False)
+        for (rid, _, _), text in zip(batch, texts):
+            if rid not in out.done_ids:
+                out.append(to_record(rid, text.strip()))
+                n_words.append(len(text.split()))
+        print(f"{desc}: block {i + 1}/{len(blocks)}", file=sys.stderr)
+    return n_words
+
+
 def cmd_generate(args) -> dict:
-    from rank_dpo import load_clip, resolve_video
+    from rank_dpo import resolve_video
 
     data = records_by_id(args.data)
     jobs = [(rid, args.prompt or rec.get("prompt") or DEFAULT_PROMPT,
@@ -607,31 +648,23 @@ def cmd_generate(args) -> dict:
     for rid, prompt, _ in jobs:
         if not isinstance(prompt, str):
             raise DataError(args.data, data[rid][0], "expected a string", field="prompt")
+    return write_captions(args, jobs)
+
+
+def write_captions(args, jobs: list[tuple[str, str, str | None]], **settings) -> dict:
+    """{"id", "caption"} for each job (id, prompt, video) into args.out, resumably (generate,
+    and the caption step of the benchmarks); the results file and table of a decoding run."""
     out = ResumableJsonl(args.out)
     todo = [job for job in jobs if job[0] not in out.done_ids]
-    # Batches are fixed blocks of the input, whatever was done before a kill: left padding
-    # depends on the batch, so a resumed run decodes exactly what an uninterrupted one does.
-    blocks = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
-    blocks = [b for b in blocks if any(job[0] not in out.done_ids for job in b)]
-    start, n_words = time.monotonic(), []
+    start = time.monotonic()
     try:
-        if todo:
-            model, processor = _load(args, args.adapter)
-            sampling = _sampling(args)
-            for i, batch in enumerate(blocks):
-                videos = [load_clip(v, sampling) if v else None for _, _, v in batch]
-                texts = generate_texts(model, processor, [p for _, p, _ in batch], videos, sampling,
-                                       max_new_tokens=args.max_new_tokens, do_sample=False)
-                for (rid, _, _), text in zip(batch, texts):
-                    if rid not in out.done_ids:
-                        out.append({"id": rid, "caption": text.strip()})
-                        n_words.append(len(text.split()))
-                print(f"generate: block {i + 1}/{len(blocks)}", file=sys.stderr)
+        n_words = decode_blocks(args, jobs, out, lambda rid, text: {"id": rid, "caption": text},
+                                desc=" ".join(filter(None, (args.command, getattr(args, "step", None)))))
     finally:
         out.close()
     seconds = time.monotonic() - start
     results = {**decoding_results(args, len(jobs), len(todo), "generated", seconds, n_words),
-               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+               **settings, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     table = markdown_table(("records", "generated now", "already done", "seconds", "mean words"),
                            [(len(jobs), len(todo), len(jobs) - len(todo), fmt(seconds, 1),
                              fmt(results["mean_words"], 1))])
@@ -943,6 +976,437 @@ def cmd_reward(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The published benchmarks (benchmarks.py reads their files and holds their metrics):
+#   tempcompass, vidhal  the model's log-probs (or generation + matching), like mcq and rank
+#   vdc, argus           `caption`: the model writes captions (resumable, batched, as generate);
+#                        `score`: a judge (an LLM over the one HTTP client, or a rules judge)
+# ----------------------------------------------------------------------------------------------
+
+def benchmark_video(args, path: str, line: int | None, name: str, field: str) -> str:
+    """The clip <video_root>/<name>.mp4 (or .MP4/.mkv/.webm), checked before the model loads."""
+    video = benchmarks.find_video(args.video_root, name)
+    if video is None:
+        raise DataError(path, line, f"video not found: {os.path.join(args.video_root, name)}.mp4 "
+                        "(clips are looked for under --video_root, default <benchmark>/videos)",
+                        field=field)
+    return video
+
+
+def score_resumable(args, items: list[dict], to_record, desc: str) -> int:
+    """Sequence log-probs (chain_logps) of each item {"id", "video", "prompts", "responses",
+    "where"} not yet in args.out, appended as to_record(item, logps). Returns how many were new."""
+    out = ResumableJsonl(args.out)
+    try:
+        todo = [item for item in items if item["id"] not in out.done_ids]
+        if todo:
+            model, processor = _load(args, args.adapter)
+            sampling = _sampling(args)
+            for n, item in enumerate(todo, 1):
+                out.append(to_record(item, chain_logps(model, processor, [item], sampling)[0]))
+                if n % 20 == 0 or n == len(todo):
+                    print(f"{desc}: {n}/{len(todo)}", file=sys.stderr)
+    finally:
+        out.close()
+    return len(todo)
+
+
+def grouped_ci(records: list[dict], group: str, value: str, groups: Sequence[str] | None = None) -> dict:
+    """{group name: mean_ci of `value`} over records, plus "overall" over all of them."""
+    names = groups or sorted({r[group] for r in records})
+    out = {g: mean_ci([float(r[value]) for r in records if r[group] == g]) for g in names}
+    out = {g: v for g, v in out.items() if v["n"]}
+    out["overall"] = mean_ci([float(r[value]) for r in records])
+    return out
+
+
+def cmd_tempcompass(args) -> dict:
+    """TempCompass (questions/<task>.json, videos/<video_id>.mp4 incl. the _reverse clips):
+    each question answered by option log-probability (--answer logprob: the label with the
+    highest log-prob, as mcq does) or by greedy generation matched with the official rules
+    (--answer generate; a reply no rule matches is wrong, the official --disable_llm mode).
+    Accuracy per temporal dimension and overall, per task."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in tasks:
+        if task not in benchmarks.TEMPCOMPASS_TASKS:
+            raise SystemExit(f"tempcompass: unknown task {task!r} (one of "
+                             f"{', '.join(benchmarks.TEMPCOMPASS_TASKS)})")
+    items = {}
+    for task in tasks:
+        path = benchmarks.tempcompass_path(args.data, task)
+        for item in benchmarks.read_tempcompass(args.data, task):
+            video = benchmark_video(args, path, item.line, item.video_id, item.video_id)
+            items[f"{task}/{item.id}"] = (item, video, path)
+    if not items:
+        raise SystemExit(f"tempcompass: {args.data} holds no questions for {', '.join(tasks)}")
+
+    def base(rid):
+        item = items[rid][0]
+        return {"id": rid, "task": item.task, "dimension": item.dimension, "video_id": item.video_id,
+                "gold": item.gold, "answer_by": args.answer}
+
+    start = time.monotonic()
+    if args.answer == "logprob":
+        scored = [{"id": rid, "video": video, "prompts": [item.prompt] * len(item.labels),
+                   "responses": item.responses, "where": (path, item.line)}
+                  for rid, (item, video, path) in items.items()]
+
+        def to_record(job, logps):
+            item = items[job["id"]][0]
+            pred = item.labels[int(np.argmax(logps))]
+            return {**base(job["id"]), "pred": pred, "correct": pred == item.gold,
+                    "logps": {lab: float(v) for lab, v in zip(item.labels, logps)}}
+        new = score_resumable(args, scored, to_record, "tempcompass")
+    else:
+        jobs = [(rid, item.prompt, video) for rid, (item, video, _) in items.items()]
+
+        def to_record(rid, text):
+            pred = benchmarks.match_tempcompass_answer(items[rid][0], text)
+            return {**base(rid), "reply": text, "pred": pred, "matched": pred is not None,
+                    "correct": pred == items[rid][0].gold}
+        out = ResumableJsonl(args.out)
+        new = len([j for j in jobs if j[0] not in out.done_ids])
+        try:
+            decode_blocks(args, jobs, out, to_record, desc="tempcompass")
+        finally:
+            out.close()
+    done = collect_outputs(args.out, items)
+    wrong_mode = [r["id"] for r in done.values() if r.get("answer_by") != args.answer]
+    if wrong_mode:
+        raise SystemExit(f"tempcompass: {args.out} holds answers made another way "
+                         f"({wrong_mode[0]!r}...); use a new --out for --answer {args.answer}")
+    per_task = {}
+    for task in tasks:
+        recs = [r for r in done.values() if r["task"] == task]
+        per_task[task] = grouped_ci(recs, "dimension", "correct", benchmarks.TEMPCOMPASS_DIMENSIONS)
+        if args.answer == "generate":
+            per_task[task]["match_rate"] = mean_ci([float(r["matched"]) for r in recs])
+    results = {"command": "tempcompass", "model": args.model, "adapter": args.adapter,
+               "data": args.data, "out": args.out, "answer": args.answer, "n": len(items),
+               "answered_now": new, "seconds": round(time.monotonic() - start, 3), "tasks": per_task}
+    rows = [(task, dim, fmt_ci(v, 3), v["n"]) for task, acc in per_task.items()
+            for dim, v in acc.items()]
+    table = markdown_table(("task", f"dimension ({args.answer})", "accuracy [95% CI]", "n"), rows)
+    return report(results, table, args.results or sibling(args.out, ".results.json"))
+
+
+def cmd_vidhal(args) -> dict:
+    """VidHal (annotations.json, videos/<video>.mp4): caption ordering by the model's sequence
+    log-prob of each caption (the scoring path of `rank`), scored by VidHal's NDCG (ties are
+    coin flips: the mean NDCG over the orders they allow); and MCQA over the same captions
+    shown as options A, B, C (the official prompt and option order) by letter log-prob. Both
+    tasks of a video are one item of chain_logps, so its clip is encoded once."""
+    vidhal = benchmarks.read_vidhal(args.data, args.options)
+    if not vidhal:
+        raise SystemExit(f"vidhal: {args.data} holds no videos")
+    items = {it.id: (it, benchmark_video(args, args.data, it.line, it.id, "video"))
+             for it in vidhal}
+    jobs = []
+    for rid, (item, video) in items.items():
+        where = (args.data, item.line)
+        jobs.append({"id": rid, "video": video, "where": where,
+                     "prompts": [args.prompt] * len(item.captions) + [item.mcqa_prompt] * len(item.letters),
+                     "responses": item.captions + item.letters})
+
+    def to_record(job, logps):
+        item = items[job["id"]][0]
+        k = len(item.captions)
+        caption_lp, letter_lp = logps[:k], logps[k:]
+        pred = item.letters[int(np.argmax(letter_lp))]
+        return {"id": job["id"], "aspect": item.aspect, "caption_logps": caption_lp.tolist(),
+                "ndcg": benchmarks.vidhal_expected_ndcg(caption_lp.tolist()),
+                "pairwise": chain_metrics(caption_lp)["pairwise"],
+                "mcqa": {"pred": pred, "gold": item.gold,
+                         "logps": {c: float(v) for c, v in zip(item.letters, letter_lp)}},
+                "mcqa_correct": pred == item.gold}
+    new = score_resumable(args, jobs, to_record, "vidhal")
+    recs = list(collect_outputs(args.out, items).values())
+    results = {"command": "vidhal", "model": args.model, "adapter": args.adapter, "data": args.data,
+               "options": args.options, "out": args.out, "n": len(items), "scored_now": new,
+               "ndcg": grouped_ci(recs, "aspect", "ndcg"),
+               "mcqa_accuracy": grouped_ci(recs, "aspect", "mcqa_correct"),
+               "pairwise": grouped_ci(recs, "aspect", "pairwise")}
+    rows = [(aspect, fmt_ci(results["ndcg"][aspect], 3), fmt_ci(results["mcqa_accuracy"][aspect], 3),
+             results["ndcg"][aspect]["n"]) for aspect in results["ndcg"]]
+    table = markdown_table(("aspect", "caption ordering NDCG [95% CI]", "MCQA accuracy [95% CI]", "n"),
+                           rows)
+    return report(results, table, args.results or sibling(args.out, ".results.json"))
+
+
+# -- judge-side: captions written by the model, then a judge --------------------------------------
+
+def caption_jobs(args) -> list[tuple[str, str, str]]:
+    """(caption id, prompt, video) for `vdc caption` / `argus caption`, every clip checked."""
+    if args.command == "vdc":
+        dims = vdc_dimensions(args)
+        jobs = {}
+        for item in benchmarks.read_vdc(args.data, dims):
+            path = benchmarks.vdc_path(args.data, item.dimension)
+            video = benchmark_video(args, path, item.line, item.video_id, item.video_id)
+            jobs[item.id] = (item.id, args.prompt or benchmarks.VDC_PROMPTS[item.dimension], video)
+        return list(jobs.values())
+    return [(rid, args.prompt or benchmarks.ARGUS_PROMPT,
+             benchmark_video(args, args.data, line, rid, "clip_name"))
+            for rid, (line, _) in benchmarks.read_argus(args.data).items()]
+
+
+def cmd_benchmark_captions(args) -> dict:
+    return write_captions(args, caption_jobs(args), step="caption")
+
+
+def vdc_dimensions(args) -> list[str]:
+    """--dimensions, else every dimension whose QA file the folder holds."""
+    if args.dimensions:
+        dims = [d.strip() for d in args.dimensions.split(",") if d.strip()]
+        unknown = [d for d in dims if d not in benchmarks.VDC_DIMENSIONS]
+        if unknown:
+            raise SystemExit(f"vdc: unknown dimension {unknown[0]!r} (one of "
+                             f"{', '.join(benchmarks.VDC_DIMENSIONS)})")
+        return dims
+    found = [d for d in benchmarks.VDC_DIMENSIONS if os.path.exists(benchmarks.vdc_path(args.data, d))]
+    if not found:
+        raise SystemExit(f"vdc: {args.data} holds none of "
+                         f"{', '.join(d + '.jsonl' for d in benchmarks.VDC_DIMENSIONS)}")
+    return found
+
+
+def benchmark_captions(args, ids: Iterable[str]) -> dict[str, str]:
+    """The model's captions for the benchmark's ids ({"id", "caption"}, from `<bench> caption`);
+    an id without one is an error naming the captions file."""
+    found = records_by_id(args.captions, {"caption": str}, allow_empty=True)
+    missing = [rid for rid in ids if rid not in found]
+    if missing:
+        raise DataError(args.captions, None, f"no caption for {len(missing)} of the benchmark's ids "
+                        f"(first: {missing[0]!r}); run `{args.command} caption` first", field="id")
+    return {rid: found[rid][1]["caption"] for rid in ids}
+
+
+class LLMBenchmarkJudge:
+    """The LLM judge of vdc and argus, over gen_chains' client (any OpenAI-compatible server).
+    A rules judge offers the same methods (see benchmark_judge)."""
+
+    def __init__(self, args):
+        self.client, self.reask, self.params = ChatClient.from_args(args), args.reask, _chat_params(args)
+
+    def _ask(self, system: str, prompt: str, parse, hint: str) -> Asked:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        return ask_until_parsed(self.client, messages, parse, hint, self.reask + 1, **self.params)
+
+    def _value(self, asked: Asked, what: str):
+        if not asked.ok:
+            raise RecordFailed(f"unusable {what} reply after {asked.tries} tries: "
+                               + "; ".join(asked.problems), details={"reply": asked.reply})
+        return asked.value
+
+    def vdc_answer(self, caption: str, question: str) -> str:
+        """Step 1 of VDCscore: the question answered from the caption alone."""
+        asked = self._ask(VDC_ANSWER_SYSTEM, VDC_ANSWER_PROMPT.format(caption=caption, question=question),
+                          parse_short_answer, "Reply again with only a short answer.")
+        return self._value(asked, "answer")
+
+    def vdc_grade(self, question: str, answer: str, response: str) -> dict:
+        """Step 2: the answer graded against the benchmark's: {"pred": "yes"|"no", "score": 0-5}."""
+        asked = self._ask(VDC_GRADE_SYSTEM, VDC_GRADE_PROMPT.format(question=question, answer=answer,
+                                                                    response=response) + VDC_GRADE_JSON,
+                          parse_vdc_grade, f"Reply again with only the JSON object: {VDC_GRADE_JSON}")
+        return self._value(asked, "grade")
+
+    def argus_lines(self, source: list[str], target: list[str]) -> list[benchmarks.LineJudgement]:
+        """Each target line's type, evidence (a source line) and verdict against the source."""
+        prompt = ARGUS_NLI_PROMPT.format(
+            source="\n".join(f"S{i + 1}: {s}" for i, s in enumerate(source)),
+            target="\n".join(f"Line {i + 1}: {t}" for i, t in enumerate(target))) + ARGUS_JSON
+        asked = self._ask(ARGUS_NLI_SYSTEM, prompt, partial(parse_argus_lines, len(target), len(source)),
+                          f"Reply again with only the JSON object: {ARGUS_JSON}")
+        return self._value(asked, "entailment")
+
+
+def benchmark_judge(args):
+    """--judge llm: LLMBenchmarkJudge. --judge rules: the toy world's rules judge for the
+    benchmarks (synthetic.benchmark_rules_judge(), with the same methods), when it has one."""
+    if args.judge == "llm":
+        return LLMBenchmarkJudge(args)
+    import synthetic
+    make = getattr(synthetic, "benchmark_rules_judge", None)
+    if make is None:
+        raise SystemExit(f"{args.command} score: --judge rules needs the synthetic world's "
+                         "benchmark judge (synthetic.benchmark_rules_judge), which this version "
+                         "does not have; use --judge llm")
+    return make()
+
+
+# VDCscore's two prompts, in our words: the official ones (AuroraCap post_eval) ask the same two
+# questions (answer from the caption only; yes/no plus a 0-5 match score as a dict).
+VDC_ANSWER_SYSTEM = ("You answer questions about a video from a detailed description of it. The "
+                     "description is all you know about the video.")
+VDC_ANSWER_PROMPT = """Detailed description of the video:
+{caption}
+
+Question: {question}
+
+Answer only from the description, as a short sentence or phrase, with no explanation."""
+VDC_GRADE_SYSTEM = ("You check whether a predicted answer to a question about a video means the same "
+                    "as the correct answer. Synonyms and paraphrases count as matches.")
+VDC_GRADE_JSON = '{"pred": "yes" or "no", "score": <integer 0-5>}'
+VDC_GRADE_PROMPT = """Question: {question}
+Correct answer: {answer}
+Predicted answer: {response}
+
+Does the predicted answer match the correct answer in meaning? Give "yes" or "no" and a score from
+0 (no match) to 5 (a full match). Reply with only this JSON object:
+"""
+
+
+def parse_short_answer(text: str) -> tuple[str | None, list[str]]:
+    answer = " ".join((text or "").split())
+    return (answer, []) if answer else (None, ["empty"])
+
+
+def parse_vdc_grade(text: str) -> tuple[dict | None, list[str]]:
+    """{"pred": "yes"|"no", "score": 0..5} (the official judge may write 4.8: kept as a number)."""
+    obj = parse_json_object(text or "")
+    if not isinstance(obj, dict):
+        return None, ["no JSON object"]
+    pred, score = str(obj.get("pred", "")).strip().lower(), obj.get("score")
+    problems = [] if pred in ("yes", "no") else ['"pred" is not "yes" or "no"']
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 5:
+        problems.append('"score" is not a number from 0 to 5')
+    return ({"pred": pred, "score": float(score)}, []) if not problems else (None, problems)
+
+
+# ARGUS's line-by-line entailment, in our words. The official prompt (assets/prompts/
+# base_prompt.txt, with in-context examples) lets the judge split the target caption and quote
+# its evidence, which is then matched back to a source line by string similarity; here both
+# captions arrive split into numbered lines and the judge names the evidence line by number.
+ARGUS_NLI_SYSTEM = ("You compare two descriptions of the same video line by line. The source "
+                    "description is the premise; each target line is a hypothesis.")
+ARGUS_JSON = ('{"lines": [{"line": 1, "type": "summary" | "visual-description" | "dynamic-action", '
+              '"evidence": <source line number or null>, "verdict": "entailment" | "contradiction" '
+              '| "underdetermined"}, ...]}')
+ARGUS_NLI_PROMPT = """Source description (premise), one sentence a line:
+{source}
+
+Target description (hypotheses), one sentence a line:
+{target}
+
+For every target line decide:
+- type: "summary" (an overall statement), "visual-description" (a static detail such as a colour or
+  a place) or "dynamic-action" (an event, a movement, a change of state or relation);
+- evidence: the number of the source line the decision rests on, or null if there is none;
+- verdict: "entailment" if the source supports the line (paraphrases, synonyms and minor attribute
+  variants count; so does a claim that something stayed the same or did not happen where the source
+  is silent), "contradiction" if it conflicts with the source, "underdetermined" if the source
+  neither supports nor contradicts it (extra details, unclear which entity or event is meant).
+
+Reply with only this JSON object, one entry per target line in order:
+"""
+
+
+def parse_argus_lines(n_target: int, n_source: int, text: str):
+    """The judge's decisions on n_target lines, checked: every line once, in order, with a known
+    type and verdict and an evidence number within the source's lines (or none)."""
+    obj = parse_json_object(text or "")
+    lines = obj.get("lines") if isinstance(obj, dict) else None
+    if not isinstance(lines, list):
+        return None, ['no "lines" list']
+    if len(lines) != n_target:
+        return None, [f"{len(lines)} lines judged, the target has {n_target}"]
+    out, problems = [], []
+    for i, entry in enumerate(lines, 1):
+        entry = entry if isinstance(entry, dict) else {}
+        kind = str(entry.get("type", "")).strip().lower()
+        verdict = str(entry.get("verdict", "")).strip().lower()
+        evidence = entry.get("evidence")
+        if kind not in benchmarks.ARGUS_TYPES:
+            problems.append(f"line {i}: type {kind!r} is not one of {', '.join(benchmarks.ARGUS_TYPES)}")
+        if verdict not in benchmarks.ARGUS_VERDICTS:
+            problems.append(f"line {i}: verdict {verdict!r} is not one of "
+                            f"{', '.join(benchmarks.ARGUS_VERDICTS)}")
+        if isinstance(evidence, str) and re.fullmatch(r"S?\d+", evidence.strip()):
+            evidence = int(evidence.strip().lstrip("S"))
+        if evidence is not None and (isinstance(evidence, bool) or not isinstance(evidence, int)
+                                     or not 1 <= evidence <= n_source):
+            problems.append(f"line {i}: evidence {evidence!r} is not a source line 1..{n_source} or null")
+            evidence = None
+        out.append(benchmarks.LineJudgement(kind, verdict, evidence - 1 if evidence else None))
+    return (out, []) if not problems else (None, problems)
+
+
+def argus_direction(judge, source: str, target: str, order_penalty: float) -> dict:
+    """One ARGUS cost: target lines judged against the source. Lines without a claim (headings,
+    fragments) are not asked about; like the official code they count as entailed summaries."""
+    src, tgt = benchmarks.split_sentences(source), benchmarks.split_sentences(target)
+    content = [i for i, t in enumerate(tgt) if benchmarks.is_content_line(t)]
+    judged = judge.argus_lines(src, [tgt[i] for i in content]) if content else []
+    lines = [benchmarks.LineJudgement("summary", "entailment") for _ in tgt]
+    for i, j in zip(content, judged):
+        lines[i] = j
+    cost = benchmarks.argus_cost(lines, len(src), order_penalty)
+    return {"cost": cost.normalized, "raw_cost": cost.cost, "max_cost": cost.max_cost,
+            "path": cost.path, "source": src,
+            "lines": [{"text": t, "type": j.type, "verdict": j.verdict, "evidence": j.evidence}
+                      for t, j in zip(tgt, lines)]}
+
+
+def cmd_benchmark_score(args) -> dict:
+    """vdc score / argus score: the captions of `<bench> caption` through the judge."""
+    judge = benchmark_judge(args)
+    if args.command == "vdc":
+        items = {it.id: it for it in benchmarks.read_vdc(args.data, vdc_dimensions(args))}
+        captions = benchmark_captions(args, items)
+
+        def score_one(job):
+            item, caption = items[job["id"]], captions[job["id"]]
+            graded = []
+            for pair in item.qa:
+                response = judge.vdc_answer(caption, pair["question"])
+                graded.append({**pair, "response": response,
+                               **judge.vdc_grade(pair["question"], pair["answer"], response)})
+            return {"id": item.id, "dimension": item.dimension, "video_id": item.video_id,
+                    **benchmarks.vdc_video_score(graded), "qa": graded}
+    else:
+        rows = benchmarks.read_argus(args.data)
+        captions = benchmark_captions(args, rows)
+
+        def score_one(job):
+            human, model = rows[job["id"]][1]["human_caption"], captions[job["id"]]
+            if not benchmarks.split_sentences(model):
+                raise RecordFailed("the model's caption is empty")
+            hallucination = argus_direction(judge, human, model, args.order_penalty)
+            omission = argus_direction(judge, model, human, args.order_penalty)
+            return {"id": job["id"], "cost_h": hallucination["cost"], "cost_o": omission["cost"],
+                    "hallucination": hallucination, "omission": omission}
+    jobs = [{"id": rid} for rid in captions]
+    run = map_resumable(jobs, score_one, args.out, args.concurrency if args.judge == "llm" else 1,
+                        desc=f"{args.command} ({args.judge})", drop_failed=args.retry_failed)
+    done = collect_outputs(args.out, captions)
+    scored = [r for r in done.values() if r.get("status") != "failed"]
+    results = {"command": args.command, "step": "score", "judge": args.judge, "data": args.data,
+               "captions": args.captions, "out": args.out, "n": len(jobs), "n_scored": len(scored),
+               **failure_summary(done.values()), "run": run}
+    if args.command == "vdc":
+        results["accuracy"] = grouped_ci(scored, "dimension", "accuracy", benchmarks.VDC_DIMENSIONS)
+        results["score"] = grouped_ci(scored, "dimension", "score", benchmarks.VDC_DIMENSIONS)
+        rows_out = [(dim, fmt_ci(results["accuracy"][dim], 3), fmt_ci(results["score"][dim]),
+                     results["accuracy"][dim]["n"]) for dim in results["accuracy"]]
+        table = markdown_table(("dimension", "VDC accuracy [95% CI]", "VDC score 0-5 [95% CI]", "videos"),
+                               rows_out)
+    else:
+        results["order_penalty"] = args.order_penalty
+        results["ArgusCost-H"] = mean_ci([r["cost_h"] for r in scored])
+        results["ArgusCost-O"] = mean_ci([r["cost_o"] for r in scored])
+        table = markdown_table(("measure (lower is better)", "mean [95% CI]", "clips"),
+                               [(m, fmt_ci(results[m], 3), results[m]["n"])
+                                for m in ("ArgusCost-H", "ArgusCost-O")])
+    if results["n_failed"]:
+        table += f"\n\n{results['n_failed']} of {len(jobs)} could not be scored (see {args.out})"
+    return report(results, table, args.results or sibling(args.out, ".results.json"))
+
+
+def cmd_benchmark_two_steps(args) -> dict:
+    return cmd_benchmark_captions(args) if args.step == "caption" else cmd_benchmark_score(args)
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -954,13 +1418,13 @@ def build_parser() -> argparse.ArgumentParser:
     def results_arg(sp, default: str):
         sp.add_argument("--results", default=None, help=f"results JSON (default: {default})")
 
-    def model_args(sp):
+    def model_args(sp, data_help: str | None = None,
+                   video_help: str = "videos are relative to this (default: the data file's folder)"):
         sp.add_argument("--model", default="tiny",
                         help="'tiny' (embedded, the default), a local path or hub name")
         sp.add_argument("--adapter", default=None, help="adapter directory saved by rank_dpo.py")
-        sp.add_argument("--data", required=True)
-        sp.add_argument("--video_root", default=None,
-                        help="videos are relative to this (default: the data file's folder)")
+        sp.add_argument("--data", required=True, help=data_help)
+        sp.add_argument("--video_root", default=None, help=video_help)
         from rank_dpo import add_video_flags        # one definition of the video flags
         add_video_flags(sp, from_run=True)
         sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -1036,6 +1500,66 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="per-chain scores JSONL (optional)")
     results_arg(sp, "<data>.rank.results.json")
 
+    def benchmark_model_args(sp, data_help: str):
+        model_args(sp, data_help, "folder of the clips (default: <benchmark folder>/videos)")
+        sp.set_defaults(benchmark_videos=True)
+
+    sp = sub.add_parser("tempcompass", help="TempCompass multi-choice, yes/no and caption matching")
+    benchmark_model_args(sp, "the TempCompass folder (questions/<task>.json, videos/)")
+    sp.add_argument("--tasks", default=",".join(benchmarks.TEMPCOMPASS_TASKS),
+                    help="comma-separated, of: " + ", ".join(benchmarks.TEMPCOMPASS_TASKS))
+    sp.add_argument("--answer", choices=("logprob", "generate"), default="logprob",
+                    help="logprob: the option label with the highest log-prob (default); generate: "
+                         "greedy reply matched to an option by the official rules")
+    sp.add_argument("--out", required=True, help="per-question JSONL (resumable; one --answer per file)")
+    sp.add_argument("--batch_size", type=int, default=8, help="--answer generate: prompts per batch")
+    sp.add_argument("--max_new_tokens", type=int, default=32, help="--answer generate: reply length")
+    results_arg(sp, "<out>.results.json")
+
+    sp = sub.add_parser("vidhal", help="VidHal caption ordering (NDCG) and MCQA by log-probs")
+    benchmark_model_args(sp, "VidHal's annotations.json (clips in videos/ beside it)")
+    sp.add_argument("--options", default=None,
+                    help="the benchmark's option-order file {video: {A: rank, ...}} (default: a "
+                         "fixed per-video shuffle)")
+    sp.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt the captions are scored under")
+    sp.add_argument("--out", required=True, help="per-video JSONL (resumable)")
+    results_arg(sp, "<out>.results.json")
+
+    for name, data_help, what in (
+            ("vdc", "the VDC folder (<dimension>.jsonl QA files, videos/)", "VDC: captions per "
+             "dimension, then VDCscore (QA accuracy and 0-5 score) by a judge"),
+            ("argus", "the ARGUS table: JSONL or a JSON list of {clip_name, human_caption} (clips "
+             "in videos/ beside it)", "ARGUS: captions, then ArgusCost-H / ArgusCost-O by a judge")):
+        bench = sub.add_parser(name, help=what)
+        steps = bench.add_subparsers(dest="step", required=True)
+        sp = steps.add_parser("caption", help="the model writes the captions (resumable, batched)")
+        benchmark_model_args(sp, data_help)
+        sp.add_argument("--out", required=True, help="captions JSONL: {id, caption}")
+        sp.add_argument("--prompt", default=None, help="default: the benchmark's own prompt")
+        sp.add_argument("--batch_size", type=int, default=8)
+        sp.add_argument("--max_new_tokens", type=int, default=512)
+        if name == "vdc":
+            sp.add_argument("--dimensions", default=None,
+                            help="comma-separated (default: every <dimension>.jsonl in --data)")
+        results_arg(sp, "<out>.results.json")
+        sp = steps.add_parser("score", help="score the captions with a judge")
+        sp.add_argument("--data", required=True, help=data_help)
+        sp.add_argument("--captions", required=True, help=f"captions JSONL from `{name} caption`")
+        sp.add_argument("--out", required=True, help="per-item scores JSONL (resumable)")
+        sp.add_argument("--judge", choices=("llm", "rules"), default="llm",
+                        help="llm: an OpenAI-compatible server (--base_url, --model; default); "
+                             "rules: the toy world's rules judge, where it has one")
+        sp.add_argument("--reask", type=int, default=2, help="re-asks after an unusable judge reply")
+        sp.add_argument("--max_tokens", type=int, default=1024, help="judge reply length limit")
+        llm_args(sp)
+        if name == "vdc":
+            sp.add_argument("--dimensions", default=None,
+                            help="comma-separated (default: every <dimension>.jsonl in --data)")
+        else:
+            sp.add_argument("--order_penalty", type=float, default=benchmarks.ARGUS_ORDER_PENALTY,
+                            help="cost per pair of events told in reverse order (official: 0.1)")
+        results_arg(sp, "<out>.results.json")
+
     sp = sub.add_parser("reward", help="LM reward of QA answers with the caption as evidence")
     sp.add_argument("--data", required=True,
                     help="QA JSONL: {id, question, answer, caption? | caption_id?}")
@@ -1047,13 +1571,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"generate": cmd_generate, "sample": cmd_sample, "judge": cmd_judge, "agree": cmd_agree, "compare": cmd_head_to_head,
-            "mcq": cmd_mcq, "rank": cmd_rank, "reward": cmd_reward}
+            "mcq": cmd_mcq, "rank": cmd_rank, "reward": cmd_reward, "tempcompass": cmd_tempcompass,
+            "vidhal": cmd_vidhal, "vdc": cmd_benchmark_two_steps, "argus": cmd_benchmark_two_steps}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if getattr(args, "data", None) and hasattr(args, "video_root") and args.video_root is None:
-        args.video_root = os.path.dirname(os.path.abspath(args.data))
+        if getattr(args, "benchmark_videos", False):   # a benchmark's clips: <folder>/videos
+            folder = args.data if os.path.isdir(args.data) else os.path.dirname(os.path.abspath(args.data))
+            args.video_root = os.path.join(folder, "videos")
+        else:
+            args.video_root = os.path.dirname(os.path.abspath(args.data))
     if hasattr(args, "device") and args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,12 +1,12 @@
 """The house as docs/DESIGN.md draws it: which tool imports which, with no circle; the trainer
-never imports the data tool; records.py and synthetic.py import none of the tools."""
+never imports the data tool; records.py, benchmarks.py and synthetic.py import none of the tools."""
 import ast
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = ("records", "synthetic", "gen_chains", "rank_dpo", "eval_judge")
+TOOLS = ("records", "benchmarks", "synthetic", "gen_chains", "rank_dpo", "eval_judge")
 
 
 def imports_of(path: str) -> set[str]:
@@ -26,10 +26,12 @@ def test_the_tools_import_each_other_as_drawn():
     arrows = {tool: imports_of(os.path.join(ROOT, tool + ".py")) & (set(TOOLS) | {"kernels"})
               for tool in TOOLS}
     assert arrows == {"records": set(),
+                      "benchmarks": {"records"},
                       "synthetic": {"records"},
                       "gen_chains": {"records", "synthetic"},      # synthetic: --backend rules only
                       "rank_dpo": {"records", "kernels", "synthetic"},   # synthetic: --model tiny only
-                      "eval_judge": {"records", "gen_chains", "rank_dpo", "synthetic"}}  # --judge rules
+                      "eval_judge": {"records", "benchmarks", "gen_chains", "rank_dpo",
+                                     "synthetic"}}                # synthetic: --judge rules
     # no circle: a topological order exists
     order, left = [], dict(arrows)
     while left:
