@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from records import DataError, RUN_META, read_records, read_run_meta, write_run_meta
+from records import DataError, RUN_META, load_jsonl, read_records, read_run_meta, write_run_meta
 
 IGNORE_INDEX = -100
 
@@ -1200,7 +1200,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "logits are never materialised; auto: where the head is a plain linear layer "
                    "and the packed forward runs, else off with the reason in the log")
     p.add_argument("--log_every", type=int, default=1)
+    p.add_argument("--val_data", help="validation chains (same format as --data), scored every "
+                   "--val_every steps into OUT/validation.jsonl; the best point's adapter is kept "
+                   "in OUT/best")
+    p.add_argument("--val_every", type=int, help="steps between validation points (default: "
+                   "--save_every); a checkpoint is written at each")
+    p.add_argument("--select_by", choices=tuple(SELECT_BY), default="loss",
+                   help="the validation number that picks OUT/best: loss (the objective's own "
+                        "term without the NTP anchor; sft: its NTP; lower), logp_acc (share of "
+                        "ordered pairs the policy's log-probs rank right; higher) or nll "
+                        "(-log p(y_0) summed; lower)")
+    p.add_argument("--min_gain", type=float, default=0.0, help="a validation point is better only "
+                   "by more than this (relative for loss and nll, absolute for logp_acc)")
+    p.add_argument("--patience", type=int, default=0, help="stop after this many validation points "
+                   "without a better one (0: train all --max_steps)")
     args = p.parse_args(argv)
+    if args.val_data is None and args.patience:
+        p.error("--patience needs --val_data")
+    args.val_every = args.val_every or args.save_every or args.max_steps
     if args.max_chain is not None and args.max_chain < (2 if args.objective != "sft" else 1):
         p.error(f"--max_chain {args.max_chain} leaves no pair to rank for --objective {args.objective}")
     for name in ("batch_size", "grad_accum", "max_steps", "num_frames", "max_length", "lora_r"):
@@ -1299,15 +1316,19 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def chain_stats(logps, ref, counts, index, beta) -> torch.Tensor:
-    """Sums for the logged metrics: [ntp, chains, margin, adjacent pairs, right pairs, pairs].
+    """Sums for the logged metrics: [ntp, chains, margin, adjacent pairs, right pairs, pairs,
+    pairs right by log-prob, log p(y_0), log p(y_last)].
 
     The score is the implicit reward beta*(logp - ref) when the objective has a reference,
     else the policy log-prob (sft, hinge). margin = mean score gap between neighbours in a
-    chain; ranking accuracy = share of ordered pairs (i < j) scored in the right order.
+    chain; ranking accuracy = share of ordered pairs (i < j) scored in the right order (by the
+    score, and by the policy's log-probs alone, which every objective can be compared on).
     """
     mask, rows = index >= 0, index.clamp_min(0)
-    score = (beta * (logps - ref) if ref is not None else logps)[rows]
+    policy = logps[rows]
+    score = beta * (policy - ref[rows]) if ref is not None else policy
     best = rows[:, 0]
+    last = rows.gather(1, (mask.sum(1, keepdim=True) - 1).clamp_min(0)).squeeze(1)
     ntp = -logps[best] / counts[best].clamp_min(1)
     adjacent = mask[:, 1:] & mask[:, :-1]
     gaps = (score[:, :-1] - score[:, 1:])[adjacent]
@@ -1315,9 +1336,79 @@ def chain_stats(logps, ref, counts, index, beta) -> torch.Tensor:
     pairs = torch.ones(k, k, dtype=torch.bool, device=index.device).triu(1) & \
         mask.unsqueeze(2) & mask.unsqueeze(1)
     right = (score.unsqueeze(2) > score.unsqueeze(1)) & pairs
+    right_logp = (policy.unsqueeze(2) > policy.unsqueeze(1)) & pairs
     return torch.stack([ntp.sum(), torch.tensor(float(len(index))), gaps.sum(),
                         torch.tensor(float(len(gaps))), right.sum().float(),
-                        pairs.sum().float()]).double().cpu()
+                        pairs.sum().float(), right_logp.sum().float(), logps[best].sum(),
+                        logps[last].sum()]).double().cpu()
+
+
+STATS = 10      # chain_stats' sums and, last, the preference loss (chain_loss_step)
+
+
+def stats_row(sums: torch.Tensor, pref_divisor: float) -> dict:
+    """The logged numbers from summed STATS (pref: a sum of per-batch means, over pref_divisor)."""
+    ntp, n, gap, n_gap, right, pairs, right_logp, logp_c0, logp_ck, pref = sums.tolist()
+    return {"pref_loss": pref / pref_divisor, "ntp": ntp / n, "margin": gap / max(n_gap, 1),
+            "rank_acc": right / max(pairs, 1), "logp_acc": right_logp / max(pairs, 1),
+            "logp_c0": logp_c0 / n, "logp_cK": logp_ck / n}
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: held-out chains scored during training, the best adapter kept, early stopping
+# ------------------------------------------------------------------------------------------------
+
+# --select_by: the validation number compared. loss: the objective's own term without the NTP
+# anchor (sft: its NTP, the whole of its loss); logp_acc: pairs the log-probs rank right;
+# nll: -log p(y_0) summed over its tokens
+SELECT_BY = {"loss": "lower", "logp_acc": "higher", "nll": "lower"}
+
+
+def validate(model, chains, processor, args, vision_trainable, shared_prefix, fused_linear,
+             world: int, rank: int, device) -> dict:
+    """The validation chains under the current policy, no gradient, each rank its share: the
+    loss's parts and the ranking numbers (stats_row), plus nll = -log p(y_0) per chain."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(STATS, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(rank * args.batch_size, len(chains), world * args.batch_size):
+            micro = chains[start:start + args.batch_size]
+            batch, index = collate(micro, processor, VideoSampling.of(args), args.max_length)
+            batch.to(device)
+            _, stats = chain_loss_step(model, batch, index, args, vision_trainable, shared_prefix,
+                                       fused_linear)
+            stats[-1] *= len(micro)                  # the batch's mean loss -> its sum
+            sums += stats
+    model.train(was_training)
+    row = stats_row(all_reduce_(sums, world), pref_divisor=len(chains))
+    return {**row, "loss": row["ntp"] if args.objective == "sft" else row["pref_loss"],
+            "nll": -row["logp_c0"]}
+
+
+def best_validation(rows: list[dict], select_by: str, min_gain: float) -> tuple[dict | None, int]:
+    """(the best validation row, validations since it). A row beats the best so far when its
+    --select_by number is better by more than min_gain (relative for loss and nll, absolute for
+    logp_acc)."""
+    best, stale = None, 0
+    for r in rows:
+        x = r[select_by]
+        if best is None or (x < best[select_by] * (1 - min_gain) if SELECT_BY[select_by] == "lower"
+                            else x > best[select_by] + min_gain):
+            best, stale = r, 0
+        else:
+            stale += 1
+    return best, stale
+
+
+def save_best(model, args, out: str) -> None:
+    """OUT/best: the adapter of the best validation point, loadable like the run itself."""
+    final, tmp = os.path.join(out, "best"), os.path.join(out, "best.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    write_meta(tmp, args, os.path.join("..", "init") if args.init else None)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_trainable: bool,
@@ -1540,6 +1631,14 @@ def train(args) -> list[dict]:
     if rank == 0:
         print(f"{args.data}: {len(chains)} chains"
               + (f"; {left_out} records left out (status not 'ok')" if left_out else ""), flush=True)
+    val_chains = []
+    if args.val_data:
+        # whole chains, whatever --max_chain trains on: runs validated on the same numbers
+        val_chains, _ = load_chains(args.val_data, processor, args.objective, args.video_root,
+                                    None, args.max_length, VideoSampling.of(args))
+        if rank == 0:
+            print(f"{args.val_data}: {len(val_chains)} validation chains, scored every "
+                  f"{args.val_every} steps", flush=True)
     global_batch = args.batch_size * args.grad_accum * world
     if len(chains) < global_batch:
         raise DataError(args.data, None, f"{len(chains)} chains, fewer than one global batch "
@@ -1571,6 +1670,7 @@ def train(args) -> list[dict]:
         print(f"--resume: no checkpoint in {out}/checkpoints yet; starting at step 0")
 
     metrics_path = os.path.join(out, "metrics.jsonl")
+    validation_path = os.path.join(out, "validation.jsonl")
     if rank == 0:
         write_meta(out, args, "init" if args.init else None)
         if args.init and not resume_from:
@@ -1578,21 +1678,26 @@ def train(args) -> list[dict]:
         preset, base = embedded_preset(args.model), os.path.join(out, "base")
         if preset is not None and preset.built and not os.path.isdir(base):
             preset.save_base(base)      # no directory holds a built model: load_model(OUT/base)
-        kept = []                                       # drop metrics past the resumed step
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+        for path in (metrics_path, validation_path):    # drop rows past the resumed step
+            kept = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+    if world > 1:
+        dist.barrier()
+    validations = load_jsonl(validation_path) if val_chains else []
+    best, stale = best_validation(validations, args.select_by, args.min_gain)
 
     stop = {"signal": None}                             # SIGTERM: checkpoint, then exit cleanly
     previous_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
     logged, bar = [], tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="train")
     saved_at = step if resume_from else None
     try:
-        while step < args.max_steps:
+        while step < args.max_steps and not (args.patience and stale >= args.patience):
             t0 = time.perf_counter()
-            stats, tokens = torch.zeros(7, dtype=torch.float64), 0
+            stats, tokens = torch.zeros(STATS, dtype=torch.float64), 0
             losses = []
             for ids in step_batches(len(chains), step, args.seed, args.batch_size,
                                     args.grad_accum, world, rank):
@@ -1621,13 +1726,10 @@ def train(args) -> list[dict]:
                                             torch.tensor([float(tokens)], dtype=torch.float64)]),
                                  world)
             if step % args.log_every == 0 or step == args.max_steps:
-                ntp, n, gap, n_gap, right, n_pairs, pref = summed[1:8].tolist()
                 row = {"step": step, "loss": summed[0].item() / (args.grad_accum * world),
-                       "pref_loss": pref / (args.grad_accum * world),
-                       "ntp": ntp / n, "margin": gap / max(n_gap, 1),
-                       "rank_acc": right / max(n_pairs, 1), "lr": lr,
+                       **stats_row(summed[1:STATS + 1], args.grad_accum * world), "lr": lr,
                        "grad_norm": float(grad_norm),
-                       "tokens_per_s": summed[8].item() / (time.perf_counter() - t0),
+                       "tokens_per_s": summed[STATS + 1].item() / (time.perf_counter() - t0),
                        "step_time_s": time.perf_counter() - t0,
                        "peak_mem_mb": all_reduce_(torch.tensor([peak_memory_mb(device)]),
                                                   world, "max").item(),
@@ -1639,8 +1741,23 @@ def train(args) -> list[dict]:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rank_acc']:.2f}")
             bar.update(1)
 
+            validated = bool(val_chains) and (step % args.val_every == 0 or step == args.max_steps)
+            if validated:
+                row = {"step": step, **validate(model, val_chains, processor, args, vision_trainable,
+                                                shared_prefix, fused_linear, world, rank, device)}
+                best, stale = best_validation(validations + [row], args.select_by, args.min_gain)
+                row["best"] = best is row
+                validations.append(row)
+                if rank == 0:
+                    if row["best"]:
+                        save_best(model, args, out)
+                    with open(validation_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    where = "best so far: OUT/best" if row["best"] else f"best: step {best['step']}"
+                    print(f"\nvalidation at step {step}: {args.select_by} "
+                          f"{row[args.select_by]:.4f} ({where})", flush=True)
             flag = all_reduce_(torch.tensor([1.0 if stop["signal"] else 0.0]), world, "max")
-            if flag.item() or (args.save_every and step % args.save_every == 0):
+            if flag.item() or validated or (args.save_every and step % args.save_every == 0):
                 save_checkpoint(args, step, model, optimizer, scheduler, rank, world)
                 saved_at = step
             if flag.item():

@@ -381,6 +381,55 @@ def test_resume_reproduces_the_next_steps(data, tmp_path):
         run(data, part, path="mixed", steps=4, batch=1)
 
 
+def test_validation_scores_held_out_chains_and_keeps_the_best_adapter(data, tmp_path):
+    """--val_data: every --val_every steps, validation.jsonl gets the held-out chains' numbers,
+    equal to an independent recomputation from the checkpoint; OUT/best is the best point's."""
+    val = write_jsonl(os.path.join(data["root"], "val.jsonl"), data["chains"][2:])
+    out = tmp_path / "run"
+    run(data, out, "--val_data", val, "--val_every", "2", "--keep_checkpoints", "3", steps=6)
+    rows = R.load_jsonl(out / "validation.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6] and rows[0]["best"]
+    reference, processor = R.load_model("tiny")
+    for r in rows:
+        policy, _ = R.load_model(str(out / "base"), adapter=str(out / "checkpoints" / f"step-{r['step']:06d}"))
+        logp, ref = [], []
+        for record in data["chains"][2:]:
+            frames = R.load_video(os.path.join(data["root"], record["video"]), 8)
+            prompts = [record["prompt"]] * len(record["chain"])
+            logp.append(R.response_logps(policy, processor, frames, prompts, record["chain"]))
+            ref.append(R.response_logps(reference, processor, frames, prompts, record["chain"]))
+        logp, ref = torch.stack(logp).double(), torch.stack(ref).double()
+        mask = torch.ones_like(logp, dtype=torch.bool)
+        from kernels.reference import rank_loss
+        assert r["pref_loss"] == pytest.approx(rank_loss(0.1 * (logp - ref), mask).mean().item(), rel=1e-4)
+        assert r["loss"] == r["pref_loss"]                    # --select_by loss: rank's own term
+        assert r["logp_c0"] == pytest.approx(logp[:, 0].mean().item(), rel=1e-5)
+        assert r["nll"] == -r["logp_c0"]
+        assert r["logp_cK"] == pytest.approx(logp[:, -1].mean().item(), rel=1e-5)
+        right = [(row[i] > row[j]).item() for row in logp for i in range(4) for j in range(i + 1, 4)]
+        assert r["logp_acc"] == pytest.approx(np.mean(right))
+    best = [r for r in rows if r["best"]][-1]
+    assert best["loss"] == min(r["loss"] for r in rows)
+    w = "model.language_model.layers.0.self_attn.q_proj.weight"
+    from_best, _ = R.load_model(str(out / "base"), adapter=str(out / "best"))
+    from_ckpt, _ = R.load_model(str(out / "base"), adapter=str(out / "checkpoints" / f"step-{best['step']:06d}"))
+    torch.testing.assert_close(from_best.state_dict()[w], from_ckpt.state_dict()[w], rtol=0, atol=0)
+
+
+def test_patience_stops_training_and_a_resume_stays_stopped(data, tmp_path):
+    out = tmp_path / "run"
+    # no later point can be 1000% better: the second validation is stale, training stops there
+    args = ("--val_data", data["two"], "--val_every", "1", "--patience", "1", "--min_gain", "10")
+    rows = run(data, out, *args, steps=10)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["best"] for r in R.load_jsonl(out / "validation.jsonl")] == [True, False]
+    assert os.path.isdir(out / "best") and os.path.isfile(out / "adapter_model.safetensors")
+    assert run(data, out, "--resume", *args, steps=10) == []          # nothing more to train
+    assert [r["step"] for r in R.load_jsonl(out / "validation.jsonl")] == [1, 2]
+    with pytest.raises(SystemExit):
+        R.parse_args(["--data", "x", "--output_dir", "y", "--patience", "2"])   # needs --val_data
+
+
 def test_warm_start_is_the_reference(data, tmp_path):
     run(data, tmp_path / "sft", objective="sft", steps=2)
     rows = run(data, tmp_path / "rank", "--init", tmp_path / "sft", steps=2)
@@ -445,14 +494,22 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "rank_dpo.py"),
            "--data", data["mixed"], "--output_dir", str(tmp_path / "ddp"), "--lr", "3e-3",
-           "--max_steps", "2", "--batch_size", "1", "--save_every", "0"]
+           "--max_steps", "2", "--batch_size", "1", "--save_every", "0",
+           "--val_data", data["two"], "--val_every", "1"]
     returncode, _, stderr = run_process(cmd, timeout=300)
     assert returncode == 0, stderr[-3000:]
     ddp = read_metrics(tmp_path / "ddp")
-    single = run(data, tmp_path / "one", path="mixed", steps=2, batch=2)
+    single = run(data, tmp_path / "one", "--val_data", data["two"], "--val_every", "1",
+                 path="mixed", steps=2, batch=2)
     assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
     assert ddp[1]["loss"] == pytest.approx(single[1]["loss"], rel=1e-4)
     assert os.path.isfile(tmp_path / "ddp" / "checkpoints" / "step-000002" / "rng-1.pt")
+    # validation: each rank scores its share of the chains, the sums are the single process's
+    v_ddp, v_one = (R.load_jsonl(tmp_path / d / "validation.jsonl") for d in ("ddp", "one"))
+    assert [r["step"] for r in v_ddp] == [r["step"] for r in v_one] == [1, 2]
+    for a, b in zip(v_ddp, v_one):
+        for key in ("pref_loss", "ntp", "logp_c0", "logp_cK", "logp_acc", "rank_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
