@@ -5,22 +5,28 @@ Every step calls the project's real command lines as subprocesses, exactly as a 
 
   1. data      gen_chains.py synth -> chains --backend rules (train, validation, held-out test)
                and inject (the error-injection baseline's training set, same training videos)
-  2. warm      rank_dpo.py --objective sft in segments of --warm_eval_every steps, each followed
-               by the held-out caption loss on the validation chains; it stops when that loss
-               stops improving (the learning curve goes into RESULTS.md)
+  2. warm      rank_dpo.py --objective sft (vision tower trained in full) with --val_data: the
+               caption loss on the validation chains every --warm_eval_every steps; the best
+               point is kept, and training stops when that loss stops improving
   3. methods   from that warm start (--init, so it is also the reference): sft, dpo, mpo, hinge,
-               rank, rank --vision frozen, and mpo on the injected negatives, each over --seeds
+               rank, rank --vision frozen, and mpo on the injected negatives, each over --seeds,
+               by one rule: a validation point every --eval_every steps (at most --steps), the
+               checkpoint with the lowest validation loss of the method's own objective kept,
+               stop after --patience points without a lower one
   4. length    K = 2 captions per chain is dpo (the same loss); --chain_lengths 3,4 adds
                rank with --max_chain 3, 4 over the same seeds
   5. eval      eval_judge.py rank (held-out chains, per-chain scores), generate + judge --judge
                rules, per run
   6. report    OUT/RESULTS.md: every cell with a 95% interval from a bootstrap over held-out
-               chains and seeds together; one line per claim of the paper with the paired
-               difference, its interval and the verdict; OUT/plots.png (matplotlib)
+               chains and seeds together; the chosen checkpoints and their validation numbers
+               against each loss's no-information value; one line per claim of the paper with the
+               paired difference, its interval and the verdict, and the smallest difference the
+               test set resolves; OUT/plots.png (matplotlib): training and validation curves
 
 Resumable: a training run is done when its OUT/runs/NAME/.done marker exists (written after
-rank_dpo.py exits 0; an interrupted run continues from its checkpoint with --resume), and an
-evaluation is done when its results JSON exists, so re-running after a kill finishes the job.
+rank_dpo.py exits 0; an interrupted run continues from its checkpoint with --resume, its
+validation points in runs/NAME/validation.jsonl), and an evaluation is done when its results
+JSON exists, so re-running after a kill finishes the job.
 Deterministic: every job runs with one torch thread and MKL's strict reproducible mode, and
 nothing depends on the order jobs finish.
 
@@ -40,9 +46,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_steps import (PRINT_LOCK, PY, T0, cell, check_settings, make_data,  # noqa: E402
-                        parse_args, rank_eval, read_rank, recipe_args, replace_readme_section, run, say,
-                        start_wall_clock, train_run, verdict, wall_time, warm_start)
+from demo_steps import (PRINT_LOCK, PY, T0, best_adapter, cell, check_settings,  # noqa: E402
+                        chosen_checkpoints, learning_curves, make_data, parse_args,
+                        selection_rule, rank_eval, read_rank,
+                        recipe_args, replace_readme_section, run, say, start_wall_clock,
+                        train_to_plateau, verdict, wall_time, warm_start)
 from eval_judge import bootstrap_ci, chain_metrics  # noqa: E402
 from records import load_jsonl  # noqa: E402
 
@@ -56,7 +64,7 @@ METHODS = ["sft", "dpo", "mpo", "hinge", "rank", "rank, vision frozen", "inject 
 def plan(a) -> list[dict]:
     """All runs after the warm start, longest first (so the workers finish together)."""
     d = os.path.join(a.out, "data")
-    common = recipe_args(a) + ["--init", os.path.join(a.out, "runs", "warm")]
+    common = recipe_args(a) + ["--init", best_adapter(a, "warm")]
     methods = [  # (row name, objective, data, extra flags)
         ("rank", "rank", "chains.jsonl", []),
         ("rank, vision frozen", "rank", "chains.jsonl", ["--vision", "frozen"]),
@@ -70,20 +78,28 @@ def plan(a) -> list[dict]:
     for seed in range(a.seeds):
         for row, obj, data, extra in methods:
             slug = row.replace(", vision frozen", "-frozen").replace(" + ", "-")
-            jobs.append(dict(name=f"{slug}-s{seed}", row=row, seed=seed, study="methods",
+            jobs.append(dict(name=f"{slug}-s{seed}", row=row, seed=seed, study="methods", objective=obj,
                              args=["--objective", obj, "--data", os.path.join(d, data),
                                    "--seed", str(seed)] + common + extra))
         for k in a.chain_lengths:   # K = 2 is dpo (same loss), the full chain is the rank row
             jobs.append(dict(name=f"rank-k{k}-s{seed}", row=f"rank, max_chain {k}", seed=seed,
-                             study="length", k=k,
+                             study="length", k=k, objective="rank",
                              args=["--objective", "rank", "--data", os.path.join(d, "chains.jsonl"),
                                    "--seed", str(seed), "--max_chain", str(k)] + common))
     return jobs
 
 
+def train(a, job: dict) -> list[dict]:
+    """One method's run, to its validation plateau (the same budget and rule for every method)."""
+    return train_to_plateau(a, job["name"], job["args"], val=os.path.join(a.out, "data", "val_chains.jsonl"),
+                            every=a.eval_every, max_steps=a.steps, min_gain=a.min_gain,
+                            patience=a.patience)
+
+
 def evaluate(a, name: str, threads: int = 1) -> None:
+    """The held-out evaluation of the checkpoint a run's validation chose."""
     d, ev = os.path.join(a.out, "data"), os.path.join(a.out, "eval")
-    adapter, log = os.path.join(a.out, "runs", name), os.path.join(a.out, "logs", name + ".log")
+    adapter, log = best_adapter(a, name), os.path.join(a.out, "logs", name + ".log")
     rank_eval(a, adapter, os.path.join(d, "test_chains.jsonl"), os.path.join(ev, name), log, threads)
     caps, scores = os.path.join(ev, name + ".captions.jsonl"), os.path.join(ev, name + ".scores.jsonl")
     if a.gen_videos and not os.path.exists(scores + ".results.json"):
@@ -117,14 +133,16 @@ def run_all(a, jobs: list[dict]) -> None:
     def one(job):
         running[job["name"]] = time.time()
         t = time.time()
-        train_run(a, job["name"], job["args"])
+        curve = train(a, job)
         evaluate(a, job["name"])
         del running[job["name"]]
         with PRINT_LOCK:
             done[0] += 1
             k = done[0]
         acc = read_rank(os.path.join(a.out, "eval", job["name"]))["pairwise"]
-        say(f"{k:2d}/{len(jobs)} {job['name']:<22s} held-out pairwise acc {acc:.3f}"
+        chosen = next(r for r in curve if r["chosen"])
+        say(f"{k:2d}/{len(jobs)} {job['name']:<22s} step {chosen['step']} of {curve[-1]['step']} chosen "
+            f"(validation loss {chosen['loss']:.3f}); held-out pairwise acc {acc:.3f}"
             f"  ({time.time() - t:.0f} s)")
 
     def heartbeat():
@@ -191,30 +209,62 @@ def by_row(a, jobs: list[dict]) -> dict[str, list[dict]]:
     return rows
 
 
+def preference_phase(a, jobs: list[dict], warm: dict) -> list[str]:
+    """The selection rule and the chosen checkpoints of every row (all seeds)."""
+    runs: dict[str, tuple[str, list[list[dict]]]] = {}
+    for j in sorted(jobs, key=lambda j: j["seed"]):
+        curve = load_jsonl(os.path.join(a.out, "runs", j["name"], "curve.jsonl"))
+        # validation chains are whole (K = --length + 1) whatever --max_chain a run trains on
+        runs.setdefault(j["row"], (j["objective"], a.length + 1, []))[2].append(curve)
+    return ["", "## The preference phase: trained to the validation plateau", "",
+            selection_rule(a), ""] + chosen_checkpoints(runs, warm)
+
+
+def power(rows: dict[str, list[dict]], a) -> str:
+    """The smallest paired difference in held-out pairwise accuracy this test set resolves at
+    95%: the typical half-width of the claims' intervals (a true difference smaller than it
+    leaves the interval holding 0)."""
+    pairs = [("rank", "mpo"), ("mpo", "dpo"), ("dpo", "sft"), ("rank", "rank, vision frozen"),
+             ("rank", "hinge"), ("rank", "inject + mpo")]
+    halves = []
+    for x, y in pairs:
+        n = min(len(rows[x]), len(rows[y]))
+        lo, hi = bootstrap_ci(grid(rows[x][:n], "pairwise") - grid(rows[y][:n], "pairwise"))
+        halves.append((hi - lo) / 2)
+    return (f"Power: the pairwise-accuracy claims' 95% intervals have a median half-width of "
+            f"{np.median(halves):.3f} (from {min(halves):.3f} to {max(halves):.3f}): with "
+            f"{a.seeds} seeds of this test set, a paired difference smaller than about "
+            f"{np.median(halves):.3f} cannot be told from 0.")
+
+
 def report(a, jobs: list[dict], curve: list[dict], wall: tuple[float, int]) -> str:
     rows = by_row(a, jobs)
     warm = [per_item(a, "warm")]
     n_test = len(warm[0]["pairwise"])
+    chosen_warm = next(c for c in curve if c["chosen"])
     keys = [("pairwise", "pairwise acc (log-prob)"), ("kendall", "Kendall tau"),
             ("top1", "top-1"), ("reward", "pairwise acc (implicit reward)"),
             ("judge", "rules judge, overall 1-10")]
     lines = ["# Demo results", "",
              f"Machine: {a.machine}. Wall time of `scripts/demo.py` for these numbers: "
              f"{wall[0] / 60:.1f} min over {wall[1]} invocation{'s' if wall[1] != 1 else ''} "
-             f"({a.jobs} jobs in parallel, 1 torch thread each; set-up and pip excluded; a resumed "
-             f"run adds the time each invocation took).", "",
+             f"({a.jobs} jobs in parallel, 1 torch thread each; the warm start, which runs alone, "
+             f"{a.jobs} threads; set-up and pip excluded; a resumed run adds the time each "
+             "invocation took).", "",
              f"Setting: `gen_chains.py synth --n {a.videos} --test_frac {a.test_frac:.3g}`, rules chains "
              f"of {a.length + 1} captions (`--length {a.length}`), {a.val_videos} training videos kept "
-             f"apart for validation. Warm start: SFT at lr {a.warm_lr} (constant), batch "
-             f"{a.warm_batch_size}, until the validation caption loss stops improving "
-             f"({curve[-1]['step']} steps, curve below). Every method then {a.steps} steps from it "
-             f"(`--init`, also the reference): lr {a.lr}, batch {a.batch_size}, beta {a.beta}, "
-             f"NTP weight {a.ntp_weight} ({a.ntp_norm} over tokens); seeds 0..{a.seeds - 1}. "
-             f"Held-out: {n_test} test chains scored by `eval_judge.py rank`; captions of the first "
-             f"{a.gen_videos} test videos by `generate`, scored by `judge --judge rules`.", "",
-             "For numbers that repeat bit for bit, after a kill too, every job runs on one "
-             "torch thread with MKL's reproducible mode (`MKL_CBWR=AUTO,STRICT`), and `generate` "
-             "decodes fixed blocks of the input however a resume splits it.", "",
+             f"apart for validation. Warm start: SFT with the vision tower trained in full "
+             f"(`--vision {a.warm_vision}`), lr {a.warm_lr} (constant), batch {a.warm_batch_size}, "
+             f"until the validation caption loss stops improving (step {chosen_warm['step']} chosen "
+             f"of {curve[-1]['step']}, curve below). Every method then trains from it (`--init`, "
+             f"also the reference) by the same rule (next section): lr {a.lr} (constant), batch "
+             f"{a.batch_size}, beta {a.beta}, NTP weight {a.ntp_weight} ({a.ntp_norm} over tokens), "
+             f"at most {a.steps} steps; seeds 0..{a.seeds - 1}. Held-out: {n_test} test chains scored "
+             f"by `eval_judge.py rank`; captions of the first {a.gen_videos} test videos by "
+             "`generate`, scored by `judge --judge rules`.", "",
+             "For numbers that repeat bit for bit, after a kill too, every job runs on a fixed "
+             "number of torch threads with MKL's reproducible mode (`MKL_CBWR=AUTO,STRICT`), and "
+             "`generate` decodes fixed blocks of the input however a resume splits it.", "",
              "Cells: mean [95% interval], a bootstrap over held-out chains (videos for the judge) "
              "and seeds together. Chance: pairwise 0.5, Kendall 0, top-1 0.2. The implicit reward "
              "scores log pi - log pi_ref against the warm start.", "",
@@ -229,11 +279,12 @@ def report(a, jobs: list[dict], curve: list[dict], wall: tuple[float, int]) -> s
     for name in METHODS:
         lines.append(row(name, rows[name]))
 
+    lines += preference_phase(a, jobs, chosen_warm)
     lines += ["", "## Warm start: learning curve (SFT on c0)", "",
               "| step | train NLL (nats/token) | validation caption NLL (nats/caption) | "
               "validation pairwise acc |", "|---|---|---|---|"]
-    lines += [f"| {c['step']} | {c['train_ntp']:.3f} | {c['val_nll']:.2f} | {c['val_pairwise']:.3f} |"
-              for c in curve]
+    lines += [f"| {c['step']}{' (chosen)' if c['chosen'] else ''} | {c['train_ntp']:.3f} | "
+              f"{c['nll']:.2f} | {c['logp_acc']:.3f} |" for c in curve]
 
     lengths = [2] + list(a.chain_lengths) + [a.length + 1]
     lines += ["", "## Chain length (rank, `--max_chain K`, K captions per training chain; "
@@ -263,6 +314,7 @@ def report(a, jobs: list[dict], curve: list[dict], wall: tuple[float, int]) -> s
                        metric="judge", digits=2))
     lines.append(claim("caption quality: rank > warm start (rules judge)", rows["rank"],
                        warm * len(rows["rank"]), metric="judge", digits=2))
+    lines += ["", power(rows, a)]
     lines += ["", "Per-run numbers: `eval/NAME.rank.json`, `eval/NAME.chains.jsonl` (per-chain "
               "scores) and `eval/NAME.scores.jsonl`; training curves: `runs/NAME/metrics.jsonl`; "
               "logs: `logs/NAME.log`; plots: `plots.png`.", ""]
@@ -270,48 +322,40 @@ def report(a, jobs: list[dict], curve: list[dict], wall: tuple[float, int]) -> s
 
 
 def plot(a, jobs: list[dict], curve: list[dict]) -> str:
+    """plots.png: seed 0 of every method, its training (thin) and validation (markers) curves;
+    dashed lines: each loss's no-information value and the warm start's validation numbers."""
     try:
         import matplotlib
     except ImportError:
         raise SystemExit("plots need matplotlib: `pip install matplotlib` (make setup installs it)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(2, 3, figsize=(16, 9))
+    fig, ax = plt.subplots(3, 3, figsize=(18, 14))
     colours = {row: f"C{i}" for i, row in enumerate(METHODS)}
-    for j in jobs:                                   # seed 0 of every method: the curves
-        if j["study"] != "methods" or j["seed"] != 0:
-            continue
-        m = load_jsonl(os.path.join(a.out, "runs", j["name"], "metrics.jsonl"))
-        steps = [r["step"] for r in m]
-        c = colours[j["row"]]
-        ax[0, 0].plot(steps, [r["loss"] for r in m], color=c, lw=1, label=j["row"])
-        ax[0, 1].plot(steps, [r["margin"] for r in m], color=c, lw=1, label=j["row"])
-        ax[0, 2].plot(steps, [-r["ntp"] for r in m], color=c, lw=1, label=j["row"])
-    ax[0, 0].set(xlabel="step", ylabel="training loss", title="loss (seed 0)", yscale="symlog")
-    ax[0, 1].set(xlabel="step", ylabel="mean score gap c_i - c_i+1",
-                 title="reward margin (implicit reward; log-prob for sft, hinge)", yscale="symlog")
-    ax[0, 2].set(xlabel="step", ylabel="log p(c0) per token, training batch",
-                 title="c0 log-likelihood")
-    ax[0, 0].legend(fontsize=7)
-    ax[1, 0].plot([c["step"] for c in curve], [c["val_nll"] for c in curve], marker="o")
-    ax[1, 0].set(xlabel="warm-start step", ylabel="validation caption NLL (nats/caption)",
-                 title="warm start: held-out caption loss")
-    rows, warm = by_row(a, jobs), [per_item(a, "warm")]
+    warm = next(c for c in curve if c["chosen"])
+    learning_curves(ax[:2], [(j["row"], j["objective"], os.path.join(a.out, "runs", j["name"]),
+                              colours[j["row"]]) for j in jobs
+                             if j["study"] == "methods" and j["seed"] == 0], a.length + 1, warm)
+    ax[2, 0].plot([c["step"] for c in curve], [c["nll"] for c in curve], marker="o")
+    ax[2, 0].plot([warm["step"]], [warm["nll"]], marker="*", ms=14, color="k")
+    ax[2, 0].set(xlabel="warm-start step", ylabel="validation caption NLL (nats/caption)",
+                 title="warm start: validation caption loss (star: chosen)")
+    rows, held = by_row(a, jobs), [per_item(a, "warm")]
     names = ["warm start"] + METHODS
-    for axis, metric, title in [(ax[1, 1], "pairwise", "held-out pairwise accuracy (log-prob)"),
-                                (ax[1, 2], "judge", "rules judge, overall 1-10")]:
+    for axis, metric, title in [(ax[2, 1], "pairwise", "held-out pairwise accuracy (log-prob)"),
+                                (ax[2, 2], "judge", "rules judge, overall 1-10")]:
         for i, name in enumerate(names):
-            g = grid(warm if name == "warm start" else rows[name], metric)
+            g = grid(held if name == "warm start" else rows[name], metric)
             lo, hi = bootstrap_ci(g)
             axis.errorbar([g.mean()], [i], xerr=[[g.mean() - lo], [hi - g.mean()]], fmt="o",
                           capsize=4, color="k" if i == 0 else colours[name])
         axis.set_yticks(range(len(names)), names, fontsize=8)
         axis.invert_yaxis()
         axis.set(title=title + ", 95% interval")
-    ax[1, 1].axvline(0.5, color="grey", ls=":", lw=1)
+    ax[2, 1].axvline(0.5, color="grey", ls=":", lw=1)
     fig.tight_layout()
     path = os.path.join(a.out, "plots.png")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return f"plot: {path}"
 
@@ -331,7 +375,6 @@ def main(argv=None) -> None:
     say(f"demo -> {a.out}: data, warm start, {len(jobs)} runs ({a.jobs} at a time), evaluation")
     make_data(a)
     t = time.time()
-    say("warm start: sft until the validation caption loss stops improving (logs/warm.log)")
     curve = warm_start(a)
     evaluate(a, "warm")
     say(f"warm start done ({time.time() - t:.0f} s, {curve[-1]['step']} steps): held-out pairwise "

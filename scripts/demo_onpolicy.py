@@ -11,7 +11,9 @@ Every step is the project's real command line, run as a subprocess:
   3. data      gen_chains.py improve / compare / rlaifv --backend rules over the samples (the
                synthetic facts play the teacher); chains and inject restricted to the same videos
   4. train     from the same warm start (--init, also the reference) with the main demo's recipe
-               (scripts/sweep.py's lr, beta, NTP weight and norm), --steps each, over --seeds:
+               (scripts/sweep.py's lr, beta, NTP weight and norm) and its selection rule (the
+               checkpoint with the lowest validation loss of the method's own objective on the
+               main demo's validation chains; stop when it stops falling), over --seeds:
                inject + mpo (error injection), chains + rank (caption chains), improve + dpo,
                compare + dpo, rlaifv + rank (its ranked list; a pair is DPO)
   5. eval      eval_judge.py generate on the first --gen_videos held-out videos, judge --judge rules
@@ -88,7 +90,7 @@ def make_data(a, b) -> None:
     if os.path.exists(os.path.join(d, ".done")):
         return
     t = time.time()
-    run([PY, "eval_judge.py", "sample", "--adapter", os.path.join(b.out, "runs", "warm"),
+    run([PY, "eval_judge.py", "sample", "--adapter", demo_steps.best_adapter(b, "warm"),
          "--data", os.path.join(d, "train.jsonl"), "--video_root", "/", "--out",
          os.path.join(d, "samples.jsonl"), "--num_samples", str(a.num_samples), "--temperature",
          str(a.temperature), "--max_new_tokens", str(a.max_new_tokens), "--seed", "0", "--device", "cpu"],
@@ -117,15 +119,15 @@ def evaluate(a, b, name: str, adapter: str, threads: int) -> None:
 
 def recipe(a, b) -> argparse.Namespace:
     """The main demo's preference recipe (lr, beta, NTP weight and norm, batch: scripts/sweep.py's
-    choice), with this stage's step count."""
+    choice) and selection rule, with this stage's step budget when given."""
     smoke = {"batch_size": 1} if a.smoke else {}   # a few videos can leave one rlaifv chain
-    return argparse.Namespace(**{**vars(b), "steps": a.steps, **smoke})
+    return argparse.Namespace(**{**vars(b), "steps": a.steps or b.steps, **smoke})
 
 
 def jobs_of(a, b) -> list[dict]:
     d = os.path.join(a.out, "data")
-    common = demo_steps.recipe_args(recipe(a, b)) + ["--init", os.path.join(b.out, "runs", "warm")]
-    return [dict(name=f"{slug(row)}-s{seed}", row=row, seed=seed,
+    common = demo_steps.recipe_args(recipe(a, b)) + ["--init", demo_steps.best_adapter(b, "warm")]
+    return [dict(name=f"{slug(row)}-s{seed}", row=row, seed=seed, objective=obj,
                  args=["--objective", obj, "--data", os.path.join(d, data), "--seed", str(seed)] + common)
             for seed in range(a.seeds) for row, obj, data in METHODS]
 
@@ -133,9 +135,15 @@ def jobs_of(a, b) -> list[dict]:
 def run_all(a, b, jobs: list[dict]) -> None:
     def one(job):
         t = time.time()
-        demo_steps.train_run(a, job["name"], job["args"], 1)
-        evaluate(a, b, job["name"], os.path.join(a.out, "runs", job["name"]), 1)
-        say(f"{job['name']:<14s} done ({time.time() - t:.0f} s)")
+        r = recipe(a, b)
+        curve = demo_steps.train_to_plateau(a, job["name"], job["args"],
+                                            val=os.path.join(b.out, "data", "val_chains.jsonl"),
+                                            every=r.eval_every, max_steps=r.steps,
+                                            min_gain=r.min_gain, patience=r.patience)
+        evaluate(a, b, job["name"], demo_steps.best_adapter(a, job["name"]), 1)
+        chosen = next(c for c in curve if c["chosen"])
+        say(f"{job['name']:<14s} done, step {chosen['step']} of {curve[-1]['step']} chosen "
+            f"({time.time() - t:.0f} s)")
 
     with ThreadPoolExecutor(a.jobs) as pool:
         for fut in as_completed([pool.submit(one, j) for j in jobs]):
@@ -185,9 +193,10 @@ def report(a, b, jobs: list[dict], wall: tuple[float, int]) -> str:
              f"{a.num_samples} samples per video from the "
              f"warm start (`eval_judge.py sample --temperature {a.temperature} --max_new_tokens "
              f"{a.max_new_tokens}`); the on-policy data by `gen_chains.py improve|compare|rlaifv --backend "
-             "rules` (the scene's facts play the teacher). Every method: the main demo's recipe, "
-             f"{r.steps} steps from the warm start (`--init`, also the reference): lr {r.lr}, batch "
-             f"{r.batch_size}, beta {r.beta}, NTP weight {r.ntp_weight} ({r.ntp_norm} over tokens); seeds "
+             "rules` (the scene's facts play the teacher). Every method: the main demo's recipe "
+             f"from the warm start (`--init`, also the reference): lr {r.lr}, batch "
+             f"{r.batch_size}, beta {r.beta}, NTP weight {r.ntp_weight} ({r.ntp_norm} over tokens), "
+             f"at most {r.steps} steps, and its selection rule (next section); seeds "
              f"0..{a.seeds - 1}. Metric: the rules judge's overall score (mean of its four axes, 1-10) of "
              f"greedy captions of {len(videos)} held-out videos; 95% interval by a bootstrap over seeds "
              "and videos together.", "",
@@ -197,6 +206,14 @@ def report(a, b, jobs: list[dict], wall: tuple[float, int]) -> str:
     for row, _, data in METHODS:
         n, calls, samples = data_cost(a, b, data)
         lines.append(f"| {row} | {n} | {calls:.1f} | {samples:g} | {demo_steps.cell(mats[row], 2)} |")
+    runs = {}
+    for j in sorted(jobs, key=lambda j: j["seed"]):
+        curve = load_jsonl(os.path.join(a.out, "runs", j["name"], "curve.jsonl"))
+        runs.setdefault(j["row"], (j["objective"], b.length + 1, []))[2].append(curve)
+    lines += ["", "## The preference phase: trained to the validation plateau", "",
+              demo_steps.selection_rule(r).replace(f"the {r.val_videos} validation chains",
+                                                   f"the main demo's {r.val_videos} validation chains"),
+              ""] + demo_steps.chosen_checkpoints(runs, warm_point(b))
     lines += ["", "## Verdict: do caption chains beat every on-policy pipeline?", "",
               "Each line: the paired difference chains - method (the same held-out video, the same "
               "seed index) with its 95% bootstrap interval. Reproduced: the interval lies above 0; not "
@@ -223,6 +240,27 @@ def report(a, b, jobs: list[dict], wall: tuple[float, int]) -> str:
     return "\n".join(lines)
 
 
+def warm_point(b) -> dict:
+    """The main demo's warm start at its chosen validation point."""
+    return next(c for c in load_jsonl(os.path.join(b.out, "runs", "warm", "curve.jsonl")) if c["chosen"])
+
+
+def plot(a, b, jobs: list[dict]) -> str:
+    """plots.png: seed 0 of every method, its training and validation curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(2, 3, figsize=(18, 9.5))
+    demo_steps.learning_curves(ax, [(j["row"], j["objective"], os.path.join(a.out, "runs", j["name"]),
+                                     f"C{i}") for i, j in enumerate(j for j in jobs if j["seed"] == 0)],
+                               b.length + 1, warm_point(b))
+    fig.tight_layout()
+    path = os.path.join(a.out, "plots.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo_onpolicy")
@@ -235,14 +273,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=4, help="samples per video for the on-policy data")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=72)
-    p.add_argument("--steps", type=int, default=100, help="training steps per method (from the warm start)")
-    p.add_argument("--save_every", type=int, default=50)
+    p.add_argument("--steps", type=int, default=0, help="the most training steps per method (from "
+                   "the warm start; validation may stop it sooner); 0: the main demo's --steps")
     p.add_argument("--readme", metavar="README.md", help="also write RESULTS.md into this file's "
                    "onpolicy section")
     p.add_argument("--smoke", action="store_true", help="a few steps on a few videos (plumbing only)")
     a = p.parse_args(argv)
     if a.smoke:
-        a.train_videos, a.num_samples, a.steps, a.seeds, a.max_new_tokens, a.gen_videos = 6, 3, 2, 1, 16, 2
+        a.train_videos, a.num_samples, a.steps, a.seeds, a.max_new_tokens, a.gen_videos = 6, 3, 4, 1, 16, 2
     a.out, a.warm_from = os.path.abspath(a.out), os.path.abspath(a.warm_from)
     return a
 
@@ -255,7 +293,7 @@ def main(argv=None) -> None:
     demo_steps.start_wall_clock(a.out, time.time())   # the base is the main demo's: not this stage's time
     demo_steps.COMPUTED.clear()
     make_data(a, b)
-    evaluate(a, b, "warm", os.path.join(b.out, "runs", "warm"), a.jobs)
+    evaluate(a, b, "warm", demo_steps.best_adapter(b, "warm"), a.jobs)
     jobs = jobs_of(a, b)
     say(f"train: {len(jobs)} runs ({len(METHODS)} methods x {a.seeds} seeds), {a.jobs} at a time")
     run_all(a, b, jobs)
@@ -263,6 +301,7 @@ def main(argv=None) -> None:
     with open(os.path.join(a.out, "RESULTS.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)
+    say(plot(a, b, jobs))
     if a.readme:
         body = text.replace("\n## ", "\n#### ").replace(
             "# On-policy comparison (the paper's Table 1) on the embedded world",

@@ -18,8 +18,13 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+
 from eval_judge import bootstrap_ci  # noqa: E402
+from kernels.reference import dpo_loss, hinge_loss, mpo_loss, rank_loss  # noqa: E402
 from records import load_jsonl, write_json, write_jsonl  # noqa: E402
+
+PREFERENCE_LOSSES = {"rank": rank_loss, "dpo": dpo_loss, "mpo": mpo_loss, "hinge": hinge_loss}
 
 PY = sys.executable
 T0 = time.time()
@@ -54,9 +59,10 @@ def run(cmd: list[str], log: str, threads: int = 1) -> None:
 
 
 def recipe_args(a) -> list[str]:
-    """The preference step's recipe (chosen by scripts/sweep.py; see RESULTS.md)."""
-    return ["--batch_size", str(a.batch_size), "--max_steps", str(a.steps),
-            "--warmup_steps", str(max(1, a.steps // 10)), "--beta", str(a.beta),
+    """The preference step's recipe (chosen by scripts/sweep.py; see RESULTS.md). The lr is
+    constant after a short warm-up, so training in segments (train_to_plateau) is one run."""
+    return ["--batch_size", str(a.batch_size), "--lr_schedule", "constant",
+            "--warmup_steps", str(max(1, a.eval_every // 5)), "--beta", str(a.beta),
             "--lr", str(a.lr), "--ntp_weight", str(a.ntp_weight), "--ntp_norm", a.ntp_norm]
 
 
@@ -96,16 +102,6 @@ def make_data(a) -> None:
         f"{n['inject.jsonl']} injected sets (logs/data.log)")
 
 
-def train_run(a, name: str, args: list[str], threads: int = 1) -> None:
-    out = os.path.join(a.out, "runs", name)
-    if os.path.exists(os.path.join(out, ".done")):
-        return
-    run([PY, "rank_dpo.py", "--model", "tiny", "--output_dir", out, "--resume",
-         "--save_every", str(a.save_every), "--keep_checkpoints", "1", "--log_every", "1"] + args,
-        os.path.join(a.out, "logs", name + ".log"), threads)
-    open(os.path.join(out, ".done"), "w").close()
-
-
 def rank_eval(a, adapter: str, data: str, stem: str, log: str, threads: int = 1) -> None:
     """eval_judge.py rank: per-chain scores to STEM.chains.jsonl, summary to STEM.rank.json."""
     if not os.path.exists(stem + ".rank.json"):
@@ -113,41 +109,150 @@ def rank_eval(a, adapter: str, data: str, stem: str, log: str, threads: int = 1)
              "--out", stem + ".chains.jsonl", "--results", stem + ".rank.json"], log, threads)
 
 
-def caption_nll(stem: str) -> float:
-    """Held-out caption loss: mean over chains of -log p(c0 | video), nats per caption."""
-    return float(np.mean([-r["log-prob"][0] for r in load_jsonl(stem + ".chains.jsonl")]))
+# ---------------------------------------------------------------------------------------------
+# Training to the validation plateau: the warm start and every method, by one rule
+# ---------------------------------------------------------------------------------------------
+
+def no_information_loss(objective: str, k: int) -> float | None:
+    """The preference loss when every caption of a K-chain scores the same (the model knows
+    nothing): log K! for rank, log 2 for dpo, log K for mpo. hinge is 0 there (it is a margin,
+    not a likelihood) and sft has no preference term: None."""
+    if objective not in ("rank", "dpo", "mpo"):
+        return None
+    zeros, mask = torch.zeros(1, k, dtype=torch.float64), torch.ones(1, k, dtype=torch.bool)
+    return float(PREFERENCE_LOSSES[objective](zeros, mask)[0])
+
+
+def train_to_plateau(a, name: str, args: list[str], *, val: str, every: int, max_steps: int,
+                     min_gain: float, patience: int, threads: int = 1) -> list[dict]:
+    """One rank_dpo.py run (OUT/runs/NAME) that scores the validation chains `val` every
+    `every` steps (--val_data), keeps the adapter of the point with the lowest validation loss
+    of its own objective (--select_by loss: the preference term without the NTP anchor; sft:
+    its NLL) in OUT/runs/NAME/best, and stops after `patience` points without one lower by more
+    than `min_gain` (relative), or at `max_steps`. Returns the validation curve (the trainer's
+    OUT/validation.jsonl, with each segment's mean training numbers and the chosen point
+    marked; also written to OUT/runs/NAME/curve.jsonl). Resumable: an interrupted run
+    continues from its checkpoint."""
+    out = os.path.join(a.out, "runs", name)
+    if not os.path.exists(os.path.join(out, ".done")):
+        run([PY, "rank_dpo.py", "--model", "tiny", "--output_dir", out, "--resume",
+             "--max_steps", str(max_steps), "--val_data", val, "--val_every", str(every),
+             "--select_by", "loss", "--min_gain", str(min_gain), "--patience", str(patience),
+             "--save_every", str(every), "--keep_checkpoints", "1", "--log_every", "1"] + args,
+            os.path.join(a.out, "logs", name + ".log"), threads)
+        open(os.path.join(out, ".done"), "w").close()
+    metrics, curve = load_jsonl(os.path.join(out, "metrics.jsonl")), load_jsonl(os.path.join(out, "validation.jsonl"))
+    chosen = [r["step"] for r in curve if r["best"]][-1]
+    for r, start in zip(curve, [0] + [r["step"] for r in curve]):
+        seg = [m for m in metrics if start < m["step"] <= r["step"]]
+        r.update(chosen=r["step"] == chosen, **{f"train_{k}": float(np.mean([m[k] for m in seg]))
+                                                 for k in ("loss", "pref_loss", "ntp")})
+    write_jsonl(os.path.join(out, "curve.jsonl"), curve)     # what the reports and plots read
+    return curve
+
+
+def best_adapter(a, name: str) -> str:
+    """The adapter a run's validation chose (OUT/runs/NAME/best)."""
+    return os.path.join(a.out, "runs", name, "best")
 
 
 def warm_start(a) -> list[dict]:
-    """SFT on c0 in segments; after each, the caption loss on the validation chains. Stops at the
-    first segment that lowers it by less than --warm_min_gain (relative), or at --warm_max_steps.
-    Resumable: the trainer continues from its checkpoint, finished evaluations are kept."""
-    d, out = os.path.join(a.out, "data"), os.path.join(a.out, "runs", "warm")
-    log, curve = os.path.join(a.out, "logs", "warm.log"), []
-    if os.path.exists(os.path.join(out, ".done")):
-        return load_jsonl(os.path.join(out, "curve.jsonl"))
-    step = 0
-    while step < a.warm_max_steps:
-        step = min(step + a.warm_eval_every, a.warm_max_steps)
-        run([PY, "rank_dpo.py", "--model", "tiny", "--output_dir", out, "--resume", "--objective",
-             "sft", "--data", os.path.join(d, "chains.jsonl"), "--lr", str(a.warm_lr),
-             "--lr_schedule", "constant", "--warmup_steps", str(a.warm_eval_every // 5),
-             "--batch_size", str(a.warm_batch_size), "--max_steps", str(step), "--seed", "0",
-             "--save_every", str(a.warm_eval_every), "--keep_checkpoints", "1", "--log_every", "5"],
-            log)
-        stem = os.path.join(a.out, "eval", f"warm-val-{step:05d}")
-        rank_eval(a, out, os.path.join(d, "val_chains.jsonl"), stem, log)
-        train_loss = [r["loss"] for r in load_jsonl(os.path.join(out, "metrics.jsonl"))
-                      if r["step"] > step - a.warm_eval_every]
-        curve.append({"step": step, "train_ntp": float(np.mean(train_loss)),
-                      "val_nll": caption_nll(stem), "val_pairwise": read_rank(stem)["pairwise"]})
-        say(f"warm start step {step}: validation caption NLL {curve[-1]['val_nll']:.2f} nats, "
-            f"pairwise acc {curve[-1]['val_pairwise']:.3f}")
-        if len(curve) > 1 and curve[-1]["val_nll"] > curve[-2]["val_nll"] * (1 - a.warm_min_gain):
-            break
-    write_jsonl(os.path.join(out, "curve.jsonl"), curve)
-    open(os.path.join(out, ".done"), "w").close()
+    """SFT on c0, the vision tower trained in full, until the validation caption loss stops
+    improving (by --warm_min_gain, relative) or --warm_max_steps; the best segment is the warm
+    start (OUT/runs/warm/best) every method starts from and is compared to."""
+    d = os.path.join(a.out, "data")
+    args = ["--objective", "sft", "--data", os.path.join(d, "chains.jsonl"), "--lr", str(a.warm_lr),
+            "--lr_schedule", "constant", "--warmup_steps", str(a.warm_eval_every // 5),
+            "--batch_size", str(a.warm_batch_size), "--seed", "0", "--vision", a.warm_vision]
+    say(f"warm start: sft (vision {a.warm_vision}) until the validation caption loss stops improving "
+        "(logs/warm.log)")
+    curve = train_to_plateau(a, "warm", args, val=os.path.join(d, "val_chains.jsonl"),
+                             every=a.warm_eval_every, max_steps=a.warm_max_steps,
+                             min_gain=a.warm_min_gain, patience=a.patience, threads=a.jobs)
+    for r in curve:
+        say(f"warm start step {r['step']}: validation caption NLL {r['nll']:.2f} nats, "
+            f"pairwise acc {r['logp_acc']:.3f}{'  <- chosen' if r['chosen'] else ''}")
     return curve
+
+
+def selection_rule(a) -> str:
+    return (f"The rule, the same for every method and seed (`rank_dpo.py --val_data`): every "
+            f"{a.eval_every} steps (at most {a.steps}), the trainer scores the {a.val_videos} "
+            "validation chains (never the test set); the checkpoint kept is the one with the "
+            "**lowest validation loss of the method's own objective** (the preference term alone, "
+            "without the NTP anchor; sft: its NLL per token), and training stops after "
+            f"{a.patience} validation points without one lower by more than {a.min_gain:g} "
+            "(relative). Every held-out number is that checkpoint's.")
+
+
+def chosen_checkpoints(runs: dict[str, tuple[str, int, list[list[dict]]]], warm: dict) -> list[str]:
+    """A table of what validation said at each row's chosen checkpoints (mean over seeds), rows
+    given as {label: (objective, chain length K, one train_to_plateau curve per seed)}."""
+    lines = ["At the chosen checkpoints (mean over seeds): the validation preference loss without "
+             "the NTP term, its no-information value (log K! for rank, log 2 for dpo, log K for "
+             "mpo: every caption scored alike; hinge has none) and their ratio; the NTP side as "
+             "-log p(c0) (nats per caption); the margin (beta x mean implicit-reward gap between "
+             "neighbours; the log-prob gap for hinge and sft); pairwise accuracy; log p(c0) and "
+             "log p(cK) of the validation chains. Curves: plots.png.", "",
+             "| method | chosen step (per seed) | val preference loss | no-information | ratio "
+             "| -log p(c0) | margin | val pairwise | log p(c0) | log p(cK) |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| warm start | {warm['step']} | – | – | – | {warm['nll']:.2f} | "
+             f"{warm['margin']:.2f} | {warm['logp_acc']:.3f} | {warm['logp_c0']:.2f} | "
+             f"{warm['logp_cK']:.2f} |"]
+    for row, (objective, k, seeds) in runs.items():
+        chosen = [next(r for r in c if r["chosen"]) for c in seeds]
+        mean = lambda key: float(np.mean([r[key] for r in chosen]))
+        none = no_information_loss(objective, k)
+        pref = "–" if objective == "sft" else f"{mean('pref_loss'):.3f}"
+        ratio = f"{mean('pref_loss') / none:.2f}" if none else "–"
+        lines.append(f"| {row} | {', '.join(str(r['step']) for r in chosen)} | {pref} | "
+                     f"{f'{none:.3f}' if none else '–'} | {ratio} | {mean('nll'):.2f} | "
+                     f"{mean('margin'):.2f} | {mean('logp_acc'):.3f} | "
+                     f"{mean('logp_c0'):.2f} | {mean('logp_cK'):.2f} |")
+    return lines
+
+
+def learning_curves(ax, runs: list[tuple[str, str, str, str]], k: int, warm: dict) -> None:
+    """Six panels (ax: 2 x 3) of runs trained by train_to_plateau, one line per run (label,
+    objective, run folder, colour): training (10-step mean) and validation preference loss
+    without the NTP term against its no-information value (dashed), the training NTP term,
+    validation log p(c0) / log p(cK), margin and pairwise accuracy; black: the warm start's."""
+    smooth = lambda xs: np.convolve(xs, np.ones(10) / 10, mode="valid") if len(xs) >= 10 else np.array(xs)
+    for label, objective, run_dir, c in runs:
+        m, v = load_jsonl(os.path.join(run_dir, "metrics.jsonl")), load_jsonl(os.path.join(run_dir, "curve.jsonl"))
+        steps, vsteps = [r["step"] for r in m], [r["step"] for r in v]
+        tail = steps[len(steps) - len(smooth(steps)):]
+        if objective != "sft":
+            ax[0, 0].plot(tail, smooth([r["pref_loss"] for r in m]), color=c, lw=1, label=label)
+            ax[0, 1].plot(vsteps, [r["pref_loss"] for r in v], color=c, marker="o", label=label)
+            none = no_information_loss(objective, k)
+            for axis in (ax[0, 0], ax[0, 1]):
+                if none:
+                    axis.axhline(none, color=c, ls="--", lw=0.8)
+        ax[0, 2].plot(tail, smooth([r["ntp"] for r in m]), color=c, lw=1, label=label)
+        ax[1, 0].plot(vsteps, [r["logp_c0"] for r in v], color=c, marker="o", label=label)
+        ax[1, 0].plot(vsteps, [r["logp_cK"] for r in v], color=c, marker="x", ls=":")
+        ax[1, 1].plot(vsteps, [r["margin"] for r in v], color=c, marker="o", label=label)
+        ax[1, 2].plot(vsteps, [r["logp_acc"] for r in v], color=c, marker="o", label=label)
+        chosen = next(r for r in v if r["chosen"])
+        ax[1, 2].plot([chosen["step"]], [chosen["logp_acc"]], marker="*", ms=14, color=c)
+    ax[0, 0].set(xlabel="step", ylabel="preference loss (no NTP), 10-step mean",
+                 title="training preference loss (dashed: no-information value)", yscale="log")
+    ax[0, 1].set(xlabel="step", ylabel="preference loss (no NTP)",
+                 title="validation preference loss (dashed: no-information value)", yscale="log")
+    ax[0, 2].set(xlabel="step", ylabel="NLL of c0 per token, 10-step mean",
+                 title="training NTP term (unweighted)")
+    ax[1, 0].axhline(warm["logp_c0"], color="k", ls="--", lw=0.8)
+    ax[1, 0].axhline(warm["logp_cK"], color="k", ls=":", lw=0.8)
+    ax[1, 0].set(xlabel="step", ylabel="summed log-prob (nats)",
+                 title="validation log p(c0) (o) and log p(cK) (x); black: warm start")
+    ax[1, 1].set(xlabel="step", ylabel="mean score gap c_i - c_i+1",
+                 title="validation margin (implicit reward; log-prob for sft, hinge)", yscale="symlog")
+    ax[1, 2].axhline(warm["logp_acc"], color="k", ls="--", lw=0.8)
+    ax[1, 2].set(xlabel="step", ylabel="pairwise accuracy (log-prob)",
+                 title="validation pairwise accuracy (star: chosen; black: warm start)")
+    ax[0, 2].legend(fontsize=7)
 
 
 def read_rank(stem: str) -> dict:
@@ -207,8 +312,8 @@ def parse_args(argv=None, description: str | None = None):
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--videos", type=int, default=700, help="synthetic videos (train + test)")
-    p.add_argument("--test_frac", type=float, default=0.5)
+    p.add_argument("--videos", type=int, default=1400, help="synthetic videos (train + test)")
+    p.add_argument("--test_frac", type=float, default=0.25)
     p.add_argument("--val_videos", type=int, default=50, help="training videos kept for validation")
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--length", type=int, default=4, help="degradation steps: chains of length+1")
@@ -217,11 +322,23 @@ def parse_args(argv=None, description: str | None = None):
                    "the demo inside 20 minutes on 2 cores)")
     p.add_argument("--warm_lr", type=float, default=1e-3)
     p.add_argument("--warm_batch_size", type=int, default=8)
+    p.add_argument("--warm_vision", choices=("lora", "full"), default="full",
+                   help="the warm start trains the vision tower in full: a randomly initialised "
+                        "tower learns to see through LoRA far too slowly (docs/demo_sweep.md)")
     p.add_argument("--warm_eval_every", type=int, default=100)
     p.add_argument("--warm_max_steps", type=int, default=800)
     p.add_argument("--warm_min_gain", type=float, default=0.02,
-                   help="stop when a segment lowers the validation caption loss by less than this")
-    p.add_argument("--steps", type=int, default=100)
+                   help="a warm-start segment improves when it lowers the validation caption loss "
+                        "by more than this (relative)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="the most preference steps any method trains (validation may stop it sooner)")
+    p.add_argument("--eval_every", type=int, default=25,
+                   help="preference steps between validation points (the checkpoint candidates)")
+    p.add_argument("--min_gain", type=float, default=0.01,
+                   help="a validation point improves when it lowers the run's validation loss "
+                        "by more than this (relative)")
+    p.add_argument("--patience", type=int, default=2,
+                   help="stop after this many segments without improvement (warm start and methods)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--ntp_weight", type=float, default=0.1)
@@ -231,7 +348,6 @@ def parse_args(argv=None, description: str | None = None):
                         "and does not stop log p(c0) from falling)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--gen_videos", type=int, default=40, help="held-out videos captioned and judged")
-    p.add_argument("--save_every", type=int, default=50)
     p.add_argument("--heartbeat", type=float, default=60.0, help="seconds between progress lines")
     p.add_argument("--machine", default=None, help="named in RESULTS.md (default: CPU model and cores)")
     p.add_argument("--readme", metavar="README.md", help="also write RESULTS.md verbatim into this "
@@ -244,7 +360,7 @@ def parse_args(argv=None, description: str | None = None):
         p.error(f"--chain_lengths must lie in 3..{a.length} (2 is dpo; the full chain, "
                 f"{a.length + 1}, is the rank row)")
     if a.smoke:
-        a.videos, a.test_frac, a.val_videos, a.seeds, a.steps = 28, 0.3, 4, 1, 2
+        a.videos, a.test_frac, a.val_videos, a.seeds, a.steps, a.eval_every = 28, 0.3, 4, 1, 4, 2
         a.warm_eval_every, a.warm_max_steps = 2, 4
         a.batch_size, a.warm_batch_size, a.chain_lengths, a.gen_videos = 2, 2, [], 2
         a.heartbeat = 10.0

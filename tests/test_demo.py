@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -33,9 +34,10 @@ def test_plan_covers_every_method_seed_and_chain_length():
     assert flag(inject["args"], "--data").endswith("inject.jsonl")
     k3 = next(j for j in jobs if j["name"] == "rank-k3-s1")
     assert flag(k3["args"], "--max_chain") == "3" and flag(k3["args"], "--seed") == "1"
-    for j in jobs:   # one recipe for every run, all from the warm start
-        assert flag(j["args"], "--init").endswith(os.path.join("runs", "warm"))
+    for j in jobs:   # one recipe for every run, all from the warm start's chosen checkpoint
+        assert flag(j["args"], "--init").endswith(os.path.join("runs", "warm", "best"))
         assert (flag(j["args"], "--ntp_norm"), flag(j["args"], "--lr")) == ("sum", "0.0003")
+        assert flag(j["args"], "--lr_schedule") == "constant"    # one schedule however far it trains
 
 
 def test_chain_lengths_outside_the_chain_are_refused():
@@ -98,9 +100,27 @@ def test_cell_formats_mean_and_interval():
 
 
 def test_sweep_grid_starts_from_the_old_recipe_and_names_runs_uniquely():
-    assert sweep.GRID[0] == ("rank", 1e-3, 0.1, 0.1, "mean")
+    assert sweep.GRID[0] == ("rank", 3e-4, 0.1, 0.1, "sum")
     assert len({sweep.slug(c) for c in sweep.GRID}) == len(sweep.GRID)
-    assert {c[4] for c in sweep.GRID} == {"mean", "sum"}
+    assert {c[0] for c in sweep.GRID} == {"rank", "sft"}
+
+
+def test_no_information_values_are_the_losses_of_equal_scores():
+    assert demo_steps.no_information_loss("rank", 5) == pytest.approx(np.log(120))   # log 5!
+    assert demo_steps.no_information_loss("dpo", 5) == pytest.approx(np.log(2))
+    assert demo_steps.no_information_loss("mpo", 5) == pytest.approx(np.log(5))
+    assert demo_steps.no_information_loss("hinge", 5) is None       # a margin: 0 at equal scores
+    assert demo_steps.no_information_loss("sft", 5) is None
+
+
+def test_chosen_checkpoints_table_reports_the_chosen_points_against_no_information():
+    point = lambda step, chosen, pref: {"step": step, "chosen": chosen, "pref_loss": pref, "nll": 20.0,
+                                        "margin": 0.5, "logp_acc": 0.8, "logp_c0": -20.0, "logp_cK": -30.0}
+    seeds = [[point(25, False, 4.0), point(50, True, 3.0)], [point(25, True, 3.4), point(50, False, 3.9)]]
+    lines = demo_steps.chosen_checkpoints({"rank": ("rank", 5, seeds)}, point(100, True, 0.0))
+    row = next(ln for ln in lines if ln.startswith("| rank |"))
+    # chosen steps per seed, mean loss at them (3.2), log 5! and the ratio 3.2 / 4.787 = 0.67
+    assert row.startswith("| rank | 50, 25 | 3.200 | 4.787 | 0.67 | 20.00 |")
 
 
 def test_resumed_generate_decodes_in_the_same_batches(tmp_path, monkeypatch):
@@ -189,7 +209,19 @@ def test_onpolicy_table_verdicts_and_readme_section(tmp_path):
         recs = [{"id": v, "chain": ["a", "b", "c"], "llm_calls": 3} for v in videos[:10]]
         with open(os.path.join(a.out, "data", data), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
+    def curve(run_dir, pref):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "curve.jsonl"), "w") as f:
+            for step, chosen in ((25, True), (50, False)):
+                f.write(json.dumps({"step": step, "chosen": chosen, "pref_loss": pref, "nll": 20.0,
+                                    "margin": 0.5, "logp_acc": 0.8, "logp_c0": -20.0,
+                                    "logp_cK": -30.0}) + "\n")
+
+    curve(os.path.join(b.out, "runs", "warm"), 0.0)
+    for j in jobs:
+        curve(os.path.join(a.out, "runs", j["name"]), 0.4 if j["objective"] == "dpo" else 1.0)
     text = op.report(a, b, jobs, (420.0, 1))
+    assert "| response improvement (improve + dpo) | 25, 25, 25 | 0.400 | 0.693 | 0.58 |" in text
     assert "7.0 min over 1 invocation " in text and "its 10 training videos" in text and f"lr {b.lr}, batch {b.batch_size}" in text
     lines = {ln.split(":")[0]: ln for ln in text.splitlines() if ln.startswith("- chains > ")}
     assert "**reproduced**" in lines["- chains > response improvement (improve + dpo)"]
