@@ -401,6 +401,13 @@ def _slot_type(slot: tuple) -> str:
     return FACT_TYPES[slot[-1]]
 
 
+def _allowed_slots(facts: dict, error_types: set[str] | None) -> list[tuple]:
+    return [s for s in _fact_slots(facts) if error_types is None or _slot_type(s) in error_types]
+
+
+RULES_ERROR_TYPES = sorted(set(FACT_TYPES.values()))     # the error types the rules degrader can make
+
+
 def _describe(obj: dict) -> str:
     return f"{obj['color']} {obj['shape']}{'s' if obj['count'] > 1 else ''}"
 
@@ -429,20 +436,22 @@ def corrupt_fact(facts: dict, slot: tuple, rng: random.Random) -> tuple[dict, st
     return new, f"{_describe(facts['objects'][i])}: {key} {old} -> {obj[key]}"
 
 
-def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = False
-                ) -> tuple[list[str], list[dict | None]]:
+def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = False,
+                error_types: set[str] | None = None) -> tuple[list[str], list[dict | None]]:
     """c0..cK for a synthetic record, ck holding exactly k wrong facts (checked).
-    unconditioned: sample the fact uniformly (types with more facts come up more often)."""
+    unconditioned: sample the fact uniformly (types with more facts come up more often).
+    error_types: change only facts of these types (None: any)."""
     facts, gold = record["facts"], record["caption"]
     rng = random.Random(f"{seed}:{record['id']}")
     chain, errors, current, used = [gold], [None], facts, set()
     for k in range(1, length + 1):
         for _ in range(50):
-            free = [s for s in _fact_slots(facts) if s not in used]
+            free = [s for s in _allowed_slots(facts, error_types) if s not in used]
             types = sorted({_slot_type(s) for s in free})
             if not types:
-                raise ValueError(f"record {record['id']!r}: only {k - 1} facts can be changed, "
-                                 f"--length {length} asks for more")
+                raise ValueError(f"record {record['id']!r}: only {k - 1} facts"
+                                 f"{' of types ' + ','.join(sorted(error_types)) if error_types else ''}"
+                                 f" can be changed, --length {length} asks for more")
             if unconditioned:
                 slot = rng.choice(free)
                 etype = _slot_type(slot)
@@ -497,12 +506,13 @@ def lfmcqa_from_facts(facts: dict, rng: random.Random) -> tuple[str, list[str], 
     return question, options, options.index(correct)
 
 
-def inject_negatives(record: dict, length: int, rng: random.Random
+def inject_negatives(record: dict, length: int, rng: random.Random, error_types: set[str] | None = None
                      ) -> tuple[list[str], list[dict]] | None:
     """The error-injection baseline from facts: `length` distinct captions, each the gold caption
-    with ONE fact changed (type sampled first, as in chains); None if there are too few."""
+    with ONE fact changed (type sampled first, as in chains, among error_types when given);
+    None if there are too few."""
     negatives, errors = [], []
-    free = _fact_slots(record["facts"])
+    free = _allowed_slots(record["facts"], error_types)
     while free and len(negatives) < length:
         etype = rng.choice(sorted({_slot_type(s) for s in free}))
         slot = rng.choice([s for s in free if _slot_type(s) == etype])
