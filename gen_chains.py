@@ -7,6 +7,7 @@ chain is totally ordered by construction. The trainer (rank_dpo.py) ranks whole 
 
 Subcommands (records are JSONL, see docs/DESIGN.md):
   synth      the embedded dataset: synthetic videos of coloured shapes, gold captions and facts
+  benchmarks the embedded world as TempCompass, VidHal, VDC and ARGUS sets (published layouts)
   recaption  short human captions -> one detailed caption (LLM)
   chains     repeated degradation: c0 -> c1 -> ... -> cK (LLM over HTTP, or offline rules)
   inject     the error-injection baseline: K independent one-error negatives of c0
@@ -914,6 +915,16 @@ def cmd_synth(args) -> dict:
     return _finish("synth", {"train": train, "test": test, "out": args.out})
 
 
+def cmd_benchmarks(args) -> dict:
+    """The embedded world as TempCompass, VidHal, VDC and ARGUS sets in their published layouts
+    (synthetic.write_benchmarks), with H.264 clips: eval_judge.py's benchmark commands offline,
+    scored by the tiny model and --judge rules. Deterministic by seed; re-run after a kill."""
+    if args.n < 1:
+        raise SystemExit("benchmarks: --n must be at least 1")
+    counts = toy_world().write_benchmarks(args.out, args.n, args.seed, args.frames, args.size)
+    return _finish("benchmarks", {**counts, "out": args.out})
+
+
 def recaption_messages(captions: list[str]) -> list[dict]:
     listed = "\n".join(f"- {c}" for c in captions)
     user = (f"Short captions written by different people for the same video:\n{listed}\n\n"
@@ -1682,6 +1693,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=16)
     s.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
     s.set_defaults(fn=cmd_synth)
+
+    b = sub.add_parser("benchmarks", help="synthetic TempCompass, VidHal, VDC and ARGUS sets (offline)")
+    b.add_argument("--out", required=True, help="output directory (tempcompass/, vidhal/, vdc/, argus/)")
+    b.add_argument("--n", type=int, default=20, help="number of scenes (videos) in each set")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--frames", type=int, default=16)
+    b.add_argument("--size", type=int, default=64, help="frame height and width in pixels (even)")
+    b.set_defaults(fn=cmd_benchmarks)
 
     def io(sp, backend: bool | str = False, client: bool = True):
         sp.add_argument("--in", dest="inp", required=True, help="input JSONL")
