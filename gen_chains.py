@@ -1263,13 +1263,13 @@ def chain_statements_messages(rec: dict, kind: str) -> list[dict]:
                          head + task)
 
 
-def _statement_tokens(rec: dict) -> int:
+def _statements_max_tokens(rec: dict) -> int:
     return 40 * len(rec["chain"]) + 2 * max(len(c.split()) for c in rec["chain"]) + 60
 
 
 def mcq_by_llm(seed: int, tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     asked = ask_or_fail(client, chain_statements_messages(rec, "mcq"), partial(parse_chain_mcq, rec["chain"]),
-                        JSON_REASK, tries, stats, max_tokens=_statement_tokens(rec))
+                        JSON_REASK, tries, stats, max_tokens=_statements_max_tokens(rec))
     question, options = asked.value
     return _mcq_chain_record(rec, question, options, seed, question=question, source="llm",
                              llm_calls=asked.tries)
@@ -1277,7 +1277,7 @@ def mcq_by_llm(seed: int, tries: int, rec: dict, client: ChatClient, stats: RunS
 
 def ynq_by_llm(tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     asked = ask_or_fail(client, chain_statements_messages(rec, "ynq"), partial(parse_chain_ynq, rec["chain"]),
-                        JSON_REASK, tries, stats, max_tokens=_statement_tokens(rec))
+                        JSON_REASK, tries, stats, max_tokens=_statements_max_tokens(rec))
     return _ynq_chain_record(rec, asked.value, source="llm", llm_calls=asked.tries)
 
 

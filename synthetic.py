@@ -815,8 +815,9 @@ class BenchmarkRulesJudge:
         """yes and 5 when the response states the answer's value; no and 1 when it states another
         value; no and 0 when it states none."""
         parsed = _vdc_question(question)
-        fact = parsed[0] if parsed else "color"
-        right, said = _value_in(fact, answer), _value_in(fact, response)
+        if parsed is None:                  # not a question of these sets: nothing to compare
+            return {"pred": "no", "score": 0}
+        right, said = _value_in(parsed[0], answer), _value_in(parsed[0], response)
         if said is None or right is None:
             return {"pred": "no", "score": 0}
         return {"pred": "yes", "score": 5} if said == right else {"pred": "no", "score": 1}
@@ -907,35 +908,41 @@ def tempcompass_questions(facts: dict, rng: random.Random, moving: int, reverse:
             "question": f"Which caption matches the video better?\n{lines}",
             "answer": f"Caption {letter}: {captions[0]}"})
 
+    def does(o: dict) -> str:              # verb agreement with a group of one or more
+        return "Does" if o["count"] == 1 else "Do"
+
+    def says(o: dict, verb: str) -> str:
+        return verb + "s" if o["count"] == 1 else verb
+
     obj = objects[moving]
-    name, move = _group_name(obj), "move" if obj["count"] > 1 else "moves"
+    name = _group_name(obj)
     right = REVERSED_DIRECTION[obj["direction"]] if reverse else obj["direction"]
     wrong = REVERSED_DIRECTION[right]
-    add("direction", f"Which way do{'es' if obj['count'] == 1 else ''} {name} move?", right,
-        [d for d in DIRECTIONS if d != right],
-        (f"Do{'es' if obj['count'] == 1 else ''} {name} move {right}?",
-         f"Do{'es' if obj['count'] == 1 else ''} {name} move {wrong}?"),
-        (f"{name.capitalize()} {move} {right}.", f"{name.capitalize()} {move} {wrong}."))
+    add("direction", f"Which way {does(obj).lower()} {name} move?", right, [d for d in DIRECTIONS if d != right],
+        (f"{does(obj)} {name} move {right}?", f"{does(obj)} {name} move {wrong}?"),
+        (f"{name.capitalize()} {says(obj, 'move')} {right}.", f"{name.capitalize()} {says(obj, 'move')} {wrong}."))
     if reverse:
         return tasks
-    first, second = (_group_name(objects[i]) for i in appear[:2])
+    (a, first), (b, second) = ((objects[i], _group_name(objects[i])) for i in appear[:2])
     add("order", "Which shapes appear first?", first, [second],
-        (f"Do {first} appear before {second}?", f"Do {second} appear before {first}?"),
-        (f"{first.capitalize()} appear before {second}.", f"{second.capitalize()} appear before {first}."))
+        (f"{does(a)} {first} appear before {second}?", f"{does(b)} {second} appear before {first}?"),
+        (f"{first.capitalize()} {says(a, 'appear')} before {second}.",
+         f"{second.capitalize()} {says(b, 'appear')} before {first}."))
     fast = facts.get("speed", "normal") == "fast"
-    add("speed", "How fast do the shapes move?", "quickly" if fast else "slowly", ["slowly" if fast else "quickly"],
-        ("Do the shapes move quickly?" if fast else "Do the shapes move slowly?",
-         "Do the shapes move slowly?" if fast else "Do the shapes move quickly?"),
-        (f"The shapes move {'quickly' if fast else 'slowly'}.", f"The shapes move {'slowly' if fast else 'quickly'}."))
+    pace, other = ("quickly", "slowly") if fast else ("slowly", "quickly")
+    add("speed", "How fast do the shapes move?", pace, [other],
+        (f"Do the shapes move {pace}?", f"Do the shapes move {other}?"),
+        (f"The shapes move {pace}.", f"The shapes move {other}."))
     i = rng.randrange(len(objects))
-    name = _group_name(objects[i])
+    obj, name = objects[i], _group_name(objects[i])
     leaves = ["disappear", i] in facts["events"]
-    gone, stays = "they disappear before the end", "they stay until the end"
-    add("attribute_change", f"What happens to {name}?", gone if leaves else stays, [stays if leaves else gone],
-        (f"Do {name} disappear?" if leaves else f"Do {name} stay until the end?",
-         f"Do {name} stay until the end?" if leaves else f"Do {name} disappear?"),
-        (f"{name.capitalize()} {'disappear before the end' if leaves else 'stay until the end'}.",
-         f"{name.capitalize()} {'stay until the end' if leaves else 'disappear before the end'}."))
+    gone, stays = f"{says(obj, 'disappear')} before the end", f"{says(obj, 'stay')} until the end"
+    happens, other = (gone, stays) if leaves else (stays, gone)
+    add("attribute_change", f"What happens to {name}?", f"{'it' if obj['count'] == 1 else 'they'} {happens}",
+        [f"{'it' if obj['count'] == 1 else 'they'} {other}"],
+        (f"{does(obj)} {name} {'disappear before the end' if leaves else 'stay until the end'}?",
+         f"{does(obj)} {name} {'stay until the end' if leaves else 'disappear before the end'}?"),
+        (f"{name.capitalize()} {happens}.", f"{name.capitalize()} {other}."))
     return tasks
 
 
