@@ -978,6 +978,8 @@ def _chain_inputs(args) -> tuple[list[dict], int]:
     if args.backend == "rules":
         require["facts"] = dict        # the rule backend edits the stored facts (records from synth)
     found, left_out = read_records(args.inp, require)
+    if args.backend == "rules":
+        _rules_error_types(args, toy_world())     # a type the rules cannot make stops the run here
     return [rec for _, rec in found], left_out
 
 

@@ -61,6 +61,13 @@ def test_the_sets_are_in_the_published_layouts(sets, scenes):
     assert set(B.read_argus(str(sets / "argus" / "argus.jsonl"))) == set(scenes)
 
 
+def test_the_sets_are_the_same_for_the_same_seed(sets, tmp_path):
+    gc.main(["benchmarks", "--out", str(tmp_path), "--n", str(N_SCENES), "--seed", "5"])
+    for name in ("tempcompass/questions/yes_no.json", "vidhal/annotations.json", "vidhal/options.json",
+                 "vdc/detailed.jsonl", "argus/argus.jsonl", "scenes.jsonl"):
+        assert open(sets / name).read() == open(tmp_path / name).read(), name
+
+
 def test_clips_decode_and_show_the_scene(sets, scenes):
     from rank_dpo import load_clip
     rid, scene = next(iter(scenes.items()))
