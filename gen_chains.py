@@ -1083,11 +1083,16 @@ def _inject_record(args, rec: dict, negatives: list[str], errors: list[dict], st
                          ranking="best_only")
 
 
-def _read_chains(path: str) -> tuple[list[dict], int]:
-    """Chain records from `chains`/`inject`; failed records are counted, not converted."""
+def _read_chains(path: str, ordered: bool = False) -> tuple[list[dict], int]:
+    """Chain records from `chains`/`inject`; failed records are counted, not converted.
+    ordered: every caption must hold the errors of the ones before it (not `inject` output)."""
     records = []
     found, failed = read_records(path, {})
     for line, rec in found:
+        if ordered and rec.get("ranking") == "best_only":
+            raise DataError(path, line, "an error-injection record: its negatives are independent, not "
+                            "a chain whose errors accumulate, so they cannot be stated in order; "
+                            "use `chains` output", "ranking")
         chain = rec.get("chain")
         if not isinstance(chain, list) or len(chain) < 2 or not all(isinstance(c, str) and c for c in chain):
             raise DataError(path, line, "expected a list of at least two non-empty strings", "chain")
@@ -1102,7 +1107,7 @@ def cmd_mcq(args) -> dict:
     c0's option, then c1's, ...). --backend rules: the options are the captions themselves under
     --question; http: an LLM writes one question whose options are the facts the captions differ
     in (chain_statements). Options are shown in a seeded random order."""
-    records, failed = _read_chains(args.inp)
+    records, failed = _read_chains(args.inp, ordered=args.backend == "http")
     if args.backend == "rules":
         return run_command("mcq", args, records, offline=partial(mcq_record, args.question, args.seed),
                            left_out=failed)
@@ -1126,7 +1131,7 @@ def cmd_ynq(args) -> dict:
     """Chains -> yes/no chains: one question per caption with the fixed response "no", ranked
     most wrong first (the more errors the caption has, the surer the "no"). --backend rules:
     --question around each caption; http: an LLM writes the questions (chain_statements)."""
-    records, failed = _read_chains(args.inp)
+    records, failed = _read_chains(args.inp, ordered=args.backend == "http")
     if args.backend == "http":
         return run_command("ynq", args, records, llm=partial(ynq_by_llm, args.step_tries), left_out=failed)
     if "{caption}" not in args.question:

@@ -876,6 +876,14 @@ def test_ynq_http_checks_the_fixed_response_and_ranks_most_wrong_first(rules_cha
         assert rec["errors"][-1] is None and rec["errors"] == list(reversed(src[rec["id"]]["errors"]))
 
 
+def test_statements_need_chains_whose_errors_accumulate(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "chain": ["x y", "x z"]},
+                                              {"id": "b", "chain": ["p q", "p r", "s q"], "ranking": "best_only"}])
+    with pytest.raises(SystemExit, match=r"in.jsonl:2: field 'ranking': an error-injection record"):
+        gc.main(["ynq", "--backend", "http", "--in", inp, "--out", str(tmp_path / "o.jsonl"),
+                 "--base_url", "http://127.0.0.1:9/v1"])
+
+
 def test_chain_statements_checks_by_hand():
     chain = ["A red ball rolls left.", "A blue ball rolls left.", "A blue ball rolls right quickly."]
     # the words each step brought in ('left' -> 'right' counts: no earlier caption said 'right')
