@@ -1222,16 +1222,12 @@ class LLMBenchmarkJudge:
 
 def benchmark_judge(args):
     """--judge llm: LLMBenchmarkJudge. --judge rules: the toy world's rules judge for the
-    benchmarks (synthetic.benchmark_rules_judge(), with the same methods), when it has one."""
+    benchmarks (synthetic.benchmark_rules_judge(), with the same methods; it understands the
+    questions and captions of `gen_chains.py benchmarks` sets)."""
     if args.judge == "llm":
         return LLMBenchmarkJudge(args)
     import synthetic
-    make = getattr(synthetic, "benchmark_rules_judge", None)
-    if make is None:
-        raise SystemExit(f"{args.command} score: --judge rules needs the synthetic world's "
-                         "benchmark judge (synthetic.benchmark_rules_judge), which this version "
-                         "does not have; use --judge llm")
-    return make()
+    return synthetic.benchmark_rules_judge()
 
 
 # VDCscore's two prompts, in our words: the official ones (AuroraCap post_eval) ask the same two

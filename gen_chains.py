@@ -7,6 +7,7 @@ chain is totally ordered by construction. The trainer (rank_dpo.py) ranks whole 
 
 Subcommands (records are JSONL, see docs/DESIGN.md):
   synth      the embedded dataset: synthetic videos of coloured shapes, gold captions and facts
+  benchmarks the embedded world as TempCompass, VidHal, VDC and ARGUS sets (published layouts)
   recaption  short human captions -> one detailed caption (LLM)
   chains     repeated degradation: c0 -> c1 -> ... -> cK (LLM over HTTP, or offline rules)
   inject     the error-injection baseline: K independent one-error negatives of c0
@@ -407,9 +408,22 @@ ERROR_TYPES = {t.name: t for t in [
 ]}
 
 
-def applicable_error_types(caption: str) -> list[str]:
+def applicable_error_types(caption: str, allowed: set[str] | None = None) -> list[str]:
+    """The error types that apply to the caption (among `allowed`, when given)."""
     words = _words(caption)
-    return [name for name, t in ERROR_TYPES.items() if t.applies(words)]
+    return [name for name, t in ERROR_TYPES.items() if (allowed is None or name in allowed) and t.applies(words)]
+
+
+def parse_error_types(text: str | None) -> set[str] | None:
+    """--error_types "object,action" -> {"object", "action"}; None (any type) when not given."""
+    if text is None:
+        return None
+    names = {t.strip().lower() for t in text.split(",") if t.strip()}
+    unknown = sorted(names - set(ERROR_TYPES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown error type {unknown[0] if unknown else text!r} "
+                                         f"(known: {', '.join(ERROR_TYPES)})")
+    return names
 
 
 # =============================================================================================
@@ -613,14 +627,18 @@ def llm_step(client: ChatClient, prev: str, etype: str | None, earlier: list[dic
 
 
 def http_chain(record: dict, client: ChatClient, length: int, seed: int, unconditioned: bool,
-               limits: StepLimits, stats: RunStats, tries: int) -> tuple[list[str], list[dict | None]]:
-    """c0..cK by repeated LLM degradation; each step keeps every earlier error."""
+               limits: StepLimits, stats: RunStats, tries: int, allowed: set[str] | None = None
+               ) -> tuple[list[str], list[dict | None]]:
+    """c0..cK by repeated LLM degradation; each step keeps every earlier error. `allowed`: the
+    error types a step may use (--error_types; None: any)."""
     rng = random.Random(f"{seed}:{record['id']}")
     chain, errors = [record["caption"]], [None]
     for k in range(1, length + 1):
-        types = applicable_error_types(chain[-1])
+        types = applicable_error_types(chain[-1], allowed)
         if not types and not unconditioned:
-            raise StepFailed(f"step {k}: no error type applies to the caption")
+            what = f"of the types {', '.join(sorted(allowed))} " if allowed else ""
+            raise StepFailed(f"step {k}: no error type {what}applies to the caption",
+                             details={"partial_chain": chain, "partial_errors": _public_errors(errors)})
         etype = None if unconditioned else rng.choice(types)
         try:
             caption, err = llm_step(client, chain[-1], etype, errors[1:], limits, stats, tries, rng, types)
@@ -681,11 +699,17 @@ def ask_until_parsed(client: ChatClient, messages: list[dict], parse: Callable[[
         rejected.append("; ".join(problems))
         if stats is not None:
             for problem in problems:
-                stats.add("rejected", problem)
+                stats.add("rejected", problem_kind(problem))
         said = "; ".join(PROBLEM_TEXT.get(p, p) for p in problems)
         messages += [{"role": "assistant", "content": reply},
                      {"role": "user", "content": f"I could not use your reply: {said}. {reask}"}]
     return Asked(None, max(0, tries), reply, problems, rejected)
+
+
+def problem_kind(problem: str) -> str:
+    """A problem as counted in the summary: without its numbers and quoted words, so "option 2
+    lacks the error of caption 1 ('blue')" counts as "option N lacks the error of caption N"."""
+    return " ".join(re.sub(r"\d+", "N", re.sub(r"\s*\([^)]*\)", "", problem)).split())
 
 
 def read_reply(parse: Callable[[str], object], text: str) -> tuple[object, list[str]]:
@@ -891,6 +915,16 @@ def cmd_synth(args) -> dict:
     return _finish("synth", {"train": train, "test": test, "out": args.out})
 
 
+def cmd_benchmarks(args) -> dict:
+    """The embedded world as TempCompass, VidHal, VDC and ARGUS sets in their published layouts
+    (synthetic.write_benchmarks), with H.264 clips: eval_judge.py's benchmark commands offline,
+    scored by the tiny model and --judge rules. Deterministic by seed; re-run after a kill."""
+    if args.n < 1:
+        raise SystemExit("benchmarks: --n must be at least 1")
+    counts = toy_world().write_benchmarks(args.out, args.n, args.seed, args.frames, args.size)
+    return _finish("benchmarks", {**counts, "out": args.out})
+
+
 def recaption_messages(captions: list[str]) -> list[dict]:
     listed = "\n".join(f"- {c}" for c in captions)
     user = (f"Short captions written by different people for the same video:\n{listed}\n\n"
@@ -944,7 +978,21 @@ def _chain_inputs(args) -> tuple[list[dict], int]:
     if args.backend == "rules":
         require["facts"] = dict        # the rule backend edits the stored facts (records from synth)
     found, left_out = read_records(args.inp, require)
+    if args.backend == "rules":
+        _rules_error_types(args, toy_world())     # a type the rules cannot make stops the run here
     return [rec for _, rec in found], left_out
+
+
+def _rules_error_types(args, world) -> set[str] | None:
+    """--error_types for the rules degrader, which knows only the synthetic world's fact types."""
+    if args.error_types is None:
+        return None
+    usable = args.error_types & set(world.RULES_ERROR_TYPES)
+    if not usable:
+        raise SystemExit(f"{args.command} --backend rules: the synthetic world has no "
+                         f"{', '.join(sorted(args.error_types))} facts to change (its types: "
+                         f"{', '.join(world.RULES_ERROR_TYPES)})")
+    return usable
 
 
 def _limits(args) -> StepLimits:
@@ -959,13 +1007,17 @@ def _chain_record(args, rec: dict, chain: list[str], errors: list, **extra) -> d
 def cmd_chains(args) -> dict:
     """c0 > c1 > ... > cK per record: --backend rules (offline, from facts) or http (an LLM)."""
     records, left_out = _chain_inputs(args)
+    if args.unconditioned and args.error_types and args.backend == "http":
+        raise SystemExit("chains: --unconditioned lets the LLM choose the error, --error_types "
+                         "restricts it; give one of them")
     return run_command("chains", args, records, rules=partial(chain_by_rules, args),
                        llm=partial(chain_by_llm, args), left_out=left_out)
 
 
 def chain_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
     try:
-        chain, errors = world.rules_chain(rec, args.length, args.seed, args.unconditioned)
+        chain, errors = world.rules_chain(rec, args.length, args.seed, args.unconditioned,
+                                          _rules_error_types(args, world))
     except ValueError as e:
         raise StepFailed(str(e)) from None
     for e in errors[1:]:
@@ -975,7 +1027,7 @@ def chain_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
 
 def chain_by_llm(args, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     chain, errors = http_chain(rec, client, args.length, args.seed, args.unconditioned, _limits(args),
-                               stats, args.step_tries)
+                               stats, args.step_tries, args.error_types)
     return _chain_record(args, rec, chain, errors)
 
 
@@ -990,7 +1042,7 @@ def cmd_inject(args) -> dict:
 
 
 def inject_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
-    made = world.inject_negatives(rec, args.length, _record_rng(args.seed, rec))
+    made = world.inject_negatives(rec, args.length, _record_rng(args.seed, rec), _rules_error_types(args, world))
     if made is None:
         raise StepFailed(f"too few distinct one-fact changes for --length {args.length}")
     negatives, errors = made
@@ -1002,9 +1054,10 @@ def inject_by_llm(args, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     while unused ones apply, and a negative equal to an earlier one is asked again."""
     rng, gold, limits = _record_rng(args.seed, rec), rec["caption"], _limits(args)
     negatives, errors = [], []
-    types = applicable_error_types(gold)
+    types = applicable_error_types(gold, args.error_types)
     if not types:
-        raise StepFailed("no error type applies to the caption")
+        what = f"of the types {', '.join(sorted(args.error_types))} " if args.error_types else ""
+        raise StepFailed(f"no error type {what}applies to the caption")
     for k in range(args.length):
         pool = [t for t in types if t not in {e["type"] for e in errors}] or types
         for _ in range(args.step_tries):
@@ -1030,11 +1083,16 @@ def _inject_record(args, rec: dict, negatives: list[str], errors: list[dict], st
                          ranking="best_only")
 
 
-def _read_chains(path: str) -> tuple[list[dict], int]:
-    """Chain records from `chains`/`inject`; failed records are counted, not converted."""
+def _read_chains(path: str, ordered: bool = False) -> tuple[list[dict], int]:
+    """Chain records from `chains`/`inject`; failed records are counted, not converted.
+    ordered: every caption must hold the errors of the ones before it (not `inject` output)."""
     records = []
     found, failed = read_records(path, {})
     for line, rec in found:
+        if ordered and rec.get("ranking") == "best_only":
+            raise DataError(path, line, "an error-injection record: its negatives are independent, not "
+                            "a chain whose errors accumulate, so they cannot be stated in order; "
+                            "use `chains` output", "ranking")
         chain = rec.get("chain")
         if not isinstance(chain, list) or len(chain) < 2 or not all(isinstance(c, str) and c for c in chain):
             raise DataError(path, line, "expected a list of at least two non-empty strings", "chain")
@@ -1045,35 +1103,189 @@ def _read_chains(path: str) -> tuple[list[dict], int]:
 
 
 def cmd_mcq(args) -> dict:
-    """Chains -> multiple-choice chains: the options are the chain's captions in a seeded random
-    order; the chain becomes the letters, best first (the letter of c0, then of c1, ...)."""
-    records, failed = _read_chains(args.inp)
-    return run_command("mcq", args, records, offline=partial(mcq_record, args.question, args.seed),
+    """Chains -> multiple-choice chains, the chain becoming the letters best first (the letter of
+    c0's option, then c1's, ...). --backend rules: the options are the captions themselves under
+    --question; http: an LLM writes one question whose options are the facts the captions differ
+    in (chain_statements). Options are shown in a seeded random order."""
+    records, failed = _read_chains(args.inp, ordered=args.backend == "http")
+    if args.backend == "rules":
+        return run_command("mcq", args, records, offline=partial(mcq_record, args.question, args.seed),
+                           left_out=failed)
+    return run_command("mcq", args, records, llm=partial(mcq_by_llm, args.seed, args.step_tries),
                        left_out=failed)
 
 
 def mcq_record(question: str, seed: int, rec: dict) -> dict:
-    options = list(rec["chain"])
+    return _mcq_chain_record(rec, question, rec["chain"], seed)
+
+
+def _mcq_chain_record(rec: dict, asking: str, best_first: list[str], seed: int, **extra) -> dict:
+    options = list(best_first)
     _record_rng(seed, rec).shuffle(options)
-    letters = [LETTERS[options.index(c)] for c in rec["chain"]]
-    return {**_base_record(rec), "prompt": format_mcq(question, options), "chain": letters,
-            "options": options, "errors": rec.get("errors"), "status": "ok"}
+    letters = [LETTERS[options.index(c)] for c in best_first]
+    return {**_base_record(rec), "prompt": format_mcq(asking, options), "chain": letters,
+            "options": options, "errors": rec.get("errors"), **extra, "status": "ok"}
 
 
 def cmd_ynq(args) -> dict:
     """Chains -> yes/no chains: one question per caption with the fixed response "no", ranked
-    most wrong first (the more errors the caption has, the surer the "no")."""
-    records, failed = _read_chains(args.inp)
+    most wrong first (the more errors the caption has, the surer the "no"). --backend rules:
+    --question around each caption; http: an LLM writes the questions (chain_statements)."""
+    records, failed = _read_chains(args.inp, ordered=args.backend == "http")
+    if args.backend == "http":
+        return run_command("ynq", args, records, llm=partial(ynq_by_llm, args.step_tries), left_out=failed)
     if "{caption}" not in args.question:
         raise SystemExit("ynq: --question must contain {caption}")
     return run_command("ynq", args, records, offline=partial(ynq_record, args.question), left_out=failed)
 
 
 def ynq_record(question: str, rec: dict) -> dict:
-    prompts = [question.format(caption=c) for c in reversed(rec["chain"])]
+    return _ynq_chain_record(rec, [question.format(caption=c) for c in rec["chain"]])
+
+
+def _ynq_chain_record(rec: dict, best_first: list[str], **extra) -> dict:
     errors = rec.get("errors")
-    return {**_base_record(rec), "prompts": prompts, "response": "no",
-            "errors": list(reversed(errors)) if isinstance(errors, list) else None, "status": "ok"}
+    return {**_base_record(rec), "prompts": list(reversed(best_first)), "response": "no",
+            "errors": list(reversed(errors)) if isinstance(errors, list) else None, **extra, "status": "ok"}
+
+
+# -- MCQ and yes/no chains written by an LLM ------------------------------------------------------
+# The LLM states, once per caption and in the chain's order, what that caption says about the
+# facts the captions differ in: as the options of one question (mcq) or as yes/no questions
+# (ynq). The reply is checked like a degradation step and asked again with the problem:
+# the right count, every statement distinct, and the order kept: the words each step's error
+# brought in (error_markers) must be in the statements of that caption and every later one, and
+# in no earlier one. yes/no questions must also be plain questions whose wrong ones are
+# answered "no" (the fixed response): no negation, which would flip the answer.
+
+YES_NO_START = re.compile(r"^(?:is|are|was|were|does|do|did|has|have|had|can|could|will|would)(?:n't)?\b", re.I)
+NEGATION = re.compile(r"\b(?:not|no longer|never)\b|n't\b", re.I)
+
+
+def error_markers(chain: list[str]) -> list[set[str]]:
+    """For each step k >= 1, the words caption k brought in that no earlier caption has and every
+    later one keeps: what says that its error is there. Empty when the step only moved or reused
+    words (an order swap, left -> right where 'right' was already said): then only distinctness
+    checks that step."""
+    tokens = [set(_tokens(c)) for c in chain]
+    markers = []
+    for k in range(1, len(chain)):
+        _, added = word_diff(chain[k - 1], chain[k])
+        markers.append({w for w in added if all(w not in tokens[j] for j in range(k))
+                        and all(w in tokens[j] for j in range(k, len(chain)))})
+    return markers
+
+
+def check_chain_statements(chain: list[str], statements: list, what: str) -> list[str]:
+    """Problems with one statement per caption (options or questions, best first); [] if none."""
+    n = len(chain)
+    if len(statements) != n:
+        return [f"{len(statements)} {what}s for {n} captions (one per caption, in order)"]
+    if not all(isinstance(x, str) and x.strip() for x in statements):
+        return [f"every {what} must be a non-empty string"]
+    problems = []
+    keys = [tuple(_tokens(x)) for x in statements]
+    for i in range(1, n):
+        if keys[i] in keys[:i]:
+            problems.append(f"{what} {i} repeats {what} {keys.index(keys[i])}")
+    for k, marker in enumerate(error_markers(chain), 1):
+        if not marker:
+            continue
+        said = ", ".join(f"'{w}'" for w in sorted(marker))
+        for i, key in enumerate(keys):
+            has = bool(marker & set(key))
+            if i >= k and not has:
+                problems.append(f"{what} {i} lacks the error of caption {k} ({said})")
+            elif i < k and has:
+                problems.append(f"{what} {i} already has the error of caption {k} ({said})")
+    return problems
+
+
+def _strip_enumeration(text: str) -> str:
+    """"A. text", "1) text", "Option 2: text" -> "text"."""
+    return re.sub(r"^\s*(?:(?:option|question|caption)\s*\w{1,2}\s*[:.)-]|[A-Za-z0-9]{1,2}[.)])\s+", "",
+                  " ".join(str(text).split()), flags=re.I)
+
+
+def parse_chain_mcq(chain: list[str], text: str) -> tuple[tuple[str, list[str]] | None, list[str]]:
+    """(question, options best first) from an LLM reply, or the problems with it."""
+    obj = parse_json_object(text)
+    if obj is None:
+        return None, ["unreadable"]
+    question, options = obj.get("question"), obj.get("options")
+    if not isinstance(question, str) or not question.strip():
+        return None, ['no "question" string']
+    if not isinstance(options, list):
+        return None, ['no "options" list']
+    options = [_strip_enumeration(o) if isinstance(o, str) else o for o in options]
+    problems = check_chain_statements(chain, options, "option")
+    return ((" ".join(question.split()), options), []) if not problems else (None, problems)
+
+
+def parse_chain_ynq(chain: list[str], text: str) -> tuple[list[str] | None, list[str]]:
+    """Yes/no questions best first from an LLM reply, or the problems with them."""
+    obj = parse_json_object(text)
+    if obj is None:
+        return None, ["unreadable"]
+    questions = obj.get("questions")
+    if not isinstance(questions, list):
+        return None, ['no "questions" list']
+    questions = [_strip_enumeration(q) if isinstance(q, str) else q for q in questions]
+    problems = check_chain_statements(chain, questions, "question")
+    for i, q in enumerate(questions):
+        if isinstance(q, str) and not (YES_NO_START.match(q) and q.rstrip().endswith("?")):
+            problems.append(f"question {i} is not a yes/no question (it must start like 'Is'/'Does' "
+                            "and end with '?')")
+        elif isinstance(q, str) and NEGATION.search(q):
+            problems.append(f"question {i} is negated, which flips its answer")
+    return (questions, []) if not problems else (None, problems)
+
+
+def chain_statements_messages(rec: dict, kind: str) -> list[dict]:
+    """The request for one statement per caption: kind "mcq" (options of one question) or "ynq"."""
+    chain, errors = rec["chain"], rec.get("errors") or []
+    listed = []
+    for k, caption in enumerate(chain):
+        err = errors[k] if k < len(errors) and isinstance(errors[k], dict) else None
+        change = err.get("detail") if err and err.get("detail") else word_diff(chain[k - 1], caption)[0] if k else ""
+        listed.append(f"Caption {k}{f' (its new error: {change})' if change else ' (correct)'}: {caption}")
+    n = len(chain)
+    head = ("These captions describe the same video. Caption 0 is correct; each later caption repeats "
+            "the one before it with one more error.\n" + "\n".join(listed) + "\n\n")
+    if kind == "mcq":
+        task = (f"Write one multiple-choice question about the video and {n} answer options, one per "
+                "caption and in the same order: option i states what caption i says about the facts the "
+                "captions differ in, so option 0 is the right answer and option i holds exactly the errors "
+                "of caption i. Use the captions' own words for those facts; keep the options short, alike "
+                "in form and all different.\nReply with JSON only: "
+                '{"question": "...", "options": ["<option for caption 0>", ...]}')
+    else:
+        task = (f"Write {n} yes/no questions about the video, one per caption and in the same order: "
+                "question i asks whether the video shows what caption i says about the facts the captions "
+                "differ in, so question 0 is answered yes and every later one no. Use the captions' own "
+                "words for those facts, start each with Is/Are/Does/Do, end it with '?', and use no "
+                "negation.\nReply with JSON only: "
+                '{"questions": ["<question for caption 0>", ...]}')
+    return chat_messages("You turn caption chains into questions for training video-language models.",
+                         head + task)
+
+
+def _statements_max_tokens(rec: dict) -> int:
+    return 40 * len(rec["chain"]) + 2 * max(len(c.split()) for c in rec["chain"]) + 60
+
+
+def mcq_by_llm(seed: int, tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    asked = ask_or_fail(client, chain_statements_messages(rec, "mcq"), partial(parse_chain_mcq, rec["chain"]),
+                        JSON_REASK, tries, stats, max_tokens=_statements_max_tokens(rec))
+    question, options = asked.value
+    return _mcq_chain_record(rec, question, options, seed, question=question, source="llm",
+                             llm_calls=asked.tries)
+
+
+def ynq_by_llm(tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    asked = ask_or_fail(client, chain_statements_messages(rec, "ynq"), partial(parse_chain_ynq, rec["chain"]),
+                        JSON_REASK, tries, stats, max_tokens=_statements_max_tokens(rec))
+    return _ynq_chain_record(rec, asked.value, source="llm", llm_calls=asked.tries)
 
 
 def lfmcqa_messages(caption: str) -> list[dict]:
@@ -1489,15 +1701,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
     s.set_defaults(fn=cmd_synth)
 
-    def io(sp, backend: bool = False, client: bool = True):
+    b = sub.add_parser("benchmarks", help="synthetic TempCompass, VidHal, VDC and ARGUS sets (offline)")
+    b.add_argument("--out", required=True, help="output directory (tempcompass/, vidhal/, vdc/, argus/)")
+    b.add_argument("--n", type=int, default=20, help="number of scenes (videos) in each set")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--frames", type=int, default=16)
+    b.add_argument("--size", type=int, default=64, help="frame height and width in pixels (even)")
+    b.set_defaults(fn=cmd_benchmarks)
+
+    def io(sp, backend: bool | str = False, client: bool = True):
         sp.add_argument("--in", dest="inp", required=True, help="input JSONL")
         sp.add_argument("--out", required=True, help="output JSONL (appended to; re-run to resume)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--retry_failed", action="store_true",
                         help="drop records written as failed by an earlier run and redo them")
         if backend:
-            sp.add_argument("--backend", choices=("http", "rules"), default="http",
-                            help="http: an OpenAI-compatible LLM; rules: offline, from synth's facts")
+            sp.add_argument("--backend", choices=("http", "rules"), default=backend if isinstance(backend, str) else "http",
+                            help="http: an OpenAI-compatible LLM; rules: offline (from synth's facts, or "
+                                 "for mcq/ynq a template over the captions)")
         if client:
             sp.add_argument("--step_tries", type=int, default=4, help="LLM replies tried per step")
             add_client_args(sp)
@@ -1514,6 +1735,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reject a step that edits more than this fraction of the words")
         c.add_argument("--max_length_change", type=float, default=0.2,
                        help="reject a step whose length changes by more than this fraction")
+        c.add_argument("--error_types", type=parse_error_types, default=None,
+                       help="comma list: the only error types a step may use, e.g. object,action for "
+                            f"SSv2-style data (known: {', '.join(ERROR_TYPES)}; rules: the synthetic "
+                            "world's fact types among them)")
         c.set_defaults(fn=fn)
 
     r = sub.add_parser("recaption", help="short human captions -> one detailed caption (LLM)")
@@ -1521,14 +1746,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_recaption)
 
     m = sub.add_parser("mcq", help="chains -> multiple-choice chains (letters ranked)")
-    io(m, client=False)
-    m.add_argument("--question", default="Which caption describes the video best?")
+    io(m, backend="rules")
+    m.add_argument("--question", default="Which caption describes the video best?",
+                   help="rules: the question over the captions (http: the LLM writes it)")
     m.set_defaults(fn=cmd_mcq)
 
     y = sub.add_parser("ynq", help="chains -> yes/no chains (prompts ranked, response 'no')")
-    io(y, client=False)
+    io(y, backend="rules")
     y.add_argument("--question", default='Does this caption describe the video correctly? '
-                   'Caption: "{caption}" Answer yes or no.')
+                   'Caption: "{caption}" Answer yes or no.',
+                   help="rules: the question around each {caption} (http: the LLM writes them)")
     y.set_defaults(fn=cmd_ynq)
 
     q = sub.add_parser("lfmcqa", help="descriptions -> long-form five-choice questions")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from records import write_jsonl
+from records import write_json, write_jsonl
 
 TINY_PROCESSOR_FILE = "tiny_processor.json"     # marks a saved tiny model directory
 # The tiny preset's modules trained in full beside LoRA (`rank_dpo.py --modules_to_save auto`
@@ -65,6 +65,9 @@ OBJECT_FACTS = ("count", "size", "color", "shape", "position", "direction")
 CHOICES = {"count": COUNTS, "size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES,
            "position": tuple(POSITIONS), "direction": tuple(DIRECTIONS)}
 MOTION_PIXELS = 12                         # how far a group travels while visible
+# A scene may carry "speed" (the benchmark sets' speed questions): the distance scales with it.
+# The caption template does not state it, so match_facts and the chains never see it.
+SPEEDS = {"slow": 0.5, "normal": 1.0, "fast": 2.0}
 
 
 def sample_scene(rng: random.Random, num_frames: int = 16) -> dict:
@@ -125,9 +128,10 @@ def render_scene(facts: dict, num_frames: int = 16, size: int = 64):
         color = np.array(COLORS[obj["color"]], np.uint8)
         cx0, cy0 = (c * scale for c in POSITIONS[obj["position"]])
         dx, dy = DIRECTIONS[obj["direction"]]
+        travel = MOTION_PIXELS * SPEEDS[facts.get("speed", "normal")] * scale
         for t in range(start, stop):
             frac = (t - start) / max(1, stop - start - 1)
-            cx, cy = cx0 + dx * MOTION_PIXELS * scale * frac, cy0 + dy * MOTION_PIXELS * scale * frac
+            cx, cy = cx0 + dx * travel * frac, cy0 + dy * travel * frac
             for ox, oy in _group_offsets(obj["count"], px):
                 x0, y0 = round(cx + ox - px / 2), round(cy + oy - px / 2)
                 xs, ys = slice(max(0, x0), min(size, x0 + px)), slice(max(0, y0), min(size, y0 + px))
@@ -281,18 +285,10 @@ def _agreement(said: dict, true: dict) -> tuple[int, int]:
     return right, wrong
 
 
-def match_facts(caption: str, facts: dict) -> dict:
-    """Count a scene's facts that `caption` states correctly, wrongly, or not at all.
-
-    Facts: the background, six per object group (count, size, colour, shape, position,
-    direction) and the order of events, so total = 2 + 6 * groups. The gold caption gives
-    correct == total; the rule backend's k-th chain caption gives wrong == k. Also returned:
-    order_correct (None when fewer than two events are placed), hallucinated (object mentions
-    that match nothing, each also counted in wrong) and by_kind {fact: {correct, wrong, missing}}.
-    """
-    objects = facts["objects"]
-    mentions = _mentions(caption or "")
-    # Descriptions (not disappearances), repeats merged: same colour and shape = same object.
+def _described_groups(mentions: list[dict]) -> list[dict]:
+    """The groups a caption describes, in the order it first mentions them: descriptions (not
+    disappearances), repeats merged (same colour and shape = same group). Each is
+    {"facts", "pos" (its first mention), "appear" (whether the caption says it appears)}."""
     groups: list[dict] = []
     for m in mentions:
         if m["kind"] == "disappear":
@@ -306,7 +302,21 @@ def match_facts(caption: str, facts: dict) -> dict:
                 if same["facts"][k] is None:
                     same["facts"][k] = v
             same["appear"] = same["appear"] or m["kind"] == "appear"
-    groups = groups[:8]
+    return groups
+
+
+def match_facts(caption: str, facts: dict) -> dict:
+    """Count a scene's facts that `caption` states correctly, wrongly, or not at all.
+
+    Facts: the background, six per object group (count, size, colour, shape, position,
+    direction) and the order of events, so total = 2 + 6 * groups. The gold caption gives
+    correct == total; the rule backend's k-th chain caption gives wrong == k. Also returned:
+    order_correct (None when fewer than two events are placed), hallucinated (object mentions
+    that match nothing, each also counted in wrong) and by_kind {fact: {correct, wrong, missing}}.
+    """
+    objects = facts["objects"]
+    mentions = _mentions(caption or "")
+    groups = _described_groups(mentions)[:8]
 
     # The alignment of groups to objects that agrees on the most facts (few objects: brute force).
     best, best_key = {}, (-1, 0)
@@ -401,6 +411,13 @@ def _slot_type(slot: tuple) -> str:
     return FACT_TYPES[slot[-1]]
 
 
+def _allowed_slots(facts: dict, error_types: set[str] | None) -> list[tuple]:
+    return [s for s in _fact_slots(facts) if error_types is None or _slot_type(s) in error_types]
+
+
+RULES_ERROR_TYPES = sorted(set(FACT_TYPES.values()))     # the error types the rules degrader can make
+
+
 def _describe(obj: dict) -> str:
     return f"{obj['color']} {obj['shape']}{'s' if obj['count'] > 1 else ''}"
 
@@ -429,20 +446,22 @@ def corrupt_fact(facts: dict, slot: tuple, rng: random.Random) -> tuple[dict, st
     return new, f"{_describe(facts['objects'][i])}: {key} {old} -> {obj[key]}"
 
 
-def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = False
-                ) -> tuple[list[str], list[dict | None]]:
+def rules_chain(record: dict, length: int, seed: int, unconditioned: bool = False,
+                error_types: set[str] | None = None) -> tuple[list[str], list[dict | None]]:
     """c0..cK for a synthetic record, ck holding exactly k wrong facts (checked).
-    unconditioned: sample the fact uniformly (types with more facts come up more often)."""
+    unconditioned: sample the fact uniformly (types with more facts come up more often).
+    error_types: change only facts of these types (None: any)."""
     facts, gold = record["facts"], record["caption"]
     rng = random.Random(f"{seed}:{record['id']}")
     chain, errors, current, used = [gold], [None], facts, set()
     for k in range(1, length + 1):
         for _ in range(50):
-            free = [s for s in _fact_slots(facts) if s not in used]
+            free = [s for s in _allowed_slots(facts, error_types) if s not in used]
             types = sorted({_slot_type(s) for s in free})
             if not types:
-                raise ValueError(f"record {record['id']!r}: only {k - 1} facts can be changed, "
-                                 f"--length {length} asks for more")
+                raise ValueError(f"record {record['id']!r}: only {k - 1} facts"
+                                 f"{' of types ' + ','.join(sorted(error_types)) if error_types else ''}"
+                                 f" can be changed, --length {length} asks for more")
             if unconditioned:
                 slot = rng.choice(free)
                 etype = _slot_type(slot)
@@ -497,12 +516,13 @@ def lfmcqa_from_facts(facts: dict, rng: random.Random) -> tuple[str, list[str], 
     return question, options, options.index(correct)
 
 
-def inject_negatives(record: dict, length: int, rng: random.Random
+def inject_negatives(record: dict, length: int, rng: random.Random, error_types: set[str] | None = None
                      ) -> tuple[list[str], list[dict]] | None:
     """The error-injection baseline from facts: `length` distinct captions, each the gold caption
-    with ONE fact changed (type sampled first, as in chains); None if there are too few."""
+    with ONE fact changed (type sampled first, as in chains, among error_types when given);
+    None if there are too few."""
     negatives, errors = [], []
-    free = _fact_slots(record["facts"])
+    free = _allowed_slots(record["facts"], error_types)
     while free and len(negatives) < length:
         etype = rng.choice(sorted({_slot_type(s) for s in free}))
         slot = rng.choice([s for s in free if _slot_type(s) == etype])
@@ -648,6 +668,344 @@ def rules_scores(caption: str, facts) -> tuple[dict[str, float], dict]:
               "temporal_consistency": _scale(precision * order_factor),
               "fluency": _scale(repetition_free(caption))}
     return scores, m
+
+
+# =============================================================================================
+# The published benchmarks on the toy world: TempCompass, VidHal, VDC and ARGUS sets rendered
+# from scenes in their authors' layouts (write_benchmarks), and the rules judge of VDCscore and
+# ARGUS (benchmark_rules_judge), so eval_judge.py's benchmark commands all run offline
+# ---------------------------------------------------------------------------------------------
+# The judge reads captions with match_facts' reader (_mentions, _described_groups): it answers a
+# VDC question from what the caption says, grades an answer by the fact it states, and judges an
+# ARGUS line by comparing the facts it states with those the source lines state.
+
+ORDINALS = ("first", "second", "third")
+SAY_COUNT = {1: "one", 2: "two", 3: "three"}
+# VDC questions, one template per fact; the judge parses them back (_vdc_question).
+VDC_QUESTIONS = {
+    "background": "What colour is the background?",
+    "color": "What colour are the shapes that appear {ordinal}?",
+    "shape": "What shape are the {color} objects?",
+    "count": "How many {color} objects are there?",
+    "size": "What size are the {color} objects?",
+    "position": "Where do the {color} objects appear?",
+    "direction": "Which way do the {color} objects move?",
+    "order": "Which appear first, the {color} objects or the {other} objects?",
+}
+# Which VDC dimension file asks about which facts (the toy camera never moves: no camera.jsonl).
+VDC_FACTS = {"short": ("color",), "background": ("background",), "main_object": ("shape", "count", "size"),
+             "detailed": ("position", "direction", "order")}
+NOT_SAID = "The description does not say."
+
+
+def _vdc_question(question: str) -> tuple[str, dict] | None:
+    """(fact, slots) of a question written from VDC_QUESTIONS, None for any other question."""
+    for fact, template in VDC_QUESTIONS.items():
+        pattern = re.escape(template).replace(r"\{ordinal\}", "(?P<ordinal>first|second|third)")
+        pattern = pattern.replace(r"\{color\}", r"(?P<color>\w+)").replace(r"\{other\}", r"(?P<other>\w+)")
+        m = re.fullmatch(pattern, question.strip(), re.I)
+        if m:
+            return fact, m.groupdict()
+    return None
+
+
+def _say(fact: str, value) -> str:
+    """A fact's value as an answer phrase."""
+    if value is None:
+        return NOT_SAID
+    return {"count": lambda v: SAY_COUNT.get(v, str(v)), "position": lambda v: POSITION_PHRASES[v],
+            "order": lambda v: f"the {v} objects"}.get(fact, str)(value)
+
+
+def _value_in(fact: str, text: str):
+    """The value of `fact` an answer phrase states (its first word of that kind), else None."""
+    for w in re.findall(r"[a-z]+|\d+", text.lower()):
+        if fact in ("background", "color", "order") and (w in COLORS or w in BACKGROUND_SYNONYMS):
+            return BACKGROUND_SYNONYMS.get(w, w)
+        if fact == "shape" and _shape_word(w):
+            return _shape_word(w)[0]
+        if fact == "count" and w in COUNT_SYNONYMS and w not in ("a", "an"):
+            return COUNT_SYNONYMS[w]
+        if fact == "size" and w in SIZE_SYNONYMS:
+            return SIZE_SYNONYMS[w]
+        if fact == "position" and w in LOCATION_SYNONYMS:
+            return LOCATION_SYNONYMS[w]
+        if fact == "direction" and w in DIRECTION_SYNONYMS:
+            return DIRECTION_SYNONYMS[w]
+    return None
+
+
+def _answer_from_caption(caption: str, fact: str, slots: dict):
+    """What the caption says about one fact (None: it does not say)."""
+    if fact == "background":
+        return _background_said(caption)
+    groups = _described_groups(_mentions(caption))
+    if fact == "color":
+        appearing = [g for g in groups if g["appear"]] or groups
+        n = ORDINALS.index(slots["ordinal"].lower())
+        return appearing[n]["facts"]["color"] if n < len(appearing) else None
+    by_color = {g["facts"]["color"]: g for g in groups if g["facts"]["color"]}
+    if fact == "order":
+        a, b = by_color.get(slots["color"].lower()), by_color.get(slots["other"].lower())
+        if a is None or b is None or not (a["appear"] and b["appear"]):
+            return None
+        return (a if a["pos"] < b["pos"] else b)["facts"]["color"]
+    group = by_color.get(slots["color"].lower())
+    return group["facts"][fact] if group else None
+
+
+def vdc_questions(facts: dict, dimension: str) -> list[dict]:
+    """The VDC questions of one dimension about a scene, with their answers from the facts."""
+    objects, out = facts["objects"], []
+    appear_order = [i for kind, i in facts["events"] if kind == "appear"]
+    for fact in VDC_FACTS[dimension]:
+        if fact == "background":
+            out.append((fact, {}, facts["background"]))
+        elif fact == "color":
+            out.append((fact, {"ordinal": "first"}, objects[appear_order[0]]["color"]))
+        elif fact == "order":
+            for a, b in zip(appear_order, appear_order[1:]):
+                out.append((fact, {"color": objects[b]["color"], "other": objects[a]["color"]},
+                            objects[a]["color"]))
+        else:
+            out += [(fact, {"color": obj["color"]}, obj[fact]) for obj in objects]
+    return [{"question": VDC_QUESTIONS[fact].format(**slots), "answer": _say(fact, value), "category": fact}
+            for fact, slots, value in out]
+
+
+def _line_claims(line: str) -> tuple[list[dict], str | None]:
+    """The object mentions of one line and the background it states."""
+    return _mentions(line), _background_said(line)
+
+
+def _shared_facts(a: dict, b: dict) -> tuple[int, int]:
+    """(agreeing, disagreeing) facts among those both mentions state."""
+    both = [k for k in OBJECT_FACTS if a[k] is not None and b[k] is not None]
+    return sum(a[k] == b[k] for k in both), sum(a[k] != b[k] for k in both)
+
+
+def _judge_mention(m: dict, sources: list[tuple[list[dict], str | None]]) -> tuple[str, int | None]:
+    """A target mention against the source lines: (verdict, the source line it rests on)."""
+    key = (m["facts"]["color"], m["facts"]["shape"])
+    if m["kind"] == "disappear":           # the same group said to disappear in the source
+        hit = next((s for s, (ms, _) in enumerate(sources) for x in ms
+                    if x["kind"] == "disappear" and (x["facts"]["color"], x["facts"]["shape"]) == key), None)
+        return ("entailment", hit) if hit is not None else ("underdetermined", None)
+    best, best_key = None, (0, 0)          # the source mention that agrees on the most facts
+    for s, (ms, _) in enumerate(sources):
+        for x in ms:
+            if x["kind"] != "disappear":
+                right, wrong = _shared_facts(m["facts"], x["facts"])
+                if (right, -wrong) > best_key:
+                    best, best_key = (s, right, wrong), (right, -wrong)
+    if best is None:
+        return "underdetermined", None
+    return ("contradiction" if best[2] else "entailment"), best[0]
+
+
+class BenchmarkRulesJudge:
+    """The offline judge of `eval_judge.py vdc score` and `argus score --judge rules`: the LLM
+    judge's three methods, answered with match_facts' reader instead of a language model."""
+
+    def vdc_answer(self, caption: str, question: str) -> str:
+        parsed = _vdc_question(question)
+        return _say(parsed[0], _answer_from_caption(caption, *parsed)) if parsed else NOT_SAID
+
+    def vdc_grade(self, question: str, answer: str, response: str) -> dict:
+        """yes and 5 when the response states the answer's value; no and 1 when it states another
+        value; no and 0 when it states none."""
+        parsed = _vdc_question(question)
+        if parsed is None:                  # not a question of these sets: nothing to compare
+            return {"pred": "no", "score": 0}
+        right, said = _value_in(parsed[0], answer), _value_in(parsed[0], response)
+        if said is None or right is None:
+            return {"pred": "no", "score": 0}
+        return {"pred": "yes", "score": 5} if said == right else {"pred": "no", "score": 1}
+
+    def argus_lines(self, source_lines: list[str], target_lines: list[str]) -> list:
+        """Each target line: dynamic-action when it tells an event or a motion (else a
+        visual-description), entailed when every group and background it states agrees with
+        the source lines, a contradiction when one disagrees, underdetermined when the source
+        does not state it; the evidence is the source line of its first claim."""
+        from benchmarks import LineJudgement     # the judgement type eval_judge.py reads
+        sources = [_line_claims(s) for s in source_lines]
+        out = []
+        for line in target_lines:
+            mentions, background = _line_claims(line)
+            verdicts = [_judge_mention(m, sources) for m in mentions]
+            if background is not None:
+                said = next(((s, bg) for s, (_, bg) in enumerate(sources) if bg is not None), None)
+                verdicts.append(("underdetermined", None) if said is None else
+                                ("entailment" if said[1] == background else "contradiction", said[0]))
+            dynamic = any(m["kind"] in ("appear", "disappear") or m["facts"]["direction"] for m in mentions)
+            kinds = {v for v, _ in verdicts}
+            verdict = ("contradiction" if "contradiction" in kinds else
+                       "underdetermined" if "underdetermined" in kinds or not verdicts else "entailment")
+            evidence = next((s for _, s in verdicts if s is not None), None)
+            out.append(LineJudgement("dynamic-action" if dynamic else "visual-description", verdict, evidence))
+        return out
+
+
+def benchmark_rules_judge() -> BenchmarkRulesJudge:
+    """eval_judge.py's seam for `vdc score` / `argus score --judge rules`."""
+    return BenchmarkRulesJudge()
+
+
+# -- the sets ---------------------------------------------------------------------------------
+
+def write_mp4(path: str, video, fps: int = 8) -> None:
+    """uint8 [T, H, W, 3] -> an H.264 clip (PyAV), written whole then renamed."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("writing the benchmark clips needs PyAV: pip install av") from None
+    tmp = path + ".tmp.mp4"
+    with av.open(tmp, "w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "12"})
+        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
+        for frame in video:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    os.replace(tmp, path)
+
+
+def _group_name(obj: dict) -> str:
+    return f"the {_describe(obj)}"
+
+
+LETTERS_AB = "ABCDEFGH"
+
+
+def _choices(rng: random.Random, right: str, wrong: list[str]) -> tuple[list[str], str]:
+    options = [right, *wrong]
+    rng.shuffle(options)
+    return options, LETTERS_AB[options.index(right)]
+
+REVERSED_DIRECTION = {"up": "down", "down": "up", "left": "right", "right": "left"}
+
+
+def tempcompass_questions(facts: dict, rng: random.Random, moving: int, reverse: bool = False) -> dict:
+    """{task: {dimension: [{"question", "answer"}]}} about one clip in TempCompass's wording; the
+    direction questions ask about group `moving`. The reversed clip gets the direction questions
+    only, with the motion reversed (as TempCompass pairs a clip with its reversed twin)."""
+    objects = facts["objects"]
+    appear = [i for kind, i in facts["events"] if kind == "appear"]
+    tasks = {"multi-choice": {}, "yes_no": {}, "caption_matching": {}}
+
+    def add(dim: str, question: str, right: str, wrong: list[str], yes_no: tuple[str, str],
+            captions: tuple[str, str]):
+        options, letter = _choices(rng, right, wrong)
+        lines = "\n".join(f"{LETTERS_AB[i]}. {o}" for i, o in enumerate(options))
+        tasks["multi-choice"].setdefault(dim, []).append({"question": f"{question}\n{lines}",
+                                                          "answer": f"{letter}. {right}"})
+        tasks["yes_no"].setdefault(dim, []).extend([{"question": yes_no[0], "answer": "yes"},
+                                                    {"question": yes_no[1], "answer": "no"}])
+        shown, letter = _choices(rng, captions[0], [captions[1]])
+        lines = "\n".join(f"Caption {LETTERS_AB[i]}: {c}" for i, c in enumerate(shown))
+        tasks["caption_matching"].setdefault(dim, []).append({
+            "question": f"Which caption matches the video better?\n{lines}",
+            "answer": f"Caption {letter}: {captions[0]}"})
+
+    def does(o: dict) -> str:              # verb agreement with a group of one or more
+        return "Does" if o["count"] == 1 else "Do"
+
+    def says(o: dict, verb: str) -> str:
+        return verb + "s" if o["count"] == 1 else verb
+
+    obj = objects[moving]
+    name = _group_name(obj)
+    right = REVERSED_DIRECTION[obj["direction"]] if reverse else obj["direction"]
+    wrong = REVERSED_DIRECTION[right]
+    add("direction", f"Which way {does(obj).lower()} {name} move?", right, [d for d in DIRECTIONS if d != right],
+        (f"{does(obj)} {name} move {right}?", f"{does(obj)} {name} move {wrong}?"),
+        (f"{name.capitalize()} {says(obj, 'move')} {right}.", f"{name.capitalize()} {says(obj, 'move')} {wrong}."))
+    if reverse:
+        return tasks
+    (a, first), (b, second) = ((objects[i], _group_name(objects[i])) for i in appear[:2])
+    add("order", "Which shapes appear first?", first, [second],
+        (f"{does(a)} {first} appear before {second}?", f"{does(b)} {second} appear before {first}?"),
+        (f"{first.capitalize()} {says(a, 'appear')} before {second}.",
+         f"{second.capitalize()} {says(b, 'appear')} before {first}."))
+    fast = facts.get("speed", "normal") == "fast"
+    pace, other = ("quickly", "slowly") if fast else ("slowly", "quickly")
+    add("speed", "How fast do the shapes move?", pace, [other],
+        (f"Do the shapes move {pace}?", f"Do the shapes move {other}?"),
+        (f"The shapes move {pace}.", f"The shapes move {other}."))
+    i = rng.randrange(len(objects))
+    obj, name = objects[i], _group_name(objects[i])
+    leaves = ["disappear", i] in facts["events"]
+    gone, stays = f"{says(obj, 'disappear')} before the end", f"{says(obj, 'stay')} until the end"
+    happens, other = (gone, stays) if leaves else (stays, gone)
+    add("attribute_change", f"What happens to {name}?", f"{'it' if obj['count'] == 1 else 'they'} {happens}",
+        [f"{'it' if obj['count'] == 1 else 'they'} {other}"],
+        (f"{does(obj)} {name} {'disappear before the end' if leaves else 'stay until the end'}?",
+         f"{does(obj)} {name} {'stay until the end' if leaves else 'disappear before the end'}?"),
+        (f"{name.capitalize()} {happens}.", f"{name.capitalize()} {other}."))
+    return tasks
+
+
+VIDHAL_ASPECTS = ("color", "object", "count", "attribute", "spatial", "direction")
+
+
+def write_benchmarks(out: str, n: int, seed: int = 0, frames: int = 16, size: int = 64) -> dict:
+    """n synthetic scenes written as four benchmark folders in their published layouts:
+    OUT/tempcompass (questions/<task>.json, videos/<id>.mp4 and <id>_reverse.mp4),
+    OUT/vidhal (annotations.json with captions of 0, 1 and 2 wrong facts of one aspect,
+    options.json, videos/), OUT/vdc (<dimension>.jsonl, videos/), OUT/argus (argus.jsonl with
+    the gold caption as the human caption, videos/); plus OUT/scenes.jsonl (id, caption, facts).
+    Deterministic by seed; each file is written whole then renamed. Returns counts."""
+    folders = {name: os.path.join(out, name) for name in ("tempcompass", "vidhal", "vdc", "argus")}
+    for folder in folders.values():
+        os.makedirs(os.path.join(folder, "videos"), exist_ok=True)
+    os.makedirs(os.path.join(folders["tempcompass"], "questions"), exist_ok=True)
+    scenes, annotations, options, argus = [], [], {}, []
+    questions = {task: {} for task in ("multi-choice", "yes_no", "caption_matching")}
+    vdc = {dim: [] for dim in VDC_FACTS}
+    for k in range(n):
+        rng = random.Random(f"benchmarks:{seed}:{k}")
+        facts = sample_scene(rng, frames)
+        facts["speed"] = rng.choice(("slow", "fast"))
+        scene = {"id": f"synb-{seed}-{k:04d}", "caption": caption_from_facts(facts), "facts": facts}
+        rid = scene["id"]
+        scenes.append(scene)
+        video = render_scene(facts, frames, size)
+        for folder in folders.values():
+            write_mp4(os.path.join(folder, "videos", f"{rid}.mp4"), video)
+        write_mp4(os.path.join(folders["tempcompass"], "videos", f"{rid}_reverse.mp4"), video[::-1])
+        moving = rng.randrange(len(facts["objects"]))
+        for clip, reverse in ((rid, False), (f"{rid}_reverse", True)):
+            for task, dims in tempcompass_questions(facts, rng, moving, reverse).items():
+                questions[task][clip] = dims
+        # VidHal: captions with 0, 1 and 2 wrong facts of one aspect (any aspect if that fails)
+        aspect = VIDHAL_ASPECTS[k % len(VIDHAL_ASPECTS)]
+        try:
+            chain, errors = rules_chain(scene, 2, seed, error_types={aspect})
+        except ValueError:
+            chain, errors = rules_chain(scene, 2, seed)
+            aspect = errors[1]["type"]
+        annotations.append({"video": rid, "captions": {str(j + 1): c for j, c in enumerate(chain)},
+                            "aspect": aspect, "dataset": "synthetic"})
+        shown = list(range(len(chain)))
+        rng.shuffle(shown)
+        options[rid] = {LETTERS_AB[j]: str(r + 1) for j, r in enumerate(shown)}
+        for dim in VDC_FACTS:
+            vdc[dim].append({rid: vdc_questions(facts, dim)})
+        argus.append({"clip_name": rid, "human_caption": scene["caption"]})
+    for task, doc in questions.items():
+        write_json(os.path.join(folders["tempcompass"], "questions", f"{task}.json"), doc, indent=4)
+    write_json(os.path.join(folders["vidhal"], "annotations.json"), annotations, indent=4)
+    write_json(os.path.join(folders["vidhal"], "options.json"), options, indent=4)
+    for dim, rows in vdc.items():
+        write_jsonl(os.path.join(folders["vdc"], f"{dim}.jsonl"), rows)
+    write_jsonl(os.path.join(folders["argus"], "argus.jsonl"), argus)
+    write_jsonl(os.path.join(out, "scenes.jsonl"), scenes)
+    return {"scenes": n, "tempcompass_questions": sum(len(q) for doc in questions.values()
+                                                      for dims in doc.values() for q in dims.values()),
+            "vidhal_videos": len(annotations), "vdc_questions": sum(len(q) for rows in vdc.values()
+                                                                    for row in rows for q in row.values()),
+            "argus_clips": len(argus)}
 
 
 # =============================================================================================

@@ -389,9 +389,6 @@ def test_vdc_unusable_grade_is_a_failed_record_and_missing_captions_are_named(tm
     with pytest.raises(SystemExit, match=r"c.jsonl: field 'id': no caption for 2 of the benchmark's ids"):
         E.main(["vdc", "score", "--data", folder, "--captions", captions, "--dimensions", "camera",
                 "--out", str(tmp_path / "s2.jsonl")])
-    with pytest.raises(SystemExit, match=r"--judge rules needs the synthetic world's benchmark judge"):
-        E.main(["vdc", "score", "--data", folder, "--captions", captions, "--dimensions", "short",
-                "--out", str(tmp_path / "s3.jsonl"), "--judge", "rules"])
 
 
 def test_vdc_bad_file_names_file_and_line(tmp_path):

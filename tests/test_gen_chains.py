@@ -789,3 +789,143 @@ def test_text_alone_cannot_tell_gold_from_corrupted():
         return sum(math.log((counts[0][f] + 1) / total[0]) - math.log((counts[1][f] + 1) / total[1]) for f in feats(c))
     acc = sum(gold_score(g) > gold_score(b) for g, b in pairs[2000:]) / 1000
     assert 0.44 < acc < 0.56, acc              # chance is 0.5; one standard error is 0.016
+
+
+# ---------------------------------------------------------------------------------------------
+# MCQ and yes/no chains written by an LLM (mcq|ynq --backend http), and --error_types
+# ---------------------------------------------------------------------------------------------
+
+def captions_asked(req) -> list[str]:
+    """The chain a statements request lists, best first ("Caption k (...): text"); a re-ask
+    carries the first request's text in the conversation."""
+    first = next(m["content"] for m in req.messages if m["role"] == "user")
+    return [line.split("): ", 1)[1] for line in first.splitlines() if line.startswith("Caption ")]
+
+
+class StatementsLLM:
+    """Writes one statement per caption (the caption itself, as an option or a yes/no question),
+    after `bad` misbehaving replies per record: the order reversed, a repeat, or a negation."""
+
+    def __init__(self, bad=(), kind="mcq"):
+        self.bad, self.kind, self.seen = list(bad), kind, {}
+
+    def __call__(self, req):
+        chain = captions_asked(req)
+        n = self.seen[chain[0]] = self.seen.get(chain[0], 0) + 1
+        fault = self.bad[n - 1] if n <= len(self.bad) else None
+        items = list(chain)
+        if fault == "reversed":
+            items = items[::-1]
+        elif fault == "repeat":
+            items[-1] = items[-2]
+        if self.kind == "ynq":
+            items = [f"Does the video show this: {x.rstrip('.')}?" for x in items]
+            if fault == "negated":
+                items[1] = items[1].replace("Does the video show", "Doesn't the video show")
+            return json.dumps({"questions": items})
+        return f"Here you go:\n```json\n{json.dumps({'question': 'What happens in the video?', 'options': [f'{chr(65 + i)}. {x}' for i, x in enumerate(items)]})}\n```"
+
+
+def test_mcq_http_reasks_a_reply_out_of_order_then_writes_the_chain(rules_chains, tmp_path):
+    chains = lines(rules_chains)[:3]
+    inp = write_jsonl(tmp_path / "in.jsonl", chains)
+    out = tmp_path / "mcq.jsonl"
+    with FakeLLM(responder=StatementsLLM(bad=["reversed"])) as llm:
+        s = gc.main(["mcq", "--backend", "http", "--in", inp, "--out", str(out), "--concurrency", "1",
+                     *http_args(llm)])
+        second = llm.requests[1].messages
+    assert (s["done"], s["failed"]) == (3, 0) and len(llm.requests) == 6
+    # the re-ask shows the model its reply and names what broke the order
+    assert second[-2]["role"] == "assistant" and "already has the error of caption" in second[-1]["content"]
+    assert s["rejected"]["option N already has the error of caption N"] >= 1
+    src = {r["id"]: r for r in chains}
+    firsts = set()
+    for rec in lines(out):
+        assert rec["source"] == "llm" and rec["llm_calls"] == 2 and rec["question"] == "What happens in the video?"
+        # the options are stripped of their letters, shuffled, and the letters ranked best first
+        assert [rec["options"][gc.LETTERS.index(x)] for x in rec["chain"]] == src[rec["id"]]["chain"]
+        assert rec["prompt"] == gc.format_mcq("What happens in the video?", rec["options"])
+        firsts.add(rec["chain"][0])
+    assert len(firsts) >= 2
+
+
+def test_mcq_http_fails_with_reasons_when_every_reply_is_rejected(rules_chains, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", lines(rules_chains)[:1])
+    with FakeLLM(responder=StatementsLLM(bad=["repeat", "reversed", "repeat"])) as llm:
+        s = gc.main(["mcq", "--backend", "http", "--in", inp, "--out", str(tmp_path / "o.jsonl"),
+                     "--step_tries", "3", *http_args(llm)])
+    rec = lines(tmp_path / "o.jsonl")[0]
+    assert (s["done"], s["failed"]) == (0, 1) and rec["status"] == "failed"
+    assert rec["reason"].startswith("every try rejected (option 4 repeats option 3")
+    assert "already has the error" in rec["reason"]
+
+
+def test_ynq_http_checks_the_fixed_response_and_ranks_most_wrong_first(rules_chains, tmp_path):
+    chains = lines(rules_chains)[:2]
+    inp = write_jsonl(tmp_path / "in.jsonl", chains)
+    with FakeLLM(responder=StatementsLLM(bad=["negated"], kind="ynq")) as llm:
+        s = gc.main(["ynq", "--backend", "http", "--in", inp, "--out", str(tmp_path / "o.jsonl"),
+                     "--concurrency", "1", *http_args(llm)])
+    assert (s["done"], s["failed"]) == (2, 0)
+    assert s["rejected"] == {"question N is negated, which flips its answer": 2}
+    src = {r["id"]: r for r in chains}
+    for rec in lines(tmp_path / "o.jsonl"):
+        chain = src[rec["id"]]["chain"]
+        assert rec["response"] == "no" and rec["llm_calls"] == 2
+        assert rec["prompts"] == [f"Does the video show this: {c.rstrip('.')}?" for c in reversed(chain)]
+        assert rec["errors"][-1] is None and rec["errors"] == list(reversed(src[rec["id"]]["errors"]))
+
+
+def test_statements_need_chains_whose_errors_accumulate(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "chain": ["x y", "x z"]},
+                                              {"id": "b", "chain": ["p q", "p r", "s q"], "ranking": "best_only"}])
+    with pytest.raises(SystemExit, match=r"in.jsonl:2: field 'ranking': an error-injection record"):
+        gc.main(["ynq", "--backend", "http", "--in", inp, "--out", str(tmp_path / "o.jsonl"),
+                 "--base_url", "http://127.0.0.1:9/v1"])
+
+
+def test_chain_statements_checks_by_hand():
+    chain = ["A red ball rolls left.", "A blue ball rolls left.", "A blue ball rolls right quickly."]
+    # the words each step brought in ('left' -> 'right' counts: no earlier caption said 'right')
+    assert gc.error_markers(chain) == [{"blue"}, {"right", "quickly"}]
+    ok = ["red, left", "blue, left", "blue, right quickly"]
+    assert gc.check_chain_statements(chain, ok, "option") == []
+    assert gc.check_chain_statements(chain, ok[:2], "option") == ["2 options for 3 captions (one per caption, in order)"]
+    assert gc.check_chain_statements(chain, ["red", "blue", "blue"], "option") == [
+        "option 2 repeats option 1", "option 2 lacks the error of caption 2 ('quickly', 'right')"]
+    # a word a later step takes away again ('circles' once the shape changes) proves nothing
+    assert gc.error_markers(["A red circle.", "Two red circles.", "Two red squares."]) == [{"two"}, {"squares"}]
+    value, problems = gc.parse_chain_ynq(chain, json.dumps({"questions": [
+        "Is the ball red?", "The ball is blue?", "Is the blue ball not rolling quickly?"]}))
+    assert value is None and problems == [
+        "question 1 is not a yes/no question (it must start like 'Is'/'Does' and end with '?')",
+        "question 2 is negated, which flips its answer"]
+
+
+def test_error_types_restrict_the_rules_and_the_llm(synth_dir, tmp_path):
+    out = tmp_path / "obj.jsonl"
+    s = gc.main(["chains", "--backend", "rules", "--in", str(synth_dir / "train.jsonl"), "--out", str(out),
+                 "--length", "2", "--error_types", "object,action"])
+    assert s["steps_by_type"] == {"object": 2 * s["done"]} and s["done"] >= 30
+    with pytest.raises(SystemExit, match="the synthetic world has no action facts"):
+        gc.main(["inject", "--backend", "rules", "--in", str(synth_dir / "train.jsonl"),
+                 "--out", str(tmp_path / "x.jsonl"), "--error_types", "action"])
+    with pytest.raises(SystemExit):
+        gc.main(["chains", "--in", "x", "--out", "y", "--error_types", "object,smell"])
+
+    asked_types = []
+
+    def responder(req):
+        asked_types.append(requested_type(req))
+        return json.dumps({"caption": one_swap(caption_in(req), requested_type(req))})
+    recs = [{"id": "a", "caption": "A man picks up a red cup and moves to the left."},
+            {"id": "b", "caption": "The background is gray."}]            # no object or action in it
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    with FakeLLM(responder=responder) as llm:
+        s = gc.main(["chains", "--in", inp, "--out", str(tmp_path / "h.jsonl"), "--length", "2",
+                     "--error_types", "object,action", *http_args(llm)])
+    got = {r["id"]: r for r in lines(tmp_path / "h.jsonl")}
+    assert set(asked_types) <= {"object", "action"} and len(asked_types) == 2
+    assert {e["type"] for e in got["a"]["errors"][1:]} <= {"object", "action"}
+    assert got["b"]["status"] == "failed"
+    assert got["b"]["reason"] == "step 1: no error type of the types action, object applies to the caption"
