@@ -16,7 +16,9 @@ Every step calls the project's real command lines as subprocesses, exactly as a 
   4. length    K = 2 captions per chain is dpo (the same loss); --chain_lengths 3,4 adds
                rank with --max_chain 3, 4 over the same seeds
   5. eval      eval_judge.py rank (held-out chains, per-chain scores), generate + judge --judge
-               rules, per run
+               rules, argus score --judge rules (ArgusCost-H/-O of those captions), and vidhal and
+               tempcompass on the same world rendered in those benchmarks' layouts
+               (gen_chains.py benchmarks), per run
   6. report    OUT/RESULTS.md: every cell with a 95% interval from a bootstrap over held-out
                chains and seeds together; the chosen checkpoints and their validation numbers
                against each loss's no-information value; one line per claim of the paper with the
@@ -52,7 +54,7 @@ from demo_steps import (PRINT_LOCK, PY, T0, best_adapter, cell, check_settings, 
                         recipe_args, replace_readme_section, run, say, start_wall_clock,
                         train_to_plateau, verdict, wall_time, warm_start)
 from eval_judge import bootstrap_ci, chain_metrics  # noqa: E402
-from records import load_jsonl  # noqa: E402
+from records import load_jsonl, write_jsonl  # noqa: E402
 
 METHODS = ["sft", "dpo", "mpo", "hinge", "rank", "rank, vision frozen", "inject + mpo"]
 
@@ -96,18 +98,47 @@ def train(a, job: dict) -> list[dict]:
                             patience=a.patience)
 
 
+def make_benchmarks(a) -> None:
+    """The benchmark-style sets: this world as VidHal and TempCompass (gen_chains.py benchmarks,
+    --gen_videos / 2 new scenes), and an ARGUS table of the judged test videos (human caption:
+    the gold one), whose captions `generate` writes anyway."""
+    d = os.path.join(a.out, "data")
+    if not os.path.exists(os.path.join(d, "bench", ".done")):
+        run([PY, "gen_chains.py", "benchmarks", "--out", os.path.join(d, "bench"), "--n",
+             str(max(1, a.gen_videos // 2)), "--seed", str(a.data_seed)],
+            os.path.join(a.out, "logs", "data.log"))
+        open(os.path.join(d, "bench", ".done"), "w").close()
+    write_jsonl(os.path.join(d, "argus_test.jsonl"),
+                [{"clip_name": r["id"], "human_caption": r["caption"]}
+                 for r in load_jsonl(os.path.join(d, "gen_test.jsonl"))])
+
+
 def evaluate(a, name: str, threads: int = 1) -> None:
     """The held-out evaluation of the checkpoint a run's validation chose."""
     d, ev = os.path.join(a.out, "data"), os.path.join(a.out, "eval")
     adapter, log = best_adapter(a, name), os.path.join(a.out, "logs", name + ".log")
-    rank_eval(a, adapter, os.path.join(d, "test_chains.jsonl"), os.path.join(ev, name), log, threads)
-    caps, scores = os.path.join(ev, name + ".captions.jsonl"), os.path.join(ev, name + ".scores.jsonl")
-    if a.gen_videos and not os.path.exists(scores + ".results.json"):
+    stem = os.path.join(ev, name)
+    rank_eval(a, adapter, os.path.join(d, "test_chains.jsonl"), stem, log, threads)
+    caps, scores = stem + ".captions.jsonl", stem + ".scores.jsonl"
+    if not a.gen_videos:
+        return
+    if not os.path.exists(scores + ".results.json"):
         run([PY, "eval_judge.py", "generate", "--adapter", adapter, "--data",
              os.path.join(d, "gen_test.jsonl"), "--out", caps], log, threads)
         run([PY, "eval_judge.py", "judge", "--judge", "rules", "--pred", caps, "--ref",
              os.path.join(d, "test.jsonl"), "--out", scores,
              "--results", scores + ".results.json"], log, threads)
+    bench = os.path.join(d, "bench")
+    for out, cmd in [
+            (stem + ".argus.jsonl", ["argus", "score", "--judge", "rules", "--data",
+                                     os.path.join(d, "argus_test.jsonl"), "--captions", caps]),
+            (stem + ".vidhal.jsonl", ["vidhal", "--adapter", adapter, "--data",
+                                      os.path.join(bench, "vidhal", "annotations.json"), "--options",
+                                      os.path.join(bench, "vidhal", "options.json")]),
+            (stem + ".tempcompass.jsonl", ["tempcompass", "--adapter", adapter, "--data",
+                                           os.path.join(bench, "tempcompass")])]:
+        if not os.path.exists(out + ".results.json"):
+            run([PY, "eval_judge.py", *cmd, "--out", out, "--results", out + ".results.json"], log, threads)
 
 
 def progress_of(a, name: str) -> str:
@@ -176,6 +207,13 @@ def per_item(a, name: str) -> dict[str, np.ndarray]:
     if os.path.exists(ev + ".scores.jsonl"):
         scores = sorted(load_jsonl(ev + ".scores.jsonl"), key=lambda r: r["id"])
         out["judge"] = np.array([np.mean(list(r["scores"].values())) for r in scores])
+    for suffix, fields in ((".argus.jsonl", {"argus_h": "cost_h", "argus_o": "cost_o"}),
+                           (".vidhal.jsonl", {"vidhal_ndcg": "ndcg", "vidhal_mcqa": "mcqa_correct"}),
+                           (".tempcompass.jsonl", {"tempcompass": "correct"})):
+        if os.path.exists(ev + suffix + ".results.json"):
+            recs = sorted((r for r in load_jsonl(ev + suffix) if r.get("status", "ok") == "ok"),
+                          key=lambda r: r["id"])
+            out.update({key: np.array([float(r[field]) for r in recs]) for key, field in fields.items()})
     return out
 
 
@@ -207,6 +245,35 @@ def by_row(a, jobs: list[dict]) -> dict[str, list[dict]]:
     rows["rank, max_chain 2"] = rows["dpo"]          # the same loss on the same pairs
     rows[f"rank, max_chain {a.length + 1}"] = rows["rank"]
     return rows
+
+
+BENCHMARK_KEYS = [("argus_h", "ArgusCost-H (lower: fewer wrong statements)"),
+                  ("argus_o", "ArgusCost-O (lower: fewer omissions)"),
+                  ("vidhal_ndcg", "VidHal caption ordering, NDCG"),
+                  ("vidhal_mcqa", "VidHal MCQA accuracy"),
+                  ("tempcompass", "TempCompass-format accuracy (3 tasks)")]
+
+
+def benchmark_table(a, rows: dict[str, list[dict]], warm: list[dict]) -> list[str]:
+    """The paper's other measures on this world: ARGUS costs of the judged captions (rules
+    judge), VidHal and TempCompass on scenes rendered in those benchmarks' layouts."""
+    if "argus_h" not in warm[0]:
+        return []
+    n = {k: len(warm[0][k]) for k, _ in BENCHMARK_KEYS}
+    lines = ["", "## Benchmark-style measures (eval_judge.py argus, vidhal, tempcompass)", "",
+             f"ArgusCost-H / -O: `argus score --judge rules` of the {n['argus_h']} judged captions "
+             "against the gold caption (0 = every sentence entailed, nothing left out; 1 = the worst). "
+             f"VidHal and TempCompass: `gen_chains.py benchmarks` renders {n['vidhal_ndcg']} new scenes "
+             "of this world in those benchmarks' published layouts (VidHal: captions with 0, 1, 2 wrong "
+             "facts of one aspect; TempCompass: multi-choice, yes/no and caption matching on direction, "
+             "order, speed and attribute change, with reversed clips), scored by option log-probability "
+             f"({n['tempcompass']} TempCompass questions). Chance: NDCG 0.5, MCQA 1/3. Speed is a fact the "
+             "training captions never state. Cells as above.", "",
+             "| method | seeds | " + " | ".join(k[1] for k in BENCHMARK_KEYS) + " |",
+             "|---|---|" + "---|" * len(BENCHMARK_KEYS)]
+    for name, rs in [("warm start", warm)] + [(m, rows[m]) for m in METHODS]:
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cell(grid(rs, k)) for k, _ in BENCHMARK_KEYS) + " |")
+    return lines
 
 
 def preference_phase(a, jobs: list[dict], warm: dict) -> list[str]:
@@ -279,6 +346,7 @@ def report(a, jobs: list[dict], curve: list[dict], wall: tuple[float, int]) -> s
     for name in METHODS:
         lines.append(row(name, rows[name]))
 
+    lines += benchmark_table(a, rows, warm)
     lines += preference_phase(a, jobs, chosen_warm)
     lines += ["", "## Warm start: learning curve (SFT on c0)", "",
               "| step | train NLL (nats/token) | validation caption NLL (nats/caption) | "
@@ -374,6 +442,8 @@ def main(argv=None) -> None:
     jobs = plan(a)
     say(f"demo -> {a.out}: data, warm start, {len(jobs)} runs ({a.jobs} at a time), evaluation")
     make_data(a)
+    if a.gen_videos:
+        make_benchmarks(a)
     t = time.time()
     curve = warm_start(a)
     evaluate(a, "warm")
