@@ -267,8 +267,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warm_from", default="runs/demo", help="a finished main demo whose warm start to reuse")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--train_videos", type=int, default=0,
-                   help="the first N of the main demo's training videos (all methods); 0: all")
+    p.add_argument("--train_videos", type=int, default=300,
+                   help="the first N of the main demo's training videos (all methods; sampling "
+                        "--num_samples captions of each is this stage's slow part); 0: all")
     p.add_argument("--gen_videos", type=int, default=100, help="held-out videos captioned and judged")
     p.add_argument("--num_samples", type=int, default=4, help="samples per video for the on-policy data")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -306,7 +307,12 @@ def main(argv=None) -> None:
         body = text.replace("\n## ", "\n#### ").replace(
             "# On-policy comparison (the paper's Table 1) on the embedded world",
             "## On-policy comparison: the paper's Table 1 (`python scripts/demo.py --onpolicy`)", 1)
-        say(demo_steps.replace_readme_section(a.readme, "onpolicy", body.rstrip() + "\n\n" + (
+        import shutil
+        docs = os.path.join(os.path.dirname(os.path.abspath(a.readme)), "docs")
+        os.makedirs(docs, exist_ok=True)
+        shutil.copyfile(os.path.join(a.out, "plots.png"), os.path.join(docs, "demo_onpolicy_plots.png"))
+        body = body.rstrip() + "\n\n![on-policy demo plots](docs/demo_onpolicy_plots.png)"
+        say(demo_steps.replace_readme_section(a.readme, "onpolicy", body + "\n\n" + (
             "Written by `make demo-readme` from the `runs/demo_onpolicy/RESULTS.md` that `make "
             "demo-onpolicy` (`python scripts/demo.py --onpolicy`) printed: every number above is that "
             "run's. `--smoke` checks the plumbing in a few steps.")))

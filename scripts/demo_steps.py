@@ -314,7 +314,7 @@ def parse_args(argv=None, description: str | None = None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 torch thread each)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--videos", type=int, default=1400, help="synthetic videos (train + test)")
     p.add_argument("--test_frac", type=float, default=0.25)
     p.add_argument("--val_videos", type=int, default=50, help="training videos kept for validation")
@@ -333,7 +333,7 @@ def parse_args(argv=None, description: str | None = None):
     p.add_argument("--warm_min_gain", type=float, default=0.02,
                    help="a warm-start segment improves when it lowers the validation caption loss "
                         "by more than this (relative)")
-    p.add_argument("--steps", type=int, default=200,
+    p.add_argument("--steps", type=int, default=150,
                    help="the most preference steps any method trains (validation may stop it sooner)")
     p.add_argument("--eval_every", type=int, default=25,
                    help="preference steps between validation points (the checkpoint candidates)")
@@ -351,6 +351,11 @@ def parse_args(argv=None, description: str | None = None):
                         "and does not stop log p(c0) from falling)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--gen_videos", type=int, default=40, help="held-out videos captioned and judged")
+    p.add_argument("--bench_scenes", type=int, default=10, help="new scenes rendered as VidHal and "
+                   "TempCompass sets (gen_chains.py benchmarks) and scored per run; 0: none")
+    p.add_argument("--full", action="store_true", help="the longer study: 3 seeds, at most 200 "
+                   "preference steps, 20 benchmark scenes (about 31 minutes on 2 cores; "
+                   "docs/demo_full.md)")
     p.add_argument("--heartbeat", type=float, default=60.0, help="seconds between progress lines")
     p.add_argument("--machine", default=None, help="named in RESULTS.md (default: CPU model and cores)")
     p.add_argument("--readme", metavar="README.md", help="also write RESULTS.md verbatim into this "
@@ -362,10 +367,12 @@ def parse_args(argv=None, description: str | None = None):
     if any(k < 3 or k > a.length for k in a.chain_lengths):
         p.error(f"--chain_lengths must lie in 3..{a.length} (2 is dpo; the full chain, "
                 f"{a.length + 1}, is the rank row)")
+    if a.full:
+        a.seeds, a.steps, a.bench_scenes = 3, 200, 20
     if a.smoke:
         a.videos, a.test_frac, a.val_videos, a.seeds, a.steps, a.eval_every = 28, 0.3, 4, 1, 4, 2
         a.warm_eval_every, a.warm_max_steps = 2, 4
-        a.batch_size, a.warm_batch_size, a.chain_lengths, a.gen_videos = 2, 2, [], 2
+        a.batch_size, a.warm_batch_size, a.chain_lengths, a.gen_videos, a.bench_scenes = 2, 2, [], 2, 1
         a.heartbeat = 10.0
     if a.machine is None:
         cpu = "CPU"
@@ -379,7 +386,7 @@ def parse_args(argv=None, description: str | None = None):
     return a
 
 
-RUN_INDEPENDENT = ("out", "jobs", "heartbeat", "machine", "readme")
+RUN_INDEPENDENT = ("out", "jobs", "heartbeat", "machine", "readme", "full")  # full: stored as what it sets
 
 
 def check_settings(a) -> None:
