@@ -480,7 +480,7 @@ def write_readme(a, results: str) -> str:
     body = results.replace("\n## ", "\n#### ").replace("# Demo results", "## Demo results (`make demo`)", 1)
     lead = ("Written by `make demo-readme` from the `runs/demo/RESULTS.md` that `make demo` "
             "(`scripts/demo.py` with its committed defaults) printed: every number below is that "
-            "run's. The demo is a miniature (a ~1M-parameter model, a few hundred synthetic chains): "
+            "run's. The demo is a miniature (a ~1M-parameter model, about a thousand synthetic chains): "
             "it says which way each effect goes on this toy task, not how large it is on real "
             "videos.\n\n")
     body = body.replace("\n\n", "\n\n" + lead, 1)
