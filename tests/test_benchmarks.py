@@ -2,7 +2,6 @@
 small files written in each benchmark's own layout with tiny H.264 clips, metrics checked against
 values worked out by hand, the judge steps against the real (fake) HTTP server, the model steps on
 the tiny model, and bad files named by file, line and field."""
-import contextlib
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import pytest
 import benchmarks as B
 import eval_judge as E
 from fake_llm import FakeLLM
+from forced_logits import fixed_logits, token_id
 from records import DataError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -61,35 +61,6 @@ def write_mp4(path, n_frames=8, size=32, seed=0):
 def tiny():
     from rank_dpo import load_model
     return load_model("tiny")
-
-
-@contextlib.contextmanager
-def fixed_logits(model, boost_at_step=None):
-    """Every position's logits become 0 except the boosted tokens. boost_at_step: a list of
-    {token_id: value}, one per forward call (generation: the prompt, then one per new token);
-    the last one holds for the remaining calls."""
-    import torch
-    calls = [0]
-
-    def hook(module, inputs, output):
-        logits = torch.zeros_like(output)
-        steps = boost_at_step or [{}]
-        for token, value in steps[min(calls[0], len(steps) - 1)].items():
-            logits[..., token] = value
-        calls[0] += 1
-        return logits
-    handle = model.lm_head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def token(processor, text):
-    from rank_dpo import tokenizer_of
-    ids = tokenizer_of(processor)(text, add_special_tokens=False).input_ids
-    assert len(ids) == 1, f"{text!r} is {len(ids)} tokens"
-    return ids[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +136,7 @@ def test_tempcompass_one_item_answered_both_ways(tiny, tmp_path, monkeypatch):
     model, processor = tiny
     folder = tempcompass_folder(tmp_path)
     monkeypatch.setattr(E, "_load", lambda args, adapter: (model, processor))
-    b, end = token(processor, "B"), token(processor, "<|im_end|>")
+    b, end = token_id(processor, "B"), token_id(processor, "<|im_end|>")
     common = ["tempcompass", "--data", folder, "--tasks", "multi-choice", "--num_frames", "4",
               "--device", "cpu"]
     with fixed_logits(model, [{b: 50.0, end: 50.0}]):

@@ -11,6 +11,7 @@ import pytest
 import eval_judge as E
 import synthetic
 from fake_llm import FakeLLM, Reply
+from forced_logits import fixed_logits, token_id
 
 GOOD = '{"relevance": 8, "descriptiveness": 7, "temporal_consistency": 9, "fluency": 10}'
 
@@ -277,37 +278,10 @@ def test_judge_errors_name_file_and_line(tmp_path):
 # as usual, but the next-token distribution is one whose answers can be worked out by hand.
 # ----------------------------------------------------------------------------------------------
 
-import contextlib  # noqa: E402
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from rank_dpo import load_model
     return load_model("tiny")
-
-
-@contextlib.contextmanager
-def fixed_logits(model, boost=None):
-    """Every position's logits become 0, except boost[token_id] for the listed tokens."""
-    import torch
-
-    def hook(module, inputs, output):
-        logits = torch.zeros_like(output)
-        for token, value in (boost or {}).items():
-            logits[..., token] = value
-        return logits
-    handle = model.lm_head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def token_id(processor, text):
-    from rank_dpo import tokenizer_of
-    ids = tokenizer_of(processor)(text, add_special_tokens=False).input_ids
-    assert len(ids) == 1, f"{text!r} is {len(ids)} tokens"
-    return ids[0]
 
 
 def save_video(path, seed=0):
@@ -339,7 +313,7 @@ def test_mcq_picks_the_letter_with_the_highest_logprob(tiny, tmp_path):
     model, processor = tiny
     items, _ = E.load_mcq(mcq_file(tmp_path), str(tmp_path))
     boost = {token_id(processor, "C"): 50.0, token_id(processor, "<|im_end|>"): 50.0}
-    with fixed_logits(model, boost):
+    with fixed_logits(model, [boost]):
         preds = E.mcq_predictions(model, processor, items, VideoSampling(8))
     assert [p["pred"] for p in preds] == ["C", "C", "C"]
     assert [p["correct"] for p in preds] == [True, False, True]
@@ -352,7 +326,7 @@ def test_mcq_cli(tiny, tmp_path, monkeypatch):
     data = mcq_file(tmp_path)
     monkeypatch.setattr(E, "_load", lambda args, adapter: (model, processor))
     boost = {token_id(processor, "C"): 50.0, token_id(processor, "<|im_end|>"): 50.0}
-    with fixed_logits(model, boost):
+    with fixed_logits(model, [boost]):
         res = E.main(["mcq", "--data", data, "--out", str(tmp_path / "preds.jsonl"), "--device", "cpu"])
     assert res["accuracy"]["mean"] == pytest.approx(2 / 3) and res["accuracy"]["n"] == 3
     assert res["predicted_letters"] == {"C": 3}

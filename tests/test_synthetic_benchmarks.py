@@ -12,7 +12,8 @@ import benchmarks as B
 import eval_judge as E
 import gen_chains as gc
 import synthetic as S
-from test_benchmarks import fixed_logits, read_jsonl, token, write_jsonl
+from forced_logits import fixed_logits, token_id
+from test_benchmarks import read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_SCENES = 2
@@ -134,7 +135,7 @@ def test_model_steps_run_on_the_sets_with_the_tiny_model(sets, tiny, tmp_path, m
     model, processor = tiny
     monkeypatch.setattr(E, "_load", lambda args, adapter: (model, processor))
     common = ["--num_frames", "4", "--device", "cpu"]
-    a, end = token(processor, "A"), token(processor, "<|im_end|>")
+    a, end = token_id(processor, "A"), token_id(processor, "<|im_end|>")
     # Every answer forced to "A": the accuracy is the share of questions whose answer is A.
     with fixed_logits(model, [{a: 50.0, end: 50.0}]):
         tc = E.main(["tempcompass", "--data", str(sets / "tempcompass"), "--tasks", "multi-choice",
