@@ -1426,12 +1426,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
         sp.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the loader's choice)")
 
-    def judge_args(sp):
-        sp.add_argument("--judge", choices=("rules", "llm"), default="rules",
-                        help="rules: offline, from the synthetic set's stored facts (default); "
-                             "llm: an OpenAI-compatible server (--base_url, --model)")
+    def judge_args(sp, default="rules", max_tokens=512,
+                   rules="offline, from the synthetic set's stored facts"):
+        sp.add_argument("--judge", choices=("rules", "llm"), default=default,
+                        help=f"rules: {rules}; llm: an OpenAI-compatible server (--base_url, "
+                             f"--model); default {default}")
         sp.add_argument("--reask", type=int, default=2, help="re-asks after an unusable judge reply")
-        sp.add_argument("--max_tokens", type=int, default=512, help="judge reply length limit")
+        sp.add_argument("--max_tokens", type=int, default=max_tokens, help="judge reply length limit")
         llm_args(sp)
 
     def llm_args(sp):
@@ -1542,12 +1543,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--data", required=True, help=data_help)
         sp.add_argument("--captions", required=True, help=f"captions JSONL from `{name} caption`")
         sp.add_argument("--out", required=True, help="per-item scores JSONL (resumable)")
-        sp.add_argument("--judge", choices=("llm", "rules"), default="llm",
-                        help="llm: an OpenAI-compatible server (--base_url, --model; default); "
-                             "rules: the toy world's rules judge, where it has one")
-        sp.add_argument("--reask", type=int, default=2, help="re-asks after an unusable judge reply")
-        sp.add_argument("--max_tokens", type=int, default=1024, help="judge reply length limit")
-        llm_args(sp)
+        judge_args(sp, default="llm", max_tokens=1024,
+                   rules="the toy world's rules judge, where it has one")
         if name == "vdc":
             sp.add_argument("--dimensions", default=None,
                             help="comma-separated (default: every <dimension>.jsonl in --data)")
