@@ -49,7 +49,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from demo_steps import (PRINT_LOCK, PY, T0, best_adapter, cell, check_settings,  # noqa: E402
-                        chosen_checkpoints, learning_curves, make_data, parse_args,
+                        chosen_checkpoints, generate_and_judge, learning_curves, make_data,
+                        parse_args,
                         selection_rule, rank_eval, read_rank,
                         recipe_args, replace_readme_section, run, say, start_wall_clock,
                         train_to_plateau, verdict, wall_time, warm_start)
@@ -119,19 +120,14 @@ def evaluate(a, name: str, threads: int = 1) -> None:
     adapter, log = best_adapter(a, name), os.path.join(a.out, "logs", name + ".log")
     stem = os.path.join(ev, name)
     rank_eval(a, adapter, os.path.join(d, "test_chains.jsonl"), stem, log, threads)
-    caps, scores = stem + ".captions.jsonl", stem + ".scores.jsonl"
     if not a.gen_videos:
         return
-    if not os.path.exists(scores + ".results.json"):
-        run([PY, "eval_judge.py", "generate", "--adapter", adapter, "--data",
-             os.path.join(d, "gen_test.jsonl"), "--out", caps], log, threads)
-        run([PY, "eval_judge.py", "judge", "--judge", "rules", "--pred", caps, "--ref",
-             os.path.join(d, "test.jsonl"), "--out", scores,
-             "--results", scores + ".results.json"], log, threads)
+    generate_and_judge(adapter, os.path.join(d, "gen_test.jsonl"), os.path.join(d, "test.jsonl"),
+                       stem, log, threads)
     bench = os.path.join(d, "bench")
     for out, cmd in [] if not a.bench_scenes else [
             (stem + ".argus.jsonl", ["argus", "score", "--judge", "rules", "--data",
-                                     os.path.join(d, "argus_test.jsonl"), "--captions", caps]),
+                                     os.path.join(d, "argus_test.jsonl"), "--captions", stem + ".captions.jsonl"]),
             (stem + ".vidhal.jsonl", ["vidhal", "--adapter", adapter, "--data",
                                       os.path.join(bench, "vidhal", "annotations.json"), "--options",
                                       os.path.join(bench, "vidhal", "options.json")]),

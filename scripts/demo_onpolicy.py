@@ -106,15 +106,10 @@ def make_data(a, b) -> None:
 
 
 def evaluate(a, b, name: str, adapter: str, threads: int) -> None:
-    ev, log = os.path.join(a.out, "eval"), os.path.join(a.out, "logs", name + ".log")
-    caps, scores = os.path.join(ev, name + ".captions.jsonl"), os.path.join(ev, name + ".scores.jsonl")
-    if os.path.exists(scores + ".results.json"):
-        return
-    run([PY, "eval_judge.py", "generate", "--adapter", adapter, "--data",
-         os.path.join(a.out, "data", "gen_test.jsonl"), "--out", caps, "--device", "cpu"], log, threads)
-    run([PY, "eval_judge.py", "judge", "--judge", "rules", "--pred", caps, "--ref",
-         os.path.join(b.out, "data", "test.jsonl"), "--out", scores, "--results", scores + ".results.json"],
-        log, threads)
+    demo_steps.generate_and_judge(adapter, os.path.join(a.out, "data", "gen_test.jsonl"),
+                                  os.path.join(b.out, "data", "test.jsonl"),
+                                  os.path.join(a.out, "eval", name),
+                                  os.path.join(a.out, "logs", name + ".log"), threads, device="cpu")
 
 
 def recipe(a, b) -> argparse.Namespace:

@@ -21,10 +21,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from eval_judge import bootstrap_ci  # noqa: E402
-from kernels.reference import dpo_loss, hinge_loss, mpo_loss, rank_loss  # noqa: E402
+from kernels.reference import dpo_loss, mpo_loss, rank_loss  # noqa: E402
 from records import load_jsonl, write_json, write_jsonl  # noqa: E402
 
-PREFERENCE_LOSSES = {"rank": rank_loss, "dpo": dpo_loss, "mpo": mpo_loss, "hinge": hinge_loss}
 
 PY = sys.executable
 T0 = time.time()
@@ -112,6 +111,19 @@ def rank_eval(a, adapter: str, data: str, stem: str, log: str, threads: int = 1)
              "--out", stem + ".chains.jsonl", "--results", stem + ".rank.json"], log, threads)
 
 
+def generate_and_judge(adapter: str, data: str, ref: str, stem: str, log: str, threads: int = 1,
+                       device: str | None = None) -> None:
+    """eval_judge.py generate (greedy captions of `data`'s videos) to STEM.captions.jsonl, then
+    judge --judge rules against `ref` to STEM.scores.jsonl; done when its results JSON exists."""
+    caps, scores = stem + ".captions.jsonl", stem + ".scores.jsonl"
+    if os.path.exists(scores + ".results.json"):
+        return
+    run([PY, "eval_judge.py", "generate", "--adapter", adapter, "--data", data, "--out", caps]
+        + (["--device", device] if device else []), log, threads)
+    run([PY, "eval_judge.py", "judge", "--judge", "rules", "--pred", caps, "--ref", ref,
+         "--out", scores, "--results", scores + ".results.json"], log, threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training to the validation plateau: the warm start and every method, by one rule
 # ---------------------------------------------------------------------------------------------
@@ -120,10 +132,11 @@ def no_information_loss(objective: str, k: int) -> float | None:
     """The preference loss when every caption of a K-chain scores the same (the model knows
     nothing): log K! for rank, log 2 for dpo, log K for mpo. hinge is 0 there (it is a margin,
     not a likelihood) and sft has no preference term: None."""
-    if objective not in ("rank", "dpo", "mpo"):
+    loss = {"rank": rank_loss, "dpo": dpo_loss, "mpo": mpo_loss}.get(objective)
+    if loss is None:
         return None
     zeros, mask = torch.zeros(1, k, dtype=torch.float64), torch.ones(1, k, dtype=torch.bool)
-    return float(PREFERENCE_LOSSES[objective](zeros, mask)[0])
+    return float(loss(zeros, mask)[0])
 
 
 def train_to_plateau(a, name: str, args: list[str], *, val: str, every: int, max_steps: int,

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo_steps  # noqa: E402
-from demo_steps import PY, run, say  # noqa: E402
+from demo_steps import say  # noqa: E402
 from records import load_jsonl, write_json, write_jsonl  # noqa: E402
 
 # (objective, lr, beta, ntp_weight, ntp_norm); the first is the recipe the demo used before
@@ -68,12 +68,8 @@ def one(s, d: argparse.Namespace, cfg) -> dict:
 def judged(s, name: str, adapter: str, data: str, log: str) -> tuple[float, list[str]]:
     """Greedy captions of the validation videos, the rules judge's mean overall score of them."""
     stem = os.path.join(s.out, "eval", name)
-    if not os.path.exists(stem + ".scores.jsonl.results.json"):
-        run([PY, "eval_judge.py", "generate", "--adapter", adapter, "--data",
-             os.path.join(data, "val.jsonl"), "--out", stem + ".captions.jsonl"], log)
-        run([PY, "eval_judge.py", "judge", "--judge", "rules", "--pred", stem + ".captions.jsonl",
-             "--ref", os.path.join(data, "val.jsonl"), "--out", stem + ".scores.jsonl",
-             "--results", stem + ".scores.jsonl.results.json"], log)
+    val = os.path.join(data, "val.jsonl")
+    demo_steps.generate_and_judge(adapter, val, val, stem, log)
     scores = load_jsonl(stem + ".scores.jsonl")
     return (float(np.mean([np.mean(list(r["scores"].values())) for r in scores])),
             [r["caption"] for r in load_jsonl(stem + ".captions.jsonl")[:2]])
