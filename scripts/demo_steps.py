@@ -41,8 +41,8 @@ def run(cmd: list[str], log: str, threads: int = 1) -> None:
     """One CLI call, output appended to `log`; a failure stops the demo with the log's tail.
     MKL_CBWR=AUTO,STRICT: MKL otherwise picks code paths by buffer alignment, so the same GEMM
     can round differently from run to run; with it, a run is bit-for-bit repeatable.
-    OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning; on a busy machine a
-    2-thread job otherwise runs ~9x slower (4.5 against 0.5 s a step, measured), same numbers."""
+    OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, so a 2-thread job on
+    a machine busy with other work does not stall on its own spinning threads (same numbers)."""
     COMPUTED.set()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OMP_WAIT_POLICY="PASSIVE", MKL_CBWR="AUTO,STRICT", PYTHONUNBUFFERED="1",

@@ -200,8 +200,14 @@ def test_every_command_on_a_hub_checkpoint(hub, clips, tmp_path, family):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
     out = tmp_path / "run"
-    rows = train(hub[family], clips["mixed"], out, *VIDEO_FLAGS)
+    rows = train(hub[family], clips["mixed"], out, *VIDEO_FLAGS, "--val_data", clips["chains"],
+                 "--val_every", "1")
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    # validation through the family's real processor: a point per step, the best adapter loadable
+    points = read_jsonl(out / "validation.jsonl")
+    assert [p["step"] for p in points] == [1, 2] and points[0]["best"]
+    assert all(np.isfinite(p["loss"]) and 0 <= p["logp_acc"] <= 1 for p in points)
+    R.load_model(hub[family], adapter=str(out / "best"))
     meta = json.load(open(out / R.RUN_META))
     assert meta["video"] == {"num_frames": 4, "fps": 4.0, "max_pixels": 3136}
 
