@@ -681,20 +681,24 @@ class Packing:
     """Where every token of a Batch goes when each chain becomes one row [prefix | c_1 | ... | c_K].
 
     source[c, s]: flat index (row * T + t) into the unpacked [N, T] batch of packed token s,
-    -1 for padding; segment[c, s]: 0 prefix, k >= 1 the chain's k-th row, -1 padding.
+    -1 for padding; segment[c, s]: 0 prefix, k >= 1 the chain's k-th row, -1 padding;
+    document[c, s]: which of the chains packed into row c the token belongs to (0, 1, ...; -1
+    padding): tokens of different documents never see each other.
     gather[n, j]: flat index into the packed [C * S] outputs whose prediction is labels[n, j];
     labels[n, j]: row n's j-th response label (aligned per row at its first one), -100 after.
     videos_of_row[c]: indices into Batch.videos, one per video span in packed row c, in order.
     """
     source: torch.Tensor
     segment: torch.Tensor
+    document: torch.Tensor
     gather: torch.Tensor
     labels: torch.Tensor
     videos_of_row: list[list[int]]
 
     def to(self, device):
-        self.source, self.segment, self.gather, self.labels = (
-            t.to(device) for t in (self.source, self.segment, self.gather, self.labels))
+        self.source, self.segment, self.document, self.gather, self.labels = (
+            t.to(device) for t in (self.source, self.segment, self.document, self.gather,
+                                   self.labels))
         return self
 
     def tokens(self) -> int:
@@ -761,7 +765,8 @@ def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = Non
         t = torch.arange(starts[n], starts[n] + count)
         gather[n, :count] = chain_of[n] * packed_width + offsets[n] + t
         row_labels[n, :count] = labels[n, starts[n]:starts[n] + count]
-    return Packing(source, segment, gather, row_labels, videos_of_row)
+    document = torch.where(segment >= 0, 0, -1)         # one chain per packed row
+    return Packing(source, segment, document, gather, row_labels, videos_of_row)
 
 
 def pack_model_chains(model, batch: Batch, index: torch.Tensor) -> Packing:
@@ -771,13 +776,22 @@ def pack_model_chains(model, batch: Batch, index: torch.Tensor) -> Packing:
     return pack_chains(batch, index, video_token).to(batch.input_ids.device)
 
 
-def packed_attention_mask(segment: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
-    """[C, 1, S, S]: query q sees key k iff k <= q and k is in the prefix or q's own segment.
+def packed_visible(q_idx, k_idx, q_segment, k_segment, q_document, k_document):
+    """The packed forward's one attention rule (the dense masks and any block mask use it):
+    query q sees key k iff k <= q, both are in the same chain (document), and k is that chain's
+    prefix or q's own segment. Padding (segment -1) is never seen."""
+    return (k_idx <= q_idx) & (k_document == q_document) & (k_segment >= 0) & \
+        ((k_segment == 0) | (k_segment == q_segment))
+
+
+def packed_attention_mask(packing: Packing, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    """[C, 1, S, S] from packed_visible: boolean for sdpa, additive (0 / dtype min) for eager.
     Padding queries see themselves only (a row with no key would give NaN, even in backward)."""
+    segment, document = packing.segment, packing.document
     width = segment.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
-    q, k = segment.unsqueeze(2), segment.unsqueeze(1)
-    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    idx = torch.arange(width, device=segment.device)
+    allowed = packed_visible(idx.view(1, -1, 1), idx.view(1, 1, -1), segment.unsqueeze(2),
+                             segment.unsqueeze(1), document.unsqueeze(2), document.unsqueeze(1))
     allowed |= torch.eye(width, dtype=torch.bool, device=segment.device)
     allowed = allowed.unsqueeze(1)
     if backend == "sdpa":
@@ -825,7 +839,7 @@ def packed_hidden_states(model, batch: Batch, packing: Packing,
     if spans:
         kwargs = video_forward_kwargs(model, batch.videos, spans, ids, video_embeds)
     text = base.config.get_text_config()
-    mask = packed_attention_mask(packing.segment, text._attn_implementation or "eager",
+    mask = packed_attention_mask(packing, text._attn_implementation or "eager",
                                  inner.get_input_embeddings().weight.dtype)
     out = inner(input_ids=ids, attention_mask=mask, position_ids=packed_pos, use_cache=False,
                 **kwargs)

@@ -142,12 +142,12 @@ def test_packed_layout_shares_the_prefix_and_isolates_captions(tiny, records):
     assert packing.tokens() < int(lengths.sum()) - 2 * prefix
     ids = batch.input_ids.reshape(-1)[packing.source[0, :prefix]]
     assert int((ids == processor.video_token_id).sum()) == 64
-    mask = R.packed_attention_mask(packing.segment, "sdpa", torch.float32)[0, 0]
+    mask = R.packed_attention_mask(packing, "sdpa", torch.float32)[0, 0]
     seg = packing.segment[0]
     one, two = (seg == 1).nonzero()[:, 0], (seg == 2).nonzero()[:, 0]
     assert not mask[two][:, one].any()                       # caption 2 never sees caption 1
     assert mask[two][:, :prefix].all() and mask[one][:, :prefix].all()   # both see the prefix
-    eager = R.packed_attention_mask(packing.segment, "eager", torch.float32)[0, 0]
+    eager = R.packed_attention_mask(packing, "eager", torch.float32)[0, 0]
     assert bool(((eager == 0) == mask).all())
 
 
