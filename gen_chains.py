@@ -98,28 +98,151 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def json_schema(name: str, properties: dict, required: list[str] | None = None) -> dict:
+    """A reply schema for chat(schema=...): a JSON object with these properties (JSON Schema
+    dicts), each required unless `required` names fewer, and no others. `name` is what the
+    server sees (letters, digits, _ and -)."""
+    unknown = [k for k in (required or []) if k not in properties]
+    if unknown:
+        raise ValueError(f"json_schema {name!r}: required {unknown} are not among its properties")
+    return {"name": name, "schema": {"type": "object", "properties": properties,
+                                     "required": list(properties) if required is None else list(required),
+                                     "additionalProperties": False}}
+
+
+def string_list(min_items: int = 1, max_items: int | None = None) -> dict:
+    """The JSON Schema of a list of strings, min_items..max_items long."""
+    out = {"type": "array", "items": {"type": "string"}, "minItems": min_items}
+    if max_items is not None:
+        out["maxItems"] = max_items
+    return out
+
+
+def response_format(schema: dict) -> dict:
+    """The OpenAI `response_format` for a json_schema() (vLLM, SGLang, llama.cpp's llama-server
+    and OpenAI accept it)."""
+    return {"type": "json_schema", "json_schema": {**schema, "strict": True}}
+
+
+# A server that cannot do structured output says so in its error: it names the field.
+STRUCTURED_REFUSAL = re.compile(r"response_format|json_schema", re.I)
+
+
+def parse_base_urls(value) -> list[str]:
+    """--base_url: one API root, several separated by commas, or @FILE with one a line (blank
+    lines and # comments skipped). A list is taken as it is."""
+    if isinstance(value, (list, tuple)):
+        urls = [str(u).strip() for u in value]
+    elif isinstance(value, str) and value.strip().startswith("@"):
+        path = value.strip()[1:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                urls = [ln.split("#", 1)[0].strip() for ln in f]
+        except OSError as e:
+            raise ValueError(f"--base_url @{path}: cannot read the URL file ({e.strerror})") from None
+        urls = [u for u in urls if u]
+        if not urls:
+            raise ValueError(f"--base_url @{path}: the file lists no URL")
+    else:
+        urls = [u.strip() for u in str(value or "").split(",")]
+        if not any(urls):
+            raise ValueError("no --base_url (or OPENAI_BASE_URL) given")
+        if not all(urls):
+            raise ValueError(f"--base_url {value!r}: an empty entry in the comma-separated list")
+    urls = [u.rstrip("/") for u in urls]
+    repeated = sorted({u for u in urls if urls.count(u) > 1})
+    if repeated:
+        raise ValueError(f"--base_url lists {repeated[0]} more than once")
+    return urls
+
+
+class Server:
+    """One API root behind a ChatClient and what the client has learnt about it. Guarded by
+    the client's lock."""
+
+    def __init__(self, base_url: str):
+        self.url = base_url + "/chat/completions"
+        self.in_flight = 0
+        self.fails_in_row = 0              # connection errors, timeouts and 5xx since the last success
+        self.set_aside_until: float | None = None   # monotonic time; None while healthy
+        self.probing = False               # the one request let through after the cool-down
+        self.structured: bool | None = None  # json_schema: accepted, refused, or not tried yet
+        self.counts = Counter()            # requests, failures, set_aside, prompt/completion tokens
+
+    def report(self) -> dict:
+        c = self.counts
+        return {"url": self.url, "requests": c["requests"], "failures": c["failures"],
+                "set_aside": c["set_aside"], "tokens": c["prompt_tokens"] + c["completion_tokens"],
+                "structured": {True: "accepted", False: "refused", None: "not tried"}[self.structured]}
+
+
+class RateLimit:
+    """At most `per_s` requests a second across every thread: a token bucket of one token
+    (each request takes the next free slot, 1/per_s after the one before), so no burst
+    exceeds the rate either."""
+
+    def __init__(self, per_s: float):
+        if not per_s > 0:
+            raise ValueError(f"--max_requests_per_s must be positive, got {per_s}")
+        self.interval = 1.0 / per_s
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
 class ChatClient:
-    """POST {base_url}/chat/completions with bounded retries.
+    """POST {base_url}/chat/completions with bounded retries, over one server or several.
+
+    Several servers (base_url "URL1,URL2" or "@FILE"): each request goes to the healthy server
+    with the fewest requests in flight. A server whose requests fail `set_aside_after` times in
+    a row (connection errors, timeouts, 5xx) is set aside for `cooldown` seconds; then one
+    request probes it, and a success brings it back. A failed request is retried at once on
+    another server when one is left, so a dead server's records are finished by the others;
+    only when every server has failed it does the client wait. With one server (or every
+    server set aside) requests go where they can, as with one server.
 
     Retries connection errors, timeouts, 408/409/429/5xx, malformed bodies and empty content,
     waiting the server's Retry-After when it gives one, else exponential backoff with jitter.
-    After max_tries the request fails with a ChatError naming the last reason. Thread-safe:
-    each worker thread gets its own keep-alive session.
+    After max_tries the request fails with a ChatError naming the last reason; 401/403/404 are
+    fatal at once (a wrong URL, key or model). Thread-safe: each worker thread gets its own
+    keep-alive session.
+
+    chat(messages, schema=json_schema(...)) asks for structured output (response_format
+    json_schema) where the server offers it: structured "auto" tries, and a server that refuses
+    (an error naming response_format or json_schema) is noted once and asked without a schema
+    from then on (the prompt and the parser carry the format); "on" makes a refusal fatal;
+    "off" never sends a schema.
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
+    def __init__(self, base_url, model: str, api_key: str | None = None, timeout: float = 60.0,
                  max_tries: int = 5, backoff: float = 1.0, max_wait: float = 60.0,
-                 default_params: dict | None = None):
-        if not base_url:
-            raise ValueError("no --base_url (or OPENAI_BASE_URL) given")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+                 default_params: dict | None = None, structured: str = "auto", set_aside_after: int = 3,
+                 cooldown: float = 30.0, max_requests_per_s: float | None = None):
+        if structured not in ("auto", "on", "off"):
+            raise ValueError(f"structured must be auto, on or off, got {structured!r}")
+        self.servers = [Server(u) for u in parse_base_urls(base_url)]
         self.model, self.timeout, self.max_tries = model, float(timeout), max(1, int(max_tries))
         self.backoff, self.max_wait = float(backoff), float(max_wait)
         self.default_params = dict(default_params or {})
+        self.structured, self.set_aside_after = structured, max(1, int(set_aside_after))
+        self.cooldown = float(cooldown)
+        self._rate = RateLimit(max_requests_per_s) if max_requests_per_s else None
         self._api_key = api_key or None
         self._local = threading.local()
         self._lock = threading.Lock()
-        self.usage = Counter()             # requests, retries, prompt_tokens, completion_tokens
+        self._started: float | None = None  # the first request: the tokens/s clock
+        self.usage = Counter()             # requests, retries, prompt_tokens, completion_tokens, structured
+
+    @property
+    def url(self) -> str:
+        return ", ".join(s.url for s in self.servers)
 
     def __repr__(self) -> str:             # never shows the key
         return f"ChatClient(url={self.url!r}, model={self.model!r}, timeout={self.timeout})"
@@ -129,8 +252,15 @@ class ChatClient:
         params = {}
         if getattr(args, "temperature", None) is not None:
             params["temperature"] = args.temperature
-        return cls(args.base_url, args.model, api_key=args.api_key, timeout=args.timeout,
-                   max_tries=args.max_tries, backoff=getattr(args, "backoff", 1.0), default_params=params)
+        try:
+            return cls(args.base_url, args.model, api_key=args.api_key, timeout=args.timeout,
+                       max_tries=args.max_tries, backoff=getattr(args, "backoff", 1.0), default_params=params,
+                       structured=getattr(args, "structured", "auto"),
+                       set_aside_after=getattr(args, "set_aside_after", 3),
+                       cooldown=getattr(args, "server_cooldown", 30.0),
+                       max_requests_per_s=getattr(args, "max_requests_per_s", None))
+        except ValueError as e:
+            raise SystemExit(f"{getattr(args, 'command', 'gen_chains')}: {e}") from None
 
     def _session(self):
         import requests
@@ -147,39 +277,137 @@ class ChatClient:
         with self._lock:
             self.usage.update(inc)
 
-    def chat(self, messages: list[dict], **params) -> ChatReply:
+    # -- which server ----------------------------------------------------------------------
+    def _pick(self, avoid: set) -> Server:
+        """The server for the next try (its in-flight count taken): a set-aside server whose
+        cool-down is over (its one probe), else the healthy one with the fewest in flight
+        (then the fewest sent), else, every server set aside, the one back soonest."""
+        now = time.monotonic()
+        with self._lock:
+            pool = [s for s in self.servers if s not in avoid] or self.servers
+            due = [s for s in pool if s.set_aside_until is not None and s.set_aside_until <= now
+                   and not s.probing]
+            healthy = [s for s in pool if s.set_aside_until is None]
+            if due:
+                server = due[0]
+                server.probing = True
+            elif healthy:
+                server = min(healthy, key=lambda s: (s.in_flight, s.counts["requests"]))
+            else:
+                server = min(pool, key=lambda s: (s.set_aside_until, s.in_flight))
+            server.in_flight += 1
+            server.counts["requests"] += 1
+            if self._started is None:
+                self._started = now
+            return server
+
+    def _done(self, server: Server, ok: bool, unhealthy: bool) -> None:
+        """Book one finished try: a success clears the server's record (and brings a set-aside
+        server back); an unhealthy failure counts toward setting it aside."""
+        with self._lock:
+            server.in_flight -= 1
+            probe, server.probing = server.probing, False
+            if ok:
+                if server.set_aside_until is not None:
+                    log.warning("%s answers again: back in use", server.url)
+                server.fails_in_row, server.set_aside_until = 0, None
+                return
+            server.counts["failures"] += 1
+            if not unhealthy:
+                return
+            server.fails_in_row += 1
+            if probe or server.set_aside_until is not None:
+                server.set_aside_until = time.monotonic() + self.cooldown    # still down: wait again
+            elif server.fails_in_row >= self.set_aside_after and len(self.servers) > 1:
+                server.set_aside_until = time.monotonic() + self.cooldown
+                server.counts["set_aside"] += 1
+                log.warning("%s failed %d times in a row: set aside for %gs", server.url,
+                            server.fails_in_row, self.cooldown)
+
+    def _healthy_left(self, avoid: set) -> bool:
+        with self._lock:
+            return any(s.set_aside_until is None and s not in avoid for s in self.servers)
+
+    def _refuses_schema(self, server: Server, resp) -> bool:
+        """Whether this error is the server refusing response_format; noted once per server."""
+        if resp.status_code in FATAL_STATUS or not STRUCTURED_REFUSAL.search(resp.text or ""):
+            return False
+        if self.structured == "on":
+            raise ChatError(f"{server.url} refuses structured output (HTTP {resp.status_code}: "
+                            f"{self._scrub(_error_message(resp))}); use --structured auto or off", fatal=True)
+        with self._lock:
+            first, server.structured = server.structured is not False, False
+            if first:
+                server.counts["structured_refused"] += 1
+        if first:
+            log.warning("%s refuses response_format json_schema (HTTP %d): the prompt and the parser "
+                        "carry the reply format there from now on", server.url, resp.status_code)
+        return True
+
+    # -- one request -----------------------------------------------------------------------
+    def chat(self, messages: list[dict], schema: dict | None = None, **params) -> ChatReply:
+        """The reply to `messages`. schema: a json_schema() the reply must follow, sent as
+        response_format where the server takes it (see the class)."""
         import requests
         payload = {"model": self.model, "messages": messages, **self.default_params, **params}
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        reason = "no attempt made"
-        for attempt in range(1, self.max_tries + 1):
-            self._count(requests=1, retries=int(attempt > 1))
-            wait = None
+        reason, attempt, avoid = "no attempt made", 0, set()
+        while attempt < self.max_tries:
+            attempt += 1
+            if self._rate is not None:
+                self._rate.wait()
+            server = self._pick(avoid)
+            with_schema = (schema is not None and self.structured != "off" and server.structured is not False
+                           and "response_format" not in payload)
+            body = {**payload, "response_format": response_format(schema)} if with_schema else payload
+            self._count(requests=1, retries=int(attempt > 1), structured=int(with_schema))
+            wait, ok, unhealthy = None, False, False
             try:
-                resp = self._session().post(self.url, json=payload, headers=headers, timeout=self.timeout)
+                resp = self._session().post(server.url, json=body, headers=headers, timeout=self.timeout)
             except requests.Timeout:
-                reason = f"timed out after {self.timeout:g}s"
+                reason, unhealthy = f"timed out after {self.timeout:g}s", True
             except requests.RequestException as e:
                 cause = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))     # e.g. "[Errno 111] Connection refused"
                 reason = f"connection error: {type(e).__name__}" + (f" ({cause.group(0).strip()})" if cause else "")
+                unhealthy = True
             else:
                 if resp.status_code == 200:
                     reply, reason = self._parse(resp)
                     if reply is not None:
-                        self._count(prompt_tokens=reply.prompt_tokens,
-                                    completion_tokens=reply.completion_tokens)
+                        ok = True
+                        with self._lock:
+                            server.counts.update(prompt_tokens=reply.prompt_tokens,
+                                                 completion_tokens=reply.completion_tokens)
+                            if with_schema:
+                                server.structured = True
+                            self.usage.update(prompt_tokens=reply.prompt_tokens,
+                                              completion_tokens=reply.completion_tokens)
                         return reply
                 else:
+                    if with_schema and self._refuses_schema(server, resp):
+                        attempt -= 1              # not the request's fault: ask again without the schema
+                        reason = "refused response_format"
+                        continue
                     reason = f"HTTP {resp.status_code}: {self._scrub(_error_message(resp))}"
                     if resp.status_code in FATAL_STATUS:
-                        raise ChatError(f"{reason} (check --base_url, --model and --api_key)", fatal=True)
+                        raise ChatError(f"{reason} from {server.url} (check --base_url, --model and --api_key)",
+                                        fatal=True)
                     if resp.status_code not in RETRY_STATUS:
                         raise ChatError(reason)           # e.g. 400: this request is bad, not the server
+                    unhealthy = resp.status_code >= 500 or resp.status_code == 408
                     wait = retry_after_seconds(resp.headers.get("Retry-After"))
+            finally:
+                self._done(server, ok, unhealthy)
             if attempt == self.max_tries:
                 break
+            avoid.add(server)
+            if self._healthy_left(avoid):
+                log.info("request failed on %s (%s); retry %d/%d on another server", server.url, reason,
+                         attempt + 1, self.max_tries)
+                continue
+            avoid.clear()
             if wait is None:
                 # Exponential backoff with "equal jitter": half fixed, half random, so that many
                 # workers hit by the same outage do not come back in lockstep.
@@ -204,6 +432,29 @@ class ChatClient:
         return ChatReply(self._scrub(text), int(usage.get("prompt_tokens") or 0),
                          int(usage.get("completion_tokens") or 0)), ""
 
+    # -- what it cost ----------------------------------------------------------------------
+    @property
+    def tokens(self) -> int:
+        return self.usage["prompt_tokens"] + self.usage["completion_tokens"]
+
+    def progress(self) -> dict:
+        """Live figures for the progress bar: tokens per second since the first request."""
+        with self._lock:
+            started = self._started
+        seconds = time.monotonic() - started if started is not None else 0.0
+        return {"tok/s": f"{self.tokens / seconds:.0f}" if seconds > 0 else "0"}
+
+    def report(self) -> dict:
+        """The client's part of a run's summary: tokens, requests and each server's counts."""
+        with self._lock:
+            servers = [s.report() for s in self.servers]
+        u = self.usage
+        return {"tokens": {"prompt": u["prompt_tokens"], "completion": u["completion_tokens"]},
+                "requests": {"sent": u["requests"], "retries": u["retries"], "with_schema": u["structured"]},
+                "structured": {"mode": self.structured,
+                               "refused_by": [s["url"] for s in servers if s["structured"] == "refused"]},
+                "servers": servers}
+
 
 def _error_message(resp) -> str:
     try:
@@ -220,7 +471,9 @@ def add_client_args(parser: argparse.ArgumentParser) -> None:
     """The client's flags; URL and key default to OPENAI_BASE_URL / OPENAI_API_KEY."""
     g = parser.add_argument_group("LLM server (OpenAI-compatible)")
     g.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
-                   help="API root, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL or that)")
+                   help="API root, e.g. http://127.0.0.1:8000/v1; several servers: comma-separated "
+                        "(URL1,URL2) or @FILE with one URL a line; each request goes to the least "
+                        "loaded healthy one (default: $OPENAI_BASE_URL or that)")
     g.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "default"),
                    help="model name the server knows (default: $OPENAI_MODEL or 'default')")
     g.add_argument("--api_key", default=os.environ.get("OPENAI_API_KEY"),
@@ -230,6 +483,15 @@ def add_client_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_tries", type=int, default=5, help="tries per request before the record fails")
     g.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds (doubles)")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (server default)")
+    g.add_argument("--structured", choices=("auto", "on", "off"), default="auto",
+                   help="send each JSON step's schema as response_format json_schema: auto tries and "
+                        "falls back to prompt + parser on a server that refuses it; on: a refusal is fatal")
+    g.add_argument("--max_requests_per_s", type=float, default=None,
+                   help="at most this many requests a second over all threads and servers (default: no limit)")
+    g.add_argument("--set_aside_after", type=int, default=3,
+                   help="several servers: set a server aside after this many failures in a row")
+    g.add_argument("--server_cooldown", type=float, default=30.0,
+                   help="seconds a set-aside server rests before one request probes it again")
 
 
 # =============================================================================================
@@ -688,7 +950,8 @@ def ask_until_parsed(client: ChatClient, messages: list[dict], parse: Callable[[
     the same prompt only helps a sampling model, and a judge at temperature 0 would repeat
     itself. Each problem is counted under stats["rejected"]. When every try fails, the result
     is not ok (the caller records the failure); a ChatError (the request itself failed for
-    good) propagates."""
+    good) propagates. params go to client.chat, schema= among them (structured output; the
+    parser still checks every reply)."""
     messages, rejected = list(messages), []
     reply, problems = "", ["not asked (no tries)"]
     for attempt in range(1, tries + 1):
