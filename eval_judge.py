@@ -45,7 +45,7 @@ import numpy as np
 
 import benchmarks
 from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, add_client_args, ask_both_orders,
-                        ask_until_parsed, format_mcq, parse_json_object, score_answer)
+                        ask_until_parsed, format_mcq, json_schema, parse_json_object, score_answer)
 from records import (DataError, OutputLocked, RecordFailed, ResumableJsonl, collect_outputs,
                      map_resumable, read_records, read_run_meta, records_by_id,
                      write_json, write_jsonl)
@@ -315,6 +315,12 @@ Reply with only a JSON object and no other text:
 
 VERDICT_JSON = '{"better": "1" | "2" | "tie"}'
 
+# The same formats as structured-output schemas (sent where the server takes them; the parsers
+# above still check every reply).
+SCORE_SCHEMA = json_schema("caption_scores", {axis: {"type": "integer", "minimum": SCORE_MIN, "maximum": SCORE_MAX}
+                                              for axis in AXES})
+VERDICT_SCHEMA = json_schema("caption_verdict", {"better": {"type": "string", "enum": ["1", "2", "tie"]}})
+
 
 def ask_judge(client, prompt: str, parse, json_hint: str, reask: int = 2, **params) -> Asked:
     """The judge's prompt, asked again up to `reask` times while parse(reply) reports problems,
@@ -336,7 +342,7 @@ def judge_llm(client, reference: str, candidate: str, reask: int = 2, **params) 
     or a failed record (judge_failure)."""
     prompt = SCORE_PROMPT.format(reference=reference, candidate=candidate, guide=AXIS_GUIDE,
                                  json=SCORE_JSON)
-    out = ask_judge(client, prompt, parse_axis_scores, SCORE_JSON, reask, **params)
+    out = ask_judge(client, prompt, parse_axis_scores, SCORE_JSON, reask, schema=SCORE_SCHEMA, **params)
     if not out.ok:
         return judge_failure(out)
     return {"scores": out.value, "tries": out.tries, "reply": out.reply}
@@ -345,7 +351,7 @@ def judge_llm(client, reference: str, candidate: str, reask: int = 2, **params) 
 def ask_verdict(client, reference: str, first: str, second: str, reask: int = 2, **params) -> Asked:
     """Which of two captions is better against the reference: "1", "2" or "tie"."""
     prompt = COMPARE_PROMPT.format(reference=reference, first=first, second=second, guide=AXIS_GUIDE)
-    return ask_judge(client, prompt, parse_verdict, VERDICT_JSON, reask, **params)
+    return ask_judge(client, prompt, parse_verdict, VERDICT_JSON, reask, schema=VERDICT_SCHEMA, **params)
 
 
 def compare_llm(client, reference: str, a: str, b: str, reask: int = 2, **params) -> dict:
@@ -441,6 +447,16 @@ def _judge_inputs(args, pred_path: str, preds: dict, refs: dict) -> dict[str, ob
     return out
 
 
+def client_progress(client: ChatClient | None) -> dict:
+    """map_resumable's live tokens/s for an LLM judge's run (nothing for the rules judge)."""
+    return {"postfix": client.progress} if client is not None else {}
+
+
+def with_client_report(run: dict, client: ChatClient | None) -> dict:
+    """A run's summary with the LLM client's tokens, requests and per-server counts."""
+    return {**run, **client.report()} if client is not None else run
+
+
 def _chat_params(args) -> dict:
     return {"max_tokens": args.max_tokens}  # temperature travels in the client's default_params
 
@@ -458,6 +474,7 @@ def cmd_judge(args) -> dict:
     reference = _judge_inputs(args, args.pred, preds, refs)
     jobs = [{"id": rid, "caption": require_text(args.pred, line, rec, "caption")}
             for rid, (line, rec) in preds.items()]
+    client = None
     if args.judge == "rules":
         rules_scores = rules_judge()
 
@@ -474,7 +491,7 @@ def cmd_judge(args) -> dict:
             return {"id": job["id"], "judge": "llm", **out}
         concurrency = args.concurrency
     run = map_resumable(jobs, judge_one, args.out, concurrency, desc=f"judge ({args.judge})",
-                        drop_failed=args.retry_failed)
+                        drop_failed=args.retry_failed, **client_progress(client))
 
     done = collect_outputs(args.out, preds)
     scored = [r for r in done.values() if r.get("status") != "failed"]
@@ -482,7 +499,8 @@ def cmd_judge(args) -> dict:
     overall = mean_ci([np.mean([r["scores"][a] for a in AXES]) for r in scored])
     results = {"command": "judge", "judge": args.judge, "pred": args.pred, "ref": args.ref,
                "out": args.out, "n": len(jobs), "n_scored": len(scored),
-               **failure_summary(done.values()), "axes": per_axis, "overall": overall, "run": run}
+               **failure_summary(done.values()), "axes": per_axis, "overall": overall,
+               "run": with_client_report(run, client)}
     rows = [(axis, fmt_ci(per_axis[axis]), per_axis[axis]["n"]) for axis in AXES]
     rows.append(("**overall** (mean of axes)", fmt_ci(overall), overall["n"]))
     table = markdown_table((f"axis ({args.judge} judge)", "mean [95% CI]", "n"), rows)
@@ -522,6 +540,7 @@ def cmd_head_to_head(args) -> dict:
     reference = _judge_inputs(args, args.a, both, records_by_id(args.ref))
     jobs = [{"id": rid, "a": require_text(args.a, *a[rid], "caption"),
              "b": require_text(args.b, *b[rid], "caption")} for rid in both]
+    client = None
     if args.judge == "rules":
         rules_scores = rules_judge()
         # Deterministic and symmetric: no position to be biased by, one scoring of each caption.
@@ -542,7 +561,7 @@ def cmd_head_to_head(args) -> dict:
         concurrency = args.concurrency
     out_path = args.out or sibling(args.a, f".vs.{os.path.basename(sibling(args.b, ''))}.compare.jsonl")
     run = map_resumable(jobs, compare_one, out_path, concurrency, desc=f"compare ({args.judge})",
-                        drop_failed=args.retry_failed)
+                        drop_failed=args.retry_failed, **client_progress(client))
 
     done = collect_outputs(out_path, both)
     decided = [r for r in done.values() if r.get("status") != "failed"]
@@ -552,7 +571,8 @@ def cmd_head_to_head(args) -> dict:
                **failure_summary(done.values()),
                **{k: mean_ci(v) for k, v in outcome.items()},
                # +1 win, 0 tie, -1 loss: its interval excludes 0 when a is really better (or worse)
-               "net": mean_ci([w - l for w, l in zip(outcome["win"], outcome["loss"])]), "run": run}
+               "net": mean_ci([w - l for w, l in zip(outcome["win"], outcome["loss"])]),
+               "run": with_client_report(run, client)}
     if args.judge == "llm" and decided:
         views = [r["a_view"] for r in decided]
         decisive = [v for r in decided for v in r["verdicts"] if v in ("1", "2")]
@@ -958,7 +978,7 @@ def cmd_reward(args) -> dict:
     def reward_one(job):
         return {"id": job["id"], **score_answer(client, job["caption"], job["question"], job["answer"])}
     run = map_resumable(jobs, reward_one, args.out, args.concurrency, desc="reward",
-                        drop_failed=args.retry_failed)
+                        drop_failed=args.retry_failed, **client_progress(client))
 
     done = collect_outputs(args.out, [j["id"] for j in jobs])
     scored = [r for r in done.values() if r.get("status") != "failed"]
@@ -967,7 +987,8 @@ def cmd_reward(args) -> dict:
     histogram = {s: sum(int(r["score"]) == s for r in scored) for s in range(6)}
     results = {"command": "reward", "data": args.data, "out": args.out, "n": len(jobs),
                "n_scored": len(scored), **failure_summary(done.values()), "score": score,
-               "yes_rate": yes, "score_histogram": histogram, "run": run}
+               "yes_rate": yes, "score_histogram": histogram,
+               "run": with_client_report(run, client)}
     table = markdown_table(("metric", "mean [95% CI]", "n"),
                            [("score (0-5)", fmt_ci(score), score["n"]),
                             ("verdict yes (accuracy)", fmt_ci(yes, 3), yes["n"])])
@@ -1187,9 +1208,9 @@ class LLMBenchmarkJudge:
     def __init__(self, args):
         self.client, self.reask, self.params = ChatClient.from_args(args), args.reask, _chat_params(args)
 
-    def _ask(self, system: str, prompt: str, parse, hint: str) -> Asked:
+    def _ask(self, system: str, prompt: str, parse, hint: str, schema: dict | None = None) -> Asked:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-        return ask_until_parsed(self.client, messages, parse, hint, self.reask + 1, **self.params)
+        return ask_until_parsed(self.client, messages, parse, hint, self.reask + 1, schema=schema, **self.params)
 
     def _value(self, asked: Asked, what: str):
         if not asked.ok:
@@ -1207,7 +1228,8 @@ class LLMBenchmarkJudge:
         """Step 2: the answer graded against the benchmark's: {"pred": "yes"|"no", "score": 0-5}."""
         asked = self._ask(VDC_GRADE_SYSTEM, VDC_GRADE_PROMPT.format(question=question, answer=answer,
                                                                     response=response) + VDC_GRADE_JSON,
-                          parse_vdc_grade, f"Reply again with only the JSON object: {VDC_GRADE_JSON}")
+                          parse_vdc_grade, f"Reply again with only the JSON object: {VDC_GRADE_JSON}",
+                          VDC_GRADE_SCHEMA)
         return self._value(asked, "grade")
 
     def argus_lines(self, source: list[str], target: list[str]) -> list[benchmarks.LineJudgement]:
@@ -1216,7 +1238,8 @@ class LLMBenchmarkJudge:
             source="\n".join(f"S{i + 1}: {s}" for i, s in enumerate(source)),
             target="\n".join(f"Line {i + 1}: {t}" for i, t in enumerate(target))) + ARGUS_JSON
         asked = self._ask(ARGUS_NLI_SYSTEM, prompt, partial(parse_argus_lines, len(target), len(source)),
-                          f"Reply again with only the JSON object: {ARGUS_JSON}")
+                          f"Reply again with only the JSON object: {ARGUS_JSON}",
+                          argus_schema(len(target), len(source)))
         return self._value(asked, "entailment")
 
 
@@ -1243,6 +1266,8 @@ Answer only from the description, as a short sentence or phrase, with no explana
 VDC_GRADE_SYSTEM = ("You check whether a predicted answer to a question about a video means the same "
                     "as the correct answer. Synonyms and paraphrases count as matches.")
 VDC_GRADE_JSON = '{"pred": "yes" or "no", "score": <integer 0-5>}'
+VDC_GRADE_SCHEMA = json_schema("vdc_grade", {"pred": {"type": "string", "enum": ["yes", "no"]},
+                                             "score": {"type": "number", "minimum": 0, "maximum": 5}})
 VDC_GRADE_PROMPT = """Question: {question}
 Correct answer: {answer}
 Predicted answer: {response}
@@ -1295,6 +1320,17 @@ For every target line decide:
 
 Reply with only this JSON object, one entry per target line in order:
 """
+
+
+def argus_schema(n_target: int, n_source: int) -> dict:
+    """What parse_argus_lines reads: one decision per target line, evidence a source line or null."""
+    line = json_schema("argus_line", {
+        "line": {"type": "integer", "minimum": 1, "maximum": n_target},
+        "type": {"type": "string", "enum": list(benchmarks.ARGUS_TYPES)},
+        "evidence": {"type": ["integer", "null"], "minimum": 1, "maximum": n_source},
+        "verdict": {"type": "string", "enum": list(benchmarks.ARGUS_VERDICTS)}})["schema"]
+    return json_schema("argus_lines", {"lines": {"type": "array", "items": line,
+                                                 "minItems": n_target, "maxItems": n_target}})
 
 
 def parse_argus_lines(n_target: int, n_source: int, text: str):
@@ -1373,12 +1409,13 @@ def cmd_benchmark_score(args) -> dict:
                     "hallucination": hallucination, "omission": omission}
     jobs = [{"id": rid} for rid in captions]
     run = map_resumable(jobs, score_one, args.out, args.concurrency if args.judge == "llm" else 1,
-                        desc=f"{args.command} ({args.judge})", drop_failed=args.retry_failed)
+                        desc=f"{args.command} ({args.judge})", drop_failed=args.retry_failed,
+                        **client_progress(getattr(judge, "client", None)))
     done = collect_outputs(args.out, captions)
     scored = [r for r in done.values() if r.get("status") != "failed"]
     results = {"command": args.command, "step": "score", "judge": args.judge, "data": args.data,
                "captions": args.captions, "out": args.out, "n": len(jobs), "n_scored": len(scored),
-               **failure_summary(done.values()), "run": run}
+               **failure_summary(done.values()), "run": with_client_report(run, getattr(judge, "client", None))}
     if args.command == "vdc":
         results["accuracy"] = grouped_ci(scored, "dimension", "accuracy", benchmarks.VDC_DIMENSIONS)
         results["score"] = grouped_ci(scored, "dimension", "score", benchmarks.VDC_DIMENSIONS)

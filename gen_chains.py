@@ -855,6 +855,15 @@ def degrade_messages(caption: str, etype: str | None, earlier: list[str]) -> lis
                          "models: you edit a caption so that it becomes wrong about exactly one fact.", user)
 
 
+def degrade_schema(choose_type: bool) -> dict:
+    """What llm_step reads from a reply: the edited caption, the "cannot apply" flag and, when
+    the LLM chooses the error (unconditioned), its kind."""
+    fields = {"caption": {"type": "string"}, "cannot_apply": {"type": "boolean"}}
+    if choose_type:
+        fields["type"] = {"type": "string"}
+    return json_schema("degraded_caption", fields)
+
+
 def llm_step(client: ChatClient, prev: str, etype: str | None, earlier: list[dict],
              limits: StepLimits, stats: RunStats, tries: int, rng: random.Random,
              applicable: list[str]) -> tuple[str, dict]:
@@ -866,7 +875,7 @@ def llm_step(client: ChatClient, prev: str, etype: str | None, earlier: list[dic
     notes = [e["detail"] for e in earlier]
     reasons = []
     for _ in range(tries):
-        reply = client.chat(degrade_messages(prev, etype, notes),
+        reply = client.chat(degrade_messages(prev, etype, notes), schema=degrade_schema(etype is None),
                             max_tokens=max(64, 3 * len(prev.split()) + 48))
         caption, obj = clean_reply(reply.text)
         refused = bool(obj.get("cannot_apply")) or (
@@ -1046,6 +1055,11 @@ def reward_messages(caption: str, question: str, answer: str) -> list[dict]:
                          "A detailed description of the video is the evidence; judge only by it.", user)
 
 
+REWARD_SCHEMA = json_schema("answer_reward", {"verdict": {"type": "string", "enum": ["yes", "no"]},
+                                              "score": {"type": "integer", "minimum": 0, "maximum": 5},
+                                              "explanation": {"type": "string"}})
+
+
 def parse_reward(text: str) -> dict | None:
     """{"verdict", "score", "explanation"} from a judge reply, or None if it cannot be read."""
     obj = parse_json_object(text) or {}
@@ -1072,7 +1086,8 @@ def score_answer(client: ChatClient, caption: str, question: str, answer: str, t
     """LM reward: {"verdict": "yes"|"no", "score": 0..5, "explanation"}. An unreadable reply is
     asked again (ask_until_parsed); after `tries` a ChatError (the record is written as failed)."""
     asked = ask_until_parsed(client, reward_messages(caption, question, answer),
-                             partial(read_reply, parse_reward), JSON_REASK, tries, max_tokens=200)
+                             partial(read_reply, parse_reward), JSON_REASK, tries, schema=REWARD_SCHEMA,
+                             max_tokens=200)
     if not asked.ok:
         raise ChatError(f"unreadable reward reply after {tries} tries: {' '.join(asked.reply.split())[:80]!r}")
     return asked.value
@@ -1132,7 +1147,8 @@ def run_command(name: str, args, records: list[dict], *, rules: Callable | None 
         client, concurrency = ChatClient.from_args(args), args.concurrency
         one = lambda rec: llm(rec, client, stats)
     desc = f"{name} ({args.backend})" if hasattr(args, "backend") else name
-    run = map_resumable(records, one, args.out, concurrency, desc, args.retry_failed)
+    run = map_resumable(records, one, args.out, concurrency, desc, args.retry_failed,
+                        postfix=client.progress if client is not None else None)
     if then is not None:
         run = {**run, **then()}
     return _finish(name, run, stats, client, left_out)
@@ -1146,10 +1162,17 @@ def _finish(name: str, run: dict, stats: RunStats | None = None, client: ChatCli
     if stats is not None:
         summary.update(stats.as_dict())
     if client is not None:
-        summary["tokens"] = {"prompt": client.usage["prompt_tokens"], "completion": client.usage["completion_tokens"]}
-        summary["requests"] = {"sent": client.usage["requests"], "retries": client.usage["retries"]}
+        summary.update(client.report())
+        summary["tokens"].update(cost_per_record(client.tokens, run))
     print("summary: " + json.dumps(summary), file=sys.stderr)
     return summary
+
+
+def cost_per_record(tokens: int, run: dict) -> dict:
+    """Tokens per record written this run and per kept one (status ok): the data's price."""
+    written = run.get("done", 0) + run.get("failed", 0)
+    return {"per_record": round(tokens / written, 1) if written else None,
+            "per_kept": round(tokens / run["kept"], 1) if run.get("kept") else None}
 
 
 def _base_record(rec: dict) -> dict:
@@ -1206,6 +1229,10 @@ def source_captions(rec: dict) -> list[str] | None:
     return srcs
 
 
+# A structured reply is {"caption": ...}; clean_reply reads the caption out of it.
+CAPTION_SCHEMA = json_schema("caption", {"caption": {"type": "string"}})
+
+
 def parse_recaption(min_words: int, text: str) -> tuple[str | None, list[str]]:
     """The detailed caption in a reply, or why it is unusable: empty, refused, or too_short
     (fewer words than the longest short caption)."""
@@ -1232,7 +1259,7 @@ def recaption_by_llm(tries: int, rec: dict, client: ChatClient, stats: RunStats)
     srcs = source_captions(rec)
     longest = max(len(_tokens(s)) for s in srcs)
     asked = ask_or_fail(client, recaption_messages(srcs), partial(parse_recaption, longest),
-                        "Reply again with the caption only.", tries, stats)
+                        "Reply again with the caption only.", tries, stats, schema=CAPTION_SCHEMA)
     return {**_base_record(rec), "caption": asked.value, "source_captions": srcs, "status": "ok"}
 
 
@@ -1533,13 +1560,22 @@ def chain_statements_messages(rec: dict, kind: str) -> list[dict]:
                          head + task)
 
 
+def chain_statements_schema(rec: dict, kind: str) -> dict:
+    """What parse_chain_mcq / parse_chain_ynq read: one statement per caption of the chain."""
+    n = len(rec["chain"])
+    if kind == "mcq":
+        return json_schema("chain_mcq", {"question": {"type": "string"}, "options": string_list(n, n)})
+    return json_schema("chain_ynq", {"questions": string_list(n, n)})
+
+
 def _statements_max_tokens(rec: dict) -> int:
     return 40 * len(rec["chain"]) + 2 * max(len(c.split()) for c in rec["chain"]) + 60
 
 
 def mcq_by_llm(seed: int, tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     asked = ask_or_fail(client, chain_statements_messages(rec, "mcq"), partial(parse_chain_mcq, rec["chain"]),
-                        JSON_REASK, tries, stats, max_tokens=_statements_max_tokens(rec))
+                        JSON_REASK, tries, stats, schema=chain_statements_schema(rec, "mcq"),
+                        max_tokens=_statements_max_tokens(rec))
     question, options = asked.value
     return _mcq_chain_record(rec, question, options, seed, question=question, source="llm",
                              llm_calls=asked.tries)
@@ -1547,7 +1583,8 @@ def mcq_by_llm(seed: int, tries: int, rec: dict, client: ChatClient, stats: RunS
 
 def ynq_by_llm(tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     asked = ask_or_fail(client, chain_statements_messages(rec, "ynq"), partial(parse_chain_ynq, rec["chain"]),
-                        JSON_REASK, tries, stats, max_tokens=_statements_max_tokens(rec))
+                        JSON_REASK, tries, stats, schema=chain_statements_schema(rec, "ynq"),
+                        max_tokens=_statements_max_tokens(rec))
     return _ynq_chain_record(rec, asked.value, source="llm", llm_calls=asked.tries)
 
 
@@ -1559,6 +1596,10 @@ def lfmcqa_messages(caption: str) -> list[dict]:
             '{"question": "...", "options": ["...", "...", "...", "...", "..."], "answer": <index 0-4 of the '
             "correct option>}")
     return chat_messages("You write exam questions about videos from their descriptions.", user)
+
+
+LFMCQA_SCHEMA = json_schema("long_form_mcq", {"question": {"type": "string"}, "options": string_list(5, 5),
+                                              "answer": {"type": "integer", "minimum": 0, "maximum": 4}})
 
 
 def parse_lfmcqa(text: str) -> tuple[str, list[str], int] | None:
@@ -1589,7 +1630,7 @@ def lfmcqa_by_rules(seed: int, rec: dict, world, stats: RunStats) -> dict:
 
 def lfmcqa_by_llm(seed: int, tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     asked = ask_until_parsed(client, lfmcqa_messages(rec["caption"]), partial(read_reply, parse_lfmcqa),
-                             JSON_REASK, tries, stats)
+                             JSON_REASK, tries, stats, schema=LFMCQA_SCHEMA)
     if not asked.ok:
         raise StepFailed(f"no readable question after {tries} tries")
     question, options, answer = asked.value
@@ -1644,6 +1685,12 @@ def qa_messages(caption: str, n: int) -> list[dict]:
                          "descriptions, for instruction tuning.", user)
 
 
+def qa_schema(n: int) -> dict:
+    """What parse_qa reads: up to n question-answer pairs."""
+    pair = json_schema("qa_pair", {"question": {"type": "string"}, "answer": {"type": "string"}})["schema"]
+    return json_schema("qa_pairs", {"qa": {"type": "array", "items": pair, "minItems": 1, "maxItems": n}})
+
+
 def parse_qa(text: str) -> list[dict] | None:
     obj = parse_json_object(text) or {}
     items = obj.get("qa", obj.get("questions"))
@@ -1684,6 +1731,9 @@ def pick_messages(reference: str, first: str, second: str) -> list[dict]:
                          "reference description.", user)
 
 
+PICK_SCHEMA = json_schema("better_caption", {"better": {"type": "integer", "enum": [1, 2]}})
+
+
 def parse_pick(text: str) -> str | None:
     obj = parse_json_object(text) or {}
     value = obj.get("better", obj.get("choice"))
@@ -1706,6 +1756,10 @@ def verify_messages(reference: str, claim: str) -> list[dict]:
             'Does the reference support the claim? Reply with JSON only: {"verdict": "yes" or "no"}')
     return chat_messages("You check claims about a video against its reference "
                          "description.", user)
+
+
+CLAIMS_SCHEMA = json_schema("claims", {"claims": string_list(1)})
+VERDICT_SCHEMA = json_schema("claim_verdict", {"verdict": {"type": "string", "enum": ["yes", "no"]}})
 
 
 def parse_claims(text: str) -> list[str] | None:
@@ -1737,26 +1791,26 @@ class LLMTeacher:
     def __init__(self, client: ChatClient, tries: int, stats: RunStats):
         self.client, self.tries, self.stats = client, tries, stats
 
-    def _ask(self, messages: list[dict], parse: Callable[[str], object], max_tokens: int) -> Asked:
+    def _ask(self, messages: list[dict], parse: Callable[[str], object], schema: dict, max_tokens: int) -> Asked:
         return ask_or_fail(self.client, messages, partial(read_reply, parse), JSON_REASK, self.tries,
-                           self.stats, max_tokens=max_tokens)
+                           self.stats, schema=schema, max_tokens=max_tokens)
 
     def qa(self, rec: dict, n: int, rng: random.Random) -> Asked:
-        asked = self._ask(qa_messages(rec["caption"], n), parse_qa, 120 * n)
+        asked = self._ask(qa_messages(rec["caption"], n), parse_qa, qa_schema(n), 120 * n)
         return replace(asked, value=asked.value[:n])
 
     def improve(self, ref: dict, sample: str) -> Asked:
-        return self._ask(improve_messages(ref["caption"], sample), parse_caption_reply,
+        return self._ask(improve_messages(ref["caption"], sample), parse_caption_reply, CAPTION_SCHEMA,
                          max(128, 3 * len(ref["caption"].split())))
 
     def pick(self, ref: dict, first: str, second: str) -> Asked:
-        return self._ask(pick_messages(ref["caption"], first, second), parse_pick, 64)
+        return self._ask(pick_messages(ref["caption"], first, second), parse_pick, PICK_SCHEMA, 64)
 
     def claims(self, answer: str) -> Asked:
-        return self._ask(claims_messages(answer), parse_claims, max(128, 3 * len(answer.split())))
+        return self._ask(claims_messages(answer), parse_claims, CLAIMS_SCHEMA, max(128, 3 * len(answer.split())))
 
     def verify(self, ref: dict, claim: str) -> Asked:
-        return self._ask(verify_messages(ref["caption"], claim), parse_claim_verdict, 32)
+        return self._ask(verify_messages(ref["caption"], claim), parse_claim_verdict, VERDICT_SCHEMA, 32)
 
 
 class RulesTeacher:

@@ -315,19 +315,22 @@ class RecordFailed(RuntimeError):
 
 
 def map_resumable(records: Iterable[dict], fn: Callable[[dict], dict], out_path: str,
-                  concurrency: int = 1, desc: str = "records", drop_failed: bool = False) -> dict:
+                  concurrency: int = 1, desc: str = "records", drop_failed: bool = False,
+                  postfix: Callable[[], dict] | None = None) -> dict:
     """Run fn(record) -> output record over a thread pool, appending each result to out_path.
 
     Ids already in out_path are skipped (resume). A RecordFailed becomes a failed record; a
     fatal one, or any other exception, stops the run, since every record would fail the same way.
-    Returns a summary: total, skipped (already done), done, failed, seconds, rate.
+    The progress bar shows records/s and the time left; postfix() adds live figures of the
+    caller's (e.g. an LLM client's tokens/s). Returns a summary: total, skipped (already done),
+    done, failed, kept (done and ok: is_ok), seconds, rate.
     """
     from tqdm.auto import tqdm              # comes with transformers
 
     out = ResumableJsonl(out_path, drop_failed=drop_failed)
     records = list(records)
     todo = [r for r in records if r["id"] not in out.done_ids]
-    summary = {"total": len(records), "skipped": len(records) - len(todo), "done": 0, "failed": 0}
+    summary = {"total": len(records), "skipped": len(records) - len(todo), "done": 0, "failed": 0, "kept": 0}
     start = time.monotonic()
     bar = tqdm(total=len(todo), desc=desc, unit="rec", dynamic_ncols=True, file=sys.stderr,
                disable=None if todo else True)
@@ -370,8 +373,9 @@ def map_resumable(records: Iterable[dict], fn: Callable[[dict], dict], out_path:
                         summary["failed"] += 1
                     else:
                         summary["done"] += 1
+                        summary["kept"] += is_ok(result)
                     bar.update(1)
-                    bar.set_postfix(failed=summary["failed"], refresh=False)
+                    bar.set_postfix(failed=summary["failed"], **(postfix() if postfix else {}), refresh=False)
     finally:
         bar.close()
         out.close()
