@@ -12,7 +12,16 @@ Each POST /v1/chat/completions takes the next scripted Reply from the queue (pus
 `responder(request)` (a FakeRequest; return a str, a dict (the JSON body) or a Reply), else
 answers `default`. Faults: any status code, a Retry-After header, a delay (a hang when it is
 longer than the client's timeout), a malformed body, empty content, arbitrary text.
-`latency` delays every reply (the benchmark's 200 ms server). GET /v1/models lists one model.
+`latency` delays every reply (the benchmark's 200 ms server); `slots` bounds the requests served
+at once (more wait their turn, as on a real server with a fixed batch). GET /v1/models lists one
+model.
+
+Several servers: start several (each on its own port, or a fixed `port` to restart one where it
+was). A server dies mid-run with stop() or `die_after=N` (it stops itself after N requests): the
+requests in flight get their connection closed without a reply, and later ones are refused.
+Structured output (response_format): structured=None ignores it, "refuse" answers 400 naming
+response_format (as a server without json_schema support does), "check" answers 400 unless it is
+a well-formed json_schema request; FakeRequest.schema is the schema a request carried.
 """
 from __future__ import annotations
 
@@ -65,6 +74,12 @@ class FakeRequest:
         return (self.body or {}).get("messages", [])
 
     @property
+    def schema(self) -> dict | None:
+        """The JSON schema of the request's response_format json_schema, if it sent one."""
+        fmt = (self.body or {}).get("response_format") or {}
+        return (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None
+
+    @property
     def user_text(self) -> str:
         """The last user message's content (what most responders look at)."""
         users = [m.get("content", "") for m in self.messages if m.get("role") == "user"]
@@ -73,8 +88,13 @@ class FakeRequest:
 
 class FakeLLM:
     def __init__(self, responder: Callable[[FakeRequest], object] | None = None,
-                 default: str = "ok", latency: float = 0.0, model: str = "fake-model"):
+                 default: str = "ok", latency: float = 0.0, model: str = "fake-model", port: int = 0,
+                 slots: int | None = None, die_after: int | None = None, structured: str | None = None):
+        if structured not in (None, "refuse", "check"):
+            raise ValueError(f"structured must be None, 'refuse' or 'check', got {structured!r}")
         self.responder, self.default, self.latency, self.model = responder, default, latency, model
+        self.port, self.die_after, self.structured = port, die_after, structured
+        self._slots = threading.Semaphore(slots) if slots else None
         self.requests: list[FakeRequest] = []
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -95,6 +115,11 @@ class FakeLLM:
     def _next_reply(self, request: FakeRequest) -> Reply:
         with self._lock:
             self.requests.append(request)
+            if self.die_after is not None and len(self.requests) >= self.die_after:
+                threading.Thread(target=self.stop, daemon=True).start()   # dies with this one in flight
+            refusal = self._structured_refusal(request)
+            if refusal is not None:
+                return refusal
             if self._script:
                 return self._script.popleft()
         if self.responder is None:
@@ -106,11 +131,24 @@ class FakeLLM:
             return Reply(raw=json.dumps(out).encode())
         return Reply(text=str(out))
 
+    def _structured_refusal(self, request: FakeRequest) -> Reply | None:
+        fmt = (request.body or {}).get("response_format")
+        if fmt is None or self.structured is None:
+            return None
+        if self.structured == "refuse":
+            return Reply.error(400, message="response_format json_schema is not supported")
+        spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        well_formed = (fmt.get("type") == "json_schema" and isinstance(spec, dict)
+                       and isinstance(spec.get("name"), str) and spec.get("strict") is True
+                       and isinstance(spec.get("schema"), dict) and spec["schema"].get("type") == "object")
+        return None if well_formed else Reply.error(400, message=f"invalid response_format: {fmt!r}"[:300])
+
     # -- lifecycle ---------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        assert self._server is not None, "start the server first (use it as a context manager)"
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        """http://127.0.0.1:PORT/v1 (still the server's address after it stopped)."""
+        assert self.port, "start the server first (use it as a context manager)"
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> "FakeLLM":
         fake = self
@@ -144,6 +182,9 @@ class FakeLLM:
             def do_POST(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 data = self.rfile.read(n)
+                if fake._stop.is_set():        # stopped: a kept-alive connection dies unanswered
+                    self.close_connection = True
+                    return
                 try:
                     body = json.loads(data)
                 except ValueError:
@@ -155,8 +196,16 @@ class FakeLLM:
                     return
                 reply = fake._next_reply(request)
                 wait = fake.latency + reply.delay
-                if wait > 0 and fake._stop.wait(wait):
-                    return                     # shutting down
+                if fake._slots is not None:
+                    fake._slots.acquire()      # a free slot first, then the latency
+                try:
+                    stopped = wait > 0 and fake._stop.wait(wait)
+                finally:
+                    if fake._slots is not None:
+                        fake._slots.release()
+                if stopped or fake._stop.is_set():
+                    self.close_connection = True
+                    return                     # shutting down (or died): no reply
                 headers = dict(reply.headers)
                 if reply.retry_after is not None:
                     headers["Retry-After"] = reply.retry_after
@@ -177,7 +226,8 @@ class FakeLLM:
                 self._send(reply.status, json.dumps(out).encode(), headers)
 
         self._stop.clear()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.port = self._server.server_address[1]
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -185,11 +235,12 @@ class FakeLLM:
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
+        with self._lock:                       # die_after and the test may both stop it
+            server, self._server = self._server, None
+        if server is not None:
             self._stop.set()
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+            server.shutdown()
+            server.server_close()
 
     def __enter__(self) -> "FakeLLM":
         return self.start()
