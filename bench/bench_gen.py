@@ -6,8 +6,13 @@
    the way real records go: map_resumable's thread pool -> ChatClient.chat -> one fsynced line
    in a resumable JSONL file. Target: at least 0.8 x concurrency / latency.
 2. Offline speed: `synth` (1000 videos) and `chains --backend rules` on them.
+3. Several servers behind one client: requests/s against 1, 2 and 4 servers at the same total
+   concurrency, each server answering after a fixed latency with a few slots (requests beyond
+   them wait), so one server caps the rate and k servers should give k times it (least-loaded
+   routing). Target: at least 0.8 x min(k x slots, concurrency) / latency. Written into its own
+   block of bench/RESULTS.md.
 
-Prints a markdown table and writes bench/gen.json.
+Prints markdown tables and writes bench/gen.json (--parts picks which to run).
 """
 from __future__ import annotations
 
@@ -28,6 +33,19 @@ import gen_chains as gc          # noqa: E402
 from fake_llm import FakeLLM     # noqa: E402
 from records import map_resumable  # noqa: E402
 
+RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
+SERVERS_BLOCK = ("<!-- multi-server table (bench_gen.py) -->", "<!-- end multi-server table -->")
+
+
+def merge_json(path: str, part: dict) -> None:
+    """bench/gen.json with these keys replaced (each part rewrites only its own)."""
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**data, **part}, f, indent=2)
+
 
 def machine() -> dict:
     model = platform.processor() or "unknown"
@@ -40,6 +58,7 @@ def machine() -> dict:
 
 
 def client_rate(url: str, concurrency: int, n: int, workdir: str) -> float:
+    """url: one API root or several (comma-separated: one client over all of them)."""
     client = gc.ChatClient(url, "bench", timeout=30, max_tries=3)
     records = [{"id": f"r{i}"} for i in range(n)]
     out = os.path.join(workdir, f"c{concurrency}-{time.monotonic_ns()}.jsonl")
@@ -55,6 +74,68 @@ def client_rate(url: str, concurrency: int, n: int, workdir: str) -> float:
     return n / elapsed
 
 
+def servers_rates(args, workdir: str) -> list[dict]:
+    """Part 3: the same total concurrency against 1, 2, 4 ... servers of `slots` slots each."""
+    rows = []
+    per_server = args.server_slots / args.server_latency
+    for k in (int(x) for x in args.servers.split(",")):
+        fakes = [FakeLLM(default="hi", latency=args.server_latency, slots=args.server_slots).start()
+                 for _ in range(k)]
+        try:
+            urls = ",".join(f.url for f in fakes)
+            n = args.rounds * args.server_concurrency
+            client_rate(urls, args.server_concurrency, args.server_concurrency, workdir)   # warm-up
+            warm = [len(f.requests) for f in fakes]
+            rates = [client_rate(urls, args.server_concurrency, n, workdir) for _ in range(args.repeats)]
+            shares = [len(f.requests) - w for f, w in zip(fakes, warm)]     # all measured runs
+        finally:
+            for f in fakes:
+                f.stop()
+        rate = statistics.median(rates)
+        ideal = min(k * args.server_slots, args.server_concurrency) / args.server_latency
+        rows.append({"servers": k, "requests": n, "requests_per_s": round(rate, 2),
+                     "runs": [round(r, 2) for r in rates], "ideal": round(ideal, 2),
+                     "target": round(0.8 * ideal, 2), "efficiency": round(rate / ideal, 3),
+                     "scaling": round(rate / per_server, 2), "requests_per_server": shares,
+                     "meets_target": rate >= 0.8 * ideal})
+    return rows
+
+
+def servers_table(args, rows: list[dict], m: dict) -> str:
+    head = (f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}. Command: "
+            f"`.venv/bin/python bench/bench_gen.py --parts servers` (raw figures: `bench/gen.json`, "
+            f"key `servers`). Each fake server (`tests/fake_llm.py`, in the same process) answers after "
+            f"{args.server_latency * 1000:.0f} ms with {args.server_slots} slots (more requests wait), so "
+            f"one serves at most {args.server_slots / args.server_latency:.0f} requests/s; the client runs "
+            f"{args.server_concurrency} requests in flight over all servers (`--base_url URL1,URL2,...`), "
+            f"{args.rounds} x {args.server_concurrency} requests per run, median of {args.repeats} runs. "
+            "Target: >= 0.8 x min(servers x slots, concurrency) / latency.\n\n")
+    table = ["| servers | requests | requests/s (median) | ideal | target (0.8x) | efficiency | x one server "
+             "| requests per server (all runs) | meets target |", "|---:|---:|---:|---:|---:|---:|---:|---|:---:|"]
+    for r in rows:
+        table.append(f"| {r['servers']} | {r['requests']} | {r['requests_per_s']:.1f} | {r['ideal']:.0f} | "
+                     f"{r['target']:.0f} | {r['efficiency']:.2f} | {r['scaling']:.2f} | "
+                     f"{' / '.join(map(str, r['requests_per_server']))} | {'yes' if r['meets_target'] else 'NO'} |")
+    return head + "\n".join(table)
+
+
+def write_servers_block(table: str, path: str = RESULTS) -> None:
+    """Replace the multi-server block of the chain-generation section (appended there if absent)."""
+    with open(path) as f:
+        text = f.read()
+    block = f"{SERVERS_BLOCK[0]}\n**Several servers behind one client.** {table}\n{SERVERS_BLOCK[1]}"
+    start, end = text.find(SERVERS_BLOCK[0]), text.find(SERVERS_BLOCK[1])
+    if start >= 0 and end >= 0:
+        text = text[:start] + block + text[end + len(SERVERS_BLOCK[1]):]
+    else:
+        head = text.index("## Chain generation (`make bench-gen`)")
+        nxt = text.find("\n## ", head + 1)
+        nxt = len(text) if nxt < 0 else nxt
+        text = text[:nxt].rstrip("\n") + "\n\n" + block + "\n\n" + text[nxt:]
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency", type=float, default=0.2, help="server latency per request, seconds")
@@ -63,8 +144,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per level; the median is reported")
     ap.add_argument("--synth_n", type=int, default=1000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "gen.json"))
+    ap.add_argument("--parts", default="client,servers",
+                    help="comma list: client (parts 1 and 2), servers (part 3)")
+    ap.add_argument("--servers", default="1,2,4", help="part 3: server counts")
+    ap.add_argument("--server_latency", type=float, default=0.2, help="part 3: seconds per request")
+    ap.add_argument("--server_slots", type=int, default=4, help="part 3: requests one server serves at once")
+    ap.add_argument("--server_concurrency", type=int, default=16, help="part 3: requests in flight in all")
+    ap.add_argument("--results", default=RESULTS, help="part 3 writes its block here ('' for none)")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
+    parts = set(args.parts.split(","))
+    if "servers" in parts:
+        with tempfile.TemporaryDirectory() as work:
+            rows = servers_rates(args, work)
+        table = servers_table(args, rows, machine())
+        print("\n" + table)
+        if args.results:
+            write_servers_block(table, args.results)
+        merge_json(args.out, {"machine": machine(), "servers": {
+            "latency_s": args.server_latency, "slots": args.server_slots,
+            "concurrency": args.server_concurrency, "rows": rows}})
+    if "client" not in parts:
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as work, FakeLLM(default="hi", latency=args.latency) as llm:
@@ -92,8 +193,7 @@ def main() -> None:
               "synth": {"videos": args.synth_n, "seconds": round(synth_s, 2)},
               "rules_chains": {"records": s["done"], "length": 4, "seconds": round(rules_s, 2),
                                "records_per_s": round(s["done"] / rules_s, 1)}}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    merge_json(args.out, result)
 
     m = result["machine"]
     print(f"\nMachine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; "
