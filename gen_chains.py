@@ -118,10 +118,20 @@ def string_list(min_items: int = 1, max_items: int | None = None) -> dict:
     return out
 
 
-def response_format(schema: dict) -> dict:
-    """The OpenAI `response_format` for a json_schema() (vLLM, SGLang, llama.cpp's llama-server
-    and OpenAI accept it)."""
-    return {"type": "json_schema", "json_schema": {**schema, "strict": True}}
+# The forms of structured output, tried in this order: OpenAI's (vLLM, SGLang, llama.cpp's
+# llama-server, OpenAI), then llama-cpp-python's server's own (0.3.x refuses the first: its
+# response_format.type is "text" or "json_object", the latter with an optional "schema").
+STRUCTURED_FORMS = ("json_schema", "json_object+schema")
+
+
+def response_format(schema: dict, form: str = "json_schema") -> dict:
+    """The `response_format` asking for a reply that follows a json_schema(), in one of the
+    STRUCTURED_FORMS."""
+    if form == "json_schema":
+        return {"type": "json_schema", "json_schema": {**schema, "strict": True}}
+    if form == "json_object+schema":
+        return {"type": "json_object", "schema": schema["schema"]}
+    raise ValueError(f"unknown structured-output form {form!r} (one of {', '.join(STRUCTURED_FORMS)})")
 
 
 # A server that cannot do structured output says so in its error: it names the field.
@@ -166,14 +176,21 @@ class Server:
         self.fails_in_row = 0              # connection errors, timeouts and 5xx since the last success
         self.set_aside_until: float | None = None   # monotonic time; None while healthy
         self.probing = False               # the one request let through after the cool-down
-        self.structured: bool | None = None  # json_schema: accepted, refused, or not tried yet
+        self.form = 0                      # the STRUCTURED_FORMS entry to send; past the end: none
+        self.form_accepted = False         # a reply came back with self.form
         self.counts = Counter()            # requests, failures, set_aside, prompt/completion tokens
 
     def report(self) -> dict:
         c = self.counts
         return {"url": self.url, "requests": c["requests"], "failures": c["failures"],
                 "set_aside": c["set_aside"], "tokens": c["prompt_tokens"] + c["completion_tokens"],
-                "structured": {True: "accepted", False: "refused", None: "not tried"}[self.structured]}
+                "structured": self.structured_state()}
+
+    def structured_state(self) -> str:
+        """The form this server takes ("json_schema", ...), "refused", or "not tried" yet."""
+        if self.form >= len(STRUCTURED_FORMS):
+            return "refused"
+        return STRUCTURED_FORMS[self.form] if self.form_accepted else "not tried"
 
 
 class RateLimit:
@@ -214,11 +231,12 @@ class ChatClient:
     fatal at once (a wrong URL, key or model). Thread-safe: each worker thread gets its own
     keep-alive session.
 
-    chat(messages, schema=json_schema(...)) asks for structured output (response_format
-    json_schema) where the server offers it: structured "auto" tries, and a server that refuses
-    (an error naming response_format or json_schema) is noted once and asked without a schema
-    from then on (the prompt and the parser carry the format); "on" makes a refusal fatal;
-    "off" never sends a schema.
+    chat(messages, schema=json_schema(...)) asks for structured output where the server offers
+    it: structured "auto" sends response_format json_schema; a server that refuses it (an error
+    naming response_format or json_schema) is noted once and tried with llama-cpp-python's form
+    (json_object with the schema), and a server that refuses that too is asked without a schema
+    from then on (the prompt and the parser carry the format). "on" makes refusing both forms
+    fatal; "off" never sends a schema.
     """
 
     def __init__(self, base_url, model: str, api_key: str | None = None, timeout: float = 60.0,
@@ -328,20 +346,25 @@ class ChatClient:
         with self._lock:
             return any(s.set_aside_until is None and s not in avoid for s in self.servers)
 
-    def _refuses_schema(self, server: Server, resp) -> bool:
-        """Whether this error is the server refusing response_format; noted once per server."""
+    def _refuses_schema(self, server: Server, form: int, resp) -> bool:
+        """Whether this error is the server refusing structured-output form `form`; then the
+        server moves on to the next form, noted once per server and form."""
         if resp.status_code in FATAL_STATUS or not STRUCTURED_REFUSAL.search(resp.text or ""):
             return False
-        if self.structured == "on":
+        with self._lock:
+            first = server.form == form        # concurrent refusals of the same form: one note
+            if first:
+                server.form, server.form_accepted = form + 1, False
+                server.counts["structured_refused"] += 1
+        none_left = form + 1 >= len(STRUCTURED_FORMS)
+        if none_left and self.structured == "on":
             raise ChatError(f"{server.url} refuses structured output (HTTP {resp.status_code}: "
                             f"{self._scrub(_error_message(resp))}); use --structured auto or off", fatal=True)
-        with self._lock:
-            first, server.structured = server.structured is not False, False
-            if first:
-                server.counts["structured_refused"] += 1
         if first:
-            log.warning("%s refuses response_format json_schema (HTTP %d): the prompt and the parser "
-                        "carry the reply format there from now on", server.url, resp.status_code)
+            then = ("the prompt and the parser carry the reply format there from now on" if none_left
+                    else f"trying response_format {STRUCTURED_FORMS[form + 1]}")
+            log.warning("%s refuses response_format %s (HTTP %d): %s", server.url, STRUCTURED_FORMS[form],
+                        resp.status_code, then)
         return True
 
     # -- one request -----------------------------------------------------------------------
@@ -359,9 +382,11 @@ class ChatClient:
             if self._rate is not None:
                 self._rate.wait()
             server = self._pick(avoid)
-            with_schema = (schema is not None and self.structured != "off" and server.structured is not False
+            form = server.form
+            with_schema = (schema is not None and self.structured != "off" and form < len(STRUCTURED_FORMS)
                            and "response_format" not in payload)
-            body = {**payload, "response_format": response_format(schema)} if with_schema else payload
+            body = {**payload, "response_format": response_format(schema, STRUCTURED_FORMS[form])} \
+                if with_schema else payload
             self._count(requests=1, retries=int(attempt > 1), structured=int(with_schema))
             wait, ok, unhealthy = None, False, False
             try:
@@ -380,14 +405,14 @@ class ChatClient:
                         with self._lock:
                             server.counts.update(prompt_tokens=reply.prompt_tokens,
                                                  completion_tokens=reply.completion_tokens)
-                            if with_schema:
-                                server.structured = True
+                            if with_schema and server.form == form:
+                                server.form_accepted = True
                             self.usage.update(prompt_tokens=reply.prompt_tokens,
                                               completion_tokens=reply.completion_tokens)
                         return reply
                 else:
-                    if with_schema and self._refuses_schema(server, resp):
-                        attempt -= 1              # not the request's fault: ask again without the schema
+                    if with_schema and self._refuses_schema(server, form, resp):
+                        attempt -= 1              # not the request's fault: ask again in the next form
                         reason = "refused response_format"
                         continue
                     reason = f"HTTP {resp.status_code}: {self._scrub(_error_message(resp))}"
@@ -452,7 +477,8 @@ class ChatClient:
         return {"tokens": {"prompt": u["prompt_tokens"], "completion": u["completion_tokens"]},
                 "requests": {"sent": u["requests"], "retries": u["retries"], "with_schema": u["structured"]},
                 "structured": {"mode": self.structured,
-                               "refused_by": [s["url"] for s in servers if s["structured"] == "refused"]},
+                               "refused_by": [s["url"] for s in servers if s["structured"] == "refused"],
+                               "refusals": sum(s.counts["structured_refused"] for s in self.servers)},
                 "servers": servers}
 
 

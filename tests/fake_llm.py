@@ -20,8 +20,10 @@ Several servers: start several (each on its own port, or a fixed `port` to resta
 was). A server dies mid-run with stop() or `die_after=N` (it stops itself after N requests): the
 requests in flight get their connection closed without a reply, and later ones are refused.
 Structured output (response_format): structured=None ignores it, "refuse" answers 400 naming
-response_format (as a server without json_schema support does), "check" answers 400 unless it is
-a well-formed json_schema request; FakeRequest.schema is the schema a request carried.
+response_format to any (a server without structured output), "check" answers 400 unless it is a
+well-formed json_schema request, "llama-cpp" answers as llama-cpp-python 0.3's server does (500
+naming response_format.type unless it is json_object, whose optional "schema" it takes);
+FakeRequest.schema is the schema a request carried (in either form).
 """
 from __future__ import annotations
 
@@ -77,6 +79,8 @@ class FakeRequest:
     def schema(self) -> dict | None:
         """The JSON schema of the request's response_format json_schema, if it sent one."""
         fmt = (self.body or {}).get("response_format") or {}
+        if fmt.get("type") == "json_object":
+            return fmt.get("schema")
         return (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None
 
     @property
@@ -90,8 +94,8 @@ class FakeLLM:
     def __init__(self, responder: Callable[[FakeRequest], object] | None = None,
                  default: str = "ok", latency: float = 0.0, model: str = "fake-model", port: int = 0,
                  slots: int | None = None, die_after: int | None = None, structured: str | None = None):
-        if structured not in (None, "refuse", "check"):
-            raise ValueError(f"structured must be None, 'refuse' or 'check', got {structured!r}")
+        if structured not in (None, "refuse", "check", "llama-cpp"):
+            raise ValueError(f"structured must be None, 'refuse', 'check' or 'llama-cpp', got {structured!r}")
         self.responder, self.default, self.latency, self.model = responder, default, latency, model
         self.port, self.die_after, self.structured = port, die_after, structured
         self._slots = threading.Semaphore(slots) if slots else None
@@ -137,6 +141,11 @@ class FakeLLM:
             return None
         if self.structured == "refuse":
             return Reply.error(400, message="response_format json_schema is not supported")
+        if self.structured == "llama-cpp":
+            if isinstance(fmt, dict) and fmt.get("type") == "json_object" and isinstance(fmt.get("schema", {}), dict):
+                return None
+            return Reply.error(500, message="1 validation error: {'type': 'literal_error', 'loc': ('body', "
+                               "'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\"}")
         spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
         well_formed = (fmt.get("type") == "json_schema" and isinstance(spec, dict)
                        and isinstance(spec.get("name"), str) and spec.get("strict") is True

@@ -170,7 +170,18 @@ def test_structured_output_is_sent_well_formed():
     fmt = llm.requests[0].body["response_format"]
     assert fmt == {"type": "json_schema", "json_schema": {**SCHEMA, "strict": True}}
     assert llm.requests[0].schema["required"] == ["answer"] and "response_format" not in llm.requests[1].body
-    assert client.report()["servers"][0]["structured"] == "accepted"
+    assert client.report()["servers"][0]["structured"] == "json_schema"
+
+
+def test_llama_cpp_python_server_gets_its_own_form():
+    with FakeLLM(default='{"answer": "yes"}', structured="llama-cpp") as llm:
+        client = gc.ChatClient(llm.url, "m")
+        for _ in range(3):
+            assert client.chat(HI, schema=SCHEMA).text == '{"answer": "yes"}'
+    assert [r.body["response_format"]["type"] for r in llm.requests] == ["json_schema"] + ["json_object"] * 3
+    assert all(r.schema == SCHEMA["schema"] for r in llm.requests)
+    assert client.report()["servers"][0]["structured"] == "json_object+schema"
+    assert client.report()["structured"] == {"mode": "auto", "refused_by": [], "refusals": 1}
 
 
 def test_a_refusal_is_detected_once_per_server_then_the_prompt_path():
@@ -179,12 +190,13 @@ def test_a_refusal_is_detected_once_per_server_then_the_prompt_path():
         client = gc.ChatClient(f"{refusing.url},{taking.url}", "m", max_tries=1)
         run_threads(20, 4, lambda i: client.chat(HI, schema=SCHEMA))   # max_tries 1: the refusal is free
         refused = [r for r in refusing.requests if r.schema is not None]
-        assert 1 <= len(refused) <= 4                     # only those sent before the first refusal came back
-        assert all(r.schema is not None for r in taking.requests)
+        assert 2 <= len(refused) <= 8          # each form once, and those in flight before its refusal came back
+        assert all(r.schema is not None and r.body["response_format"]["type"] == "json_schema"
+                   for r in taking.requests)
         report = client.report()
         assert report["structured"]["refused_by"] == [client.servers[0].url]
-        assert [s["structured"] for s in report["servers"]] == ["refused", "accepted"]
-        assert client.servers[0].counts["structured_refused"] == 1
+        assert [s["structured"] for s in report["servers"]] == ["refused", "json_schema"]
+        assert client.servers[0].counts["structured_refused"] == 2 == report["structured"]["refusals"]
         before = len(refusing.requests)
         client.chat(HI, schema=SCHEMA)
         assert all(r.schema is None for r in refusing.requests[before:])
@@ -311,4 +323,4 @@ def test_progress_bar_shows_records_tokens_and_eta(tmp_path, monkeypatch):
     assert "rec/s" in bar and "tok/s=" in bar and "<" in bar          # rate, tokens/s, elapsed<remaining
     assert summary["tokens"]["per_record"] == pytest.approx(
         (summary["tokens"]["prompt"] + summary["tokens"]["completion"]) / 8, abs=0.1)
-    assert Counter(s["structured"] for s in summary["servers"]) == {"accepted": 1}
+    assert Counter(s["structured"] for s in summary["servers"]) == {"json_schema": 1}
