@@ -102,7 +102,8 @@ def servers_rates(args, workdir: str) -> list[dict]:
 
 
 def servers_table(args, rows: list[dict], m: dict) -> str:
-    head = (f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}. Command: "
+    head = (f"Machine: {m['cpu']}, {m['cores']} cores (load average {args.load_before:.1f} before the run, "
+            f"shared with other jobs), Python {m['python']}. Command: "
             f"`.venv/bin/python bench/bench_gen.py --parts servers` (raw figures: `bench/gen.json`, "
             f"key `servers`). Each fake server (`tests/fake_llm.py`, in the same process) answers after "
             f"{args.server_latency * 1000:.0f} ms with {args.server_slots} slots (more requests wait), so "
@@ -155,6 +156,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     parts = set(args.parts.split(","))
     if "servers" in parts:
+        args.load_before = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as work:
             rows = servers_rates(args, work)
         table = servers_table(args, rows, machine())

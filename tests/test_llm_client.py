@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -324,3 +326,28 @@ def test_progress_bar_shows_records_tokens_and_eta(tmp_path, monkeypatch):
     assert summary["tokens"]["per_record"] == pytest.approx(
         (summary["tokens"]["prompt"] + summary["tokens"]["completion"]) / 8, abs=0.1)
     assert Counter(s["structured"] for s in summary["servers"]) == {"json_schema": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark's multi-server part (bench/bench_gen.py), small
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_gen_servers_part_scales_and_writes_its_block(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_gen
+    args = argparse.Namespace(servers="1,2", server_latency=0.1, server_slots=2, server_concurrency=4,
+                              rounds=3, repeats=1, load_before=0.0)
+    rows = bench_gen.servers_rates(args, str(tmp_path))
+    one, two = rows
+    # One server of 2 slots serves at most 20 requests/s; two serve 40, and least-loaded routing
+    # splits the 12 measured requests between them.
+    assert one["requests_per_s"] <= 1.05 * one["ideal"] and one["requests_per_server"] == [12]
+    assert two["scaling"] >= 1.4 and sum(two["requests_per_server"]) == 12 and min(two["requests_per_server"]) >= 4
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## Chain generation (`make bench-gen`)\n\ntext\n\n## Next\n\nmore\n")
+    table = bench_gen.servers_table(args, rows, bench_gen.machine())
+    bench_gen.write_servers_block(table, str(results))
+    bench_gen.write_servers_block(table, str(results))                 # replaced, not appended twice
+    text = results.read_text()
+    assert text.count(bench_gen.SERVERS_BLOCK[0]) == 1
+    assert text.index("text") < text.index("| 2 | 12 |") < text.index("## Next")
