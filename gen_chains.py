@@ -296,17 +296,19 @@ class ChatClient:
             self.usage.update(inc)
 
     # -- which server ----------------------------------------------------------------------
-    def _pick(self, avoid: set) -> Server:
-        """The server for the next try (its in-flight count taken): a set-aside server whose
-        cool-down is over (its one probe), else the healthy one with the fewest in flight
-        (then the fewest sent), else, every server set aside, the one back soonest."""
+    def _pick(self, avoid: set) -> tuple[Server, bool]:
+        """The server for the next try (its in-flight count taken) and whether the try is its
+        probe: a set-aside server whose cool-down is over (the one probe), else the healthy one
+        with the fewest in flight (then the fewest sent), else, every server set aside, the one
+        back soonest."""
         now = time.monotonic()
         with self._lock:
             pool = [s for s in self.servers if s not in avoid] or self.servers
             due = [s for s in pool if s.set_aside_until is not None and s.set_aside_until <= now
                    and not s.probing]
             healthy = [s for s in pool if s.set_aside_until is None]
-            if due:
+            probe = bool(due)
+            if probe:
                 server = due[0]
                 server.probing = True
             elif healthy:
@@ -317,14 +319,15 @@ class ChatClient:
             server.counts["requests"] += 1
             if self._started is None:
                 self._started = now
-            return server
+            return server, probe
 
-    def _done(self, server: Server, ok: bool, unhealthy: bool) -> None:
+    def _done(self, server: Server, probe: bool, ok: bool, unhealthy: bool) -> None:
         """Book one finished try: a success clears the server's record (and brings a set-aside
         server back); an unhealthy failure counts toward setting it aside."""
         with self._lock:
             server.in_flight -= 1
-            probe, server.probing = server.probing, False
+            if probe:
+                server.probing = False
             if ok:
                 if server.set_aside_until is not None:
                     log.warning("%s answers again: back in use", server.url)
@@ -381,7 +384,7 @@ class ChatClient:
             attempt += 1
             if self._rate is not None:
                 self._rate.wait()
-            server = self._pick(avoid)
+            server, probe = self._pick(avoid)
             form = server.form
             with_schema = (schema is not None and self.structured != "off" and form < len(STRUCTURED_FORMS)
                            and "response_format" not in payload)
@@ -424,7 +427,7 @@ class ChatClient:
                     unhealthy = resp.status_code >= 500 or resp.status_code == 408
                     wait = retry_after_seconds(resp.headers.get("Retry-After"))
             finally:
-                self._done(server, ok, unhealthy)
+                self._done(server, probe, ok, unhealthy)
             if attempt == self.max_tries:
                 break
             avoid.add(server)

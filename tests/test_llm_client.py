@@ -60,6 +60,19 @@ def test_base_url_forms(tmp_path):
         gc.parse_base_urls(f"@{tmp_path / 'empty.txt'}")
 
 
+def test_client_flags_reach_the_client(tmp_path):
+    p = argparse.ArgumentParser()
+    gc.add_client_args(p)
+    args = p.parse_args(["--base_url", "http://a/v1,http://b/v1", "--structured", "off", "--max_requests_per_s",
+                         "4", "--set_aside_after", "2", "--server_cooldown", "7"])
+    client = gc.ChatClient.from_args(args)
+    assert len(client.servers) == 2 and client.structured == "off"
+    assert (client.set_aside_after, client.cooldown, client._rate.interval) == (2, 7.0, 0.25)
+    args.base_url = "http://a/v1,"
+    with pytest.raises(SystemExit, match="empty entry"):
+        gc.ChatClient.from_args(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # Routing, failover, set aside and back
 # ---------------------------------------------------------------------------------------------
