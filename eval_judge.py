@@ -45,7 +45,8 @@ import numpy as np
 
 import benchmarks
 from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, add_client_args, ask_both_orders,
-                        ask_until_parsed, format_mcq, json_schema, parse_json_object, score_answer)
+                        ask_until_parsed, cost_per_record, format_mcq, json_schema, parse_json_object,
+                        score_answer)
 from records import (DataError, OutputLocked, RecordFailed, ResumableJsonl, collect_outputs,
                      map_resumable, read_records, read_run_meta, records_by_id,
                      write_json, write_jsonl)
@@ -453,8 +454,13 @@ def client_progress(client: ChatClient | None) -> dict:
 
 
 def with_client_report(run: dict, client: ChatClient | None) -> dict:
-    """A run's summary with the LLM client's tokens, requests and per-server counts."""
-    return {**run, **client.report()} if client is not None else run
+    """A run's summary with the LLM client's tokens (also per record and per kept record),
+    requests and per-server counts."""
+    if client is None:
+        return run
+    report = client.report()
+    report["tokens"].update(cost_per_record(client.tokens, run))
+    return {**run, **report}
 
 
 def _chat_params(args) -> dict:

@@ -1788,7 +1788,7 @@ def verify_messages(reference: str, claim: str) -> list[dict]:
 
 
 CLAIMS_SCHEMA = json_schema("claims", {"claims": string_list(1)})
-VERDICT_SCHEMA = json_schema("claim_verdict", {"verdict": {"type": "string", "enum": ["yes", "no"]}})
+CLAIM_VERDICT_SCHEMA = json_schema("claim_verdict", {"verdict": {"type": "string", "enum": ["yes", "no"]}})
 
 
 def parse_claims(text: str) -> list[str] | None:
@@ -1839,7 +1839,7 @@ class LLMTeacher:
         return self._ask(claims_messages(answer), parse_claims, CLAIMS_SCHEMA, max(128, 3 * len(answer.split())))
 
     def verify(self, ref: dict, claim: str) -> Asked:
-        return self._ask(verify_messages(ref["caption"], claim), parse_claim_verdict, VERDICT_SCHEMA, 32)
+        return self._ask(verify_messages(ref["caption"], claim), parse_claim_verdict, CLAIM_VERDICT_SCHEMA, 32)
 
 
 class RulesTeacher:

@@ -293,6 +293,9 @@ def test_judge_schemas_match_their_parsers():
         assert judge.vdc_grade("q", "a", "r") == {"pred": "yes", "score": 4.0}
         assert judge.argus_lines(["s1", "s2"], ["t1"])[0].evidence == 1
     assert names == ["caption_scores", "caption_verdict", "caption_verdict", "vdc_grade", "argus_lines"]
+    run = E.with_client_report({"done": 4, "failed": 1, "kept": 2}, client)
+    assert run["tokens"]["per_record"] == pytest.approx(client.tokens / 5, abs=0.1)
+    assert run["tokens"]["per_kept"] == pytest.approx(client.tokens / 2, abs=0.1) and len(run["servers"]) == 1
     scores = llm.requests[0].schema
     assert set(scores["required"]) == set(E.AXES) and scores["properties"]["fluency"]["maximum"] == E.SCORE_MAX
     lines_schema = llm.requests[-1].schema["properties"]["lines"]
