@@ -103,9 +103,9 @@ def test_least_loaded_routing_spreads_and_favours_the_faster_server():
         report = client.report()
         assert [s["requests"] for s in report["servers"]] == [served(a), served(b)]
         assert all(s["failures"] == 0 and s["set_aside"] == 0 and s["tokens"] > 0 for s in report["servers"])
-    # Least loaded, not round robin: the server that answers 8x faster frees its slots sooner
+    # Least loaded, not round robin: the server that answers 15x faster frees its slots sooner
     # and takes most of the requests.
-    with FakeLLM(latency=0.01) as fast, FakeLLM(latency=0.08) as slow:
+    with FakeLLM(latency=0.01) as fast, FakeLLM(latency=0.15) as slow:
         client = gc.ChatClient(f"{slow.url},{fast.url}", "m")
         run_threads(30, 4, lambda i: client.chat(HI))
         assert served(fast) > 2 * served(slow)
@@ -130,18 +130,31 @@ def test_a_dead_server_records_are_finished_by_the_other_each_id_once(tmp_path):
     assert summary["tokens"]["per_record"] > 0 and summary["tokens"]["per_kept"] == summary["tokens"]["per_record"]
 
 
+@pytest.mark.parametrize("fault", [Reply.hang(3.0), Reply.error(503), Reply.error(429, retry_after="5")],
+                         ids=["timeout", "5xx", "429"])
+def test_a_failed_try_goes_to_the_other_server_at_once(fault):
+    with FakeLLM() as a, FakeLLM(default="from b") as b:
+        a.push(fault)
+        client = gc.ChatClient(f"{a.url},{b.url}", "m", timeout=0.5, backoff=5.0)
+        t0 = time.monotonic()
+        assert client.chat(HI).text == "from b"
+        assert time.monotonic() - t0 < 2.5                # no backoff, no Retry-After wait: b was free
+        assert (served(a), served(b)) == (1, 1) and client.usage["retries"] == 1
+        assert client.report()["servers"][0]["failures"] == 1
+
+
 def test_set_aside_then_probed_back_after_the_cooldown():
     with FakeLLM() as b:
         with FakeLLM() as a:
             port = a.port
-        client = gc.ChatClient(f"{a.url},{b.url}", "m", set_aside_after=2, cooldown=0.3, backoff=0.01)
+        client = gc.ChatClient(f"{a.url},{b.url}", "m", set_aside_after=2, cooldown=1.0, backoff=0.01)
         for _ in range(6):
             assert client.chat(HI).text == "ok"          # each request that hit `a` went on to `b`
         down, up = client.report()["servers"]
         assert (down["requests"], down["failures"], down["set_aside"]) == (2, 2, 1)
         assert up["requests"] == 6 and served(b) == 6
         with FakeLLM(port=port) as a_again:
-            time.sleep(0.35)                              # the cool-down is over: the next request probes `a`
+            time.sleep(1.05)                              # the cool-down is over: the next request probes `a`
             client.chat(HI)
             assert served(a_again) == 1
             for _ in range(6):
@@ -154,9 +167,9 @@ def test_a_probe_that_fails_sets_the_server_aside_again():
     with FakeLLM() as b:
         with FakeLLM() as a:
             pass
-        client = gc.ChatClient(f"{a.url},{b.url}", "m", set_aside_after=1, cooldown=0.2, backoff=0.01)
+        client = gc.ChatClient(f"{a.url},{b.url}", "m", set_aside_after=1, cooldown=0.5, backoff=0.01)
         client.chat(HI)
-        time.sleep(0.25)
+        time.sleep(0.55)
         client.chat(HI)                                   # the probe: refused, then answered by `b`
         client.chat(HI)                                   # `a` rests again: straight to `b`
         down = client.report()["servers"][0]
