@@ -76,6 +76,16 @@ class ChatReply:
     completion_tokens: int = 0
 
 
+@dataclass
+class ChatTry:
+    """What one try at one server came to."""
+    reply: ChatReply | None = None         # the usable reply, else None
+    reason: str = "interrupted"            # why it is not usable
+    unhealthy: bool = False                # the server looks down: connection error, timeout, 5xx, 408
+    wait: float | None = None              # the server's Retry-After, seconds
+    refused_form: bool = False             # the server refused the structured-output form sent
+
+
 RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
 FATAL_STATUS = {401, 403, 404}         # configuration errors: every request would fail alike
 
@@ -321,20 +331,27 @@ class ChatClient:
                 self._started = now
             return server, probe
 
-    def _done(self, server: Server, probe: bool, ok: bool, unhealthy: bool) -> None:
-        """Book one finished try: a success clears the server's record (and brings a set-aside
-        server back); an unhealthy failure counts toward setting it aside."""
+    def _done(self, server: Server, probe: bool, form: int | None, outcome: ChatTry) -> None:
+        """Book one finished try: a success counts its tokens (and the structured-output form it
+        took) and clears the server's record, bringing a set-aside server back; an unhealthy
+        failure counts toward setting it aside."""
         with self._lock:
             server.in_flight -= 1
             if probe:
                 server.probing = False
-            if ok:
+            reply = outcome.reply
+            if reply is not None:
+                tokens = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+                server.counts.update(tokens)
+                self.usage.update(tokens)
+                if form is not None and server.form == form:
+                    server.form_accepted = True
                 if server.set_aside_until is not None:
                     log.warning("%s answers again: back in use", server.url)
                 server.fails_in_row, server.set_aside_until = 0, None
                 return
             server.counts["failures"] += 1
-            if not unhealthy:
+            if not outcome.unhealthy:
                 return
             server.fails_in_row += 1
             if probe or server.set_aside_until is not None:
@@ -374,60 +391,32 @@ class ChatClient:
     def chat(self, messages: list[dict], schema: dict | None = None, **params) -> ChatReply:
         """The reply to `messages`. schema: a json_schema() the reply must follow, sent as
         response_format where the server takes it (see the class)."""
-        import requests
         payload = {"model": self.model, "messages": messages, **self.default_params, **params}
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+        structured = schema is not None and self.structured != "off" and "response_format" not in payload
         reason, attempt, avoid = "no attempt made", 0, set()
         while attempt < self.max_tries:
             attempt += 1
             if self._rate is not None:
                 self._rate.wait()
             server, probe = self._pick(avoid)
-            form = server.form
-            with_schema = (schema is not None and self.structured != "off" and form < len(STRUCTURED_FORMS)
-                           and "response_format" not in payload)
-            body = {**payload, "response_format": response_format(schema, STRUCTURED_FORMS[form])} \
-                if with_schema else payload
-            self._count(requests=1, retries=int(attempt > 1), structured=int(with_schema))
-            wait, ok, unhealthy = None, False, False
+            form = server.form if structured and server.form < len(STRUCTURED_FORMS) else None
+            body = payload if form is None else \
+                {**payload, "response_format": response_format(schema, STRUCTURED_FORMS[form])}
+            self._count(requests=1, retries=int(attempt > 1), structured=int(form is not None))
+            outcome = ChatTry()
             try:
-                resp = self._session().post(server.url, json=body, headers=headers, timeout=self.timeout)
-            except requests.Timeout:
-                reason, unhealthy = f"timed out after {self.timeout:g}s", True
-            except requests.RequestException as e:
-                cause = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))     # e.g. "[Errno 111] Connection refused"
-                reason = f"connection error: {type(e).__name__}" + (f" ({cause.group(0).strip()})" if cause else "")
-                unhealthy = True
-            else:
-                if resp.status_code == 200:
-                    reply, reason = self._parse(resp)
-                    if reply is not None:
-                        ok = True
-                        with self._lock:
-                            server.counts.update(prompt_tokens=reply.prompt_tokens,
-                                                 completion_tokens=reply.completion_tokens)
-                            if with_schema and server.form == form:
-                                server.form_accepted = True
-                            self.usage.update(prompt_tokens=reply.prompt_tokens,
-                                              completion_tokens=reply.completion_tokens)
-                        return reply
-                else:
-                    if with_schema and self._refuses_schema(server, form, resp):
-                        attempt -= 1              # not the request's fault: ask again in the next form
-                        reason = "refused response_format"
-                        continue
-                    reason = f"HTTP {resp.status_code}: {self._scrub(_error_message(resp))}"
-                    if resp.status_code in FATAL_STATUS:
-                        raise ChatError(f"{reason} from {server.url} (check --base_url, --model and --api_key)",
-                                        fatal=True)
-                    if resp.status_code not in RETRY_STATUS:
-                        raise ChatError(reason)           # e.g. 400: this request is bad, not the server
-                    unhealthy = resp.status_code >= 500 or resp.status_code == 408
-                    wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                outcome = self._try(server, body, headers, form)
             finally:
-                self._done(server, probe, ok, unhealthy)
+                self._done(server, probe, form, outcome)
+            if outcome.reply is not None:
+                return outcome.reply
+            if outcome.refused_form:
+                attempt -= 1                      # not the request's fault: ask again in the next form
+                continue
+            reason = outcome.reason
             if attempt == self.max_tries:
                 break
             avoid.add(server)
@@ -436,6 +425,7 @@ class ChatClient:
                          attempt + 1, self.max_tries)
                 continue
             avoid.clear()
+            wait = outcome.wait
             if wait is None:
                 # Exponential backoff with "equal jitter": half fixed, half random, so that many
                 # workers hit by the same outage do not come back in lockstep.
@@ -445,6 +435,31 @@ class ChatClient:
             log.info("request failed (%s); retry %d/%d in %.2fs", reason, attempt + 1, self.max_tries, wait)
             time.sleep(wait)
         raise ChatError(f"gave up after {self.max_tries} tries: {reason}")
+
+    def _try(self, server: Server, body: dict, headers: dict, form: int | None) -> ChatTry:
+        """One POST to one server. Raises ChatError where retrying cannot help: 401/403/404
+        (fatal: every request would fail alike) and other non-retryable 4xx (this request)."""
+        import requests
+        try:
+            resp = self._session().post(server.url, json=body, headers=headers, timeout=self.timeout)
+        except requests.Timeout:
+            return ChatTry(reason=f"timed out after {self.timeout:g}s", unhealthy=True)
+        except requests.RequestException as e:
+            cause = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))     # e.g. "[Errno 111] Connection refused"
+            detail = f" ({cause.group(0).strip()})" if cause else ""
+            return ChatTry(reason=f"connection error: {type(e).__name__}{detail}", unhealthy=True)
+        if resp.status_code == 200:
+            reply, reason = self._parse(resp)
+            return ChatTry(reply, reason)
+        if form is not None and self._refuses_schema(server, form, resp):
+            return ChatTry(reason="refused response_format", refused_form=True)
+        reason = f"HTTP {resp.status_code}: {self._scrub(_error_message(resp))}"
+        if resp.status_code in FATAL_STATUS:
+            raise ChatError(f"{reason} from {server.url} (check --base_url, --model and --api_key)", fatal=True)
+        if resp.status_code not in RETRY_STATUS:
+            raise ChatError(reason)               # e.g. 400: this request is bad, not the server
+        return ChatTry(reason=reason, unhealthy=resp.status_code >= 500 or resp.status_code == 408,
+                       wait=retry_after_seconds(resp.headers.get("Retry-After")))
 
     def _parse(self, resp) -> tuple[ChatReply | None, str]:
         """The reply text and token usage, or None and why the body is unusable (then retried)."""
