@@ -128,7 +128,7 @@ def string_list(min_items: int = 1, max_items: int | None = None) -> dict:
     return out
 
 
-# The forms of structured output, tried in this order: OpenAI's (vLLM, SGLang, llama.cpp's
+# The forms of structured output, tried in this order: OpenAI's (vLLM, llama.cpp's
 # llama-server, OpenAI), then llama-cpp-python's server's own (0.3.x refuses the first: its
 # response_format.type is "text" or "json_object", the latter with an optional "schema").
 STRUCTURED_FORMS = ("json_schema", "json_object+schema")
