@@ -879,7 +879,7 @@ def packed_attention_mask(packing: Packing, backend: str, dtype: torch.dtype) ->
 FLEX_BLOCK = 128                # FlexAttention's default block: the unit of skipped work
 
 
-def packed_block_mask(packing: Packing, block: int = FLEX_BLOCK, chunk_elements: int = 2 ** 24):
+def packed_block_mask(packing: Packing, block: int = FLEX_BLOCK, chunk_elements: int = 2 ** 22):
     """A FlexAttention BlockMask for packed_visible: blocks no query of which sees any key are
     skipped, fully visible blocks run without the rule, the rest apply it per element.
     Padding queries see themselves, as in packed_attention_mask.
@@ -900,15 +900,16 @@ def packed_block_mask(packing: Packing, block: int = FLEX_BLOCK, chunk_elements:
 
     idx = torch.arange(blocks * block, device=segment.device)
     band = max(1, chunk_elements // (rows * blocks * block * block)) * block
-    counts = []
+    seen, whole = [], []                # per band: [C, query blocks, key blocks]
     for start in range(0, blocks * block, band):
         q = idx[start:start + band]
         visible = mask_mod(torch.arange(rows, device=idx.device).view(-1, 1, 1), None,
                            q.view(1, -1, 1), idx.view(1, 1, -1))
-        counts.append(visible.view(rows, -1, block, blocks, block).sum((2, 4)))
-    counts = torch.cat(counts, 1)                              # [C, query blocks, key blocks]
-    full = counts == block * block
-    partial = (counts > 0) & ~full
+        visible = visible.view(rows, -1, block, blocks, block)
+        seen.append(visible.any(4).any(2))
+        whole.append(visible.all(4).all(2))
+    full = torch.cat(whole, 1)
+    partial = torch.cat(seen, 1) & ~full
 
     def listed(chosen):       # per query block: how many key blocks, and which (those first)
         order = torch.argsort((~chosen).int(), dim=-1, stable=True)
