@@ -884,9 +884,9 @@ def packed_block_mask(packing: Packing, block: int = FLEX_BLOCK, chunk_elements:
     skipped, fully visible blocks run without the rule, the rest apply it per element.
     Padding queries see themselves, as in packed_attention_mask.
 
-    Built from block counts of the rule evaluated one band of query rows at a time (at most
-    chunk_elements booleans alive): torch's create_block_mask would hold the whole
-    [C, 1, S, S] mask unless compiled, and compiling costs ~12 s per new length on CPU."""
+    Built from the rule evaluated one band of query rows at a time (about chunk_elements
+    booleans alive), reduced per block to any/all: torch's create_block_mask would hold the
+    whole [C, 1, S, S] mask unless compiled, and compiling costs ~12 s per new length on CPU."""
     from torch.nn.attention.flex_attention import BlockMask
     rows, width = packing.segment.shape
     blocks = -(-width // block)

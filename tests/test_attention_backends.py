@@ -225,8 +225,11 @@ def test_backend_is_stored_in_the_run_and_reused_by_its_evaluation(tmp_path, mon
 
 # --- on a GPU (make gpu-check): gradients under flex and flash attention ------------------------
 
-def assert_close_steps(base_model, tokenizer, path, backend, rtol, grad_tol):
-    """The packed step under `backend` against the unshared step under sdpa, same weights."""
+def assert_close_steps(base_model, tokenizer, path, backend, logp_tol, step_tol):
+    """The packed step under `backend` against the unshared step under sdpa, same weights, on
+    the GPU. The trainer's step runs under bf16 autocast there, so loss and gradients agree to
+    bf16's precision (step_tol, gradients relative to each tensor's largest entry); the
+    log-probs are a forward outside autocast (logp_tol)."""
     model, args = adapted(base_model, "full", "rank", "--modules_to_save", "lm_head")
     model = model.cuda()
     reference = with_backend(model, "sdpa")
@@ -237,26 +240,27 @@ def assert_close_steps(base_model, tokenizer, path, backend, rtol, grad_tol):
     batch = batch.to("cuda")
     loss_off, logps_off, grads_off = step(reference, batch, index, args, "full", shared=False)
     loss_on, logps_on, grads_on = step(model, batch, index, args, "full", shared=True)
-    torch.testing.assert_close(logps_on.float(), logps_off.float(), rtol=rtol, atol=rtol)
-    torch.testing.assert_close(loss_on.float(), loss_off.float(), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(logps_on.float(), logps_off.float(), rtol=logp_tol, atol=logp_tol)
+    torch.testing.assert_close(loss_on.float(), loss_off.float(), rtol=step_tol, atol=step_tol)
     assert grads_on.keys() == grads_off.keys() and grads_off
     for name, g in grads_off.items():
         scale = g.abs().max().clamp_min(1e-8)
-        assert float((grads_on[name] - g).abs().max() / scale) < grad_tol, name
+        assert float((grads_on[name] - g).abs().max() / scale) < step_tol, name
 
 
 @cuda
 def test_flex_packed_step_gradients_on_cuda(causal_lm, records):
-    """fp32 on the GPU: FlexAttention's backward against the unshared sdpa step."""
+    """FlexAttention's backward (the packed BlockMask route) against the unshared sdpa step."""
     base, tokenizer = causal_lm
-    assert_close_steps(base, tokenizer, records["text"], "flex_attention", 1e-4, 1e-3)
+    assert_close_steps(base, tokenizer, records["text"], "flex_attention", 1e-3, 5e-2)
 
 
 @cuda
 def test_flash_prefix_cache_step_gradients_on_cuda(causal_lm, records):
-    """bf16 (flash attention takes no fp32): the prefix-cache route under flash_attention_2
-    against the unshared sdpa step in bf16, to bf16's precision."""
+    """The prefix-cache route under flash_attention_2 (a bf16 model: flash takes no fp32)
+    against the unshared sdpa step on the same bf16 weights."""
     pytest.importorskip("flash_attn")
     base, tokenizer = causal_lm
-    assert_close_steps(copy.deepcopy(base).to(torch.bfloat16), tokenizer, records["text"], "flash_attention_2",
-                       3e-2, 5e-2)
+    assert R.PACKED_ROUTES["flash_attention_2"] == "prefix_cache"
+    assert_close_steps(copy.deepcopy(base).to(torch.bfloat16), tokenizer, records["text"],
+                       "flash_attention_2", 5e-2, 5e-2)
