@@ -342,6 +342,7 @@ ATTENTION_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=
                       num_attention_heads=4, num_key_value_heads=2)
 ATTENTION_K, ATTENTION_R = 5, 64
 ATTENTION_LENGTHS = (2048, 8192)
+ATTENTION_TRAIN_LENGTH = 2048       # training steps (no flex: no backward on CPU)
 ATTENTION_MODES = {            # mode: (attention backend, packed, packed route forced)
     "unshared": ("sdpa", False, None), "dense_mask": ("sdpa", True, None),
     "block_mask": ("flex_attention", True, None), "prefix_cache": ("sdpa", True, "prefix_cache")}
@@ -363,7 +364,8 @@ def worker_attention(a) -> dict:
     """One mode at one packed length: the fastest of `repeats` forwards after an untimed one
     (it compiles FlexAttention), and the resident memory the last forward adds at its peak.
     Large blocks are mmap'd (MALLOC_MMAP_THRESHOLD_, set by the driver), so freed tensors leave
-    the resident set and the peak is that forward's own."""
+    the resident set and the peak is that forward's own. --attn_train 1: a training step instead
+    (rank objective: reference forward, policy forward + backward, LoRA r=16 on the LM)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     import rank_dpo as R
@@ -376,6 +378,10 @@ def worker_attention(a) -> dict:
     tokenizer = synthetic.build_tiny_tokenizer()
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **ATTENTION_TEXT)).eval()
     R.set_attention_backend(model, backend)
+    if a.attn_train:
+        args = R.parse_args(["--data", "x", "--output_dir", "x", "--objective", "rank",
+                             "--lora_r", "16", "--modules_to_save", "none"])
+        model = R.add_adapters(model, args).train()
     rng = np.random.default_rng(0)
     low, high = len(synthetic.TINY_SPECIAL_TOKENS), len(tokenizer)
     # + 1: the last prompt token is repeated at the head of every caption segment
@@ -385,6 +391,11 @@ def worker_attention(a) -> dict:
     index = torch.arange(ATTENTION_K).unsqueeze(0)
 
     def forward():
+        if a.attn_train:
+            loss, _ = R.chain_loss_step(model, batch, index, args, False, shared_prefix=packed)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss
         with torch.no_grad():
             packing = R.pack_model_chains(model, batch, index) if packed else None
             logits, labels = R.chain_logits(model, batch, packing)
@@ -404,9 +415,9 @@ def worker_attention(a) -> dict:
                   "block_mask": sum(t.nbytes for t in R.packed_block_mask(packing).as_tuple()
                                     if isinstance(t, torch.Tensor))}.get(a.attn_mode, 0)
     step = min(times)            # shared machine: other work only ever adds time
-    return {"mode": a.attn_mode, "backend": backend, "S": width,
+    return {"mode": a.attn_mode, "backend": backend, "S": width, "train": bool(a.attn_train),
             "P": int((packing.segment == 0).sum()), "K": ATTENTION_K, "R": ATTENTION_R,
-            "tokens_per_s": ATTENTION_K * ATTENTION_R / step, "forward_s": step,
+            "tokens_per_s": ATTENTION_K * ATTENTION_R / step, "seconds": step,
             "peak_mib": (peak - before) / 1024, "mask_mib": mask_bytes / 2 ** 20,
             "tokens_processed": packing.tokens() if packed else int(batch.attention_mask.sum())}
 
@@ -423,6 +434,11 @@ def run_attention(a) -> dict:
         for mode in ATTENTION_MODES:                     # one process each: compile and peak apart
             rows.append(spawn("attention", attn_mode=mode, packed_length=length,
                               repeats=a.shared_repeats, threads=a.threads))
+            print(f"  {json.dumps(rows[-1])}", flush=True)
+    for mode in ATTENTION_MODES:
+        if ATTENTION_MODES[mode][0] != "flex_attention":
+            rows.append(spawn("attention", attn_mode=mode, packed_length=ATTENTION_TRAIN_LENGTH,
+                              repeats=a.shared_repeats, threads=a.threads, attn_train=1))
             print(f"  {json.dumps(rows[-1])}", flush=True)
     return {"rows": rows, "text_config": ATTENTION_TEXT, "repeats": a.shared_repeats,
             "machine": machine(load), "torch": torch.__version__,
@@ -452,12 +468,16 @@ def attention_markdown(r: dict) -> str:
              "forward adds at its peak (large blocks mmap'd, so freed tensors leave); mask = "
              "the attention mask's own bytes.",
              "",
-             "| S | P | mode | tokens/s | vs dense mask | peak (MiB) | mask (MiB) |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
-    dense = {row["S"]: row for row in r["rows"] if row["mode"] == "dense_mask"}
+             "The training rows: one step (rank objective: reference forward, policy forward + "
+             "backward, LoRA r=16 on the LM), no flex (no backward on CPU).",
+             "",
+             "| pass | S | P | mode | tokens/s | vs dense mask | peak (MiB) | mask (MiB) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    dense = {(row["S"], row["train"]): row for row in r["rows"] if row["mode"] == "dense_mask"}
     for row in r["rows"]:
-        ratio = row["tokens_per_s"] / dense[row["S"]]["tokens_per_s"]
-        lines.append(f"| {row['S']} | {row['P']} | {row['mode'].replace('_', ' ')} | "
+        ratio = row["tokens_per_s"] / dense[row["S"], row["train"]]["tokens_per_s"]
+        lines.append(f"| {'training step' if row['train'] else 'forward'} | {row['S']} | "
+                     f"{row['P']} | {row['mode'].replace('_', ' ')} | "
                      f"{row['tokens_per_s']:.0f} | {ratio:.2f}x | {row['peak_mib']:.0f} | "
                      f"{row['mask_mib']:.2f} |")
     lines.append(ATTENTION_BLOCK[1])
@@ -539,6 +559,7 @@ def main() -> None:
                    "block of RESULTS.md, leaving the other training figures as they are")
     p.add_argument("--attn_mode", choices=tuple(ATTENTION_MODES), help="attention worker: the mode")
     p.add_argument("--packed_length", type=int, help="attention worker: S")
+    p.add_argument("--attn_train", type=int, default=0, help="attention worker: 1 = a training step")
     p.add_argument("--shared_repeats", type=int, default=3,
                    help="timed steps per mode and shape in the shared-prefix table")
     p.add_argument("--caption_tokens", type=int, default=32,
