@@ -600,9 +600,12 @@ def cmd_head_to_head(args) -> dict:
 
 def _load(args, adapter: str | None):
     import torch
-    from rank_dpo import load_model
+    from rank_dpo import load_model, run_attn_implementation
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_model(args.model, adapter, device=args.device, dtype=dtype)
+    # the backend of the run being evaluated, for its reference model too
+    attention = run_attn_implementation(args, getattr(args, "adapter", None))
+    return load_model(args.model, adapter, device=args.device, dtype=dtype,
+                      attn_implementation=attention)
 
 
 def _sampling(args):
@@ -1464,8 +1467,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--adapter", default=None, help="adapter directory saved by rank_dpo.py")
         sp.add_argument("--data", required=True, help=data_help)
         sp.add_argument("--video_root", default=None, help=video_help)
-        from rank_dpo import add_video_flags        # one definition of the video flags
+        from rank_dpo import add_attention_flag, add_video_flags   # one definition of each
         add_video_flags(sp, from_run=True)
+        add_attention_flag(sp, from_run=True)
         sp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
         sp.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the loader's choice)")
 

@@ -66,11 +66,13 @@ def embedded_preset(model: str):
     return synthetic.TinyPreset(model)
 
 
-def load_base(model: str, *, device="cpu", dtype=None):
+def load_base(model: str, *, device="cpu", dtype=None, attn_implementation: str | None = None):
     """(model, processor) for "tiny" (embedded_preset), a local path or a hub name.
 
     A vision-language model (anything AutoModelForImageTextToText knows) comes with its
     AutoProcessor; any other causal LM with its tokenizer, which then plays the processor.
+    attn_implementation (--attn_implementation): the attention backend; None keeps the one
+    transformers picks.
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor, AutoTokenizer)
@@ -92,7 +94,53 @@ def load_base(model: str, *, device="cpu", dtype=None):
     tok = tokenizer_of(processor)
     if tok.pad_token is None:            # causal LMs often ship without one; any id works (masked)
         tok.pad_token = tok.eos_token
+    set_attention_backend(net, attn_implementation)
     return net.to(device=device, dtype=dtype), processor
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def set_attention_backend(net, attn_implementation: str | None) -> None:
+    """--attn_implementation: switch every sub-model (language model and vision tower) to it, or
+    one clear error when the name is unknown, the package is missing or the family lacks it."""
+    if attn_implementation is None:
+        return
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ModelError(f"--attn_implementation {attn_implementation!r}: not one of "
+                         f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+    if attn_implementation == "flex_attention" and not _has_flex_attention():
+        raise ModelError(f"--attn_implementation flex_attention: torch {torch.__version__} has no "
+                         "torch.nn.attention.flex_attention (it needs torch >= 2.5)")
+    try:
+        net.set_attn_implementation(attn_implementation)
+    except (ImportError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ModelError(f"--attn_implementation {attn_implementation}: {type(net).__name__} "
+                         f"cannot use it here ({reason})") from None
+
+
+def attention_backend(model) -> str:
+    """The language model's attention backend as it runs now (sdpa, eager, flex_attention, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config.get_text_config()._attn_implementation or "eager"
+
+
+def check_trainable_backend(model, device) -> None:
+    """Training needs the backend's backward: FlexAttention has none on CPU (torch raises
+    "FlexAttention does not support backward on CPU" at the first step), so say so up front."""
+    if attention_backend(model) == "flex_attention" and torch.device(device).type == "cpu":
+        raise ModelError("--attn_implementation flex_attention: FlexAttention has no backward pass "
+                         f"on CPU (torch {torch.__version__}); train on a GPU, or use sdpa here "
+                         "(evaluation runs flex on CPU: it needs the forward only)")
+
+
+def _has_flex_attention() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load_processor(model: str, auto):
@@ -110,13 +158,15 @@ def load_processor(model: str, auto):
     return processor
 
 
-def load_model(model: str, adapter: str | None = None, *, device="cpu", dtype=None):
+def load_model(model: str, adapter: str | None = None, *, device="cpu", dtype=None,
+               attn_implementation: str | None = None):
     """(model, processor) in eval mode, with a saved rank_dpo.py adapter merged in if given.
 
     An adapter trained from an --init warm start was trained on top of that start: its run
     directory keeps a copy of the init adapter under init/, which is merged first.
     """
-    net, processor = load_base(model, device=device, dtype=dtype)
+    net, processor = load_base(model, device=device, dtype=dtype,
+                               attn_implementation=attn_implementation)
     if adapter is not None:
         net = merge_adapter(net, adapter)
     return net.eval(), processor
@@ -149,6 +199,15 @@ def run_video_sampling(args, adapter: str | None) -> VideoSampling:
     pick = {k: getattr(args, k, None) if getattr(args, k, None) is not None else stored.get(k)
             for k in ("num_frames", "fps", "max_pixels")}
     return VideoSampling(**{k: v for k, v in pick.items() if v is not None})
+
+
+def run_attn_implementation(args, adapter: str | None) -> str | None:
+    """--attn_implementation for evaluation: the flag when given, else the backend the adapter's
+    run trained with (its rank_dpo.json), else None (transformers' choice)."""
+    given = getattr(args, "attn_implementation", None)
+    if given is not None or not adapter:
+        return given
+    return read_run_meta(adapter).get("attn_implementation")
 
 
 def tokenizer_of(processor):
@@ -632,6 +691,22 @@ FEATURE_MODES = ("on", "off", "auto")       # --shared_prefix, --fused_linear
 # Families whose packed forward tests/test_shared_prefix.py checks against the unshared one.
 SHARED_PREFIX_FAMILIES = ("qwen2_5_vl", "qwen2")
 _fallbacks_logged: set[str] = set()
+# How the packed forward hands its attention rule to each backend: a dense [C, 1, S, S] mask, a
+# FlexAttention BlockMask (masked blocks skipped), or the prefix once into a KV cache and the
+# captions over it (flash attention takes no mask but a padding one).
+PACKED_ROUTES = {"sdpa": "dense_mask", "eager": "dense_mask", "flex_attention": "block_mask",
+                 "flash_attention_2": "prefix_cache"}
+
+
+def packed_route(model) -> str:
+    """The route the packed forward takes under the model's attention backend (PACKED_ROUTES)."""
+    return PACKED_ROUTES[attention_backend(model)]
+
+
+def log_fallback_once(reason: str, log=print) -> None:
+    if log is not None and reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        log(reason)
 
 
 def shared_prefix_unsupported(model) -> str | None:
@@ -642,9 +717,10 @@ def shared_prefix_unsupported(model) -> str | None:
         return (f"model family {config.model_type!r} is not verified for the packed forward "
                 f"(verified: {', '.join(SHARED_PREFIX_FAMILIES)})")
     text = config.get_text_config()
-    backend = text._attn_implementation or "eager"
-    if backend not in ("sdpa", "eager"):
-        return f"attention backend {backend!r} takes no ready 4-D mask here (use sdpa or eager)"
+    backend = attention_backend(base)
+    if backend not in PACKED_ROUTES:
+        return (f"attention backend {backend!r} has no packed route (routes for: "
+                f"{', '.join(PACKED_ROUTES)})")
     if getattr(text, "use_sliding_window", False) or \
             "sliding_attention" in (getattr(text, "layer_types", None) or ()):
         return "sliding-window layers would lose their window under a ready 4-D mask"
@@ -800,6 +876,49 @@ def packed_attention_mask(packing: Packing, backend: str, dtype: torch.dtype) ->
         ~allowed, torch.finfo(dtype).min)
 
 
+FLEX_BLOCK = 128                # FlexAttention's default block: the unit of skipped work
+
+
+def packed_block_mask(packing: Packing, block: int = FLEX_BLOCK, chunk_elements: int = 2 ** 22):
+    """A FlexAttention BlockMask for packed_visible: blocks no query of which sees any key are
+    skipped, fully visible blocks run without the rule, the rest apply it per element.
+    Padding queries see themselves, as in packed_attention_mask.
+
+    Built from the rule evaluated one band of query rows at a time (about chunk_elements
+    booleans alive), reduced per block to any/all: torch's create_block_mask would hold the
+    whole [C, 1, S, S] mask unless compiled, and compiling costs ~12 s per new length on CPU."""
+    from torch.nn.attention.flex_attention import BlockMask
+    rows, width = packing.segment.shape
+    blocks = -(-width // block)
+    # the kernel may call the rule past the end, inside the last block: -1 there is padding
+    segment = F.pad(packing.segment, (0, blocks * block - width), value=-1)
+    document = F.pad(packing.document, (0, blocks * block - width), value=-1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return packed_visible(q_idx, kv_idx, segment[b, q_idx], segment[b, kv_idx],
+                              document[b, q_idx], document[b, kv_idx]) | (q_idx == kv_idx)
+
+    idx = torch.arange(blocks * block, device=segment.device)
+    band = max(1, chunk_elements // (rows * blocks * block * block)) * block
+    seen, whole = [], []                # per band: [C, query blocks, key blocks]
+    for start in range(0, blocks * block, band):
+        q = idx[start:start + band]
+        visible = mask_mod(torch.arange(rows, device=idx.device).view(-1, 1, 1), None,
+                           q.view(1, -1, 1), idx.view(1, 1, -1))
+        visible = visible.view(rows, -1, block, blocks, block)
+        seen.append(visible.any(4).any(2))
+        whole.append(visible.all(4).all(2))
+    full = torch.cat(whole, 1)
+    partial = torch.cat(seen, 1) & ~full
+
+    def listed(chosen):       # per query block: how many key blocks, and which (those first)
+        order = torch.argsort((~chosen).int(), dim=-1, stable=True)
+        return chosen.sum(-1).int().unsqueeze(1), order.int().unsqueeze(1)
+
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block,
+                                    mask_mod=mask_mod, seq_lengths=(width, width))
+
+
 def unpacked_position_ids(model, batch: Batch, video_kwargs: dict) -> torch.Tensor:
     """The position ids the unshared forward gives `batch`'s rows: [N, T], or [3, N, T] from the
     model's own rope index (Qwen2.5-VL's 3-D mrope positions) when the batch holds videos."""
@@ -836,15 +955,105 @@ def packed_hidden_states(model, batch: Batch, packing: Packing,
     flat_pos = positions.reshape(*positions.shape[:-2], -1)
     packed_pos = flat_pos[..., packing.source.clamp_min(0)] * (packing.source >= 0)
     spans = [v for row in packing.videos_of_row for v in row]
+    route = packed_route(model)
+    if route == "prefix_cache":
+        return prefix_cache_hidden_states(model, batch, packing, ids, packed_pos, pad,
+                                          video_embeds), packing.labels
     if spans:
         kwargs = video_forward_kwargs(model, batch.videos, spans, ids, video_embeds)
-    text = base.config.get_text_config()
-    mask = packed_attention_mask(packing, text._attn_implementation or "eager",
-                                 inner.get_input_embeddings().weight.dtype)
+    if route == "block_mask":
+        mask = packed_block_mask(packing)
+    else:
+        mask = packed_attention_mask(packing, attention_backend(model),
+                                     inner.get_input_embeddings().weight.dtype)
     out = inner(input_ids=ids, attention_mask=mask, position_ids=packed_pos, use_cache=False,
                 **kwargs)
     hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
     return hidden[packing.gather], packing.labels
+
+
+def prefix_cache_declined(model, packing: Packing, ids: torch.Tensor) -> str | None:
+    """Why the prefix-cache route cannot run this batch, or None when it can."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, base.base_model_prefix)
+    video_token = getattr(base.config, "video_token_id", None)
+    if video_token is not None and bool(((ids == video_token) & (packing.segment > 0)).any()):
+        return "a caption part holds video tokens (the prefix stopped before a video span)"
+    chain = torch.arange(len(packing.segment), device=ids.device).view(-1, 1) * ids.shape[1] + \
+        packing.document                                      # one id per (packed row, chain)
+    if len(chain[packing.segment >= 0].unique()) != len(chain[packing.segment == 0].unique()):
+        return "a chain shares no prefix"
+    if getattr(inner, "gradient_checkpointing", False) and inner.training and \
+            torch.is_grad_enabled():
+        return "gradient checkpointing would re-run the prefix into its cache in backward"
+    return None
+
+
+def prefix_cache_hidden_states(model, batch: Batch, packing: Packing, ids: torch.Tensor,
+                               positions: torch.Tensor, pad: int,
+                               video_embeds: list[VideoFeatures] | None = None) -> torch.Tensor:
+    """packed_hidden_states for a backend that takes no attention rule (flash attention): each
+    chain's prefix runs ONCE through the model into a KV cache (gradients flow through it), every
+    caption row gets its chain's cache rows, and the captions run over it as a right-padded
+    batch (a 2-D mask over prefix + caption, the unpacked positions). The same tokens, keys and
+    positions as the packed row, so the same numbers. `ids`/`positions` are the packed row's.
+    Where prefix_cache_declined, the batch runs unshared (said once)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, base.base_model_prefix)
+    reason = prefix_cache_declined(model, packing, ids)
+    if reason is not None:
+        log_fallback_once(f"shared prefix over a KV cache: one sequence per caption for such "
+                          f"batches ({reason})", log=lambda m: print(m, file=sys.stderr))
+        return unshared_hidden_states(model, batch, packing, video_embeds)
+    segment, document = packing.segment.cpu(), packing.document.cpu()
+    rows, width = segment.shape
+    prefixes, captions, chain_of_caption = [], [], []     # flat indices into the packed [C * S]
+    for c in range(rows):
+        for d in sorted(set(document[c].tolist()) - {-1}):
+            part = document[c] == d
+            prefixes.append(c * width + ((segment[c] == 0) & part).nonzero()[:, 0])
+            for k in sorted(set(segment[c][part].tolist()) - {0}):
+                captions.append(c * width + ((segment[c] == k) & part).nonzero()[:, 0])
+                chain_of_caption.append(len(prefixes) - 1)
+    device = ids.device
+    flat_ids, flat_pos = ids.reshape(-1), positions.reshape(*positions.shape[:-2], -1)
+
+    def gathered(parts):        # right-padded rows of the packed tokens: (ids, positions, mask)
+        at = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True, padding_value=-1).to(device)
+        real = at >= 0
+        return (torch.where(real, flat_ids[at.clamp_min(0)], pad),
+                flat_pos[..., at.clamp_min(0)] * real, real.long(), at)
+
+    p_ids, p_pos, p_mask, _ = gathered(prefixes)
+    c_ids, c_pos, c_mask, c_at = gathered(captions)
+    spans = [v for row in packing.videos_of_row for v in row]      # all inside the prefixes
+    kwargs = video_forward_kwargs(model, batch.videos, spans, p_ids, video_embeds) if spans else {}
+    cache = inner(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+                  **kwargs).past_key_values
+    chain_of_caption = torch.tensor(chain_of_caption, device=device)
+    cache.batch_select_indices(chain_of_caption)
+    out = inner(input_ids=c_ids, attention_mask=torch.cat([p_mask[chain_of_caption], c_mask], 1),
+                position_ids=c_pos, past_key_values=cache, use_cache=True)
+    hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+    # packed position -> its caption-row position, then packed_hidden_states' gather
+    row_of_packed = torch.zeros(rows * width, dtype=torch.long, device=device)
+    real = c_at >= 0
+    row_of_packed[c_at[real]] = torch.arange(c_at.numel(), device=device)[real.reshape(-1)]
+    return hidden[row_of_packed[packing.gather]]
+
+
+def unshared_hidden_states(model, batch: Batch, packing: Packing,
+                           video_embeds: list[VideoFeatures] | None = None) -> torch.Tensor:
+    """The hidden states packed_hidden_states returns, from one sequence per caption."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, base.base_model_prefix)
+    rows_with_video = [v for v in batch.video_of_row if v >= 0]
+    kwargs = video_forward_kwargs(model, batch.videos, rows_with_video, batch.input_ids,
+                                  video_embeds) if rows_with_video else {}
+    out = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                **kwargs)
+    hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+    return hidden[packing.source.reshape(-1)[packing.gather]]
 
 
 def packed_logits(model, batch: Batch, packing: Packing,
@@ -1192,6 +1401,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the originals); 'auto': the ones the model names (the tiny preset's lm_head "
                    "and final norm), none for pretrained models; 'none'")
     add_video_flags(p)
+    add_attention_flag(p)
     p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence, video included")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: end only)")
     p.add_argument("--keep_checkpoints", type=int, default=2)
@@ -1251,6 +1461,15 @@ def add_video_flags(p: argparse.ArgumentParser, from_run: bool = False) -> None:
                    "(at most --num_frames); default: --num_frames spread uniformly")
     p.add_argument("--max_pixels", type=int, help="cap on height x width of each frame, "
                    "passed to the model's video processor (default: the processor's own)")
+
+
+def add_attention_flag(p: argparse.ArgumentParser, from_run: bool = False) -> None:
+    """--attn_implementation, in rank_dpo.py and every eval_judge.py command that loads the
+    policy; a run stores it in rank_dpo.json and evaluation reuses it (from_run)."""
+    p.add_argument("--attn_implementation", default=None, help="attention backend: "
+                   + ", ".join(ATTN_IMPLEMENTATIONS) + " (default: "
+                   + ("the adapter's run, else " if from_run else "") + "what transformers "
+                   "picks); the packed forward (--shared_prefix) runs under each, see README")
 
 
 def setup_distributed():
@@ -1557,7 +1776,8 @@ def latest_checkpoint(out: str) -> str | None:
 
 def write_meta(directory: str, args, init: str | None) -> None:
     meta = {"base_model": args.model, "init": init, "objective": args.objective,
-            "vision": args.vision, "video": VideoSampling.of(args).as_dict(), "args": vars(args)}
+            "vision": args.vision, "video": VideoSampling.of(args).as_dict(),
+            "attn_implementation": getattr(args, "attn_implementation", None), "args": vars(args)}
     write_run_meta(directory, meta)
 
 
@@ -1637,7 +1857,9 @@ def train(args) -> list[dict]:
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed)
-    model, processor = load_base(args.model, device=device)
+    model, processor = load_base(args.model, device=device,
+                                 attn_implementation=args.attn_implementation)
+    check_trainable_backend(model, device)
     if args.init:
         model = merge_adapter(model, args.init)
     chains, left_out = load_chains(args.data, processor, args.objective, args.video_root,

@@ -335,6 +335,155 @@ def worker_shared_prefix(a) -> dict:
             "repeats": a.repeats, "rows": rows_out}
 
 
+# The packed forward's attention routes at long packed lengths: a Qwen2-style causal LM (transformers
+# lists no FlexAttention for Qwen2.5-VL), one chain [prefix P | K captions of R tokens] of packed
+# length S = P + K(R + 1), FORWARD only (FlexAttention has no backward on CPU), no gradients.
+ATTENTION_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+ATTENTION_K, ATTENTION_R = 5, 64
+ATTENTION_LENGTHS = (2048, 8192)
+ATTENTION_TRAIN_LENGTH = 2048       # training steps (no flex: no backward on CPU)
+ATTENTION_MODES = {            # mode: (attention backend, packed, packed route forced)
+    "unshared": ("sdpa", False, None), "dense_mask": ("sdpa", True, None),
+    "block_mask": ("flex_attention", True, None), "prefix_cache": ("sdpa", True, "prefix_cache")}
+
+
+def peak_rss_kib(reset: bool = False) -> tuple[int, int]:
+    """(resident KiB now, the peak since the last reset); reset=True restarts the peak here
+    (Linux: /proc/self/clear_refs)."""
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        status = f.read()
+    field = lambda name: int(re.search(rf"^{name}:\s+(\d+)", status, re.M)[1])
+    return field("VmRSS"), field("VmHWM")
+
+
+def worker_attention(a) -> dict:
+    """One mode at one packed length: the fastest of `repeats` forwards after an untimed one
+    (it compiles FlexAttention), and the resident memory the last forward adds at its peak.
+    Large blocks are mmap'd (MALLOC_MMAP_THRESHOLD_, set by the driver), so freed tensors leave
+    the resident set and the peak is that forward's own. --attn_train 1: a training step instead
+    (rank objective: reference forward, policy forward + backward, LoRA r=16 on the LM)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import rank_dpo as R
+    import synthetic
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    backend, packed, route = ATTENTION_MODES[a.attn_mode]
+    if route is not None:
+        R.packed_route = lambda model: route
+    tokenizer = synthetic.build_tiny_tokenizer()
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **ATTENTION_TEXT)).eval()
+    R.set_attention_backend(model, backend)
+    if a.attn_train:
+        args = R.parse_args(["--data", "x", "--output_dir", "x", "--objective", "rank",
+                             "--lora_r", "16", "--modules_to_save", "none"])
+        model = R.add_adapters(model, args).train()
+    rng = np.random.default_rng(0)
+    low, high = len(synthetic.TINY_SPECIAL_TOKENS), len(tokenizer)
+    # + 1: the last prompt token is repeated at the head of every caption segment
+    prefix = rng.integers(low, high, a.packed_length - ATTENTION_K * (ATTENTION_R + 1) + 1).tolist()
+    rows = [(prefix, rng.integers(low, high, ATTENTION_R).tolist(), -1) for _ in range(ATTENTION_K)]
+    batch = R.make_batch(tokenizer, rows, [], 10 ** 6)
+    index = torch.arange(ATTENTION_K).unsqueeze(0)
+
+    def forward():
+        if a.attn_train:
+            loss, _ = R.chain_loss_step(model, batch, index, args, False, shared_prefix=packed)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss
+        with torch.no_grad():
+            packing = R.pack_model_chains(model, batch, index) if packed else None
+            logits, labels = R.chain_logits(model, batch, packing)
+            return R.kernels.sequence_logps(logits, labels)[0]
+
+    times = []
+    for i in range(a.repeats + 1):
+        before, _ = peak_rss_kib(reset=True)
+        t0 = time.perf_counter()
+        forward()
+        if i:
+            times.append(time.perf_counter() - t0)
+        _, peak = peak_rss_kib()
+    packing = R.pack_model_chains(model, batch, index)
+    width = packing.segment.shape[1]
+    mask_bytes = {"dense_mask": len(index) * width * width,        # boolean [C, 1, S, S]
+                  "block_mask": sum(t.nbytes for t in R.packed_block_mask(packing).as_tuple()
+                                    if isinstance(t, torch.Tensor))}.get(a.attn_mode, 0)
+    step = min(times)            # shared machine: other work only ever adds time
+    return {"mode": a.attn_mode, "backend": backend, "S": width, "train": bool(a.attn_train),
+            "P": int((packing.segment == 0).sum()), "K": ATTENTION_K, "R": ATTENTION_R,
+            "tokens_per_s": ATTENTION_K * ATTENTION_R / step, "seconds": step,
+            "peak_mib": (peak - before) / 1024, "mask_mib": mask_bytes / 2 ** 20,
+            "tokens_processed": packing.tokens() if packed else int(batch.attention_mask.sum())}
+
+
+def run_attention(a) -> dict:
+    import torch
+    import transformers
+    print(f"attention routes: forward at packed lengths {ATTENTION_LENGTHS}, K = {ATTENTION_K}, "
+          f"R = {ATTENTION_R}, modes {tuple(ATTENTION_MODES)}", flush=True)
+    load = os.getloadavg()[0]
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"       # inherited by the workers
+    rows = []
+    for length in ATTENTION_LENGTHS:
+        for mode in ATTENTION_MODES:                     # one process each: compile and peak apart
+            rows.append(spawn("attention", attn_mode=mode, packed_length=length,
+                              repeats=a.shared_repeats, threads=a.threads))
+            print(f"  {json.dumps(rows[-1])}", flush=True)
+    for mode in ATTENTION_MODES:
+        if ATTENTION_MODES[mode][0] != "flex_attention":
+            rows.append(spawn("attention", attn_mode=mode, packed_length=ATTENTION_TRAIN_LENGTH,
+                              repeats=a.shared_repeats, threads=a.threads, attn_train=1))
+            print(f"  {json.dumps(rows[-1])}", flush=True)
+    return {"rows": rows, "text_config": ATTENTION_TEXT, "repeats": a.shared_repeats,
+            "machine": machine(load), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": a.threads}
+
+
+ATTENTION_BLOCK = ("<!-- attention-routes table (bench_train.py) -->",
+                   "<!-- end attention-routes table -->")
+
+
+def attention_markdown(r: dict) -> str:
+    t = r["text_config"]
+    lines = [ATTENTION_BLOCK[0],
+             "**The packed forward's attention routes at long packed lengths** "
+             "(`bench_train.py --only attention`; machine: "
+             f"{r['machine']}; torch {r['torch']}, transformers {r['transformers']}, "
+             f"{r['threads']} torch thread(s); no GPU). FORWARD only, no gradients (FlexAttention "
+             "has no backward on CPU): one chain [prefix P | K = 5 captions of R = 64 tokens] of "
+             "packed length S, a Qwen2 causal LM of hidden "
+             f"{t['hidden_size']}, {t['num_hidden_layers']} layers, {t['num_attention_heads']} "
+             f"heads ({t['num_key_value_heads']} KV). Modes: unshared (5 rows of P + R, sdpa, "
+             "causal), dense mask (packed, sdpa with the boolean [1, 1, S, S] mask), block mask "
+             "(packed, flex_attention with the BlockMask; its compile is in the untimed first "
+             "call), prefix cache (flash attention's route, here under sdpa: the prefix once "
+             "into a KV cache, the 5 captions over it). tokens/s = caption tokens scored per "
+             f"second, the fastest of {r['repeats']} timed forwards; peak = resident memory the "
+             "forward adds at its peak (large blocks mmap'd, so freed tensors leave); mask = "
+             "the attention mask's own bytes.",
+             "",
+             "The training rows: one step (rank objective: reference forward, policy forward + "
+             "backward, LoRA r=16 on the LM), no flex (no backward on CPU).",
+             "",
+             "| pass | S | P | mode | tokens/s | vs dense mask | peak (MiB) | mask (MiB) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    dense = {(row["S"], row["train"]): row for row in r["rows"] if row["mode"] == "dense_mask"}
+    for row in r["rows"]:
+        ratio = row["tokens_per_s"] / dense[row["S"], row["train"]]["tokens_per_s"]
+        lines.append(f"| {'training step' if row['train'] else 'forward'} | {row['S']} | "
+                     f"{row['P']} | {row['mode'].replace('_', ' ')} | "
+                     f"{row['tokens_per_s']:.0f} | {ratio:.2f}x | {row['peak_mib']:.0f} | "
+                     f"{row['mask_mib']:.2f} |")
+    lines.append(ATTENTION_BLOCK[1])
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
@@ -404,10 +553,13 @@ def pair_tokens(path: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix"))
-    p.add_argument("--only", choices=("shared_prefix",),
-                   help="run just this table (bench/train_shared_prefix.json) and rewrite its "
+    p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix", "attention"))
+    p.add_argument("--only", choices=("shared_prefix", "attention"),
+                   help="run just this table (bench/train_<table>.json) and rewrite its "
                    "block of RESULTS.md, leaving the other training figures as they are")
+    p.add_argument("--attn_mode", choices=tuple(ATTENTION_MODES), help="attention worker: the mode")
+    p.add_argument("--packed_length", type=int, help="attention worker: S")
+    p.add_argument("--attn_train", type=int, default=0, help="attention worker: 1 = a training step")
     p.add_argument("--shared_repeats", type=int, default=3,
                    help="timed steps per mode and shape in the shared-prefix table")
     p.add_argument("--caption_tokens", type=int, default=32,
@@ -434,7 +586,16 @@ def main() -> None:
         return
     if a.worker:
         print(json.dumps({"ours": worker_ours, "trl": worker_trl, "vision": worker_vision,
-                          "shared_prefix": worker_shared_prefix}[a.worker](a)))
+                          "shared_prefix": worker_shared_prefix,
+                          "attention": worker_attention}[a.worker](a)))
+        return
+    if a.only == "attention":
+        report = run_attention(a)
+        with open(os.path.join(HERE, "train_attention.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        md = attention_markdown(report)
+        print(md)
+        write_block(a.results_md, md, ATTENTION_BLOCK)
         return
     if a.only == "shared_prefix":
         report = run_shared_prefix(a)
@@ -601,13 +762,14 @@ def shared_prefix_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_block(path: str, block: str) -> None:
-    """Replace the shared-prefix block in the Training section (appended there if absent)."""
+def write_block(path: str, block: str, markers: tuple[str, str] = SHARED_BLOCK) -> None:
+    """Replace a marked block (the shared-prefix table by default) in the Training section
+    (appended there if absent)."""
     with open(path) as f:
         text = f.read()
-    start, end = text.find(SHARED_BLOCK[0]), text.find(SHARED_BLOCK[1])
+    start, end = text.find(markers[0]), text.find(markers[1])
     if start >= 0 and end >= 0:
-        text = text[:start] + block + text[end + len(SHARED_BLOCK[1]):]
+        text = text[:start] + block + text[end + len(markers[1]):]
     else:
         head = text.index("## Training (`make bench-train`)")
         nxt = text.find("\n## ", head + 1)

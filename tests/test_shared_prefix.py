@@ -176,8 +176,10 @@ def test_auto_falls_back_once_with_the_reason():
     assert "sliding-window" in R.shared_prefix_unsupported(windowed)
     windowed.config.use_sliding_window = False
     windowed.config.layer_types = ["full_attention"] * 2
-    windowed.config._attn_implementation = "flash_attention_2"
-    assert "flash_attention_2" in R.shared_prefix_unsupported(windowed)
+    windowed.config._attn_implementation = "flash_attention_2"     # packs over a KV cache
+    assert R.shared_prefix_unsupported(windowed) is None
+    windowed.config._attn_implementation = "flash_attention_3"
+    assert "'flash_attention_3' has no packed route" in R.shared_prefix_unsupported(windowed)
 
 
 def test_evaluation_uses_the_packed_path(tiny, records, monkeypatch):
