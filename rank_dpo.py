@@ -1483,9 +1483,11 @@ def adapter_hash(adapter: str) -> str:
 
 def reference_weights(args, net) -> dict:
     """The reference's weights, identified before the adapters go on: the base by name plus a
-    local directory's weight files (files_fingerprint), a model built in memory (no directory
-    holds it; small by construction) by its weights' hash, a hub download by the commit it
-    resolved to; the --init warm start by its hash (adapter_hash); the weights' dtype."""
+    local directory's weight files (files_fingerprint), a hub name's by those of the cached
+    snapshot it loaded (its commit's folder), a model built in memory (no directory holds it;
+    small by construction) by its weights' hash; the --init warm start by its hash
+    (adapter_hash); the weights' dtype."""
+    weights = None
     if os.path.isdir(args.model):
         weights = files_fingerprint(args.model, WEIGHT_FILES)
     elif (preset := embedded_preset(args.model)) is not None and preset.built:
@@ -1495,7 +1497,11 @@ def reference_weights(args, net) -> dict:
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         weights = digest.hexdigest()[:16]
     else:
-        weights = str(getattr(net.config, "_commit_hash", None))
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(args.model, "config.json")
+        if isinstance(found, str):
+            snapshot = os.path.dirname(found)
+            weights = [os.path.basename(snapshot), files_fingerprint(snapshot, WEIGHT_FILES)]
     return {"model": args.model, "weights": weights, "dtype": str(next(net.parameters()).dtype),
             "init": adapter_hash(args.init) if args.init else None}
 
@@ -1608,7 +1614,6 @@ def reference_logps(model, batch: Batch, packing: Packing | None,
             ref_logits, labels = chain_logits(model, batch, packing, video_embeds)
             ref, _ = kernels.sequence_logps(ref_logits, labels, backend=backend)
     return ref
-
 
 
 def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_trainable: bool,
