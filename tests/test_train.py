@@ -562,12 +562,14 @@ def cache_lines(path):
 
 
 @pytest.mark.parametrize("objective", R.REFERENCE_OBJECTIVES)
-@pytest.mark.parametrize("vision", ["frozen", "lora"])
-def test_cached_reference_gives_the_recomputed_numbers(data, tmp_path, objective, vision):
+@pytest.mark.parametrize("flags", [("--vision", "frozen"), ("--vision", "lora"),
+                                   ("--vision", "lora", "--shared_prefix", "off")])
+def test_cached_reference_gives_the_recomputed_numbers(data, tmp_path, objective, flags):
     """Video chains and yes/no chains, 3 steps an epoch: epoch 1 computes and logs exactly what a
     recompute run logs; epoch 2 reads every reference log-prob back (ref_cached 1.0) and logs
-    the same numbers up to float rounding (a caption's batch, hence its padding, changes)."""
-    common = ("--vision", vision, "--lora_r", "4")
+    the same numbers up to float rounding (a caption's batch, hence its padding, changes).
+    Packed with the fused head (the tiny model's auto) and one sequence per caption."""
+    common = (*flags, "--lora_r", "4")
     cached = run(data, tmp_path / "cache", *common, objective=objective, steps=4, path="mixed")
     plain = run(data, tmp_path / "plain", *common, "--ref_logps", "recompute",
                 objective=objective, steps=4, path="mixed")
