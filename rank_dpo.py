@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import inspect
 import json
 import math
@@ -42,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from records import DataError, RUN_META, load_jsonl, read_records, read_run_meta, write_run_meta
+from records import (DataError, RUN_META, SharedCache, load_jsonl, read_records, read_run_meta,
+                     write_run_meta)
 
 IGNORE_INDEX = -100
 
@@ -1423,6 +1425,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="apply the LM head inside the fused loss, chunk by chunk, so the response "
                    "logits are never materialised; auto: where the head is a plain linear layer "
                    "and the packed forward runs, else off with the reason in the log")
+    p.add_argument("--ref_logps", choices=REF_LOGPS_MODES, default="auto",
+                   help="the reference's log-probs: cache (each caption's computed once, then read "
+                   "from --ref_cache: from the second epoch on no reference forward runs) or "
+                   "recompute (every step); auto: cache where the objective uses the reference")
+    p.add_argument("--ref_cache", metavar="PATH", help="the reference log-prob cache (JSONL, "
+                   "safe to share between runs and ranks: entries are keyed by the reference, the "
+                   "video flags, max_length and precision); default OUT/ref_logps.jsonl")
     p.add_argument("--log_every", type=int, default=1)
     p.add_argument("--val_data", help="validation chains (same format as --data), scored every "
                    "--val_every steps into OUT/validation.jsonl; the best point's adapter is kept "
@@ -1441,6 +1450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.val_data is None and args.patience:
         p.error("--patience needs --val_data")
+    if args.ref_logps == "cache" and args.objective not in REFERENCE_OBJECTIVES:
+        p.error(f"--ref_logps cache: the {args.objective} objective uses no reference model "
+                f"(those that do: {', '.join(REFERENCE_OBJECTIVES)})")
     args.val_every = args.val_every or args.save_every or args.max_steps
     if args.max_chain is not None and args.max_chain < (2 if args.objective != "sft" else 1):
         p.error(f"--max_chain {args.max_chain} leaves no pair to rank for --objective {args.objective}")
@@ -1598,7 +1610,7 @@ SELECT_BY = {"loss": "lower", "logp_acc": "higher", "nll": "lower"}
 
 
 def validate(model, chains, processor, args, vision_trainable, shared_prefix, fused_linear,
-             world: int, rank: int, device) -> dict:
+             world: int, rank: int, device, ref_cache: ReferenceCache | None = None) -> dict:
     """The validation chains under the current policy, no gradient, each rank its share: the
     loss's parts and the ranking numbers (stats_row), plus nll = -log p(y_0) per chain."""
     was_training = model.training
@@ -1610,7 +1622,7 @@ def validate(model, chains, processor, args, vision_trainable, shared_prefix, fu
             batch, index = collate(micro, processor, VideoSampling.of(args), args.max_length)
             batch.to(device)
             _, stats = chain_loss_step(model, batch, index, args, vision_trainable, shared_prefix,
-                                       fused_linear)
+                                       fused_linear, ref_cache.rows(micro) if ref_cache else None)
             stats[-1] *= len(micro)                  # the batch's mean loss -> its sum
             sums += stats
     model.train(was_training)
@@ -1644,14 +1656,196 @@ def save_best(model, args, out: str) -> None:
     os.replace(tmp, final)
 
 
+# ------------------------------------------------------------------------------------------------
+# Reference log-probs, computed once (--ref_logps). The reference (the base with the --init warm
+# start merged, adapters off) never changes during a run, and the loss needs nothing of it but
+# each caption's summed log-prob: that number is cached in a file the first time a caption is met
+# and read back after that, so from the second epoch on a step runs no reference forward. The key
+# holds everything the number depends on; a changed key computes it again.
+# ------------------------------------------------------------------------------------------------
+
+REF_LOGPS_MODES = ("auto", "cache", "recompute")
+REF_CACHE_FILE = "ref_logps.jsonl"
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def files_fingerprint(path: str, extensions: tuple[str, ...] | None = None) -> str:
+    """A cheap identity of a file, or of a folder's files (non-recursive): names, sizes and
+    modification times, hashed. A copied or rewritten file gets a new one (computed again,
+    never wrongly reused); the bytes themselves are not read."""
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path)
+                       if extensions is None or f.lower().endswith(extensions))
+    else:
+        path, names = os.path.dirname(path), [os.path.basename(path)]
+    stats = []
+    for name in names:
+        st = os.stat(os.path.join(path, name))
+        stats.append((name, st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def adapter_hash(adapter: str) -> str:
+    """sha256 of a saved adapter's weights and config, and of its own warm start (init/) in
+    turn: the --init part of the reference's identity."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if os.path.isfile(os.path.join(adapter, name)):
+            with open(os.path.join(adapter, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    init = read_run_meta(adapter).get("init")
+    if init:
+        digest.update(adapter_hash(os.path.join(adapter, init)).encode())
+    return digest.hexdigest()[:16]
+
+
+def reference_weights(args, net) -> dict:
+    """The reference's weights, identified before the adapters go on: the base by name plus a
+    local directory's weight files (files_fingerprint), a hub name's by those of the cached
+    snapshot it loaded (its commit's folder), a model built in memory (no directory holds it;
+    small by construction) by its weights' hash; the --init warm start by its hash
+    (adapter_hash); the weights' dtype."""
+    weights = None
+    if os.path.isdir(args.model):
+        weights = files_fingerprint(args.model, WEIGHT_FILES)
+    elif (preset := embedded_preset(args.model)) is not None and preset.built:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(net.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        weights = digest.hexdigest()[:16]
+    else:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(args.model, "config.json")
+        if isinstance(found, str):
+            snapshot = os.path.dirname(found)
+            weights = [os.path.basename(snapshot), files_fingerprint(snapshot, WEIGHT_FILES)]
+    return {"model": args.model, "weights": weights, "dtype": str(next(net.parameters()).dtype),
+            "init": adapter_hash(args.init) if args.init else None}
+
+
+def reference_identity(args, weights: dict, model, device, shared_prefix: bool,
+                       fused_linear: bool) -> dict:
+    """Everything besides the caption that changes a reference log-prob: the reference's weights
+    (reference_weights), the video flags, max_length (truncation), and the numerics: device and
+    precision (a bf16 GPU run and an fp32 CPU run differ in the third digit), attention backend,
+    forward route (packed or not, LM head fused or not), loss backend, library versions."""
+    import transformers
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cuda = device.type == "cuda"
+    return {
+        **weights, "video": VideoSampling.of(args).as_dict(), "max_length": args.max_length,
+        "device": torch.cuda.get_device_name(device) if cuda else device.type,
+        "autocast": "bfloat16" if cuda else None,
+        "attention": base.config.get_text_config()._attn_implementation,
+        "route": ("packed+fused head" if fused_linear else "packed") if shared_prefix else "rows",
+        "loss_backend": args.loss_backend,
+        "versions": [torch.__version__, transformers.__version__],
+    }
+
+
+def caches_ref_logps(args) -> bool:
+    """--ref_logps auto|cache|recompute -> whether reference log-probs are cached: where the
+    objective uses the reference (REFERENCE_OBJECTIVES), unless recompute (parse_args refuses
+    cache for one that does not)."""
+    return args.objective in REFERENCE_OBJECTIVES and args.ref_logps != "recompute"
+
+
+class ReferenceCache:
+    """Each caption's reference log-prob, keyed by the reference's identity (reference_identity),
+    the record id, the video file (files_fingerprint) and the row's token ids (prompt and
+    response as the chat template and tokenizer render them), in a SharedCache file."""
+
+    def __init__(self, path: str, identity: dict, dtype: torch.dtype):
+        self.file = SharedCache(path)
+        self.identity = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        self.dtype = dtype                   # what the kernels return: fp32 (fp64 for fp64 logits)
+        self._keys: dict[tuple[str, int], list[str]] = {}
+
+    def row_keys(self, chain: Chain) -> list[str]:
+        """One key per row of the chain (computed once per chain)."""
+        memo = (chain.path, chain.line)
+        if memo not in self._keys:
+            video = [chain.video, files_fingerprint(chain.video, FRAME_EXTENSIONS)] \
+                if chain.video is not None else None
+            self._keys[memo] = [hashlib.sha256(json.dumps(
+                [self.identity, chain.id, video, prompt_ids, response_ids]).encode()).hexdigest()[:32]
+                for prompt_ids, response_ids in chain.rows]
+        return self._keys[memo]
+
+    def rows(self, chains: list[Chain]) -> "CachedRows":
+        """The rows of a micro-batch of chains, in collate's order."""
+        return CachedRows(self, [k for chain in chains for k in self.row_keys(chain)])
+
+    def cached(self, keys: list[str]) -> int:
+        return sum(self.file.get(k) is not None for k in keys)
+
+
+@dataclass
+class CachedRows:
+    """One micro-batch's keys: lookup() gives its [N] reference log-probs when every row is in
+    the file (re-reading what other ranks and runs appended since, on a miss), store() adds the
+    missing ones. `hit` says whether the last lookup served the batch."""
+    cache: ReferenceCache
+    keys: list[str]
+    hit: bool = False
+
+    def lookup(self, device) -> torch.Tensor | None:
+        if self.cache.cached(self.keys) < len(self.keys):
+            self.cache.file.refresh()
+        self.hit = self.cache.cached(self.keys) == len(self.keys)
+        if not self.hit:
+            return None
+        return torch.tensor([self.cache.file.get(k) for k in self.keys], dtype=self.cache.dtype,
+                            device=device)
+
+    def store(self, ref: torch.Tensor) -> None:
+        self.cache.file.add(dict(zip(self.keys, ref.double().cpu().tolist())))
+
+
+def open_reference_cache(args, weights: dict, model, device, shared_prefix: bool,
+                         fused_linear: bool) -> ReferenceCache:
+    """--ref_cache, default OUT/ref_logps.jsonl, for this run's reference."""
+    path = args.ref_cache or os.path.join(args.output_dir, REF_CACHE_FILE)
+    identity = reference_identity(args, weights, model, device, shared_prefix, fused_linear)
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    return ReferenceCache(path, identity, dtype)
+
+
+def head_inputs(model, hidden):
+    """(hidden, weight, bias) in one dtype, as the fused-linear kernels take them."""
+    head = output_head(model)
+    bias = head.bias.to(hidden.dtype) if head.bias is not None else None
+    return hidden, head.weight.to(hidden.dtype), bias
+
+
+def reference_logps(model, batch: Batch, packing: Packing | None,
+                    video_embeds: list[VideoFeatures] | None, fused_linear: bool, backend: str,
+                    autocast) -> torch.Tensor:
+    """[N] the reference's summed log-prob of every row (adapters off, no grad)."""
+    with torch.no_grad(), model.disable_adapter(), autocast:
+        if fused_linear:
+            hidden, labels = packed_hidden_states(model, batch, packing, video_embeds)
+            h, w, b = head_inputs(model, hidden)
+            ref, _ = kernels.fused_linear_sequence_logps(h, w, labels, bias=b, backend=backend)
+        else:
+            ref_logits, labels = chain_logits(model, batch, packing, video_embeds)
+            ref, _ = kernels.sequence_logps(ref_logits, labels, backend=backend)
+    return ref
+
+
 def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_trainable: bool,
-                    shared_prefix: bool = False, fused_linear: bool = False):
+                    shared_prefix: bool = False, fused_linear: bool = False,
+                    cached_ref: CachedRows | None = None):
     """Reference log-probs (adapters off, no grad), policy forward, the fused loss.
 
     Returns (loss, stats). The videos are encoded once per pass; with a frozen tower once in
     all, since the policy and the reference then see the same video features. shared_prefix:
     each chain is one packed sequence (section 3b), its prefix run once per pass. fused_linear:
     the LM head is applied inside the loss kernel, chunk by chunk (needs shared_prefix).
+    cached_ref: the batch's rows in the reference cache (--ref_logps): when all are there, no
+    reference forward runs; else it runs and the missing ones are added.
     """
     packing = pack_model_chains(model, batch, index) if shared_prefix else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if batch.input_ids.is_cuda \
@@ -1664,29 +1858,18 @@ def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_train
     loss_args = dict(objective=args.objective, beta=args.beta,
                      ntp_weight=0.0 if summed_ntp else args.ntp_weight, backend=args.loss_backend)
 
-    def head_inputs(hidden):
-        """(hidden, weight, bias) in one dtype, as the fused-linear kernels take them."""
-        head = output_head(model)
-        bias = head.bias.to(hidden.dtype) if head.bias is not None else None
-        return hidden, head.weight.to(hidden.dtype), bias
-
     ref = None
     if args.objective in REFERENCE_OBJECTIVES:
-        with torch.no_grad(), model.disable_adapter(), autocast:
-            if fused_linear:
-                hidden, labels = packed_hidden_states(model, batch, packing, shared)
-                h, w, b = head_inputs(hidden)
-                ref, _ = kernels.fused_linear_sequence_logps(h, w, labels, bias=b,
-                                                             backend=args.loss_backend)
-                del hidden, h
-            else:
-                ref_logits, labels = chain_logits(model, batch, packing, shared)
-                ref, _ = kernels.sequence_logps(ref_logits, labels, backend=args.loss_backend)
-                del ref_logits
+        ref = cached_ref.lookup(batch.input_ids.device) if cached_ref is not None else None
+        if ref is None:
+            ref = reference_logps(model, batch, packing, shared, fused_linear, args.loss_backend,
+                                  autocast)
+            if cached_ref is not None:
+                cached_ref.store(ref)
     if fused_linear:
         with autocast:
             hidden, labels = packed_hidden_states(model, batch, packing, shared)
-        h, w, b = head_inputs(hidden)
+        h, w, b = head_inputs(model, hidden)
         device = hidden.device
         loss, logps = kernels.fused_linear_chain_loss(
             h, w, labels, index.to(device),
@@ -1862,6 +2045,7 @@ def train(args) -> list[dict]:
     check_trainable_backend(model, device)
     if args.init:
         model = merge_adapter(model, args.init)
+    ref_weights = reference_weights(args, model) if caches_ref_logps(args) else None
     chains, left_out = load_chains(args.data, processor, args.objective, args.video_root,
                                    args.max_chain, args.max_length, VideoSampling.of(args))
     if rank == 0:
@@ -1894,6 +2078,14 @@ def train(args) -> list[dict]:
                                           log=print if rank == 0 else None)
     fused_linear = resolve_fused_linear(model, args.fused_linear, shared_prefix,
                                         log=print if rank == 0 else None)
+    ref_cache = None
+    if ref_weights is not None:
+        ref_cache = open_reference_cache(args, ref_weights, model, device, shared_prefix,
+                                         fused_linear)
+        if rank == 0:
+            keys = [k for c in chains + val_chains for k in ref_cache.row_keys(c)]
+            print(f"--ref_logps cache: {ref_cache.cached(keys)} of {len(keys)} captions' "
+                  f"reference log-probs already in {ref_cache.file.path}", flush=True)
     torch.manual_seed(args.seed + rank)
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -1934,14 +2126,18 @@ def train(args) -> list[dict]:
         while step < args.max_steps and not (args.patience and stale >= args.patience):
             t0 = time.perf_counter()
             stats, tokens = torch.zeros(STATS, dtype=torch.float64), 0
-            losses = []
+            losses, ref_rows = [], torch.zeros(2, dtype=torch.float64)   # [cached, all]
             for ids in step_batches(len(chains), step, args.seed, args.batch_size,
                                     args.grad_accum, world, rank):
                 micro = [chains[i] for i in ids]
                 batch, index = collate(micro, processor, VideoSampling.of(args), args.max_length)
                 batch.to(device)
+                cached_ref = ref_cache.rows(micro) if ref_cache else None
                 loss, micro_stats = chain_loss_step(model, batch, index, args, vision_trainable,
-                                                    shared_prefix, fused_linear)
+                                                    shared_prefix, fused_linear, cached_ref)
+                if cached_ref is not None:
+                    ref_rows += torch.tensor([len(cached_ref.keys) * cached_ref.hit,
+                                              len(cached_ref.keys)], dtype=torch.float64)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"step {step + 1}: loss is {loss.item()} on chains "
@@ -1959,8 +2155,8 @@ def train(args) -> list[dict]:
             step += 1
 
             summed = all_reduce_(torch.cat([torch.stack(losses).sum().view(1), stats,
-                                            torch.tensor([float(tokens)], dtype=torch.float64)]),
-                                 world)
+                                            torch.tensor([float(tokens)], dtype=torch.float64),
+                                            ref_rows]), world)
             if step % args.log_every == 0 or step == args.max_steps:
                 row = {"step": step, "loss": summed[0].item() / (args.grad_accum * world),
                        **stats_row(summed[1:STATS + 1], args.grad_accum * world), "lr": lr,
@@ -1970,6 +2166,8 @@ def train(args) -> list[dict]:
                        "peak_mem_mb": all_reduce_(torch.tensor([peak_memory_mb(device)]),
                                                   world, "max").item(),
                        "epoch": step * global_batch / len(chains)}
+                if ref_cache is not None:     # share of captions whose reference was read
+                    row["ref_cached"] = summed[STATS + 2].item() / summed[STATS + 3].item()
                 logged.append(row)
                 if rank == 0:
                     with open(metrics_path, "a") as f:
@@ -1980,7 +2178,8 @@ def train(args) -> list[dict]:
             validated = bool(val_chains) and (step % args.val_every == 0 or step == args.max_steps)
             if validated:
                 row = {"step": step, **validate(model, val_chains, processor, args, vision_trainable,
-                                                shared_prefix, fused_linear, world, rank, device)}
+                                                shared_prefix, fused_linear, world, rank, device,
+                                                ref_cache)}
                 best, stale = best_validation(validations + [row], args.select_by, args.min_gain)
                 row["best"] = best is row
                 validations.append(row)

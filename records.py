@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -382,3 +383,114 @@ def map_resumable(records: Iterable[dict], fn: Callable[[dict], dict], out_path:
     summary["seconds"] = round(time.monotonic() - start, 3)
     summary["rate"] = round((summary["done"] + summary["failed"]) / max(summary["seconds"], 1e-9), 2)
     return summary
+
+
+# =============================================================================================
+# Shared caches: many writers, a value per key, first line wins
+# =============================================================================================
+
+TAIL_WINDOW = 1 << 16      # a cache line is far shorter: a torn one ends within this of the end
+
+
+class SharedCache:
+    """A key -> JSON value cache in one append-only JSONL file that several processes write at
+    once (the ranks of a torchrun job, runs sharing the file).
+
+    Unlike ResumableJsonl (one writer for a whole run), each append takes the flock on
+    PATH.lock only for its own write: it cuts a torn tail a killed writer left (bytes after the
+    last newline), writes its lines in one write and fsyncs. Every line carries a checksum of
+    its key and value, so a torn, garbled or hand-edited line is never read as a value: it is
+    skipped with a warning naming file:line, and the key is computed again. The first line of a
+    key wins (two writers may both add a key they both missed), so every reader of the file sees
+    the same value. `refresh()` reads only what was appended since the last read.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.values: dict[str, object] = {}
+        self.skipped = 0                        # lines dropped: torn, garbled, failed checksum
+        self._offset = 0                        # bytes read so far, always at a line boundary
+        self._line_no = 0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.refresh()
+
+    @staticmethod
+    def _checksum(key: str, value_json: str) -> str:
+        return hashlib.sha256(f"{key}\t{value_json}".encode()).hexdigest()[:16]
+
+    def _parse(self, raw: bytes):
+        """(key, value) of one line, or None for a line that is not a whole, checked entry."""
+        try:
+            rec = json.loads(raw)
+            key, value, check = rec["key"], rec["value"], rec["check"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(key, str) or check != self._checksum(key, json.dumps(value)):
+            return None
+        return key, value
+
+    def refresh(self) -> int:
+        """Read the complete lines appended since the last read; returns how many were new."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        data = data[:data.rfind(b"\n") + 1]        # a tail without its newline: not yet whole
+        new = 0
+        for raw in data.split(b"\n")[:-1]:
+            self._line_no += 1
+            if not raw.strip():
+                continue
+            entry = self._parse(raw)
+            if entry is None:
+                self.skipped += 1
+                log.warning("%s:%d: skipped a line that is not a whole cache entry (torn or "
+                            "garbled); its value is computed again", self.path, self._line_no)
+            elif entry[0] not in self.values:
+                self.values[entry[0]] = entry[1]
+                new += 1
+        self._offset += len(data)
+        return new
+
+    def get(self, key: str):
+        return self.values.get(key)
+
+    def add(self, entries: dict[str, object]) -> None:
+        """Append the entries whose key is not in the cache yet (one write, under the lock)."""
+        entries = {k: v for k, v in entries.items() if k not in self.values}
+        if not entries:
+            return
+        lines = []
+        for key, value in entries.items():
+            value_json = json.dumps(value)
+            lines.append(json.dumps({"key": key, "value": value,
+                                     "check": self._checksum(key, value_json)}) + "\n")
+        data = "".join(lines).encode("utf-8")
+        lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                start = max(0, size - TAIL_WINDOW)
+                tail = os.pread(fd, size - start, start)
+                if tail and not tail.endswith(b"\n"):   # a writer was killed mid-line: cut it off
+                    if tail.rfind(b"\n") < 0 and start > 0:
+                        raise DataError(self.path, None, f"the last {TAIL_WINDOW} bytes hold no "
+                                        "line end; not a cache file")
+                    cut = start + tail.rfind(b"\n") + 1
+                    log.warning("%s: cut a torn last line (%d bytes from an interrupted write)",
+                                self.path, size - cut)
+                    os.ftruncate(fd, cut)
+                    size = cut
+                view = memoryview(data)
+                while view:                        # os.pwrite may write less than asked
+                    size += (n := os.pwrite(fd, view, size))
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(lock_fd)                      # releases the flock
+        self.refresh()                             # our lines, and any another writer added

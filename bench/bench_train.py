@@ -119,16 +119,20 @@ class RssSampler:
         self.peak = max(self.peak, self.rss())
 
 
-def worker_ours(a) -> dict:
-    import torch
-    import rank_dpo as R
-    torch.set_num_threads(a.threads)
-    argv = ["--model", "tiny", "--data", a.data, "--objective", a.objective, "--output_dir", a.out,
+def train_argv(a) -> list[str]:
+    """rank_dpo.py's flags for a worker's training run on the tiny model."""
+    return ["--model", "tiny", "--data", a.data, "--objective", a.objective, "--output_dir", a.out,
             "--lr", "1e-4", "--max_steps", str(a.steps), "--batch_size", str(a.batch_size),
             "--save_every", "0", "--vision", a.vision, "--lora_r", "16", "--lora_alpha", "32",
             "--ntp_weight", str(a.ntp_weight), "--lr_schedule", "constant", "--num_frames", "8",
             "--modules_to_save", a.modules_to_save]
-    args = R.parse_args(argv)
+
+
+def worker_ours(a) -> dict:
+    import torch
+    import rank_dpo as R
+    torch.set_num_threads(a.threads)
+    args = R.parse_args(train_argv(a))
     real_step = R.chain_loss_step
 
     def marked_step(*args_, **kwargs):
@@ -482,6 +486,27 @@ def attention_markdown(r: dict) -> str:
                      f"{row['mask_mib']:.2f} |")
     lines.append(ATTENTION_BLOCK[1])
     return "\n".join(lines)
+def worker_ref_cache(a) -> dict:
+    """One training run with --ref_logps a.ref_logps (cache or recompute): per step its wall
+    time, its CPU time (this process's, which other work on a shared machine does not inflate:
+    the time between the starts of two steps, marked where each step asks for its batches),
+    loss and the share of captions whose reference log-prob was read from the cache."""
+    import torch
+    import rank_dpo as R
+    torch.set_num_threads(a.threads)
+    starts, real_batches = [], R.step_batches
+
+    def marked_batches(*args_, **kwargs):
+        starts.append(time.process_time())
+        return real_batches(*args_, **kwargs)
+
+    R.step_batches = marked_batches
+    rows = R.train(R.parse_args(train_argv(a) + ["--ref_logps", a.ref_logps]))
+    starts.append(time.process_time())
+    return {"step_times": [r["step_time_s"] for r in rows],
+            "step_cpu_times": [b - s for s, b in zip(starts, starts[1:])],
+            "losses": [r["loss"] for r in rows],
+            "ref_cached": [r.get("ref_cached", 0.0) for r in rows]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,8 +578,9 @@ def pair_tokens(path: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix", "attention"))
-    p.add_argument("--only", choices=("shared_prefix", "attention"),
+    p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix", "attention",
+                                        "ref_cache"))
+    p.add_argument("--only", choices=("shared_prefix", "attention", "ref_cache"),
                    help="run just this table (bench/train_<table>.json) and rewrite its "
                    "block of RESULTS.md, leaving the other training figures as they are")
     p.add_argument("--attn_mode", choices=tuple(ATTENTION_MODES), help="attention worker: the mode")
@@ -564,6 +590,7 @@ def main() -> None:
                    help="timed steps per mode and shape in the shared-prefix table")
     p.add_argument("--caption_tokens", type=int, default=32,
                    help="R, tokens per caption in the shared-prefix table (P = ratio x R)")
+    p.add_argument("--ref_logps", default="auto", help="worker ref_cache: cache or recompute")
     p.add_argument("--data")
     p.add_argument("--out")
     p.add_argument("--objective", default="dpo")
@@ -587,7 +614,7 @@ def main() -> None:
     if a.worker:
         print(json.dumps({"ours": worker_ours, "trl": worker_trl, "vision": worker_vision,
                           "shared_prefix": worker_shared_prefix,
-                          "attention": worker_attention}[a.worker](a)))
+                          "attention": worker_attention, "ref_cache": worker_ref_cache}[a.worker](a)))
         return
     if a.only == "attention":
         report = run_attention(a)
@@ -596,6 +623,14 @@ def main() -> None:
         md = attention_markdown(report)
         print(md)
         write_block(a.results_md, md, ATTENTION_BLOCK)
+        return
+    if a.only == "ref_cache":
+        report = run_ref_cache(a)
+        with open(os.path.join(HERE, "train_ref_cache.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        md = ref_cache_markdown(report)
+        print(md)
+        write_block(a.results_md, md, REF_CACHE_BLOCK)
         return
     if a.only == "shared_prefix":
         report = run_shared_prefix(a)
@@ -660,6 +695,7 @@ def main() -> None:
                         "train_memory_ratio": ours["train_rss_mb"] / max(theirs["train_rss_mb"], 1e-9),
                         "peak_memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"]}
     report["shared_prefix"] = run_shared_prefix(a)
+    report["ref_cache"] = run_ref_cache(a)
     with open(a.json, "w") as f:
         json.dump(report, f, indent=1)
     md = markdown(report)
@@ -709,6 +745,8 @@ def markdown(r: dict) -> str:
               "step working memory."]
     if "shared_prefix" in r:
         lines += ["", shared_prefix_markdown(r["shared_prefix"])]
+    if "ref_cache" in r:
+        lines += ["", ref_cache_markdown(r["ref_cache"])]
     return "\n".join(lines)
 
 
@@ -762,8 +800,85 @@ def shared_prefix_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+REF_CACHE_BLOCK = ("<!-- reference-cache table (bench_train.py) -->",
+                   "<!-- end reference-cache table -->")
+REF_CACHE_VISIONS = ("frozen", "lora")
+
+
+def run_ref_cache(a) -> dict:
+    """--ref_logps cache vs recompute, the rank objective on video chains, per --vision: each
+    pair of runs side by side in every round (interleaved, so load from other work hits both);
+    the step time is the median over the steps after the first epoch (the cache is warm)."""
+    import statistics as stats
+    import torch
+    import transformers
+    chains_per_epoch, batch, epochs = 16, 2, 2
+    steps = epochs * chains_per_epoch // batch
+    print(f"reference log-probs cached vs recomputed (rank, {chains_per_epoch} video chains, "
+          f"K = 4, batch 2, {steps} steps; vision {' / '.join(REF_CACHE_VISIONS)})", flush=True)
+    load = os.getloadavg()[0]
+    work = tempfile.mkdtemp(prefix="bench_ref_cache_")
+    data = make_video_chains(os.path.join(work, "video"), chains_per_epoch, 4)
+    runs = {(v, m): [] for v in REF_CACHE_VISIONS for m in ("cache", "recompute")}
+    for r in range(a.rounds):
+        for (vision, mode), done in runs.items():
+            done.append(spawn("ref_cache", data=data, out=os.path.join(work, f"{vision}-{mode}-{r}"),
+                              objective="rank", vision=vision, ref_logps=mode, steps=steps,
+                              batch_size=batch, threads=a.threads))
+            print(f"  round {r + 1} {vision} {mode}: {sum(done[-1]['step_times']):.1f} s", flush=True)
+    rows = []
+    for vision in REF_CACHE_VISIONS:
+        cache, plain = runs[(vision, "cache")], runs[(vision, "recompute")]
+        warm = [i for i, hit in enumerate(cache[0]["ref_cached"]) if hit == 1.0]
+        step, cpu = ({name: min(stats.median(run[key][i] for i in warm) for run in rs)
+                      for name, rs in (("cache", cache), ("recompute", plain))}
+                     for key in ("step_times", "step_cpu_times"))
+        first_epoch = [i for i in range(steps) if i not in warm]
+        diffs = [abs(x - y) / abs(y) for c, p in zip(cache, plain)
+                 for x, y in zip(c["losses"], p["losses"])]
+        rows.append({"vision": vision, "warm_steps": len(warm), "step_s": step, "cpu_s": cpu,
+                     "speedup": step["recompute"] / step["cache"],
+                     "cpu_speedup": cpu["recompute"] / cpu["cache"],
+                     "first_epoch_equal": all(c["losses"][i] == p["losses"][i] for c, p in
+                                              zip(cache, plain) for i in first_epoch),
+                     "max_rel_loss_diff": max(diffs)})
+    return {"machine": machine(load), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": a.threads, "rounds": a.rounds,
+            "chains": chains_per_epoch, "batch": batch, "steps": steps, "rows": rows}
+
+
+def ref_cache_markdown(r: dict) -> str:
+    lines = [REF_CACHE_BLOCK[0],
+             "**Reference log-probs cached vs recomputed** (`--ref_logps cache` / `recompute`; "
+             f"machine: {r['machine']}; torch {r['torch']}, {r['threads']} torch thread(s); no GPU "
+             "was lent to this task, so no GPU figures). rank objective on the tiny Qwen2.5-VL, "
+             f"{r['chains']} chains of K = 4 captions on 8-frame 64x64 clips, {r['batch']} chains "
+             "per step, "
+             f"{r['steps']} steps (two epochs), LoRA r=16 on the LM, lm_head and final norm in "
+             "full. Step time: the whole training step (collate with video decode, forwards, "
+             "backward, optimizer): wall time as rank_dpo.py logs it, and the process's CPU time, "
+             "which other work on this shared machine does not inflate; median over the second "
+             "epoch's steps, where every reference log-prob is read from the cache; the best of "
+             f"{r['rounds']} interleaved rounds. Losses: first epoch (computed in both) compared "
+             "exactly; largest relative difference over all steps (the second epoch's cached "
+             "numbers came from another batch composition).",
+             "",
+             "| vision | CPU ms recompute | CPU ms cache | speed-up (CPU) | wall ms recompute | "
+             "wall ms cache | speed-up (wall) | first-epoch losses | largest relative loss "
+             "difference |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['vision']} | {1000 * row['cpu_s']['recompute']:.0f} | "
+                     f"{1000 * row['cpu_s']['cache']:.0f} | **{row['cpu_speedup']:.2f}x** | "
+                     f"{1000 * row['step_s']['recompute']:.0f} | "
+                     f"{1000 * row['step_s']['cache']:.0f} | {row['speedup']:.2f}x | "
+                     f"{'identical' if row['first_epoch_equal'] else 'differ'} | "
+                     f"{row['max_rel_loss_diff']:.1e} |")
+    lines.append(REF_CACHE_BLOCK[1])
+    return "\n".join(lines)
+
+
 def write_block(path: str, block: str, markers: tuple[str, str] = SHARED_BLOCK) -> None:
-    """Replace a marked block (the shared-prefix table by default) in the Training section
+    """Replace a marked block (default: the shared-prefix table) in the Training section
     (appended there if absent)."""
     with open(path) as f:
         text = f.read()

@@ -162,3 +162,58 @@ def test_collect_outputs_prefers_a_later_success(tmp_path):
                                                    {"id": "a", "v": 2}, {"id": "z", "v": 3}])
     assert records.collect_outputs(path, ["a", "b"]) == {"a": {"id": "a", "v": 2}, "b": {"id": "b", "v": 1}}
     assert records.collect_outputs(str(tmp_path / "none.jsonl"), ["a"]) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared caches: many writers, checked lines, first line wins
+# ---------------------------------------------------------------------------------------------
+
+def test_shared_cache_writers_see_each_other_and_the_first_line_wins(tmp_path):
+    path = str(tmp_path / "cache.jsonl")
+    a, b = records.SharedCache(path), records.SharedCache(path)
+    a.add({"x": -1.25, "y": -2.5})
+    b.add({"y": -99.0, "z": -3.0 / 7})         # b had not read y yet: both lines are in the file
+    assert b.get("y") == -2.5 and b.get("x") == -1.25     # b read a's lines when it wrote
+    assert a.get("z") is None and a.refresh() == 1 and a.get("z") == -3.0 / 7    # exact float
+    assert a.get("y") == -2.5                  # the later duplicate is never read
+    assert [r["key"] for r in lines(path)] == ["x", "y", "y", "z"]
+    assert records.SharedCache(path).values == {"x": -1.25, "y": -2.5, "z": -3.0 / 7}
+
+
+def test_shared_cache_never_reads_a_torn_or_garbled_line_as_a_value(tmp_path, caplog):
+    path = tmp_path / "cache.jsonl"
+    records.SharedCache(str(path)).add({"a": -1.5, "b": -2.5, "c": -3.5, "d": -4.5})
+    text = path.read_text().splitlines(keepends=True)
+    text[1] = text[1].replace("-2.5", "-2.7")     # valid JSON, wrong number: its checksum fails
+    text[2] = "{garbage\n"
+    path.write_text("".join(text) + text[3][:30])  # plus a torn copy of a line, no newline
+    with caplog.at_level("WARNING", logger="records"):
+        cache = records.SharedCache(str(path))
+    assert cache.values == {"a": -1.5, "d": -4.5} and cache.skipped == 2
+    assert "cache.jsonl:2: skipped" in caplog.text and "cache.jsonl:3: skipped" in caplog.text
+    cache.add({"b": -2.5, "e": -5.5})          # the torn tail is cut before the new lines
+    assert path.read_text().endswith("\n")
+    again = records.SharedCache(str(path))
+    assert again.values == {"a": -1.5, "d": -4.5, "b": -2.5, "e": -5.5} and again.skipped == 2
+
+
+def _add_many(path, writer, n):
+    cache = records.SharedCache(path)
+    for i in range(n):
+        cache.add({f"{writer}-{i}": float(i), "shared": float(writer)})
+
+
+def test_shared_cache_concurrent_processes_append_whole_lines(tmp_path):
+    import multiprocessing
+    path = str(tmp_path / "cache.jsonl")
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_add_many, args=(path, w, 40)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    cache = records.SharedCache(path)
+    assert cache.skipped == 0 and len(cache.values) == 4 * 40 + 1
+    assert all(cache.get(f"{w}-{i}") == float(i) for w in range(4) for i in range(40))
+    assert cache.get("shared") == lines(path)[[r["key"] for r in lines(path)].index("shared")]["value"]

@@ -538,6 +538,202 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reference log-probs computed once (--ref_logps cache)
+# ---------------------------------------------------------------------------------------------
+
+TIMINGS = ("tokens_per_s", "step_time_s", "peak_mem_mb", "ref_cached")
+
+
+def count_reference_forwards(monkeypatch) -> list:
+    """Replace rank_dpo.reference_logps by a wrapper that records each call's batch size."""
+    calls, real = [], R.reference_logps
+
+    def counted(model, batch, *args, **kwargs):
+        calls.append(len(batch.input_ids))
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(R, "reference_logps", counted)
+    return calls
+
+
+def cache_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("objective", R.REFERENCE_OBJECTIVES)
+@pytest.mark.parametrize("flags", [("--vision", "frozen"), ("--vision", "lora"),
+                                   ("--vision", "lora", "--shared_prefix", "off")])
+def test_cached_reference_gives_the_recomputed_numbers(data, tmp_path, objective, flags):
+    """Video chains and yes/no chains, 3 steps an epoch: epoch 1 computes and logs exactly what a
+    recompute run logs; epoch 2 reads every reference log-prob back (ref_cached 1.0) and logs
+    the same numbers up to float rounding (a caption's batch, hence its padding, changes).
+    Packed with the fused head (the tiny model's auto) and one sequence per caption."""
+    common = (*flags, "--lora_r", "4")
+    cached = run(data, tmp_path / "cache", *common, objective=objective, steps=4, path="mixed")
+    plain = run(data, tmp_path / "plain", *common, "--ref_logps", "recompute",
+                objective=objective, steps=4, path="mixed")
+    assert [r["ref_cached"] for r in cached] == [0.0, 0.0, 0.0, 1.0]
+    assert all("ref_cached" not in r for r in plain)
+    for a, b in zip(cached, plain):
+        numbers = {k: v for k, v in a.items() if k not in TIMINGS}
+        expected = {k: v for k, v in b.items() if k not in TIMINGS}
+        if a["step"] <= 3:
+            assert numbers == expected
+        else:
+            assert numbers == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_second_epoch_and_validation_run_no_reference_forward(data, tmp_path, monkeypatch):
+    calls = count_reference_forwards(monkeypatch)
+    out = tmp_path / "run"
+    rows = run(data, out, "--val_data", data["two"], "--val_every", "3", path="mixed", steps=6)
+    assert len(calls) == 3 and sum(calls) == 4 * 4 + 2 * 2    # epoch 1's micro-batches, no more
+    assert [r["ref_cached"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    entries = cache_lines(out / R.REF_CACHE_FILE)   # the validation chains' captions are
+    assert len(entries) == len({e["key"] for e in entries}) == 4 * 4 + 2 * 2    # training's
+    calls.clear()
+    plain = run(data, tmp_path / "plain", "--val_data", data["two"], "--val_every", "3",
+                "--ref_logps", "recompute", path="mixed", steps=6)
+    assert len(calls) == 6 + 2         # without the cache: every step and validation point
+    for a, b in zip(R.load_jsonl(out / "validation.jsonl"), R.load_jsonl(tmp_path / "plain" / "validation.jsonl")):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+
+
+def test_a_changed_key_recomputes_those_entries_and_only_those(data, tmp_path, monkeypatch):
+    """One --ref_cache shared by runs: the same reference and data reuse every entry; a changed
+    caption, --num_frames, --max_length or --init computes exactly the entries it changes."""
+    cache = tmp_path / "shared.jsonl"
+    edited = [dict(c) for c in data["chains"][:2]]
+    edited[1]["chain"] = edited[1]["chain"][:2] + ["A grey square jumps."] + edited[1]["chain"][3:]
+    sources = dict(data, edited=write_jsonl(os.path.join(data["root"], "edited.jsonl"), edited))
+    calls = count_reference_forwards(monkeypatch)
+    runs = iter(range(100))
+
+    def train(*extra, path="two"):
+        calls.clear()
+        rows = run(sources, tmp_path / f"run{next(runs)}", "--ref_cache", cache, *extra,
+                   steps=2, batch=1, path=path)
+        return rows, len(calls), len(cache_lines(cache))
+
+    first, n_calls, n_lines = train()
+    assert (n_calls, n_lines) == (2, 8)
+    again, n_calls, n_lines = train()                   # another run, same reference: all read
+    assert (n_calls, n_lines) == (0, 8)
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]
+    _, n_calls, n_lines = train(path="edited")          # one caption's entry, in one batch
+    assert (n_calls, n_lines) == (1, 9)
+    _, n_calls, n_lines = train("--num_frames", "4")     # every video row changes
+    assert (n_calls, n_lines) == (2, 17)
+    _, n_calls, n_lines = train("--max_length", "200")
+    assert (n_calls, n_lines) == (2, 25)
+    run(data, tmp_path / "sft", objective="sft", steps=1)
+    _, n_calls, n_lines = train("--init", tmp_path / "sft")
+    assert (n_calls, n_lines) == (2, 33)
+    _, n_calls, _ = train("--init", tmp_path / "sft")
+    assert n_calls == 0
+    run(data, tmp_path / "sft2", objective="sft", steps=2)           # another warm start
+    init_rows, n_calls, n_lines = train("--init", tmp_path / "sft2")
+    assert (n_calls, n_lines) == (2, 41)
+    calls.clear()
+    plain = run(data, tmp_path / "plain", "--init", tmp_path / "sft2", "--ref_logps", "recompute",
+                steps=2, batch=1, path="two")
+    assert [r["loss"] for r in init_rows] == [r["loss"] for r in plain]
+
+
+def test_a_garbled_cache_entry_is_computed_again(data, tmp_path, monkeypatch):
+    """A cache line whose number was changed (valid JSON) fails its checksum: that batch runs
+    the reference again and the run logs the numbers of an intact cache."""
+    out = tmp_path / "run"
+    first = run(data, out, steps=2, batch=1)
+    path = out / R.REF_CACHE_FILE
+    text = path.read_text().splitlines(keepends=True)
+    entry = json.loads(text[5])
+    text[5] = text[5].replace(json.dumps(entry["value"]), json.dumps(entry["value"] / 2))
+    path.write_text("".join(text))
+    calls = count_reference_forwards(monkeypatch)
+    shutil.rmtree(out / "checkpoints")
+    again = run(data, out, steps=2, batch=1)
+    assert calls == [4]
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]
+
+
+def test_kill_9_while_caching_then_resume_finishes_with_the_same_numbers(data, tmp_path):
+    """SIGKILL at a random moment once the cache is being written, then the same command with
+    --resume: the same numbers as an uninterrupted run, and a cache of whole, unique lines."""
+    import random
+    seed = random.randrange(10 ** 6)
+    out = tmp_path / "run"
+    argv = ["--data", data["mixed"], "--output_dir", str(out), "--lr", "3e-3", "--max_steps", "12",
+            "--batch_size", "1", "--save_every", "2"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "rank_dpo.py"), *argv], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    cache = out / R.REF_CACHE_FILE
+    try:
+        deadline = time.time() + 120
+        while not (os.path.exists(cache) and os.path.getsize(cache)):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.01)
+        time.sleep(random.Random(seed).uniform(0, 1.5))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before the kill"
+    R.train(R.parse_args(argv + ["--resume"]))
+    whole = run(data, tmp_path / "whole", "--save_every", "2", path="mixed", steps=12, batch=1)
+    resumed = read_metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, 13)), f"seed {seed}"
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole], f"seed {seed}"
+    assert path_is_whole_lines(cache), f"seed {seed}"
+    entries = cache_lines(cache)
+    assert len(entries) == len({e["key"] for e in entries}) == 4 * 4 + 2 * 2, f"seed {seed}"
+    assert R.SharedCache(str(cache)).skipped == 0
+
+
+def path_is_whole_lines(path) -> bool:
+    with open(path, "rb") as f:
+        text = f.read()
+    return text.endswith(b"\n")
+
+
+def test_torchrun_two_processes_share_one_reference_cache(data, tmp_path):
+    """Each rank caches its own micro-batches' captions in the one file; in epoch 2 every rank
+    reads the other's entries (no reference forward anywhere), and the numbers are one
+    process's."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "rank_dpo.py"),
+           "--data", data["mixed"], "--output_dir", str(tmp_path / "ddp"), "--lr", "3e-3",
+           "--max_steps", "6", "--batch_size", "1", "--save_every", "0"]
+    returncode, _, stderr = run_process(cmd, timeout=300)
+    assert returncode == 0, stderr[-3000:]
+    ddp = read_metrics(tmp_path / "ddp")
+    assert [r["ref_cached"] for r in ddp] == [0, 0, 0, 1, 1, 1]
+    # in epoch 2 some chain goes to the rank that did not compute it in epoch 1
+    owner = lambda step, rank: {i for b in R.step_batches(6, step, 0, 1, 1, 2, rank) for i in b}
+    assert any(owner(step, 0) & set().union(*(owner(s, 1) for s in range(3)))
+               for step in range(3, 6))
+    entries = cache_lines(tmp_path / "ddp" / R.REF_CACHE_FILE)
+    assert len(entries) == len({e["key"] for e in entries}) == 4 * 4 + 2 * 2
+    single = run(data, tmp_path / "one", path="mixed", steps=6, batch=2)
+    assert len(cache_lines(tmp_path / "one" / R.REF_CACHE_FILE)) == len(entries)
+    for a, b in zip(ddp, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["rank_acc"] == b["rank_acc"] and a["ref_cached"] == b["ref_cached"]
+
+
+def test_ref_logps_cache_needs_an_objective_with_a_reference(data, tmp_path):
+    with pytest.raises(SystemExit):
+        R.parse_args(["--data", "x", "--output_dir", "y", "--objective", "sft",
+                      "--ref_logps", "cache"])
+    rows = run(data, tmp_path / "hinge", objective="hinge", steps=1)       # auto: no cache
+    assert "ref_cached" not in rows[0] and not os.path.exists(tmp_path / "hinge" / R.REF_CACHE_FILE)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: a clear error naming file, line and field
 # ---------------------------------------------------------------------------------------------
 
