@@ -315,6 +315,39 @@ def test_auto_falls_back_once_with_the_reason():
     assert "flash_attention_2" in R.shared_prefix_unsupported(llama)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "perception_lm"])
+def test_packed_positions_are_the_unshared_forwards_moved(family):
+    """The position ids the language model gets in the packed row are those the family's own
+    forward computes for the unpacked rows, token for token: Qwen2.5-VL's time axis scaled by
+    the clip's frame rate (second_per_grid_ts, 2 s per temporal patch here), Qwen3-VL's per-frame
+    groups between timestamp tokens, PerceptionLM's plain positions."""
+    model, processor = hub_vlm(family)
+    model.set_attn_implementation("sdpa")
+    frames = np.random.default_rng(2).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    video = R.video_inputs(processor, R.Clip(frames, list(range(8)), 1.0, 16))   # at 0.5 fps
+    if family == "qwen2_5_vl":
+        assert float(video["second_per_grid_ts"]) == 4.0
+    rows = [(*R.encode_text(processor, "Describe.", r, True), 0)
+            for r in ["A red square.", "A blue one moves left.", "A cat."]]
+    batch = R.make_batch(processor, rows, [video], 2048)
+    packing = R.pack_model_chains(model, batch, torch.arange(3).unsqueeze(0))
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            R.chain_logits(model, batch)
+            R.chain_logits(model, batch, packing)
+    finally:
+        hook.remove()
+    unshared, packed = seen
+    if unshared is None:             # the decoder counts 0, 1, ... itself (right padding)
+        unshared = torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids)
+    flat = unshared.reshape(*unshared.shape[:-2], -1)
+    real = packing.source >= 0
+    assert torch.equal(packed[..., real], flat[..., packing.source[real]])
+
+
 def test_evaluation_uses_the_packed_path(tiny, records, monkeypatch):
     import eval_judge
     base, processor = tiny
