@@ -632,8 +632,9 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
 
 FEATURE_MODES = ("on", "off", "auto")       # --shared_prefix, --fused_linear
 # Families (config.model_type) whose packed forward tests/test_shared_prefix.py checks against
-# the unshared one, per objective, under sdpa and eager. Any other family falls back: its forward
-# may consume the mask or the positions in a way these checks never saw.
+# the unshared one, per objective, under sdpa and eager (Gemma 2: eager, transformers has no sdpa
+# for it). Any other family falls back: its forward may read the mask or the positions in a way
+# these checks never saw.
 SHARED_PREFIX_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "perception_lm", "llama", "mistral", "qwen2",
                           "qwen3", "gemma", "gemma2", "gemma3_text")
 # Of those, the ones whose decoder takes a mask per layer type ({layer_type: 4-D mask}), checked
