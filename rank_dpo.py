@@ -845,14 +845,16 @@ def packed_layer_masks(model, packing: Packing, batch: Batch) -> torch.Tensor | 
     dtype = inner.get_input_embeddings().weight.dtype
     window = getattr(text, "sliding_window", None)
     types = set(getattr(text, "layer_types", None) or ())
-    if "sliding_attention" not in types:
-        window = None if types else window
-        position = packed_token_positions(packing, batch) if window is not None else None
-        return packed_attention_mask(packing, backend, dtype, window, position)
     position = packed_token_positions(packing, batch)
-    return {kind: packed_attention_mask(packing, backend, dtype,
-                                        window if kind == "sliding_attention" else None, position)
-            for kind in types}
+
+    def mask(windowed: bool):
+        return packed_attention_mask(packing, backend, dtype, window if windowed else None,
+                                     position)
+    if not types:                    # one kind of layer: Mistral's window, where set, is on all
+        return mask(window is not None)
+    if "sliding_attention" not in types:
+        return mask(False)
+    return {kind: mask(kind == "sliding_attention") for kind in types}
 
 
 def unpacked_position_ids(model, batch: Batch, video_kwargs: dict) -> torch.Tensor:
