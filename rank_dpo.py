@@ -685,13 +685,22 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
 #     Packed, not a KV cache: the model's own forward, so LoRA, peft and gradients work unchanged.
 #     Same numbers: positions are the model's rope index on the UNPACKED rows, moved.
 #     A segment starts at its row's last prompt token: its first label is predicted inside it.
-#     Masks: sdpa boolean, eager additive; other attention backends fall back.
+#     Masks: sdpa boolean, eager additive; other attention backends fall back. Sliding-window
+#     layers get their own mask (window in unpacked positions) where the decoder takes one per
+#     layer type.
 #     Why, at length: docs/DESIGN.md, "The shared-prefix forward".
 # ------------------------------------------------------------------------------------------------
 
 FEATURE_MODES = ("on", "off", "auto")       # --shared_prefix, --fused_linear
-# Families whose packed forward tests/test_shared_prefix.py checks against the unshared one.
-SHARED_PREFIX_FAMILIES = ("qwen2_5_vl", "qwen2")
+# Families (config.model_type) whose packed forward tests/test_shared_prefix.py checks against
+# the unshared one, per objective, under sdpa and eager (Gemma 2: eager, transformers has no sdpa
+# for it). Any other family falls back: its forward may read the mask or the positions in a way
+# these checks never saw.
+SHARED_PREFIX_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "perception_lm", "llama", "mistral", "qwen2",
+                          "qwen3", "gemma", "gemma2", "gemma3_text")
+# Of those, the ones whose decoder takes a mask per layer type ({layer_type: 4-D mask}), checked
+# with sliding-window layers. Mistral needs none: its window, when set, is on every layer.
+MASK_PER_LAYER_TYPE = ("qwen2", "qwen3", "gemma2", "gemma3_text")
 _fallbacks_logged: set[str] = set()
 # How the packed forward hands its attention rule to each backend: a dense [C, 1, S, S] mask, a
 # FlexAttention BlockMask (masked blocks skipped), or the prefix once into a KV cache and the
@@ -711,21 +720,38 @@ def log_fallback_once(reason: str, log=print) -> None:
         log(reason)
 
 
+def sliding_window_of(text_config) -> int | None:
+    """The window of the model's sliding-window layers, None when no layer slides (a config may
+    name a window its layers do not use: Qwen2's use_sliding_window=False, full layer types)."""
+    window = getattr(text_config, "sliding_window", None)
+    types = getattr(text_config, "layer_types", None)
+    if window is None or getattr(text_config, "use_sliding_window", True) is False:
+        return None
+    return window if not types or "sliding_attention" in types else None
+
+
 def shared_prefix_unsupported(model) -> str | None:
     """Why the packed forward cannot serve this model, or None when it can."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     if config.model_type not in SHARED_PREFIX_FAMILIES:
-        return (f"model family {config.model_type!r} is not verified for the packed forward "
-                f"(verified: {', '.join(SHARED_PREFIX_FAMILIES)})")
+        return (f"model family {config.model_type!r} is not one the packed forward is checked on "
+                f"(checked: {', '.join(SHARED_PREFIX_FAMILIES)})")
     text = config.get_text_config()
     backend = attention_backend(base)
     if backend not in PACKED_ROUTES:
         return (f"attention backend {backend!r} has no packed route (routes for: "
                 f"{', '.join(PACKED_ROUTES)})")
-    if getattr(text, "use_sliding_window", False) or \
-            "sliding_attention" in (getattr(text, "layer_types", None) or ()):
-        return "sliding-window layers would lose their window under a ready 4-D mask"
+    types = set(getattr(text, "layer_types", None) or ())
+    if types - {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(types - {'full_attention', 'sliding_attention'})} " \
+            "have no packed mask here"
+    if "sliding_attention" in types and config.model_type not in MASK_PER_LAYER_TYPE:
+        return (f"model family {config.model_type!r} has sliding-window layers but is not checked "
+                f"with a mask per layer type (checked: {', '.join(MASK_PER_LAYER_TYPE)})")
+    if sliding_window_of(text) is not None and PACKED_ROUTES[backend] != "dense_mask":
+        return (f"sliding-window layers: the {PACKED_ROUTES[backend].replace('_', ' ')} route "
+                f"under {backend} carries no window (sdpa and eager do)")
     return None
 
 
@@ -854,22 +880,37 @@ def pack_model_chains(model, batch: Batch, index: torch.Tensor) -> Packing:
     return pack_chains(batch, index, video_token).to(batch.input_ids.device)
 
 
-def packed_visible(q_idx, k_idx, q_segment, k_segment, q_document, k_document):
+def packed_visible(q_idx, k_idx, q_segment, k_segment, q_document, k_document,
+                   q_position=None, k_position=None, window: int | None = None):
     """The packed forward's one attention rule (the dense masks and any block mask use it):
     query q sees key k iff k <= q, both are in the same chain (document), and k is that chain's
-    prefix or q's own segment. Padding (segment -1) is never seen."""
-    return (k_idx <= q_idx) & (k_document == q_document) & (k_segment >= 0) & \
+    prefix or q's own segment. Padding (segment -1) is never seen. A sliding-window layer
+    (window set) also needs q_position - k_position < window, in the positions the tokens have
+    in their unpacked rows: transformers' own window (sliding_window_overlay) on those rows."""
+    visible = (k_idx <= q_idx) & (k_document == q_document) & (k_segment >= 0) & \
         ((k_segment == 0) | (k_segment == q_segment))
+    if window is not None:
+        visible = visible & (q_position - k_position < window)
+    return visible
 
 
-def packed_attention_mask(packing: Packing, backend: str, dtype: torch.dtype) -> torch.Tensor:
+def packed_attention_mask(packing: Packing, backend: str, dtype: torch.dtype,
+                          window: int | None = None,
+                          position: torch.Tensor | None = None) -> torch.Tensor:
     """[C, 1, S, S] from packed_visible: boolean for sdpa, additive (0 / dtype min) for eager.
-    Padding queries see themselves only (a row with no key would give NaN, even in backward)."""
+    Padding queries see themselves only (a row with no key would give NaN, even in backward).
+    window: a sliding-window layer's, with position [C, S] each token's index in its unpacked
+    row (packed_token_positions)."""
     segment, document = packing.segment, packing.document
     width = segment.shape[1]
     idx = torch.arange(width, device=segment.device)
+    if window is not None and position is None:
+        raise ValueError("packed_attention_mask: a sliding window needs the tokens' positions")
+    q_position, k_position = (None, None) if position is None else \
+        (position.unsqueeze(2), position.unsqueeze(1))
     allowed = packed_visible(idx.view(1, -1, 1), idx.view(1, 1, -1), segment.unsqueeze(2),
-                             segment.unsqueeze(1), document.unsqueeze(2), document.unsqueeze(1))
+                             segment.unsqueeze(1), document.unsqueeze(2), document.unsqueeze(1),
+                             q_position, k_position, window)
     allowed |= torch.eye(width, dtype=torch.bool, device=segment.device)
     allowed = allowed.unsqueeze(1)
     if backend == "sdpa":
@@ -919,11 +960,37 @@ def packed_block_mask(packing: Packing, block: int = FLEX_BLOCK, chunk_elements:
 
     return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block,
                                     mask_mod=mask_mod, seq_lengths=(width, width))
+def packed_token_positions(packing: Packing, batch: Batch) -> torch.Tensor:
+    """[C, S]: each packed token's index in its unpacked (right-padded) row, 0 for padding. The
+    unshared forward's sliding windows count in these indices."""
+    return packing.source.clamp_min(0) % batch.input_ids.shape[1]
+
+
+def packed_layer_masks(model, packing: Packing, batch: Batch) -> torch.Tensor | dict:
+    """The ready 4-D mask the decoder takes: one for all layers, windowed where the config has a
+    window but no layer types (Mistral: every layer slides), or {layer type: mask} where some
+    layers slide (MASK_PER_LAYER_TYPE; the decoder then uses each layer's mask as-is)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.config.get_text_config()
+    inner = getattr(base, base.base_model_prefix)
+    backend = attention_backend(model)
+    dtype = inner.get_input_embeddings().weight.dtype
+    window = sliding_window_of(text)
+    types = set(getattr(text, "layer_types", None) or ())
+    position = packed_token_positions(packing, batch)
+
+    def mask(windowed: bool):
+        return packed_attention_mask(packing, backend, dtype, window if windowed else None,
+                                     position)
+    if window is None or "sliding_attention" not in types:
+        return mask(window is not None)      # one kind of layer (Mistral's window is on all)
+    return {kind: mask(kind == "sliding_attention") for kind in types}
 
 
 def unpacked_position_ids(model, batch: Batch, video_kwargs: dict) -> torch.Tensor:
     """The position ids the unshared forward gives `batch`'s rows: [N, T], or [3, N, T] from the
-    model's own rope index (Qwen2.5-VL's 3-D mrope positions) when the batch holds videos."""
+    model's own rope index (the Qwen VLMs' 3-D mrope positions) when the batch holds videos;
+    video_kwargs: the unshared forward's video inputs (video_forward_kwargs)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, base.base_model_prefix)
     if video_kwargs and hasattr(inner, "get_rope_index"):
@@ -949,10 +1016,11 @@ def packed_hidden_states(model, batch: Batch, packing: Packing,
                       torch.full_like(packing.source, pad))
     video_kwargs, kwargs = {}, {}
     rows_with_video = [v for v in batch.video_of_row if v >= 0]
-    if rows_with_video:
-        video_kwargs["video_grid_thw"] = torch.cat([batch.videos[v]["video_grid_thw"]
-                                                    for v in rows_with_video])
-        video_kwargs["mm_token_type_ids"] = (batch.input_ids == base.config.video_token_id).int() * 2
+    if rows_with_video:        # encoded once here, for the positions' and the packed row's kwargs
+        if video_embeds is None:
+            video_embeds = encode_videos(model, batch.videos)
+        video_kwargs = video_forward_kwargs(model, batch.videos, rows_with_video,
+                                            batch.input_ids, video_embeds)
     positions = unpacked_position_ids(model, batch, video_kwargs)
     flat_pos = positions.reshape(*positions.shape[:-2], -1)
     packed_pos = flat_pos[..., packing.source.clamp_min(0)] * (packing.source >= 0)
@@ -966,8 +1034,7 @@ def packed_hidden_states(model, batch: Batch, packing: Packing,
     if route == "block_mask":
         mask = packed_block_mask(packing)
     else:
-        mask = packed_attention_mask(packing, attention_backend(model),
-                                     inner.get_input_embeddings().weight.dtype)
+        mask = packed_layer_masks(model, packing, batch)
     out = inner(input_ids=ids, attention_mask=mask, position_ids=packed_pos, use_cache=False,
                 **kwargs)
     hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
@@ -1063,7 +1130,19 @@ def packed_logits(model, batch: Batch, packing: Packing,
     """(logits [N, L, V], labels [N, L]) of every row's response, one forward per chain: the
     drop-in for forward_logits (equal per-row log-probs; labels aligned per row)."""
     hidden, labels = packed_hidden_states(model, batch, packing, video_embeds)
-    return model.get_output_embeddings()(hidden), labels
+    logits = model.get_output_embeddings()(hidden)
+    cap = final_logit_softcapping(model)
+    if cap is not None:           # what the family's own forward does after its head (Gemma 2/3)
+        logits = torch.tanh(logits / cap) * cap
+    return logits, labels
+
+
+def final_logit_softcapping(model) -> float | None:
+    """The cap Gemma 2/3 put on the logits after the LM head (logits = cap * tanh(logits / cap)),
+    None for the families without one: the only head post-processing among
+    SHARED_PREFIX_FAMILIES."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config.get_text_config(), "final_logit_softcapping", None)
 
 
 def output_head(model):
@@ -1076,12 +1155,15 @@ def resolve_fused_linear(model, mode: str, shared_prefix: bool, log=print) -> bo
     """--fused_linear on|off|auto -> whether the LM head runs inside the fused loss
     (kernels.fused_linear_chain_loss: the response logits are never materialised). It takes the
     hidden states the packed forward returns, so it needs --shared_prefix, and a head that is a
-    plain linear layer (resolve_mode says what `on` and `auto` do where it cannot apply)."""
+    plain linear layer with nothing after it (no logit soft-capping; resolve_mode says what `on`
+    and `auto` do where it cannot apply)."""
     def why_not():
         head = output_head(model)
         head = getattr(head, "original_module", head)      # under peft's modules_to_save wrapper
         if type(head) is not torch.nn.Linear:
             return f"the LM head is a {type(head).__name__}, not a plain linear layer"
+        if final_logit_softcapping(model) is not None:
+            return "the model soft-caps its logits after the LM head; the fused kernel does not"
         if not shared_prefix:
             return "it runs on the packed forward's hidden states, and --shared_prefix is off here"
         return None

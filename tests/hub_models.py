@@ -62,8 +62,8 @@ def byte_tokenizer(specials: list[str], **kwargs):
     return PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
 
 
-def _qwen_text(tok, **extra) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+def _qwen_text(tok, layers: int = 1, **extra) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
                 bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                 pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), **extra)
@@ -97,7 +97,9 @@ def build(name: str, seed: int = 0):
     elif name == "qwen3_vl":
         tok = byte_tokenizer(QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
         config = T.Qwen3VLConfig(
-            text_config=_qwen_text(tok, head_dim=16, rope_parameters={
+            # two layers: the deepstack features are added after layer 0, which only a later
+            # layer carries to the text tokens
+            text_config=_qwen_text(tok, layers=2, head_dim=16, rope_parameters={
                 "rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
                 "mrope_interleaved": True}),
             vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,

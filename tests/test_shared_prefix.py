@@ -1,11 +1,14 @@
 """Shared-prefix chain forward (rank_dpo.py section 3b): one packed sequence per chain gives the
 unshared forward's numbers: per-caption log-probs to 1e-5 (fp32) and every parameter gradient to
 1e-4 relative, for every objective, video / text / yes-no chains of unequal lengths and K, vision
-frozen / lora / full, both supported families (Qwen2.5-VL, a plain causal LM), the evaluation
-path and torchrun with two processes."""
+frozen / lora / full, every family in SHARED_PREFIX_FAMILIES (the VLMs Qwen2.5-VL, Qwen3-VL and
+PerceptionLM; the causal LMs Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3) under sdpa and eager,
+sliding-window layers with text longer than the window, the fused LM head on the packed forward,
+the evaluation path and torchrun with two processes."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import sys
@@ -69,25 +72,31 @@ def adapted(base, vision: str, objective: str, *flags: str):
     return model, args
 
 
-def step(model, batch, index, args, vision: str, shared: bool):
-    """(loss, per-row policy log-probs, {name: grad}) of one training step."""
+def step(model, batch, index, args, vision: str, shared: bool, fused: bool = False):
+    """(loss, stats, per-row policy log-probs, {name: grad}) of one training step."""
     model.zero_grad(set_to_none=True)
-    loss, _ = R.chain_loss_step(model, batch, index, args, vision != "frozen", shared_prefix=shared)
+    loss, stats = R.chain_loss_step(model, batch, index, args, vision != "frozen",
+                                    shared_prefix=shared, fused_linear=fused)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     with torch.no_grad():
         packing = R.pack_model_chains(model, batch, index) if shared else None
         logits, labels = R.chain_logits(model, batch, packing)
         logps, _ = R.kernels.sequence_logps(logits, labels)
-    return loss.detach(), logps, grads
+    return loss.detach(), stats, logps, grads
 
 
-def assert_same_step(model, processor, path, args, vision):
+def assert_same_step(model, processor, path, args, vision, fused: bool = False):
+    """The packed step equals the unshared one; fused: the packed step with the LM head inside
+    the loss kernel equals the packed step on logits (the stats carry its log-probs)."""
     chains, _ = R.load_chains(path, processor, args.objective)
     batch, index = R.collate(chains, processor, 8, 2048)
-    loss_off, logps_off, grads_off = step(model, batch, index, args, vision, shared=False)
-    loss_on, logps_on, grads_on = step(model, batch, index, args, vision, shared=True)
+    loss_off, stats_off, logps_off, grads_off = step(model, batch, index, args, vision,
+                                                      shared=fused)
+    loss_on, stats_on, logps_on, grads_on = step(model, batch, index, args, vision, shared=True,
+                                                 fused=fused)
     torch.testing.assert_close(logps_on, logps_off, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats_on, stats_off, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
     assert grads_on.keys() == grads_off.keys() and grads_off
     for name, g in grads_off.items():
@@ -96,38 +105,159 @@ def assert_same_step(model, processor, path, args, vision):
     return batch, index
 
 
-@pytest.mark.parametrize("vision", ["frozen", "lora", "full"])
-@pytest.mark.parametrize("kind", ["video", "text", "mixed"])
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_packed_step_equals_unshared_qwen2_5_vl(tiny, records, objective, kind, vision):
-    base, processor = tiny
+def assert_same_vlm_step(model_and_processor, records, objective, kind, vision, attention):
+    """assert_same_step on one VLM, plus: the vision tower's gradients come through the prefix."""
+    base, processor = model_and_processor
+    base.set_attn_implementation(attention)
     model, args = adapted(base, vision, objective)
-    batch, index = assert_same_step(model, processor, records[kind], args, vision)
-    if kind != "text":            # the vision tower's gradients come through the shared prefix
-        visual = [p.grad for n, p in model.named_parameters() if "visual" in n and p.requires_grad]
+    assert R.resolve_shared_prefix(model, "auto")
+    assert_same_step(model, processor, records[kind], args, vision)
+    if kind != "text":
+        visual = [p.grad for n, p in model.named_parameters()
+                  if any(t in n for t in ("visual", "vision_tower")) and p.requires_grad]
         assert (vision == "frozen") == (not visual)
         assert all(g is not None and bool(g.abs().sum() > 0) for g in visual)
 
 
-@pytest.fixture(scope="module")
-def causal_lm():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2))
-    tokenizer = synthetic.build_tiny_tokenizer()
-    return model, tokenizer
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("vision", ["frozen", "lora", "full"])
+@pytest.mark.parametrize("kind", ["video", "text", "mixed"])
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_packed_step_equals_unshared_causal_lm(causal_lm, records, objective, attention):
-    base, tokenizer = causal_lm
+def test_packed_step_equals_unshared_qwen2_5_vl(tiny, records, objective, kind, vision):
+    assert_same_vlm_step(tiny, records, objective, kind, vision, "sdpa")
+
+
+@functools.cache
+def hub_vlm(family: str):
+    """A hub-format family's tiny random model and real processor (tests/hub_models.py)."""
+    from hub_models import build
+    return build(family)
+
+
+# Every objective on video chains; one objective for each vision mode, chain kind and backend.
+HUB_VLM_CASES = [(objective, "video", "lora", "sdpa") for objective in OBJECTIVES] + \
+    [("rank", "video", vision, "sdpa") for vision in ("frozen", "full")] + \
+    [("rank", kind, "lora", "sdpa") for kind in ("text", "mixed")] + \
+    [("rank", "mixed", "full", "eager")]
+
+
+@pytest.mark.parametrize("objective,kind,vision,attention", HUB_VLM_CASES)
+@pytest.mark.parametrize("family", ["qwen3_vl", "perception_lm"])
+def test_packed_step_equals_unshared_hub_vlm(records, family, objective, kind, vision, attention):
+    assert_same_vlm_step(hub_vlm(family), records, objective, kind, vision, attention)
+
+
+WINDOW = 5          # tokens: the text chains' rows are 3-4 times longer, so the window cuts
+
+
+def causal_config(arch: str, attention: str):
+    """A 2-layer, 64-wide config of `arch`; where the architecture has sliding windows, a window
+    of WINDOW tokens on some layers (on all for Mistral, whose window has no layer types)."""
+    import transformers as T
+    size = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                attn_implementation=attention)
+    mixed = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+    if arch == "llama":
+        return T.LlamaConfig(**size)
+    if arch == "gemma":
+        return T.GemmaConfig(**size)
+    if arch == "mistral":
+        return T.MistralConfig(**size, sliding_window=WINDOW)
+    if arch in ("qwen2", "qwen3"):
+        config = T.Qwen2Config if arch == "qwen2" else T.Qwen3Config
+        return config(**size, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    if arch == "gemma2":
+        return T.Gemma2Config(**size, **mixed, attn_logit_softcapping=50.0,
+                              final_logit_softcapping=30.0)
+    if arch == "gemma3_text":
+        return T.Gemma3TextConfig(**size, **mixed, final_logit_softcapping=30.0)
+    raise ValueError(f"no tiny config for {arch}")
+
+
+CAUSAL_LMS = ("llama", "gemma", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+# (architecture, backend): Gemma 2 runs eager only (transformers refuses sdpa: its attention
+# soft-caps the scores)
+CAUSAL_LM_BACKENDS = [(arch, attention) for arch in CAUSAL_LMS for attention in ("sdpa", "eager")
+                      if (arch, attention) != ("gemma2", "sdpa")]
+
+
+@functools.cache
+def causal_lm(arch: str, attention: str):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(causal_config(arch, attention))
+
+
+@functools.cache
+def tiny_tokenizer():
+    return synthetic.build_tiny_tokenizer()
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("arch,attention", CAUSAL_LM_BACKENDS)
+def test_packed_step_equals_unshared_causal_lm(records, arch, objective, attention):
+    base = causal_lm(arch, attention)
     model, args = adapted(base, "full", objective, "--modules_to_save", "lm_head")
-    model.get_base_model().config._attn_implementation = attention
+    assert model.get_base_model().config._attn_implementation == attention
     assert R.resolve_shared_prefix(model, "auto")
-    assert_same_step(model, tokenizer, records["text"], args, "full")
+    batch, _ = assert_same_step(model, tiny_tokenizer(), records["text"], args, "full")
+    text = base.config
+    if getattr(text, "sliding_window", None) is not None:   # the window cuts these rows
+        assert int(batch.attention_mask.sum(-1).min()) > 2 * text.sliding_window
+
+
+def test_sliding_window_mask_is_transformers_window_in_unpacked_positions(records):
+    """Each caption's packed windowed mask, read back in its unpacked row, is the mask
+    transformers builds for that row's sliding layers (sliding_window_causal_mask_function)."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+    tokenizer = tiny_tokenizer()
+    chains, _ = R.load_chains(records["text"], tokenizer, "rank")
+    batch, index = R.collate(chains, tokenizer, 8, 2048)
+    packing = R.pack_chains(batch, index)
+    position = R.packed_token_positions(packing, batch)
+    mask = R.packed_attention_mask(packing, "sdpa", torch.float32, WINDOW, position)[:, 0]
+    rule = sliding_window_causal_mask_function(WINDOW)
+    width = batch.input_ids.shape[1]
+    for c in range(mask.shape[0]):
+        real = (packing.source[c] >= 0).nonzero()[:, 0]
+        for q in real[packing.segment[c, real] > 0].tolist():
+            row = int(packing.source[c, q]) // width
+            keys = real[(packing.source[c, real] // width == row) |
+                        (packing.segment[c, real] == 0)].tolist()
+            for k in keys:
+                expected = rule(torch.tensor(0), torch.tensor(0), position[c, q], position[c, k])
+                assert bool(mask[c, q, k]) == bool(expected), (c, q, k)
+            others = sorted(set(real.tolist()) - set(keys))
+            assert not mask[c, q, others].any()           # never another caption
+    full = R.packed_attention_mask(packing, "sdpa", torch.float32)[:, 0]
+    assert bool((full & ~mask).any()) and not bool((mask & ~full).any())   # it only cuts
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "perception_lm", "qwen2_5_vl", "llama"])
+def test_fused_lm_head_equals_the_packed_logits_path(tiny, records, family):
+    if family == "llama":
+        model, args = adapted(causal_lm("llama", "sdpa"), "full", "rank",
+                              "--modules_to_save", "lm_head")
+        processor, path, vision = tiny_tokenizer(), records["text"], "full"
+    else:
+        base, processor = tiny if family == "qwen2_5_vl" else hub_vlm(family)
+        base.set_attn_implementation("sdpa")
+        model, args = adapted(base, "lora", "rank", "--modules_to_save", "lm_head")
+        path, vision = records["mixed"], "lora"
+    assert R.resolve_fused_linear(model, "auto", shared_prefix=True)
+    assert_same_step(model, processor, path, args, vision, fused=True)
+
+
+def test_fused_lm_head_refuses_soft_capped_logits(monkeypatch):
+    monkeypatch.setattr(R, "_fallbacks_logged", set())
+    gemma2 = causal_lm("gemma2", "eager")
+    assert R.resolve_shared_prefix(gemma2, "auto")
+    lines = []
+    assert not R.resolve_fused_linear(gemma2, "auto", shared_prefix=True, log=lines.append)
+    assert len(lines) == 1 and "soft-caps its logits" in lines[0]
+    assert R.resolve_fused_linear(causal_lm("gemma3_text", "sdpa"), "off", True) is False
+    with pytest.raises(SystemExit, match="soft-caps"):
+        R.resolve_fused_linear(causal_lm("gemma3_text", "sdpa"), "on", shared_prefix=True)
 
 
 def test_packed_layout_shares_the_prefix_and_isolates_captions(tiny, records):
@@ -159,27 +289,37 @@ def test_auto_is_the_default_and_packs_the_tiny_family(tiny):
 
 
 def test_auto_falls_back_once_with_the_reason():
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2))
+    """A family no test checks (Phi-3) falls back, said once; so do sliding-window layers of a
+    checked family whose decoder is not checked with a mask per layer type, unknown layer types,
+    and a backend that takes no ready 4-D mask."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2))
     lines = []
-    assert not R.resolve_shared_prefix(llama, "auto", log=lines.append)
-    assert not R.resolve_shared_prefix(llama, "auto", log=lines.append)
-    assert len(lines) == 1 and "'llama' is not verified" in lines[0]
-    with pytest.raises(SystemExit, match="not verified"):
-        R.resolve_shared_prefix(llama, "on")
-    assert not R.resolve_shared_prefix(llama, "off")
-    windowed = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=2,
-                                            use_sliding_window=True, sliding_window=8,
-                                            max_window_layers=0))
-    assert "sliding-window" in R.shared_prefix_unsupported(windowed)
-    windowed.config.use_sliding_window = False
-    windowed.config.layer_types = ["full_attention"] * 2
-    windowed.config._attn_implementation = "flash_attention_2"     # packs over a KV cache
-    assert R.shared_prefix_unsupported(windowed) is None
-    windowed.config._attn_implementation = "flash_attention_3"
-    assert "'flash_attention_3' has no packed route" in R.shared_prefix_unsupported(windowed)
+    assert not R.resolve_shared_prefix(phi3, "auto", log=lines.append)
+    assert not R.resolve_shared_prefix(phi3, "auto", log=lines.append)
+    assert len(lines) == 1 and "'phi3' is not one the packed forward is checked on" in lines[0]
+    assert all(f in lines[0] for f in R.SHARED_PREFIX_FAMILIES)
+    with pytest.raises(SystemExit, match="is not one the packed forward is checked on"):
+        R.resolve_shared_prefix(phi3, "on")
+    assert not R.resolve_shared_prefix(phi3, "off")
+    llama = copy.deepcopy(causal_lm("llama", "sdpa"))
+    assert R.shared_prefix_unsupported(llama) is None
+    llama.config.layer_types = ["sliding_attention", "full_attention"]
+    assert "'llama' has sliding-window layers" in R.shared_prefix_unsupported(llama)
+    llama.config.layer_types = ["chunked_attention", "full_attention"]
+    assert "['chunked_attention']" in R.shared_prefix_unsupported(llama)
+    llama.config.layer_types = None
+    llama.config._attn_implementation = "flash_attention_2"          # packs over a KV cache
+    assert R.shared_prefix_unsupported(llama) is None
+    llama.config._attn_implementation = "flash_attention_3"
+    assert "'flash_attention_3' has no packed route" in R.shared_prefix_unsupported(llama)
+    mistral = copy.deepcopy(causal_lm("mistral", "sdpa"))             # every layer slides
+    assert R.shared_prefix_unsupported(mistral) is None
+    for backend in ("flex_attention", "flash_attention_2"):          # their routes carry no window
+        mistral.config._attn_implementation = backend
+        assert "carries no window" in R.shared_prefix_unsupported(mistral)
 
 
 def test_evaluation_uses_the_packed_path(tiny, records, monkeypatch):
