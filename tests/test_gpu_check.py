@@ -1,0 +1,68 @@
+"""scripts/gpu_check.py without a GPU: the dry run builds every family fixture, runs the step
+runner on the CPU (fp32, sdpa), writes GPU.md and gpu.json with every section and family row,
+and records a cell that raises instead of stopping."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "scripts"))
+import gpu_check  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_dry_run_writes_every_section_and_records_a_failing_cell(tmp_path, monkeypatch):
+    def broken():
+        raise RuntimeError("the fixture broke")
+
+    monkeypatch.setitem(gpu_check.FAMILY_BUILDERS, "qwen3_vl", broken)
+    report = gpu_check.main(["--dry_run", "--out_dir", str(tmp_path),
+                             "--dry_families", "qwen2_5_vl", "qwen3_vl", "llama"])
+    text = (tmp_path / "GPU.md").read_text()
+    assert text.startswith("# GPU check: DRY RUN on the CPU")
+    for name in ("kernels", "liger", "fixtures", "steps"):     # the GPU sections' renderers too
+        assert f"## {gpu_check.SECTION_TITLES[name]}\n\n" in text
+        assert "**error**" not in text and "not rendered" not in text
+    assert "## What a GPU run does" in text
+    fixtures = text.split("## Family fixtures")[1].split("\n## ")[0]
+    for family in gpu_check.FAMILIES:
+        assert f"\n| {family} |" in fixtures
+    assert "| qwen3_vl |  |  | RuntimeError: the fixture broke |" in fixtures
+
+    cells = {c["family"]: c for c in report["sections"]["steps"]["cells"]}
+    assert cells["qwen3_vl"]["error"] == "RuntimeError: the fixture broke"
+    assert "| qwen3_vl | sdpa | ERROR RuntimeError: the fixture broke |" in text
+    # the cells after the failing one ran; Qwen2.5-VL packs and agrees with the unshared forward
+    assert cells["llama"]["unshared_ms"] > 0 and not cells["llama"]["packed"]
+    packed = cells["qwen2_5_vl"]
+    assert packed["packed"] and packed["tokens_packed"] < packed["tokens_unshared"]
+    assert packed["fp32_logps_rel_diff"] < 1e-5 and packed["fp32_grads_rel_diff"] < 1e-4
+    assert packed["step_grads_rel_diff"] < 1e-4
+    assert json.loads((tmp_path / "gpu.json").read_text())["dry_run"] is True
+    # the plan names every GPU section
+    assert [line.split(":")[0] for line in report["plan"]] == \
+        ["build", "tests", "kernels", "liger", "steps"]
+
+
+def test_a_section_past_the_budget_is_skipped_with_the_reason(tmp_path):
+    report = gpu_check.main(["--dry_run", "--out_dir", str(tmp_path), "--budget_s", "0"])
+    assert all("time budget" in s["skipped"] for s in report["sections"].values())
+    text = (tmp_path / "GPU.md").read_text()
+    assert "## Training step per family and attention backend\n\n**skipped**: time budget" in text
+
+
+def test_attention_backend_goes_on_the_language_model():
+    model, _ = gpu_check.FAMILY_BUILDERS["qwen2_5_vl"]()
+    assert gpu_check.set_attention(model, "sdpa") == "set"
+    # transformers declines flex attention for the Qwen VL text models: set on the text config
+    assert gpu_check.set_attention(model, "flex_attention").startswith("forced")
+    assert model.config.get_text_config()._attn_implementation == "flex_attention"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    llama, _ = gpu_check.FAMILY_BUILDERS["llama"]()
+    assert gpu_check.set_attention(llama, "flex_attention") == "set"
+    assert llama.config._attn_implementation == "flex_attention"
