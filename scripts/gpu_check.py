@@ -56,6 +56,7 @@ import rank_dpo as R  # noqa: E402
 import synthetic  # noqa: E402
 from records import load_jsonl, write_jsonl  # noqa: E402
 
+SECTIONS = ("build", "tests", "kernels", "liger", "fixtures", "steps")   # fixtures: dry run only
 FAMILIES = ("tiny", "qwen2_5_vl", "qwen3_vl", "perception_lm", "llama")
 TEXT_ONLY = {"llama"}                      # causal LMs train on text chains
 BACKENDS = ("sdpa", "flex_attention", "flash_attention_2")
@@ -105,11 +106,6 @@ def guarded(fn, *args, **kwargs) -> dict:
 
 def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +170,7 @@ def section_cuda_tests(budget: Budget) -> dict:
             return {"error": "pytest ran past the time budget and was stopped",
                     "command": " ".join(cmd[2:])}
         seconds = time.perf_counter() - begin
-        result = dict(command="python " + " ".join(cmd[1:3] + cmd[5:]), seconds=seconds,
+        result = dict(command="python -m pytest -q " + " ".join(CUDA_TESTS), seconds=seconds,
                       returncode=done.returncode, **junit_counts(junit))
     if result.get("failed") or result.get("errors") or done.returncode not in (0, 5):
         result["output_tail"] = (done.stdout + done.stderr)[-3000:]
@@ -359,21 +355,22 @@ def timed_step(model, batch, index, args, shared: bool, device: str, repeats: in
 
 
 def train_cell(family: str, backend: str, device: str, dtype: torch.dtype, data: dict,
-               repeats: int) -> dict:
+               repeats: int, cell: dict) -> dict:
     """One (family, attention backend) cell: packed vs unshared, exactness in fp32 then the
-    trainer's step in `dtype`."""
+    trainer's step in `dtype`. Fills `cell` as it goes, so a later stage that raises keeps
+    what the earlier ones found."""
     package = BACKEND_PACKAGE.get(backend)
     if package and not importable(package):
-        return {"skipped": f"{package} is not installed"}
+        return dict(cell, skipped=f"{package} is not installed")
     model, processor = FAMILY_BUILDERS[family]()
-    attention = set_attention(model, backend)
+    cell["attention"] = set_attention(model, backend)
     policy, args = lora_policy(model)
     policy.to(device)
     chains, _ = R.load_chains(data["text" if family in TEXT_ONLY else "video"], processor, "rank")
     batch, index = R.collate(chains, processor, 8, 2048)
     batch.to(device)
     packs = R.resolve_shared_prefix(policy, "auto", log=None)
-    cell = dict(attention=attention, packed=packs, why_not_packed=None if packs else R.shared_prefix_unsupported(policy),
+    cell.update(packed=packs, why_not_packed=None if packs else R.shared_prefix_unsupported(policy),
                 tokens_unshared=int(batch.attention_mask.sum()))
     modes = (False, True) if packs else (False,)
     if packs:
@@ -405,12 +402,13 @@ def section_steps(budget: Budget, families, backends, device: str, dtype: torch.
             for family in families:
                 reason = budget.skip_reason(NEEDS_S["cell"])
                 begin = time.perf_counter()
-                cell = {"skipped": reason} if reason else guarded(
-                    train_cell, family, backend, device, dtype, data, repeats)
-                cell.update(family=family, backend=backend,
-                            seconds=time.perf_counter() - begin)
+                cell = dict(family=family, backend=backend)
+                cell.update({"skipped": reason} if reason else guarded(
+                    train_cell, family, backend, device, dtype, data, repeats, cell))
+                cell["seconds"] = time.perf_counter() - begin
                 cells.append(cell)
-                print(f"step {family:<14}{backend:<19}{cell_status(cell)}", flush=True)
+                print(f"step {family:<14}{backend:<19}packed: {cell_status(cell)} "
+                      f"({cell['seconds']:.0f} s)", flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     return dict(device=device, dtype=str(dtype), repeats=repeats, cells=cells)
@@ -463,7 +461,7 @@ def cell_status(cell: dict) -> str:
         return f"ERROR {cell['error']}"
     if "skipped" in cell:
         return f"skipped: {cell['skipped']}"
-    return "packed" if cell["packed"] else f"not packed: {cell['why_not_packed']}"
+    return "yes" if cell["packed"] else f"no ({cell['why_not_packed']})"
 
 
 def status_line(section: dict) -> str | None:
@@ -559,17 +557,13 @@ def render_liger(lg: dict) -> str:
 
 def render_steps(st: dict) -> str:
     rows = []
-    for c in st["cells"]:
-        if "error" in c or "skipped" in c:
-            rows.append([c["family"], c["backend"], cell_status(c)] + [""] * 10)
-            continue
-        backend = c["backend"] + ("" if c["attention"] == "set" else f" ({c['attention']})")
-        rows.append([c["family"], backend,
-                     "yes" if c["packed"] else f"no ({c['why_not_packed']})",
-                     c["tokens_unshared"], c.get("tokens_packed"), c["unshared_ms"],
-                     c.get("packed_ms"), c["unshared_peak_mb"], c.get("packed_peak_mb"),
-                     c.get("fp32_logps_rel_diff"), c.get("fp32_grads_rel_diff"),
-                     c.get("step_loss_rel_diff"), c.get("step_grads_rel_diff")])
+    for c in st["cells"]:      # a failed cell keeps the figures of the stages before the failure
+        forced = c.get("attention", "set") != "set"
+        rows.append([c["family"], c["backend"] + (f" ({c['attention']})" if forced else ""),
+                     cell_status(c)] + [c.get(key) for key in (
+                         "tokens_unshared", "tokens_packed", "unshared_ms", "packed_ms",
+                         "unshared_peak_mb", "packed_peak_mb", "fp32_logps_rel_diff",
+                         "fp32_grads_rel_diff", "step_loss_rel_diff", "step_grads_rel_diff")])
     return "\n".join([
         f"## {SECTION_TITLES['steps']}", "",
         f"Device {st['device']}; the step in {st['dtype']} (rank objective, LoRA r=4 on LM and "
@@ -619,6 +613,8 @@ def run_sections(a, budget: Budget, device: str) -> dict:
     sections = {}
 
     def run(name, fn, *args):
+        if name not in a.sections:
+            return
         reason = budget.skip_reason(NEEDS_S.get(name, 0))
         print(f"== {name} ({budget.elapsed():.0f} s elapsed)", flush=True)
         sections[name] = {"skipped": reason} if reason else guarded(fn, *args)
@@ -645,6 +641,8 @@ def main(argv=None) -> dict:
     p.add_argument("--budget_s", type=float, default=450, help="the whole check's wall clock")
     p.add_argument("--dry_run", action="store_true", help="the CPU-side parts only (the default "
                    "where no GPU is visible)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="run only these (a second run in what is left of a lease)")
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--dry_families", nargs="+", choices=FAMILIES, default=["tiny"],

@@ -37,6 +37,7 @@ def test_dry_run_writes_every_section_and_records_a_failing_cell(tmp_path, monke
     cells = {c["family"]: c for c in report["sections"]["steps"]["cells"]}
     assert cells["qwen3_vl"]["error"] == "RuntimeError: the fixture broke"
     assert "| qwen3_vl | sdpa | ERROR RuntimeError: the fixture broke |" in text
+    assert "| qwen2_5_vl | sdpa | yes |" in text
     # the cells after the failing one ran; Qwen2.5-VL packs and agrees with the unshared forward
     assert cells["llama"]["unshared_ms"] > 0 and not cells["llama"]["packed"]
     packed = cells["qwen2_5_vl"]
@@ -47,6 +48,22 @@ def test_dry_run_writes_every_section_and_records_a_failing_cell(tmp_path, monke
     # the plan names every GPU section
     assert [line.split(":")[0] for line in report["plan"]] == \
         ["build", "tests", "kernels", "liger", "steps"]
+
+
+def test_a_cell_failing_late_keeps_its_earlier_figures(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the step broke")
+
+    monkeypatch.setattr(gpu_check, "timed_step", broken)
+    report = gpu_check.main(["--dry_run", "--out_dir", str(tmp_path), "--sections", "steps",
+                             "--dry_families", "qwen2_5_vl"])
+    (cell,) = report["sections"]["steps"]["cells"]
+    assert cell["error"] == "RuntimeError: the step broke"
+    assert cell["packed"] and cell["fp32_logps_rel_diff"] < 1e-5    # the exactness stage ran
+    row = [line for line in (tmp_path / "GPU.md").read_text().splitlines()
+           if line.startswith("| qwen2_5_vl | sdpa |")]
+    assert len(row) == 1 and "ERROR RuntimeError: the step broke" in row[0]
+    assert f"| {cell['tokens_unshared']} | {cell['tokens_packed']} |" in row[0]
 
 
 def test_a_section_past_the_budget_is_skipped_with_the_reason(tmp_path):
