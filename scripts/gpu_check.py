@@ -22,14 +22,16 @@ Every (family, backend) cell and every section is guarded: an exception is recor
 message and the run goes on. The tables are printed last (a remote runner may return only the
 end of the output).
 
-Without a visible GPU (or with --dry_run) it runs what the CPU can: builds every family
-fixture, runs the step runner in fp32 under sdpa for --dry_families, writes the markdown and
-JSON (to a temporary folder unless --out_dir is given) and lists what would run on the GPU.
+Without a visible GPU (or with --dry_run) it runs what the CPU can: the kernel and Liger
+sections' code at toy sizes (ours alone), every family fixture built, the step runner in fp32
+under sdpa for --dry_families; it writes the markdown and JSON (to a temporary folder unless
+--out_dir is given) and lists what would run on the GPU. --sections reruns a part.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -191,12 +193,20 @@ def junit_counts(path: str) -> dict:
                 failed_tests=failing)
 
 
-def section_kernel_bench(device: str, logits_shape: dict | None, linear_shapes, repeats: int) -> dict:
+def section_kernel_bench(device: str, logits_shape: dict | None, linear_shapes,
+                         repeats: int) -> dict:
     """bench/bench_kernels.py's two benchmarks, with fewer rounds and shapes."""
     logits = bench_kernels.bench(device, repeats, logits_shape)
     # naive's fp32 log-softmax of 16k x 152k logits is ~10 GB: it fits an H100/H200
     linear = bench_kernels.bench_linear(device, naive_max_gb=11, shapes=linear_shapes)
     return dict(logits=logits, linear=linear)
+
+
+def nll_fwd_bwd(loss_fn, hidden, weight, labels) -> torch.Tensor:
+    """One forward + backward of a fused linear NLL to both hidden and weight; the loss."""
+    loss = loss_fn(hidden.detach().requires_grad_(), weight.detach().requires_grad_(), labels)
+    loss.backward()
+    return loss.detach().float()
 
 
 def section_liger(device: str, shapes, repeats: int) -> dict:
@@ -226,10 +236,7 @@ def section_liger(device: str, shapes, repeats: int) -> dict:
         hidden, weight, labels, _, _ = bench_kernels.make_linear_inputs(v, h, tokens, dtype, device)
         losses = {}
         for name, fn in methods.items():
-            def step():
-                loss = fn(hidden.detach().requires_grad_(), weight.detach().requires_grad_(), labels)
-                loss.backward()
-                return loss.detach().float()
+            step = functools.partial(nll_fwd_bwd, fn, hidden, weight, labels)
             step()                                       # warm-up: Triton / extension load
             runs = [bench_kernels.measure(step, device) for _ in range(repeats)]
             losses[name] = runs[-1][0]
@@ -322,7 +329,8 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def grads_rel_diff(a: dict, b: dict) -> float:
     if a.keys() != b.keys():
-        raise AssertionError(f"different parameters got gradients: {sorted(a.keys() ^ b.keys())[:3]}")
+        differ = sorted(a.keys() ^ b.keys())[:3]
+        raise AssertionError(f"different parameters got gradients: {differ}")
     return max(max_rel_diff(a[n], b[n]) for n in b)
 
 
@@ -431,7 +439,7 @@ def section_fixtures(families) -> dict:
 
 def gpu_plan(families, backends) -> list[str]:
     """What a run on a GPU does, in order (the dry run's last section)."""
-    return [f"build: kernels.build.load('cpu'), kernels.build.load('cuda')",
+    return ["build: kernels.build.load('cpu'), kernels.build.load('cuda')",
             f"tests: python -m pytest -q {' '.join(CUDA_TESTS)}",
             f"kernels: bench_kernels.bench('cuda', repeats={KERNEL_REPEATS}); "
             f"bench_kernels.bench_linear at V:H:tokens {LINEAR_SHAPES}",
@@ -479,7 +487,8 @@ def markdown(report: dict) -> str:
         if "gpu" in m else "no GPU"
     out = [title, "",
            f"Written by scripts/gpu_check.py on {report['date']} in {report['seconds']:.0f} s "
-           f"(budget {report['budget_s']:.0f} s). Machine: {gpu}; CPU {m['cpu']} x{m['cpu_count']}; "
+           f"(budget {report['budget_s']:.0f} s). Machine: {gpu}; CPU {m['cpu']} "
+           f"x{m['cpu_count']}; "
            f"Python {m['python']}, torch {m['torch']} (CUDA {m['torch_cuda']}), transformers "
            f"{m['transformers']}, peft {m['peft']}, liger_kernel {m['liger_kernel']}, flash_attn "
            f"{m['flash_attn']}."]
