@@ -120,6 +120,7 @@ def machine_info(device: str) -> dict:
     info = dict(python=platform.python_version(), torch=torch.__version__,
                 torch_cuda=torch.version.cuda, transformers=transformers.__version__,
                 peft=peft.__version__, cpu=bench_kernels.cpu_name(), cpu_count=os.cpu_count(),
+                float32_matmul_precision=torch.get_float32_matmul_precision(),
                 liger_kernel=_version("liger_kernel"), flash_attn=_version("flash_attn"))
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -488,7 +489,7 @@ def markdown(report: dict) -> str:
     out = [title, "",
            f"Written by scripts/gpu_check.py on {report['date']} in {report['seconds']:.0f} s "
            f"(budget {report['budget_s']:.0f} s). Machine: {gpu}; CPU {m['cpu']} "
-           f"x{m['cpu_count']}; "
+           f"x{m['cpu_count']}; fp32 matmul precision {m['float32_matmul_precision']!r}; "
            f"Python {m['python']}, torch {m['torch']} (CUDA {m['torch_cuda']}), transformers "
            f"{m['transformers']}, peft {m['peft']}, liger_kernel {m['liger_kernel']}, flash_attn "
            f"{m['flash_attn']}."]
