@@ -73,7 +73,9 @@ DRY_LINEAR_SHAPES = [(512, 64, 256)]
 KERNEL_REPEATS = 5          # timed rounds of the logits benchmark (it takes the median)
 STEP_REPEATS = 3            # timed training steps per cell after one warm-up (the median)
 # Rough costs on an H200 (seconds), so a section starts only when it can finish in budget.
-NEEDS_S = {"build": 150, "tests": 90, "kernels": 60, "liger": 30, "cell": 25}
+NEEDS_S = {"build": 150, "tests": 90, "kernels": 60, "liger": 30}
+# ... and per training cell: flex attention compiles its kernels (forward and backward) first.
+CELL_NEEDS_S = {"sdpa": 20, "flex_attention": 60, "flash_attention_2": 20}
 
 
 class Budget:
@@ -409,7 +411,7 @@ def section_steps(budget: Budget, families, backends, device: str, dtype: torch.
         data = write_chains(root)
         for backend in backends:          # every family under sdpa first: the cheapest cells
             for family in families:
-                reason = budget.skip_reason(NEEDS_S["cell"])
+                reason = budget.skip_reason(CELL_NEEDS_S[backend])
                 begin = time.perf_counter()
                 cell = dict(family=family, backend=backend)
                 cell.update({"skipped": reason} if reason else guarded(

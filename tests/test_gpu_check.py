@@ -83,3 +83,16 @@ def test_attention_backend_goes_on_the_language_model():
     llama, _ = gpu_check.FAMILY_BUILDERS["llama"]()
     assert gpu_check.set_attention(llama, "flex_attention") == "set"
     assert llama.config._attn_implementation == "flex_attention"
+
+
+def test_the_tests_section_counts_a_child_pytest(monkeypatch):
+    """The CUDA tests section's child pytest and its junit counts, on two quick tests (without a
+    GPU the CUDA one skips)."""
+    monkeypatch.setattr(gpu_check, "CUDA_TESTS", [
+        "tests/test_kernels.py", "-k",
+        "test_auto_picks_the_compiled_backend or test_vocabulary_of_one_as_a_transposed_view"])
+    result = gpu_check.section_cuda_tests(gpu_check.Budget(300))
+    assert result["returncode"] == 0 and result["failed"] == result["errors"] == 0
+    assert result["passed"] + result["skipped"] == 3 and result["passed"] >= 2
+    text = gpu_check.render_tests(result)
+    assert f"| {result['passed']} | 0 | 0 | {result['skipped']} |" in text
