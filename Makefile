@@ -2,6 +2,8 @@
 #   make demo   the whole method on the embedded tiny model and synthetic videos
 #   make test   the test suite (what CI runs)
 #   make bench  all benchmarks (bench-kernels, bench-train, bench-gen)
+#   make gpu-check  everything that needs a GPU, one ~7.5-minute run (bench/GPU.md; no set-up:
+#               see below); without a GPU, a dry run of its CPU-side parts
 PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -10,7 +12,8 @@ PYTHON := $(VENV)/bin/python
 # toolkit (nvcc may be a wrapper script) and, only where no GPU is visible, builds for 8.0;9.0.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build test demo demo-readme demo-onpolicy sweep bench bench-kernels bench-train bench-gen clean
+.PHONY: setup build test demo demo-readme demo-onpolicy sweep bench bench-kernels bench-train bench-gen \
+	gpu-check gpu-wheels clean
 
 # requirements.txt is the core (torch, transformers, peft, ...); requirements-real.txt the
 # real-model extras (torchvision, Pillow, PyAV, timm, matplotlib), installed by default so that
@@ -59,6 +62,23 @@ bench-train: build
 
 bench-gen: setup
 	$(PYTHON) bench/bench_gen.py
+
+# The GPU check (scripts/gpu_check.py): CUDA tests, the kernels' GPU benchmark beside Liger-Kernel's,
+# one training step per model family and attention backend; bench/GPU.md + bench/gpu.json. No
+# setup prerequisite: a lent GPU machine may have no network, so it runs with the venv where
+# there is one, else with the machine's own python3 and torch (it compiles the kernels itself).
+# Without a visible GPU it is a dry run of the CPU-side parts, and says so.
+GPU_PY ?= $(if $(wildcard $(PYTHON)),$(PYTHON),$(PY))
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py
+
+# Wheels for a GPU machine without network (pure Python; .whl/ is git-ignored): this project's
+# transformers and peft pins, and Liger-Kernel for the side-by-side. Install there with
+# pip install --no-index --no-deps --target DIR .whl/*.whl, then PYTHONPATH=DIR (README.md).
+LIGER_VERSION ?= 0.8.5
+gpu-wheels:
+	$(PY) -m pip download --no-deps --only-binary=:all: -d .whl \
+	    $(shell grep -E '^(transformers|peft)==' constraints.txt) liger-kernel==$(LIGER_VERSION)
 
 clean:
 	rm -rf runs build .pytest_cache bench/*.json
