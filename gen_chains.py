@@ -20,9 +20,10 @@ Subcommands (records are JSONL, see docs/DESIGN.md):
   rlaifv     RLAIF-V: claims per sample, each checked against the reference; ranked by support
 
 Read top to bottom: the one HTTP client and reading JSON out of LLM text; the error types;
-checking each LLM degradation step; asking until a reply parses (ask_until_parsed) and asking
-in both orders (ask_both_orders), which eval_judge.py's LLM judge uses too; the LM reward; the
-command runner; then the subcommands and the command line.
+the video as image parts (--frames: Frames); checking each LLM degradation step; asking until
+a reply parses (ask_until_parsed) and asking in both orders (ask_both_orders), which
+eval_judge.py's LLM judge uses too; checking what the teacher writes (text_problems and the
+per-step checks); the LM reward; the command runner; then the subcommands and the command line.
 
 A record command is its inputs and, per record, a rules function and an LLM function (plain
 module-level functions that return the output record, with "llm_calls" where the method counts
@@ -533,8 +534,10 @@ class Frames:
                 raise DataError(path, line, f"--frames {self.n} needs the record's video", "video")
             self.videos[rec["id"]] = video
 
-    def parts(self, rid: str) -> list[dict]:
-        if not self.n:
+    def parts(self, rid: str | None) -> list[dict]:
+        """Record rid's frames as image parts; none without --frames or for rid None (a
+        question about text alone)."""
+        if not self.n or rid is None:
             return []
         with self._lock:
             if rid in self._cache:             # a record's steps and re-asks reuse its frames
@@ -547,8 +550,9 @@ class Frames:
                 self._cache.popitem(last=False)
         return parts
 
-    def attach(self, messages: list[dict], rid: str) -> list[dict]:
-        """The messages with record rid's frames (text only without --frames), measured."""
+    def attach(self, messages: list[dict], rid: str | None) -> list[dict]:
+        """The messages with record rid's frames (text only without --frames or for rid None),
+        measured."""
         messages = with_frames(messages, self.parts(rid))
         size = len(json.dumps(messages).encode())
         with self._lock:
@@ -1807,9 +1811,8 @@ class LLMTeacher:
 
     def _ask(self, rid: str | None, messages: list[dict], parse: Callable[[str], object],
              check: Callable[[object], list[str]], max_tokens: int) -> Asked:
-        sent = self.frames.attach(messages, rid) if rid is not None else messages
-        return ask_or_fail(self.client, sent, partial(checked_reply, parse, check), JSON_REASK, self.tries,
-                           self.stats, max_tokens=max_tokens)
+        return ask_or_fail(self.client, self.frames.attach(messages, rid), partial(checked_reply, parse, check),
+                           JSON_REASK, self.tries, self.stats, max_tokens=max_tokens)
 
     def qa(self, rec: dict, n: int, rng: random.Random) -> Asked:
         messages = qa_messages(rec["caption"], n)

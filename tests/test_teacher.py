@@ -315,3 +315,26 @@ def test_rlaifv_claims_not_in_the_sample_fail_the_record_and_reward_counts_its_r
         llm.push('{"verdict": "yes", "score": 7}', '{"verdict": "yes", "score": 4}', '{"verdict": "no", "score": 1}')
         s = gc.main(["reward", "--in", inp, "--out", str(tmp_path / "ro.jsonl"), *http_args(llm)])
     assert s["rejected"] == {"score out of range": 1} and lines(tmp_path / "ro.jsonl")[0]["scores"] == [4, 1]
+
+
+def test_the_on_policy_teacher_looks_at_the_reference_video(synth_dir, tmp_path):
+    """rlaifv --frames 1: checking a claim against the reference carries the reference record's
+    frame; splitting a sample into claims is about its text and carries none."""
+    refs = {r["id"]: r["caption"] for r in lines(synth_dir / "train.jsonl")}
+    rid = sorted(refs)[0]
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"id": rid, "answers": [refs[rid], "A circle appears."]}])
+
+    def teacher(req):
+        text = req.user_text
+        if text.startswith("Caption of a video"):
+            return json.dumps({"claims": [text.split("\n", 2)[1]]})
+        claim = re.search(r"Claim: (.*?)\n\n", text, re.S).group(1)
+        return '{"verdict": "yes"}' if claim == refs[rid] else '{"verdict": "no"}'
+    with FakeLLM(responder=teacher) as llm:
+        s = gc.main(["rlaifv", "--in", samples, "--ref", str(synth_dir / "train.jsonl"),
+                     "--out", str(tmp_path / "o.jsonl"), "--frames", "1", *http_args(llm)])
+    split = [r for r in llm.requests if r.user_text.startswith("Caption of a video")]
+    checked = [r for r in llm.requests if r not in split]
+    assert len(split) == 2 and not any(r.image_urls for r in split)
+    assert len(checked) == 2 and all(len(r.images()) == 1 for r in checked)
+    assert s["request_bytes"]["questions"] == 4 and lines(tmp_path / "o.jsonl")[0]["status"] == "ok"
