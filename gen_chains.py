@@ -577,10 +577,10 @@ class Frames:
 def add_frame_args(parser: argparse.ArgumentParser, what: str) -> None:
     """--frames / --frame_size / --video_root: the teacher sees the video (eval_judge.py's judge too)."""
     g = parser.add_argument_group("the video, seen by the LLM")
-    g.add_argument("--frames", type=int, default=0,
+    g.add_argument("--frames", type=int, default=0, metavar="N",
                    help=f"send N frames of each record's video with {what} (default 0: text only; "
                         "needs a server with a vision model)")
-    g.add_argument("--frame_size", type=int, default=448,
+    g.add_argument("--frame_size", type=int, default=448, metavar="PX",
                    help="longest side of a sent frame in pixels (larger frames are shrunk)")
     g.add_argument("--video_root", default=None,
                    help="where the records' video paths start (default: the data file's folder)")
@@ -941,11 +941,17 @@ def combine_orders(first: str, second: str) -> str:
 # have a length that fits what it stands for. A problem is said back in the re-ask and counted
 # under "rejected" by its name (ask_until_parsed); the part in brackets is detail.
 
-MARKUP = re.compile(r"[{}\[\]`]|<\s*/?\s*[a-z][^<>]*>|https?://|\bwww\.|(?:^|\s)#{1,6}\s", re.I)
+MARKUP = re.compile(r"[{}\[\]`]|<\s*/?\s*[a-z][^<>]*>|https?://|\bwww\.|(?:^|\s)#{1,6}\s"   # JSON, HTML, links
+                    r"|^\s*(?:\d{1,2}[.)]|[-*•])\s", re.I)                               # headings, lists
 PLACEHOLDER = re.compile(r"<[^<>]*\s[^<>]*>")           # <the corrected caption>
 TEMPLATE_REMNANT = re.compile(r"\bjson\b|\breply (?:with|again|only)\b|\bplaceholder\b|"
                               r"\b(?:your|the) (?:answer|caption|question|text|description) (?:here|goes)\b", re.I)
+# Words that state no fact: left out when a text's words are traced to what it was written from.
+GLUE_WORDS = set("the a an is are was were be it its they there this that these those of and to "
+                 "in on at with which who has have had does do".split())
 ECHO_WORDS = 6                             # this many words in a row from the instructions: an echo
+# The model talking to the user ("I'm sorry for any confusion", "please"): a caption speaks of the video.
+CHAT_TALK = re.compile(r"\b(?:I|I'm|I'll|I've|I'd)\b|\b(?i:you're|you'll|please|sorry|thanks|thank you)\b")
 
 
 def instruction_words(messages: list[dict], *data: str) -> list[str]:
@@ -963,19 +969,30 @@ def echoed_run(words: list[str], instruction: list[str]) -> int:
     return sm.find_longest_match(0, len(words), 0, len(instruction)).size
 
 
-def text_problems(text: str, instruction: list[str], min_words: int, max_words: int) -> list[str]:
-    """What makes a teacher-written caption or answer unusable; [] when nothing does."""
+def text_problems(text: str, instruction: list[str], min_words: int, max_words: int,
+                  sources: tuple[str, ...] = (), floor: float = 0.0) -> list[str]:
+    """What makes a teacher-written caption or answer unusable; [] when nothing does. sources,
+    floor: the texts it is written from (a reference, a sample, short captions) and the least
+    share of its words (glue words aside) that must come from them: a reply about something
+    else (a list of tips, an apology) is off topic, however clean."""
     words = _tokens(text)
     if not words:
         return ["empty"]
     problems = []
     if MARKUP.search(text):
-        problems.append("markup (JSON braces or brackets, code, a link, HTML or a heading)")
+        problems.append("markup (JSON braces or brackets, code, a link, HTML, a heading or a list)")
     if PLACEHOLDER.search(text) or TEMPLATE_REMNANT.search(text):
         problems.append("template remnant (a placeholder or the reply format instead of content)")
     run = echoed_run(words, instruction)
     if run >= ECHO_WORDS:
         problems.append(f"prompt echo ({run} words in a row of my instructions)")
+    if CHAT_TALK.search(text):
+        problems.append("chat talk (it speaks to me instead of describing the video)")
+    content = [w for w in words if w not in GLUE_WORDS]
+    known = {w for s in sources for w in _tokens(s)}
+    share = sum(w in known for w in content) / max(1, len(content))
+    if sources and content and share < floor:
+        problems.append(f"off_topic (only {share:.0%} of its words are in what it was written from)")
     if len(words) < min_words:
         problems.append(f"too_short (fewer than {min_words} words)")
     elif len(words) > max_words:
@@ -1000,16 +1017,21 @@ def checked_reply(parse: Callable[[str], object], check: Callable[[object], list
     return (None, problems) if problems else (value, [])
 
 
-def check_caption(instruction: list[str], bounds: tuple[int, int], caption: str) -> list[str]:
+def check_caption(instruction: list[str], bounds: tuple[int, int], caption: str,
+                  sources: tuple[str, ...] = (), floor: float = 0.0) -> list[str]:
     """A caption or an answer the teacher wrote (recaption, improve, an answer of qa)."""
-    return text_problems(caption, instruction, *bounds)
+    return text_problems(caption, instruction, *bounds, sources, floor)
 
 
-def check_correction(sample: str, instruction: list[str], bounds: tuple[int, int], value) -> list[str]:
+GROUNDED = 0.5     # improve, qa answers: at least half their words from the reference (and sample)
+RECAPTION_GROUNDED = 0.25   # recaption adds detail (and, with frames, what the video shows)
+
+
+def check_correction(ref: str, sample: str, instruction: list[str], bounds: tuple[int, int], value) -> list[str]:
     """improve: a corrected caption, or ALREADY_CORRECT (the teacher finds nothing to fix)."""
     if value is ALREADY_CORRECT:
         return []
-    problems = check_caption(instruction, bounds, value)
+    problems = check_caption(instruction, bounds, value, (ref, sample), GROUNDED)
     if _tokens(value) == _tokens(sample):
         problems.append('unchanged (a caption that needs no fix is answered {"already_correct": true})')
     return problems
@@ -1019,24 +1041,21 @@ QUESTION_START = re.compile(r"^(?:what|which|who|whom|whose|where|when|why|how|i
                             r"is|are|was|were|does|do|did|has|have|had|can|could|will|would)\b", re.I)
 
 
-def check_qa(instruction: list[str], items: list[dict]) -> list[str]:
-    """qa: each question a plain question about the video, each answer a plain sentence that
-    is not the question given back."""
+def check_qa(caption: str, instruction: list[str], items: list[dict]) -> list[str]:
+    """qa: each question a plain question about the video, each answer a plain sentence from
+    the caption that is not the question given back."""
     problems = []
     for i, it in enumerate(items, 1):
         q, a = it["question"], it["answer"]
         if not (QUESTION_START.match(q) and q.endswith("?") and len(_tokens(q)) >= 2) or MARKUP.search(q):
             problems.append(f"question {i} is not a plain question (it starts like What/Which/How/Is "
                             "and ends with '?')")
-        for p in check_caption(instruction, (1, 80), a):
+        for p in check_caption(instruction, (1, 80), a, (caption, q), GROUNDED):
             problems.append(f"answer {i}: {p}")
         if _tokens(a) == _tokens(q):
             problems.append(f"answer {i} repeats its question")
     return problems
 
-
-CLAIM_GLUE = set("the a an is are was were be it its they there this that these those of and to "
-                 "in on at with which who has have had does do".split())
 
 
 def check_claims(caption: str, claims: list[str]) -> list[str]:
@@ -1047,7 +1066,7 @@ def check_claims(caption: str, claims: list[str]) -> list[str]:
         if MARKUP.search(claim) or PLACEHOLDER.search(claim) or TEMPLATE_REMNANT.search(claim):
             problems.append(f"claim {i} is not plain text")
             continue
-        new = [w for w in _tokens(claim) if w not in said and w not in CLAIM_GLUE]
+        new = [w for w in _tokens(claim) if w not in said and w not in GLUE_WORDS]
         if not _tokens(claim) or new:
             problems.append(f"claim {i} is not from the caption ({', '.join(new[:5]) or 'empty'})")
     if len({tuple(_tokens(c)) for c in claims}) < len(claims):
@@ -1248,18 +1267,19 @@ def source_captions(rec: dict) -> list[str] | None:
     return srcs
 
 
-def parse_recaption(min_words: int, instruction: list[str], max_words: int,
+def parse_recaption(min_words: int, instruction: list[str], max_words: int, sources: list[str],
                     text: str) -> tuple[str | None, list[str]]:
     """The detailed caption in a reply, or why it is unusable: empty, refused, too_short (fewer
     words than the longest short caption), or a problem of check_caption (markup, a template
-    remnant, a prompt echo, longer than max_words)."""
+    remnant, a prompt echo, chat talk, off topic: under a quarter of its words from the short
+    captions, or longer than max_words)."""
     caption, _ = clean_reply(text)
     words = _tokens(caption)
     refused = re.match(r"(?:i|sorry|unfortunately|as an)\b", caption, re.I) and REFUSAL.search(caption)
     reason = "empty" if not words else "refused" if refused else "too_short" if len(words) < min_words else None
     if reason is not None:
         return None, [reason]
-    problems = check_caption(instruction, (1, max_words), caption)
+    problems = check_caption(instruction, (1, max_words), caption, tuple(sources), RECAPTION_GROUNDED)
     return (caption, []) if not problems else (None, problems)
 
 
@@ -1283,7 +1303,7 @@ def recaption_by_llm(tries: int, frames: Frames, rec: dict, client: ChatClient, 
     longest = max(len(_tokens(s)) for s in srcs)
     messages = recaption_messages(srcs)
     parse = partial(parse_recaption, longest, instruction_words(messages, *srcs),
-                    2 * sum(len(_tokens(s)) for s in srcs) + 60)
+                    2 * sum(len(_tokens(s)) for s in srcs) + 60, srcs)
     asked = ask_or_fail(client, frames.attach(messages, rec["id"]), parse,
                         "Reply again with the caption only.", tries, stats)
     return {**_base_record(rec), "caption": asked.value, "source_captions": srcs, "status": "ok"}
@@ -1816,7 +1836,7 @@ class LLMTeacher:
 
     def qa(self, rec: dict, n: int, rng: random.Random) -> Asked:
         messages = qa_messages(rec["caption"], n)
-        check = lambda items: check_qa(instruction_words(messages, rec["caption"]), items[:n])
+        check = lambda items: check_qa(rec["caption"], instruction_words(messages, rec["caption"]), items[:n])
         asked = self._ask(rec["id"], messages, parse_qa, check, 120 * n)
         return replace(asked, value=asked.value[:n])
 
@@ -1824,8 +1844,8 @@ class LLMTeacher:
         """The corrected caption: plain text, not the sample unchanged, 0.5x the shorter to 2x the
         longer of reference and sample (+10 words); "already correct" gives the sample back."""
         messages = improve_messages(ref["caption"], sample)
-        check = partial(check_correction, sample, instruction_words(messages, ref["caption"], sample),
-                        length_bounds(ref["caption"], sample))
+        check = partial(check_correction, ref["caption"], sample,
+                        instruction_words(messages, ref["caption"], sample), length_bounds(ref["caption"], sample))
         asked = self._ask(ref.get("id"), messages, parse_correction, check,
                           max(128, 3 * len(ref["caption"].split())))
         return replace(asked, value=sample) if asked.value is ALREADY_CORRECT else asked

@@ -24,6 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a 135M llama.cpp model answered to `improve`, and the pipeline took as the better caption.
 GARBAGE = ('[Reply with JSON, please see the JSON example: { "caption": <the corrected caption> }], '
            '[JSON 2] { "subj" : "a red circle", "source": https://example.com/captions/1 }')
+# Two more it wrote (llama-cpp-python 0.3.36, SmolLM2-135M-Instruct), clean text about nothing.
+SEEN = ["1. Provide detailed feedback with numbered corrections on each instance of incorrect information; "
+        "2. Offer an alternative solution that could have been used instead of multiple-step process.",
+        "I'm sorry for any confusion. You're welcome, and I'll make sure to explain it in a more "
+        "understandable way."]
 
 
 def http_args(llm, *extra):
@@ -191,14 +196,16 @@ def kinds(problems):
 
 def correction_problems(reply: str) -> list[str]:
     messages = gc.improve_messages(REF, SAMPLE)
-    check = lambda v: gc.check_correction(SAMPLE, gc.instruction_words(messages, REF, SAMPLE),
+    check = lambda v: gc.check_correction(REF, SAMPLE, gc.instruction_words(messages, REF, SAMPLE),
                                           gc.length_bounds(REF, SAMPLE), v)
     return gc.checked_reply(gc.parse_correction, check, reply)[1]
 
 
 def test_the_garbage_a_small_model_wrote_is_rejected_for_improve():
     assert gc.parse_caption_reply(GARBAGE) is not None           # it parses: the checks must catch it
-    assert kinds(correction_problems(GARBAGE)) == ["markup", "template remnant"]
+    assert kinds(correction_problems(GARBAGE)) == ["markup", "template remnant", "chat talk", "off_topic"]
+    assert kinds(correction_problems(SEEN[0])) == ["markup", "off_topic"]
+    assert kinds(correction_problems(SEEN[1])) == ["chat talk", "off_topic"]
 
 
 @pytest.mark.parametrize("reply,expected", [
@@ -206,10 +213,13 @@ def test_the_garbage_a_small_model_wrote_is_rejected_for_improve():
     ('Sure! Here is the corrected caption: "' + REF + '"', []),
     ('{"already_correct": true}', []),
     ('{"caption": "' + SAMPLE + '"}', ["unchanged"]),
-    ('{"caption": "See https://example.com for the corrected caption of the red circle"}', ["markup"]),
+    ('{"caption": "See https://example.com for the corrected caption of the red circle"}', ["markup", "off_topic"]),
+    ('{"caption": "A small red circle appears on the left and moves up, then a large blue square enters '
+     'from the right. Please let me know."}', ["chat talk"]),
     ('## Corrected\n' + REF, ["markup"]),
     ('{"caption": "<b>A small red circle</b> appears on the left and moves up."}', ["markup"]),
-    ('{"caption": "Rewrite the model\'s caption so that it is correct: fix every statement."}', ["prompt echo"]),
+    ('{"caption": "Rewrite the model\'s caption so that it is correct: fix every statement."}',
+     ["prompt echo", "off_topic"]),
     ('{"caption": "A red circle."}', ["too_short"]),
     ('{"caption": "' + " ".join([REF] * 4) + '"}', ["too_long"]),
 ])
@@ -221,19 +231,17 @@ def test_qa_claims_reward_and_recaption_checks():
     qa_msgs = gc.qa_messages(REF, 2)
     instruction = gc.instruction_words(qa_msgs, REF)
     good = {"question": "What colour is the circle?", "answer": "The circle is red."}
-    assert gc.check_qa(instruction, [good]) == []
-    assert kinds(gc.check_qa(instruction, [{"question": "The circle colour", "answer": "red"}])) == \
-        ["question N is not a plain question"]
-    assert kinds(gc.check_qa(instruction, [{"question": "What moves?", "answer": "What moves?"}])) == \
-        ["answer N repeats its question"]
-    assert kinds(gc.check_qa(instruction, [{"question": "What moves?", "answer": "..."}])) == ["answer N: empty"]
-    assert kinds(gc.check_qa(instruction, [{"question": "What moves?", "answer": "{\"answer\": \"...\"}"}])) == \
-        ["answer N: markup"]
-    assert kinds(gc.check_qa(instruction, [{"question": "What moves?", "answer": "<your answer here>"}])) == \
-        ["answer N: markup", "answer N: template remnant"]
-    assert kinds(gc.check_qa(instruction, [{"question": "What moves?",
-                                            "answer": "each with its correct answer in one or two full sentences"}])) \
-        == ["answer N: prompt echo"]
+    check_qa = lambda item: kinds(gc.check_qa(REF, instruction, [item]))
+    assert check_qa(good) == []
+    assert check_qa({"question": "The circle colour", "answer": "red"}) == ["question N is not a plain question"]
+    assert check_qa({"question": "What moves?", "answer": "What moves?"}) == ["answer N repeats its question"]
+    assert check_qa({"question": "What moves?", "answer": "..."}) == ["answer N: empty"]
+    assert check_qa({"question": "What moves?", "answer": "{\"answer\": \"circle\"}"}) == ["answer N: markup"]
+    assert check_qa({"question": "What moves?", "answer": "<your answer here>"}) == \
+        ["answer N: markup", "answer N: template remnant", "answer N: off_topic"]
+    assert check_qa({"question": "What moves?", "answer": "each with its correct answer in one or two full sentences"}) \
+        == ["answer N: prompt echo", "answer N: off_topic"]
+    assert check_qa({"question": "What moves?", "answer": "A purple hexagon dances."}) == ["answer N: off_topic"]
 
     assert gc.check_claims(REF, ["A small red circle appears on the left.", "The circle moves up."]) == []
     assert kinds(gc.check_claims(REF, ["A green circle appears.", "The circle moves up."])) == \
@@ -245,10 +253,11 @@ def test_qa_claims_reward_and_recaption_checks():
     assert gc.check_reward({"score": 5}) == [] and kinds(gc.check_reward({"score": 9})) == ["score out of range"]
 
     srcs = ["a red circle moves up", "a blue square enters"]
-    parse = lambda t: gc.parse_recaption(5, gc.instruction_words(gc.recaption_messages(srcs), *srcs), 30, t)
+    parse = lambda t: gc.parse_recaption(5, gc.instruction_words(gc.recaption_messages(srcs), *srcs), 30, srcs, t)
     assert parse("A small red circle moves up, then a blue square enters from the right.")[1] == []
-    assert parse("Write one detailed caption of the video that states every fact.")[1] == \
-        ["prompt echo (11 words in a row of my instructions)"]
+    assert kinds(parse("Write one detailed caption of the video that states every fact.")[1]) == \
+        ["prompt echo", "off_topic"]
+    assert kinds(parse(SEEN[1])[1]) == ["chat talk", "off_topic"]
     assert kinds(parse(" ".join(["a red circle moves up"] * 8))[1]) == ["too_long"]
     assert parse("Circle.")[1] == ["too_short"]
 
@@ -273,14 +282,15 @@ def test_improve_reasks_then_fails_and_a_failed_correction_is_never_a_pair(synth
     out = {r["id"]: r for r in lines(tmp_path / "o.jsonl")}
     assert out[always_bad]["status"] == "failed" and "chain" not in out[always_bad]
     assert out[always_bad]["reason"].startswith("every try rejected (markup (JSON braces")
-    assert out[always_bad]["reason"].count("template remnant") == 3
+    assert out[always_bad]["reason"].count("template remnant") == 3 and "off_topic" in out[always_bad]["reason"]
     assert out[once_bad]["status"] == "ok" and out[once_bad]["llm_calls"] == 2
     reask = [r for r in llm.requests if refs[once_bad] in gc_text(r)][1].messages
     assert reask[2]["content"] == GARBAGE and reask[3]["content"].startswith("I could not use your reply: markup")
     pairs = [r for r in out.values() if r["status"] == "ok"]
     assert len(pairs) == len(ids) - 1 and all(r["chain"][0] == refs[r["id"]] for r in pairs)
     assert all("{" not in r["chain"][0] for r in pairs)
-    assert s["failed"] == 1 and s["rejected"] == {"markup": 4, "template remnant": 4}
+    assert s["failed"] == 1
+    assert s["rejected"] == {"markup": 4, "template remnant": 4, "chat talk": 4, "off_topic": 4}
 
 
 def gc_text(req) -> str:
