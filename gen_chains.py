@@ -886,10 +886,10 @@ def read_reply(parse: Callable[[str], object], text: str) -> tuple[object, list[
 def ask_or_fail(client: ChatClient, messages: list[dict], parse: Callable[[str], tuple], reask: str,
                 tries: int, stats: RunStats, **params) -> Asked:
     """ask_until_parsed for one data step: the usable reply, else StepFailed naming every
-    rejected reply (the record is written as failed with them)."""
+    rejected reply (the record is written as failed with them and the last reply, "reply")."""
     asked = ask_until_parsed(client, messages, parse, reask, tries, stats, **params)
     if not asked.ok:
-        raise StepFailed(f"every try rejected ({', '.join(asked.rejected)})")
+        raise StepFailed(f"every try rejected ({', '.join(asked.rejected)})", details={"reply": asked.reply})
     return asked
 
 
@@ -937,12 +937,14 @@ def combine_orders(first: str, second: str) -> str:
 # A degradation step is checked against the caption it edits (check_step). Everything else the
 # teacher writes is checked here before it becomes data: a caption or an answer must be plain
 # text (a small model answers with the JSON template, a link or a heading), must not give the
-# instructions back (the placeholder "<the corrected caption>", "Reply with JSON"), and must
-# have a length that fits what it stands for. A problem is said back in the re-ask and counted
-# under "rejected" by its name (ask_until_parsed); the part in brackets is detail.
+# instructions back (the placeholder "<the corrected caption>", "Reply with JSON") or talk to
+# the user ("I'm sorry for any confusion"), must be about what it was written from (a clean
+# list of tips is not a corrected caption) and have a length that fits what it stands for. A
+# problem is said back in the re-ask and counted under "rejected" by its name
+# (ask_until_parsed, problem_kind); the part in parentheses is detail.
 
-MARKUP = re.compile(r"[{}\[\]`]|<\s*/?\s*[a-z][^<>]*>|https?://|\bwww\.|(?:^|\s)#{1,6}\s"   # JSON, HTML, links
-                    r"|^\s*(?:\d{1,2}[.)]|[-*•])\s", re.I)                               # headings, lists
+MARKUP = re.compile(r"[{}\[\]`]|<\s*/?\s*[a-z][^<>]*>|https?://|\bwww\.|(?:^|\s)#{1,6}\s"  # JSON, code, HTML,
+                    r"|^\s*(?:\d{1,2}[.)]|[-*•])\s", re.I)                # links, headings; a list
 PLACEHOLDER = re.compile(r"<[^<>]*\s[^<>]*>")           # <the corrected caption>
 TEMPLATE_REMNANT = re.compile(r"\bjson\b|\breply (?:with|again|only)\b|\bplaceholder\b|"
                               r"\b(?:your|the) (?:answer|caption|question|text|description) (?:here|goes)\b", re.I)
@@ -1055,7 +1057,6 @@ def check_qa(caption: str, instruction: list[str], items: list[dict]) -> list[st
         if _tokens(a) == _tokens(q):
             problems.append(f"answer {i} repeats its question")
     return problems
-
 
 
 def check_claims(caption: str, claims: list[str]) -> list[str]:

@@ -281,6 +281,7 @@ def test_improve_reasks_then_fails_and_a_failed_correction_is_never_a_pair(synth
                      "--out", str(tmp_path / "o.jsonl"), *http_args(llm)])
     out = {r["id"]: r for r in lines(tmp_path / "o.jsonl")}
     assert out[always_bad]["status"] == "failed" and "chain" not in out[always_bad]
+    assert out[always_bad]["reply"] == GARBAGE                      # the last rejected reply, to read
     assert out[always_bad]["reason"].startswith("every try rejected (markup (JSON braces")
     assert out[always_bad]["reason"].count("template remnant") == 3 and "off_topic" in out[always_bad]["reason"]
     assert out[once_bad]["status"] == "ok" and out[once_bad]["llm_calls"] == 2
