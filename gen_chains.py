@@ -527,7 +527,11 @@ class Frames:
         default the folder of `path`), so a missing one stops the run before any request."""
         if not self.n:
             return
-        from rank_dpo import resolve_video
+        from rank_dpo import MissingDependency, require, resolve_video
+        try:
+            require("PIL", "pillow", f"--frames {self.n} (frames are sent as JPEG)")
+        except MissingDependency as e:
+            raise SystemExit(str(e)) from None
         for line, rec in found:
             video = resolve_video(path, line, rec, self.video_root)
             if video is None:
@@ -946,8 +950,8 @@ def combine_orders(first: str, second: str) -> str:
 MARKUP = re.compile(r"[{}\[\]`]|<\s*/?\s*[a-z][^<>]*>|https?://|\bwww\.|(?:^|\s)#{1,6}\s"  # JSON, code, HTML,
                     r"|^\s*(?:\d{1,2}[.)]|[-*•])\s", re.I)                # links, headings; a list
 PLACEHOLDER = re.compile(r"<[^<>]*\s[^<>]*>")           # <the corrected caption>
-TEMPLATE_REMNANT = re.compile(r"\bjson\b|\breply (?:with|again|only)\b|\bplaceholder\b|"
-                              r"\b(?:your|the) (?:answer|caption|question|text|description) (?:here|goes)\b", re.I)
+TEMPLATE_REMNANT = re.compile(r"\bjson\b|\breply (?:with|again|only)\b|\bplaceholder\b|\b(?:your|the) "
+                              r"(?:answer|caption|question|text|description) (?:here|goes)\b", re.I)
 # Words that state no fact: left out when a text's words are traced to what it was written from.
 GLUE_WORDS = set("the a an is are was were be it its they there this that these those of and to "
                  "in on at with which who has have had does do".split())
@@ -1029,7 +1033,8 @@ GROUNDED = 0.5     # improve, qa answers: at least half their words from the ref
 RECAPTION_GROUNDED = 0.25   # recaption adds detail (and, with frames, what the video shows)
 
 
-def check_correction(ref: str, sample: str, instruction: list[str], bounds: tuple[int, int], value) -> list[str]:
+def check_correction(ref: str, sample: str, instruction: list[str], bounds: tuple[int, int],
+                     value) -> list[str]:
     """improve: a corrected caption, or ALREADY_CORRECT (the teacher finds nothing to fix)."""
     if value is ALREADY_CORRECT:
         return []
@@ -1832,8 +1837,9 @@ class LLMTeacher:
 
     def _ask(self, rid: str | None, messages: list[dict], parse: Callable[[str], object],
              check: Callable[[object], list[str]], max_tokens: int) -> Asked:
-        return ask_or_fail(self.client, self.frames.attach(messages, rid), partial(checked_reply, parse, check),
-                           JSON_REASK, self.tries, self.stats, max_tokens=max_tokens)
+        return ask_or_fail(self.client, self.frames.attach(messages, rid),
+                           partial(checked_reply, parse, check), JSON_REASK, self.tries, self.stats,
+                           max_tokens=max_tokens)
 
     def qa(self, rec: dict, n: int, rng: random.Random) -> Asked:
         messages = qa_messages(rec["caption"], n)
@@ -1845,8 +1851,8 @@ class LLMTeacher:
         """The corrected caption: plain text, not the sample unchanged, 0.5x the shorter to 2x the
         longer of reference and sample (+10 words); "already correct" gives the sample back."""
         messages = improve_messages(ref["caption"], sample)
-        check = partial(check_correction, ref["caption"], sample,
-                        instruction_words(messages, ref["caption"], sample), length_bounds(ref["caption"], sample))
+        check = partial(check_correction, ref["caption"], sample, instruction_words(messages, ref["caption"], sample),
+                        length_bounds(ref["caption"], sample))
         asked = self._ask(ref.get("id"), messages, parse_correction, check,
                           max(128, 3 * len(ref["caption"].split())))
         return replace(asked, value=sample) if asked.value is ALREADY_CORRECT else asked
@@ -1952,8 +1958,9 @@ def run_on_samples(name: str, args, need: int, judge: Callable) -> dict:
         if rec["id"] not in refs:
             raise DataError(args.inp, line, f"no reference caption with id {rec['id']!r} in {args.ref}", "id")
     frames = run_frames(args, args.ref, [refs[rec["id"]] for _, rec in found])   # the reference's video
+    ref_records = {rid: ref for rid, (_, ref) in refs.items()}
     return run_command(name, args, [rec for _, rec in found], left_out=left_out, frames=frames,
-                       taught=partial(_on_usable_samples, name, need, {k: r for k, (_, r) in refs.items()}, judge))
+                       taught=partial(_on_usable_samples, name, need, ref_records, judge))
 
 
 def _on_usable_samples(source: str, need: int, refs: dict[str, dict], judge: Callable, rec: dict, teacher,
