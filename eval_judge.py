@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 import benchmarks
-from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, add_client_args, ask_both_orders,
-                        ask_until_parsed, cost_per_record, format_mcq, json_schema, parse_json_object,
-                        score_answer)
+from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, Frames, add_client_args, add_frame_args,
+                        ask_both_orders, ask_until_parsed, cost_per_record, format_mcq, json_schema,
+                        parse_json_object, score_answer, text_only)
 from records import (DataError, OutputLocked, RecordFailed, ResumableJsonl, collect_outputs,
                      map_resumable, read_records, read_run_meta, records_by_id,
                      write_json, write_jsonl)
@@ -323,11 +323,12 @@ SCORE_SCHEMA = json_schema("caption_scores", {axis: {"type": "integer", "minimum
 VERDICT_SCHEMA = json_schema("caption_verdict", {"better": {"type": "string", "enum": ["1", "2", "tie"]}})
 
 
-def ask_judge(client, prompt: str, parse, json_hint: str, reask: int = 2, **params) -> Asked:
+def ask_judge(client, prompt: str, parse, json_hint: str, reask: int = 2, look=text_only, **params) -> Asked:
     """The judge's prompt, asked again up to `reask` times while parse(reply) reports problems,
     saying what was wrong (gen_chains.ask_until_parsed: the judge sees its own unusable reply).
+    look(messages) is what is sent (gen_chains.Frames.look: the video's frames with the prompt).
     A ChatError (the request itself failed for good) propagates to map_resumable, which records it."""
-    messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
+    messages = look([{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}])
     return ask_until_parsed(client, messages, parse, f"Reply again with only the JSON object: {json_hint}",
                             reask + 1, **params)
 
@@ -338,28 +339,31 @@ def judge_failure(asked: Asked) -> dict:
             + "; ".join(asked.problems), "reply": asked.reply}
 
 
-def judge_llm(client, reference: str, candidate: str, reask: int = 2, **params) -> dict:
+def judge_llm(client, reference: str, candidate: str, reask: int = 2, look=text_only, **params) -> dict:
     """Four axis scores for one candidate caption from the LLM judge: {"scores", "tries", "reply"},
     or a failed record (judge_failure)."""
     prompt = SCORE_PROMPT.format(reference=reference, candidate=candidate, guide=AXIS_GUIDE,
                                  json=SCORE_JSON)
-    out = ask_judge(client, prompt, parse_axis_scores, SCORE_JSON, reask, schema=SCORE_SCHEMA, **params)
+    out = ask_judge(client, prompt, parse_axis_scores, SCORE_JSON, reask, look, schema=SCORE_SCHEMA,
+                    **params)
     if not out.ok:
         return judge_failure(out)
     return {"scores": out.value, "tries": out.tries, "reply": out.reply}
 
 
-def ask_verdict(client, reference: str, first: str, second: str, reask: int = 2, **params) -> Asked:
+def ask_verdict(client, reference: str, first: str, second: str, reask: int = 2, look=text_only,
+                **params) -> Asked:
     """Which of two captions is better against the reference: "1", "2" or "tie"."""
     prompt = COMPARE_PROMPT.format(reference=reference, first=first, second=second, guide=AXIS_GUIDE)
-    return ask_judge(client, prompt, parse_verdict, VERDICT_JSON, reask, schema=VERDICT_SCHEMA, **params)
+    return ask_judge(client, prompt, parse_verdict, VERDICT_JSON, reask, look, schema=VERDICT_SCHEMA,
+                     **params)
 
 
-def compare_llm(client, reference: str, a: str, b: str, reask: int = 2, **params) -> dict:
+def compare_llm(client, reference: str, a: str, b: str, reask: int = 2, look=text_only, **params) -> dict:
     """Head-to-head of captions a and b, asked in both orders (gen_chains.ask_both_orders: a
     caption wins only if it wins in both orders, loses only if it loses in both, else a tie,
     which cancels a pure position bias instead of averaging it into the result)."""
-    both = ask_both_orders(partial(ask_verdict, client, reference, reask=reask, **params), a, b)
+    both = ask_both_orders(partial(ask_verdict, client, reference, reask=reask, look=look, **params), a, b)
     if both.failed is not None:
         return judge_failure(both.failed)
     return {"result": both.result, "verdicts": both.verdicts, "a_view": both.a_view, "tries": both.tries}
@@ -467,6 +471,15 @@ def _chat_params(args) -> dict:
     return {"max_tokens": args.max_tokens}  # temperature travels in the client's default_params
 
 
+def _judge_frames(args, ids, refs: dict) -> Frames:
+    """--frames for the LLM judge: the videos of the references it judges against."""
+    frames = Frames.from_args(args)
+    if frames.n and args.judge != "llm":
+        raise SystemExit(f"{args.command}: --frames is for --judge llm (the rules judge reads the facts)")
+    frames.find_videos(args.ref, [refs[rid] for rid in ids])
+    return frames
+
+
 def rules_judge():
     """The offline judge, synthetic.rules_scores (a caption against a synthetic video's stored
     facts): the one place this file reaches the toy world."""
@@ -481,6 +494,7 @@ def cmd_judge(args) -> dict:
     jobs = [{"id": rid, "caption": require_text(args.pred, line, rec, "caption")}
             for rid, (line, rec) in preds.items()]
     client = None
+    frames = _judge_frames(args, preds, refs)
     if args.judge == "rules":
         rules_scores = rules_judge()
 
@@ -493,7 +507,7 @@ def cmd_judge(args) -> dict:
 
         def judge_one(job):
             out = judge_llm(client, reference[job["id"]], job["caption"], args.reask,
-                            **_chat_params(args))
+                            look=frames.look(job["id"]), **_chat_params(args))
             return {"id": job["id"], "judge": "llm", **out}
         concurrency = args.concurrency
     run = map_resumable(jobs, judge_one, args.out, concurrency, desc=f"judge ({args.judge})",
@@ -506,7 +520,7 @@ def cmd_judge(args) -> dict:
     results = {"command": "judge", "judge": args.judge, "pred": args.pred, "ref": args.ref,
                "out": args.out, "n": len(jobs), "n_scored": len(scored),
                **failure_summary(done.values()), "axes": per_axis, "overall": overall,
-               "run": with_client_report(run, client)}
+               "run": with_client_report(run, client), **frames.summary()}
     rows = [(axis, fmt_ci(per_axis[axis]), per_axis[axis]["n"]) for axis in AXES]
     rows.append(("**overall** (mean of axes)", fmt_ci(overall), overall["n"]))
     table = markdown_table((f"axis ({args.judge} judge)", "mean [95% CI]", "n"), rows)
@@ -543,10 +557,12 @@ def cmd_head_to_head(args) -> dict:
     a = records_by_id(args.a, {"caption": str}, allow_empty=True)
     b = records_by_id(args.b, {"caption": str}, allow_empty=True)
     both = {rid: a[rid] for rid in a if rid in b}
-    reference = _judge_inputs(args, args.a, both, records_by_id(args.ref))
+    refs = records_by_id(args.ref)
+    reference = _judge_inputs(args, args.a, both, refs)
     jobs = [{"id": rid, "a": require_text(args.a, *a[rid], "caption"),
              "b": require_text(args.b, *b[rid], "caption")} for rid in both]
     client = None
+    frames = _judge_frames(args, both, refs)
     if args.judge == "rules":
         rules_scores = rules_judge()
         # Deterministic and symmetric: no position to be biased by, one scoring of each caption.
@@ -562,7 +578,7 @@ def cmd_head_to_head(args) -> dict:
 
         def compare_one(job):
             out = compare_llm(client, reference[job["id"]], job["a"], job["b"], args.reask,
-                              **_chat_params(args))
+                              look=frames.look(job["id"]), **_chat_params(args))
             return {"id": job["id"], "judge": "llm", **out}
         concurrency = args.concurrency
     out_path = args.out or sibling(args.a, f".vs.{os.path.basename(sibling(args.b, ''))}.compare.jsonl")
@@ -578,7 +594,7 @@ def cmd_head_to_head(args) -> dict:
                **{k: mean_ci(v) for k, v in outcome.items()},
                # +1 win, 0 tie, -1 loss: its interval excludes 0 when a is really better (or worse)
                "net": mean_ci([w - l for w, l in zip(outcome["win"], outcome["loss"])]),
-               "run": with_client_report(run, client)}
+               "run": with_client_report(run, client), **frames.summary()}
     if args.judge == "llm" and decided:
         views = [r["a_view"] for r in decided]
         decisive = [v for r in decided for v in r["verdicts"] if v in ("1", "2")]
@@ -1516,6 +1532,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="references: {id, caption} (llm) or {id, facts} (rules)")
     sp.add_argument("--out", required=True, help="scores JSONL: {id, scores: {axis: 1-10}}")
     judge_args(sp)
+    add_frame_args(sp, "each judge request (--judge llm; the --ref record's video)")
     results_arg(sp, "<out>.results.json")
 
     sp = sub.add_parser("agree", help="Spearman correlation per axis between two score files")
@@ -1529,6 +1546,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ref", required=True)
     sp.add_argument("--out", default=None, help="verdicts JSONL (default: <a>.vs.<b>.compare.jsonl)")
     judge_args(sp)
+    add_frame_args(sp, "each judge request (--judge llm; the --ref record's video)")
     results_arg(sp, "<out>.results.json")
 
     sp = sub.add_parser("mcq", help="multiple-choice accuracy by answer-letter log-probability")

@@ -20,9 +20,10 @@ Subcommands (records are JSONL, see docs/DESIGN.md):
   rlaifv     RLAIF-V: claims per sample, each checked against the reference; ranked by support
 
 Read top to bottom: the one HTTP client and reading JSON out of LLM text; the error types;
-checking each LLM degradation step; asking until a reply parses (ask_until_parsed) and asking
-in both orders (ask_both_orders), which eval_judge.py's LLM judge uses too; the LM reward; the
-command runner; then the subcommands and the command line.
+the video as image parts (--frames: Frames); checking each LLM degradation step; asking until
+a reply parses (ask_until_parsed) and asking in both orders (ask_both_orders), which
+eval_judge.py's LLM judge uses too; checking what the teacher writes (text_problems and the
+per-step checks); the LM reward; the command runner; then the subcommands and the command line.
 
 A record command is its inputs and, per record, a rules function and an LLM function (plain
 module-level functions that return the output record, with "llm_calls" where the method counts
@@ -35,8 +36,10 @@ the LLM (LLMTeacher) or the scene's facts (RulesTeacher).
 from __future__ import annotations
 
 import argparse
+import base64
 import difflib
 import email.utils
+import io
 import json
 import logging
 import os
@@ -45,7 +48,7 @@ import re
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable
@@ -456,6 +459,9 @@ class ChatClient:
         reason = f"HTTP {resp.status_code}: {self._scrub(_error_message(resp))}"
         if resp.status_code in FATAL_STATUS:
             raise ChatError(f"{reason} from {server.url} (check --base_url, --model and --api_key)", fatal=True)
+        if refuses_images(resp.status_code, reason, body["messages"]):
+            raise ChatError(f"the server at {server.url} does not accept images ({reason}); "
+                            "drop --frames or serve a vision model", fatal=True)
         if resp.status_code not in RETRY_STATUS:
             raise ChatError(reason)               # e.g. 400: this request is bad, not the server
         return ChatTry(reason=reason, unhealthy=resp.status_code >= 500 or resp.status_code == 408,
@@ -498,6 +504,24 @@ class ChatClient:
                                "refused_by": [s["url"] for s in servers if s["structured"] == "refused"],
                                "refusals": sum(s.counts["structured_refused"] for s in self.servers)},
                 "servers": servers}
+
+
+# What servers say to image parts when they serve a text-only model: vLLM ("... is not a
+# multimodal model"), llama.cpp's server ("image input is not supported ... mmproj"), OpenAI
+# ("image_url is only supported by certain models") and llama-cpp-python without a vision
+# projector, whose chat template meets a list where it expects a string: an HTTP 500 "can only
+# concatenate str (not "list") to str", which would otherwise be retried like an outage.
+IMAGE_REFUSAL = re.compile(r"image|vision|multi-?modal|mmproj|clip model|\bstr\b.{0,30}\blist\b", re.I)
+
+
+def refuses_images(status: int, reason: str, messages: list[dict]) -> bool:
+    """True when an error answers a request with image parts by naming images (or the content
+    list they came in): every request with frames would fail alike, so no retry can help."""
+    if status in (408, 429) or not IMAGE_REFUSAL.search(reason):
+        return False
+    return any(isinstance(m.get("content"), list) and
+               any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
+               for m in messages)
 
 
 def _error_message(resp) -> str:
@@ -733,6 +757,146 @@ def parse_error_types(text: str | None) -> set[str] | None:
 
 
 # =============================================================================================
+# The teacher sees the video: --frames N sends N of its frames with the text
+# =============================================================================================
+# The frames are the trainer's own (rank_dpo.load_clip with VideoSampling(N): the reader and
+# the sampling a model trains on), each shrunk to fit --frame_size and sent as a JPEG data URL
+# in the user message, OpenAI's format (vLLM, llama.cpp with a vision projector, Ollama and
+# OpenAI read it). rank_dpo, and torch with it, is imported only when frames are asked for.
+
+FRAME_NOTE = ("The {n} images above are frames of the video, evenly spaced in time and in order; "
+              "what they show is evidence too.")
+
+
+def frame_image(frame, cap: int):
+    """A uint8 [H, W, 3] frame as a Pillow image whose longest side is at most `cap` pixels
+    (aspect kept; a smaller frame is sent as it is)."""
+    from PIL import Image
+    img = Image.fromarray(frame)
+    scale = cap / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BICUBIC)
+    return img
+
+
+def image_part(img) -> dict:
+    """An OpenAI image content part: the image as a base64 JPEG data URL."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def frame_parts(video: str, n: int, cap: int) -> list[dict]:
+    """n frames of the video at `video`, evenly spaced as the trainer samples them, as image parts."""
+    from rank_dpo import VideoSampling, load_clip
+    return [image_part(frame_image(f, cap)) for f in load_clip(video, VideoSampling(n)).frames]
+
+
+def with_frames(messages: list[dict], parts: list[dict]) -> list[dict]:
+    """The messages with `parts` first in the last (user) message's content and a line saying
+    what they are; unchanged without parts."""
+    if not parts:
+        return messages
+    *head, user = messages
+    text = f"{user['content']}\n\n{FRAME_NOTE.format(n=len(parts))}"
+    return [*head, {**user, "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def text_only(messages: list[dict]) -> list[dict]:
+    """What a step sends when it looks at no video."""
+    return messages
+
+
+class Frames:
+    """One run's --frames N / --frame_size / --video_root: each record's video as image parts in
+    its requests (none when N is 0: text only, the default), and the size of what is sent (the
+    JSON of a question's first request), printed once and averaged in the summary."""
+
+    def __init__(self, n: int = 0, cap: int = 448, video_root: str | None = None):
+        if n < 0 or cap < 1:
+            raise SystemExit(f"--frames must be 0 or more and --frame_size at least 1 (got {n}, {cap})")
+        self.n, self.cap, self.video_root = n, cap, video_root
+        self.videos: dict[str, str] = {}      # record id -> resolved video path
+        self._cache: OrderedDict[str, list[dict]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._sent = Counter()
+
+    @classmethod
+    def from_args(cls, args) -> "Frames":
+        return cls(getattr(args, "frames", 0) or 0, getattr(args, "frame_size", 448),
+                   getattr(args, "video_root", None))
+
+    def find_videos(self, path: str, found: list[tuple[int, dict]]) -> None:
+        """Resolve every record's video up front (rank_dpo.resolve_video: against --video_root,
+        default the folder of `path`), so a missing one stops the run before any request."""
+        if not self.n:
+            return
+        from rank_dpo import MissingDependency, require, resolve_video
+        try:
+            require("PIL", "pillow", f"--frames {self.n} (frames are sent as JPEG)")
+        except MissingDependency as e:
+            raise SystemExit(str(e)) from None
+        for line, rec in found:
+            video = resolve_video(path, line, rec, self.video_root)
+            if video is None:
+                raise DataError(path, line, f"--frames {self.n} needs the record's video", "video")
+            self.videos[rec["id"]] = video
+
+    def parts(self, rid: str | None) -> list[dict]:
+        """Record rid's frames as image parts; none without --frames or for rid None (a
+        question about text alone)."""
+        if not self.n or rid is None:
+            return []
+        with self._lock:
+            if rid in self._cache:             # a record's steps and re-asks reuse its frames
+                self._cache.move_to_end(rid)
+                return self._cache[rid]
+        parts = frame_parts(self.videos[rid], self.n, self.cap)
+        with self._lock:
+            self._cache[rid] = parts
+            while len(self._cache) > 64:
+                self._cache.popitem(last=False)
+        return parts
+
+    def attach(self, messages: list[dict], rid: str | None) -> list[dict]:
+        """The messages with record rid's frames (text only without --frames or for rid None),
+        measured."""
+        messages = with_frames(messages, self.parts(rid))
+        size = len(json.dumps(messages).encode())
+        with self._lock:
+            first = not self._sent["requests"]
+            self._sent.update(requests=1, bytes=size)
+        if first:
+            print(f"request size: {size} bytes of JSON messages ({self.n} frames of at most "
+                  f"{self.cap} px)" if self.n else f"request size: {size} bytes of JSON messages",
+                  file=sys.stderr)
+        return messages
+
+    def look(self, rid: str) -> Callable[[list[dict]], list[dict]]:
+        """attach() for one record: what a step calls on the messages it builds."""
+        return partial(self.attach, rid=rid)
+
+    def summary(self) -> dict:
+        with self._lock:
+            n, total = self._sent["requests"], self._sent["bytes"]
+        return {"request_bytes": {"mean": round(total / n), "questions": n, "frames": self.n}} if n else {}
+
+
+def add_frame_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--frames / --frame_size / --video_root: the teacher sees the video (eval_judge.py's judge too)."""
+    g = parser.add_argument_group("the video, seen by the LLM")
+    g.add_argument("--frames", type=int, default=0, metavar="N",
+                   help=f"send N frames of each record's video with {what} (default 0: text only; "
+                        "needs a server with a vision model)")
+    g.add_argument("--frame_size", type=int, default=448, metavar="PX",
+                   help="longest side of a sent frame in pixels (larger frames are shrunk)")
+    g.add_argument("--video_root", default=None,
+                   help="where the records' video paths start (default: the data file's folder)")
+
+
+# =============================================================================================
 # Checking one LLM degradation step
 # =============================================================================================
 # A small LLM wraps its answer ("Sure! Here is the modified caption:", quotes, markdown, a
@@ -910,16 +1074,17 @@ def degrade_schema(choose_type: bool) -> dict:
 
 def llm_step(client: ChatClient, prev: str, etype: str | None, earlier: list[dict],
              limits: StepLimits, stats: RunStats, tries: int, rng: random.Random,
-             applicable: list[str]) -> tuple[str, dict]:
+             applicable: list[str], look: Callable[[list[dict]], list[dict]] = text_only) -> tuple[str, dict]:
     """One accepted degradation of `prev` by the LLM: (caption, {"type", "detail"}).
 
     A rejected reply is asked again; "cannot apply" removes that type and samples another one
-    among the applicable types. Raises StepFailed when every try is rejected."""
+    among the applicable types. Raises StepFailed when every try is rejected. look(messages):
+    what is sent (Frames.look: the record's frames with the text)."""
     added_before = [e["_added"] for e in earlier]
     notes = [e["detail"] for e in earlier]
     reasons = []
     for _ in range(tries):
-        reply = client.chat(degrade_messages(prev, etype, notes), schema=degrade_schema(etype is None),
+        reply = client.chat(look(degrade_messages(prev, etype, notes)), schema=degrade_schema(etype is None),
                             max_tokens=max(64, 3 * len(prev.split()) + 48))
         caption, obj = clean_reply(reply.text)
         refused = bool(obj.get("cannot_apply")) or (
@@ -942,10 +1107,10 @@ def llm_step(client: ChatClient, prev: str, etype: str | None, earlier: list[dic
 
 
 def http_chain(record: dict, client: ChatClient, length: int, seed: int, unconditioned: bool,
-               limits: StepLimits, stats: RunStats, tries: int, allowed: set[str] | None = None
-               ) -> tuple[list[str], list[dict | None]]:
+               limits: StepLimits, stats: RunStats, tries: int, allowed: set[str] | None = None,
+               look: Callable[[list[dict]], list[dict]] = text_only) -> tuple[list[str], list[dict | None]]:
     """c0..cK by repeated LLM degradation; each step keeps every earlier error. `allowed`: the
-    error types a step may use (--error_types; None: any)."""
+    error types a step may use (--error_types; None: any); look: as in llm_step."""
     rng = random.Random(f"{seed}:{record['id']}")
     chain, errors = [record["caption"]], [None]
     for k in range(1, length + 1):
@@ -956,7 +1121,8 @@ def http_chain(record: dict, client: ChatClient, length: int, seed: int, uncondi
                              details={"partial_chain": chain, "partial_errors": _public_errors(errors)})
         etype = None if unconditioned else rng.choice(types)
         try:
-            caption, err = llm_step(client, chain[-1], etype, errors[1:], limits, stats, tries, rng, types)
+            caption, err = llm_step(client, chain[-1], etype, errors[1:], limits, stats, tries, rng, types,
+                                    look)
         except StepFailed as e:
             raise StepFailed(f"step {k}: {e}", details={"partial_chain": chain,
                              "partial_errors": _public_errors(errors)}) from None
@@ -1040,10 +1206,10 @@ def read_reply(parse: Callable[[str], object], text: str) -> tuple[object, list[
 def ask_or_fail(client: ChatClient, messages: list[dict], parse: Callable[[str], tuple], reask: str,
                 tries: int, stats: RunStats, **params) -> Asked:
     """ask_until_parsed for one data step: the usable reply, else StepFailed naming every
-    rejected reply (the record is written as failed with them)."""
+    rejected reply (the record is written as failed with them and the last reply, "reply")."""
     asked = ask_until_parsed(client, messages, parse, reask, tries, stats, **params)
     if not asked.ok:
-        raise StepFailed(f"every try rejected ({', '.join(asked.rejected)})")
+        raise StepFailed(f"every try rejected ({', '.join(asked.rejected)})", details={"reply": asked.reply})
     return asked
 
 
@@ -1086,6 +1252,151 @@ def combine_orders(first: str, second: str) -> str:
 
 
 # =============================================================================================
+# Checking what the teacher writes (recaption and the on-policy steps)
+# =============================================================================================
+# A degradation step is checked against the caption it edits (check_step). Everything else the
+# teacher writes is checked here before it becomes data: a caption or an answer must be plain
+# text (a small model answers with the JSON template, a link or a heading), must not give the
+# instructions back (the placeholder "<the corrected caption>", "Reply with JSON") or talk to
+# the user ("I'm sorry for any confusion"), must be about what it was written from (a clean
+# list of tips is not a corrected caption) and have a length that fits what it stands for. A
+# problem is said back in the re-ask and counted under "rejected" by its name
+# (ask_until_parsed, problem_kind); the part in parentheses is detail.
+
+MARKUP = re.compile(r"[{}\[\]`]|<\s*/?\s*[a-z][^<>]*>|https?://|\bwww\.|(?:^|\s)#{1,6}\s"  # JSON, code, HTML,
+                    r"|^\s*(?:\d{1,2}[.)]|[-*•])\s", re.I)                # links, headings; a list
+PLACEHOLDER = re.compile(r"<[^<>]*\s[^<>]*>")           # <the corrected caption>
+TEMPLATE_REMNANT = re.compile(r"\bjson\b|\breply (?:with|again|only)\b|\bplaceholder\b|\b(?:your|the) "
+                              r"(?:answer|caption|question|text|description) (?:here|goes)\b", re.I)
+# Words that state no fact: left out when a text's words are traced to what it was written from.
+GLUE_WORDS = set("the a an is are was were be it its they there this that these those of and to "
+                 "in on at with which who has have had does do".split())
+ECHO_WORDS = 6                             # this many words in a row from the instructions: an echo
+# The model talking to the user ("I'm sorry for any confusion", "please"): a caption speaks of the video.
+CHAT_TALK = re.compile(r"\b(?:I|I'm|I'll|I've|I'd)\b|\b(?i:you're|you'll|please|sorry|thanks|thank you)\b")
+
+
+def instruction_words(messages: list[dict], *data: str) -> list[str]:
+    """The words of a request's own text (system and user prompts) without the data put into
+    it (captions, references): what a reply must not give back."""
+    text = "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str))
+    for d in sorted(data, key=len, reverse=True):
+        text = text.replace(d, "\n")
+    return _tokens(text)
+
+
+def echoed_run(words: list[str], instruction: list[str]) -> int:
+    """The longest run of words the reply shares, in order, with the instructions."""
+    sm = difflib.SequenceMatcher(a=words, b=instruction, autojunk=False)
+    return sm.find_longest_match(0, len(words), 0, len(instruction)).size
+
+
+def text_problems(text: str, instruction: list[str], min_words: int, max_words: int,
+                  sources: tuple[str, ...] = (), floor: float = 0.0) -> list[str]:
+    """What makes a teacher-written caption or answer unusable; [] when nothing does. sources,
+    floor: the texts it is written from (a reference, a sample, short captions) and the least
+    share of its words (glue words aside) that must come from them: a reply about something
+    else (a list of tips, an apology) is off topic, however clean."""
+    words = _tokens(text)
+    if not words:
+        return ["empty"]
+    problems = []
+    if MARKUP.search(text):
+        problems.append("markup (JSON braces or brackets, code, a link, HTML, a heading or a list)")
+    if PLACEHOLDER.search(text) or TEMPLATE_REMNANT.search(text):
+        problems.append("template remnant (a placeholder or the reply format instead of content)")
+    run = echoed_run(words, instruction)
+    if run >= ECHO_WORDS:
+        problems.append(f"prompt echo ({run} words in a row of my instructions)")
+    if CHAT_TALK.search(text):
+        problems.append("chat talk (it speaks to me instead of describing the video)")
+    content = [w for w in words if w not in GLUE_WORDS]
+    known = {w for s in sources for w in _tokens(s)}
+    share = sum(w in known for w in content) / max(1, len(content))
+    if sources and content and share < floor:
+        problems.append(f"off_topic (only {share:.0%} of its words are in what it was written from)")
+    if len(words) < min_words:
+        problems.append(f"too_short (fewer than {min_words} words)")
+    elif len(words) > max_words:
+        problems.append(f"too_long (more than {max_words} words)")
+    return problems
+
+
+def length_bounds(*texts: str, low: float = 0.5, high: float = 2.0, slack: int = 10) -> tuple[int, int]:
+    """Word bounds for a text that stands in for `texts` (a reference, a sample): at least
+    `low` times the shortest (3 words at least), at most `high` times the longest plus `slack`."""
+    sizes = [len(_tokens(t)) for t in texts]
+    return max(3, int(low * min(sizes))), int(high * max(sizes)) + slack
+
+
+def checked_reply(parse: Callable[[str], object], check: Callable[[object], list[str]],
+                  text: str) -> tuple[object, list[str]]:
+    """parse(text) for ask_until_parsed as read_reply reads it, then check(value): the value,
+    or None and the problems of the one or the other."""
+    value, problems = read_reply(parse, text)
+    if not problems:
+        problems = check(value)
+    return (None, problems) if problems else (value, [])
+
+
+def check_caption(instruction: list[str], bounds: tuple[int, int], caption: str,
+                  sources: tuple[str, ...] = (), floor: float = 0.0) -> list[str]:
+    """A caption or an answer the teacher wrote (recaption, improve, an answer of qa)."""
+    return text_problems(caption, instruction, *bounds, sources, floor)
+
+
+GROUNDED = 0.5     # improve, qa answers: at least half their words from the reference (and sample)
+RECAPTION_GROUNDED = 0.25   # recaption adds detail (and, with frames, what the video shows)
+
+
+def check_correction(ref: str, sample: str, instruction: list[str], bounds: tuple[int, int],
+                     value) -> list[str]:
+    """improve: a corrected caption, or ALREADY_CORRECT (the teacher finds nothing to fix)."""
+    if value is ALREADY_CORRECT:
+        return []
+    problems = check_caption(instruction, bounds, value, (ref, sample), GROUNDED)
+    if _tokens(value) == _tokens(sample):
+        problems.append('unchanged (a caption that needs no fix is answered {"already_correct": true})')
+    return problems
+
+
+QUESTION_START = re.compile(r"^(?:what|which|who|whom|whose|where|when|why|how|in what|on what|"
+                            r"is|are|was|were|does|do|did|has|have|had|can|could|will|would)\b", re.I)
+
+
+def check_qa(caption: str, instruction: list[str], items: list[dict]) -> list[str]:
+    """qa: each question a plain question about the video, each answer a plain sentence from
+    the caption that is not the question given back."""
+    problems = []
+    for i, it in enumerate(items, 1):
+        q, a = it["question"], it["answer"]
+        if not (QUESTION_START.match(q) and q.endswith("?") and len(_tokens(q)) >= 2) or MARKUP.search(q):
+            problems.append(f"question {i} is not a plain question (it starts like What/Which/How/Is "
+                            "and ends with '?')")
+        for p in check_caption(instruction, (1, 80), a, (caption, q), GROUNDED):
+            problems.append(f"answer {i}: {p}")
+        if _tokens(a) == _tokens(q):
+            problems.append(f"answer {i} repeats its question")
+    return problems
+
+
+def check_claims(caption: str, claims: list[str]) -> list[str]:
+    """rlaifv: each claim a statement taken from the caption it was split from: plain text,
+    and its words (bar glue words such as 'the' or 'is') the caption's own."""
+    said, problems = set(_tokens(caption)), []
+    for i, claim in enumerate(claims, 1):
+        if MARKUP.search(claim) or PLACEHOLDER.search(claim) or TEMPLATE_REMNANT.search(claim):
+            problems.append(f"claim {i} is not plain text")
+            continue
+        new = [w for w in _tokens(claim) if w not in said and w not in GLUE_WORDS]
+        if not _tokens(claim) or new:
+            problems.append(f"claim {i} is not from the caption ({', '.join(new[:5]) or 'empty'})")
+    if len({tuple(_tokens(c)) for c in claims}) < len(claims):
+        problems.append("repeated claims")
+    return problems
+
+
+# =============================================================================================
 # The LM reward of LLaVA-Hound-DPO: a detailed caption stands in for the video
 # =============================================================================================
 
@@ -1115,8 +1426,6 @@ def parse_reward(text: str) -> dict | None:
         score = int(float(score))
     except (TypeError, ValueError):
         return None
-    if not 0 <= score <= 5:
-        return None
     if isinstance(verdict, bool):
         verdict = "yes" if verdict else "no"
     verdict = str(verdict or "").strip().lower()
@@ -1126,14 +1435,22 @@ def parse_reward(text: str) -> dict | None:
     return {"verdict": verdict, "score": score, "explanation": str(obj.get("explanation", "")).strip()}
 
 
-def score_answer(client: ChatClient, caption: str, question: str, answer: str, tries: int = 3) -> dict:
-    """LM reward: {"verdict": "yes"|"no", "score": 0..5, "explanation"}. An unreadable reply is
-    asked again (ask_until_parsed); after `tries` a ChatError (the record is written as failed)."""
+def check_reward(reward: dict) -> list[str]:
+    return [] if 0 <= reward["score"] <= 5 else [f"score out of range ({reward['score']}; it is 0 to 5)"]
+
+
+def score_answer(client: ChatClient, caption: str, question: str, answer: str, tries: int = 3,
+                 stats: RunStats | None = None) -> dict:
+    """LM reward: {"verdict": "yes"|"no", "score": 0..5, "explanation"}. An unreadable reply or
+    a score out of range is asked again (ask_until_parsed, counted in `stats`); after `tries` a
+    ChatError (the record is written as failed)."""
     asked = ask_until_parsed(client, reward_messages(caption, question, answer),
-                             partial(read_reply, parse_reward), JSON_REASK, tries, schema=REWARD_SCHEMA,
+                             partial(checked_reply, parse_reward, check_reward), JSON_REASK, tries, stats,
+                             schema=REWARD_SCHEMA,
                              max_tokens=200)
     if not asked.ok:
-        raise ChatError(f"unreadable reward reply after {tries} tries: {' '.join(asked.reply.split())[:80]!r}")
+        raise ChatError(f"unreadable reward reply after {tries} tries ({', '.join(asked.rejected)}): "
+                        f"{' '.join(asked.reply.split())[:80]!r}")
     return asked.value
 
 
@@ -1166,7 +1483,7 @@ def toy_world():
 def run_command(name: str, args, records: list[dict], *, rules: Callable | None = None,
                 llm: Callable | None = None, taught: Callable | None = None,
                 offline: Callable | None = None, left_out: int | None = None,
-                then: Callable[[], dict] | None = None) -> dict:
+                then: Callable[[], dict] | None = None, frames: "Frames | None" = None) -> dict:
     """Every record of a command through its backend, resumably, then the summary.
 
     The per-record functions return the output record (or raise a RecordFailed: the record is
@@ -1177,10 +1494,11 @@ def run_command(name: str, args, records: list[dict], *, rules: Callable | None 
       taught(rec, teacher, stats) either backend: the teacher is the scene's facts (RulesTeacher)
                                   or the LLM (LLMTeacher)
       offline(rec)                no backend (mcq, ynq)
-    then() runs after the records; what it returns joins the summary."""
+    then() runs after the records; what it returns joins the summary, as does the size of the
+    requests when `frames` (the run's Frames, which LLMTeacher looks through) is given."""
     if taught is not None:
         rules = lambda rec, world, stats: taught(rec, RulesTeacher(world), stats)
-        llm = lambda rec, client, stats: taught(rec, LLMTeacher(client, args.step_tries, stats), stats)
+        llm = lambda rec, client, stats: taught(rec, LLMTeacher(client, args.step_tries, stats, frames), stats)
     stats, client, concurrency = RunStats(), None, 1
     if offline is not None:
         one = offline
@@ -1195,6 +1513,8 @@ def run_command(name: str, args, records: list[dict], *, rules: Callable | None 
                         postfix=client.progress if client is not None else None)
     if then is not None:
         run = {**run, **then()}
+    if frames is not None:
+        run = {**run, **frames.summary()}
     return _finish(name, run, stats, client, left_out)
 
 
@@ -1255,6 +1575,16 @@ def cmd_benchmarks(args) -> dict:
     return _finish("benchmarks", {**counts, "out": args.out})
 
 
+def run_frames(args, path: str, found: list[tuple[int, dict]]) -> Frames:
+    """The run's Frames (--frames), every record's video found up front."""
+    frames = Frames.from_args(args)
+    if frames.n and getattr(args, "backend", "http") != "http":
+        raise SystemExit(f"{args.command}: --frames is for --backend http (the LLM looks at the video; "
+                         "the rules read the stored facts)")
+    frames.find_videos(path, found)
+    return frames
+
+
 def recaption_messages(captions: list[str]) -> list[dict]:
     listed = "\n".join(f"- {c}" for c in captions)
     user = (f"Short captions written by different people for the same video:\n{listed}\n\n"
@@ -1277,14 +1607,20 @@ def source_captions(rec: dict) -> list[str] | None:
 CAPTION_SCHEMA = json_schema("caption", {"caption": {"type": "string"}})
 
 
-def parse_recaption(min_words: int, text: str) -> tuple[str | None, list[str]]:
-    """The detailed caption in a reply, or why it is unusable: empty, refused, or too_short
-    (fewer words than the longest short caption)."""
+def parse_recaption(min_words: int, instruction: list[str], max_words: int, sources: list[str],
+                    text: str) -> tuple[str | None, list[str]]:
+    """The detailed caption in a reply, or why it is unusable: empty, refused, too_short (fewer
+    words than the longest short caption), or a problem of check_caption (markup, a template
+    remnant, a prompt echo, chat talk, off topic: under a quarter of its words from the short
+    captions, or longer than max_words)."""
     caption, _ = clean_reply(text)
     words = _tokens(caption)
     refused = re.match(r"(?:i|sorry|unfortunately|as an)\b", caption, re.I) and REFUSAL.search(caption)
     reason = "empty" if not words else "refused" if refused else "too_short" if len(words) < min_words else None
-    return (caption, []) if reason is None else (None, [reason])
+    if reason is not None:
+        return None, [reason]
+    problems = check_caption(instruction, (1, max_words), caption, tuple(sources), RECAPTION_GROUNDED)
+    return (caption, []) if not problems else (None, problems)
 
 
 def cmd_recaption(args) -> dict:
@@ -1295,26 +1631,32 @@ def cmd_recaption(args) -> dict:
             raise DataError(args.inp, line, "expected 'captions' (a list of strings) or 'caption' (a string)",
                             "captions")
         records.append(rec)
-    return run_command("recaption", args, records, llm=partial(recaption_by_llm, args.step_tries),
-                       left_out=left_out)
+    frames = run_frames(args, args.inp, found)
+    return run_command("recaption", args, records, llm=partial(recaption_by_llm, args.step_tries, frames),
+                       left_out=left_out, frames=frames)
 
 
-def recaption_by_llm(tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+def recaption_by_llm(tries: int, frames: Frames, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    """One detailed caption of the record's short captions (and, with --frames, of its video):
+    at least as long as the longest short caption, at most twice all of them and 60 words more."""
     srcs = source_captions(rec)
     longest = max(len(_tokens(s)) for s in srcs)
-    asked = ask_or_fail(client, recaption_messages(srcs), partial(parse_recaption, longest),
+    messages = recaption_messages(srcs)
+    parse = partial(parse_recaption, longest, instruction_words(messages, *srcs),
+                    2 * sum(len(_tokens(s)) for s in srcs) + 60, srcs)
+    asked = ask_or_fail(client, frames.attach(messages, rec["id"]), parse,
                         "Reply again with the caption only.", tries, stats, schema=CAPTION_SCHEMA)
     return {**_base_record(rec), "caption": asked.value, "source_captions": srcs, "status": "ok"}
 
 
-def _chain_inputs(args) -> tuple[list[dict], int]:
+def _chain_inputs(args) -> tuple[list[dict], int, Frames]:
     require = {"caption": str}
     if args.backend == "rules":
         require["facts"] = dict        # the rule backend edits the stored facts (records from synth)
     found, left_out = read_records(args.inp, require)
     if args.backend == "rules":
         _rules_error_types(args, toy_world())     # a type the rules cannot make stops the run here
-    return [rec for _, rec in found], left_out
+    return [rec for _, rec in found], left_out, run_frames(args, args.inp, found)
 
 
 def _rules_error_types(args, world) -> set[str] | None:
@@ -1340,12 +1682,12 @@ def _chain_record(args, rec: dict, chain: list[str], errors: list, **extra) -> d
 
 def cmd_chains(args) -> dict:
     """c0 > c1 > ... > cK per record: --backend rules (offline, from facts) or http (an LLM)."""
-    records, left_out = _chain_inputs(args)
+    records, left_out, frames = _chain_inputs(args)
     if args.unconditioned and args.error_types and args.backend == "http":
         raise SystemExit("chains: --unconditioned lets the LLM choose the error, --error_types "
                          "restricts it; give one of them")
     return run_command("chains", args, records, rules=partial(chain_by_rules, args),
-                       llm=partial(chain_by_llm, args), left_out=left_out)
+                       llm=partial(chain_by_llm, args, frames), left_out=left_out, frames=frames)
 
 
 def chain_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
@@ -1359,9 +1701,9 @@ def chain_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
     return _chain_record(args, rec, chain, errors)
 
 
-def chain_by_llm(args, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+def chain_by_llm(args, frames: Frames, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     chain, errors = http_chain(rec, client, args.length, args.seed, args.unconditioned, _limits(args),
-                               stats, args.step_tries, args.error_types)
+                               stats, args.step_tries, args.error_types, frames.look(rec["id"]))
     return _chain_record(args, rec, chain, errors)
 
 
@@ -1370,9 +1712,9 @@ def cmd_inject(args) -> dict:
     Written as a chain record whose negatives are NOT ordered among themselves
     ("ranking": "best_only"): train it with an objective that only uses the best
     (--objective mpo or dpo), not with rank."""
-    records, left_out = _chain_inputs(args)
+    records, left_out, frames = _chain_inputs(args)
     return run_command("inject", args, records, rules=partial(inject_by_rules, args),
-                       llm=partial(inject_by_llm, args), left_out=left_out)
+                       llm=partial(inject_by_llm, args, frames), left_out=left_out, frames=frames)
 
 
 def inject_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
@@ -1383,7 +1725,7 @@ def inject_by_rules(args, rec: dict, world, stats: RunStats) -> dict:
     return _inject_record(args, rec, negatives, errors, stats)
 
 
-def inject_by_llm(args, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+def inject_by_llm(args, frames: Frames, rec: dict, client: ChatClient, stats: RunStats) -> dict:
     """K negatives, each one LLM step from the gold caption; an error type is not used twice
     while unused ones apply, and a negative equal to an earlier one is asked again."""
     rng, gold, limits = _record_rng(args.seed, rec), rec["caption"], _limits(args)
@@ -1397,7 +1739,7 @@ def inject_by_llm(args, rec: dict, client: ChatClient, stats: RunStats) -> dict:
         for _ in range(args.step_tries):
             try:
                 caption, err = llm_step(client, gold, rng.choice(pool), [], limits, stats,
-                                        args.step_tries, rng, types)
+                                        args.step_tries, rng, types, frames.look(rec["id"]))
             except StepFailed as e:
                 raise StepFailed(f"negative {k + 1}: {e}", details={"partial_chain": [gold, *negatives]})
             if caption not in negatives:
@@ -1700,7 +2042,7 @@ def cmd_reward(args) -> dict:
 
 
 def reward_by_llm(pairs: bool, rec: dict, client: ChatClient, stats: RunStats) -> dict:
-    scored = [score_answer(client, rec["caption"], rec["question"], a) for a in rec["answers"]]
+    scored = [score_answer(client, rec["caption"], rec["question"], a, stats=stats) for a in rec["answers"]]
     ranked = rank_answers(rec["answers"], scored, pairs)
     base = {**_base_record(rec), "scored": [{"answer": a, **s} for a, s in zip(rec["answers"], scored)]}
     if len(ranked) < 2:
@@ -1755,7 +2097,9 @@ def improve_messages(reference: str, caption: str) -> list[dict]:
     user = (f"Reference description of a video (correct):\n{reference}\n\nA model's caption of the "
             f"same video:\n{caption}\n\nRewrite the model's caption so that it is correct: fix every "
             "statement the reference contradicts, drop what it does not support, add what the caption "
-            "misses; keep the caption's style. Reply with JSON only: {\"caption\": \"<the corrected caption>\"}")
+            "misses; keep the caption's style. Reply with JSON only: {\"caption\": \"<the corrected caption>\", "
+            "\"already_correct\": false}, or {\"caption\": \"\", \"already_correct\": true} when there is "
+            "nothing to fix.")
     return chat_messages("You are a teacher who corrects video captions against a "
                          "reference description.", user)
 
@@ -1765,6 +2109,23 @@ def parse_caption_reply(text: str) -> str | None:
     if not caption or (not obj and REFUSAL.search(caption) and len(caption.split()) < 25):
         return None
     return caption
+
+
+ALREADY_CORRECT = object()                 # improve's teacher found nothing to fix
+
+
+# Structured, both keys come back (a strict schema requires every property): already_correct
+# true means nothing to fix, whatever the caption says.
+IMPROVE_SCHEMA = json_schema("corrected_caption", {"caption": {"type": "string"},
+                                                   "already_correct": {"type": "boolean"}})
+
+
+def parse_correction(text: str):
+    """improve's reply: the corrected caption, ALREADY_CORRECT, or None when unreadable."""
+    obj = parse_json_object(text) or {}
+    if obj.get("already_correct") is True:
+        return ALREADY_CORRECT
+    return parse_caption_reply(text)
 
 
 def pick_messages(reference: str, first: str, second: str) -> list[dict]:
@@ -1827,34 +2188,54 @@ def parse_claim_verdict(text: str) -> bool | None:
     return {"yes": True, "no": False}.get(v)
 
 
+def no_problems(value) -> list[str]:
+    return []
+
+
 class LLMTeacher:
-    """The teacher over HTTP: each answer is asked until it parses (a refusal or an unreadable
-    reply is counted under "rejected" and asked again); a record whose `tries` replies to one
-    question were all unusable fails (StepFailed)."""
+    """The teacher over HTTP: each answer is asked until it parses and passes its check (a
+    refusal, an unreadable reply or one a check rejects is counted under "rejected" and asked
+    again with the problem); a record whose `tries` replies to one question were all unusable
+    fails (StepFailed) with the reasons. With --frames the questions about a record carry its
+    reference video's frames (Frames); splitting a caption into claims is about text only."""
 
-    def __init__(self, client: ChatClient, tries: int, stats: RunStats):
+    def __init__(self, client: ChatClient, tries: int, stats: RunStats, frames: Frames | None = None):
         self.client, self.tries, self.stats = client, tries, stats
+        self.frames = frames if frames is not None else Frames()
 
-    def _ask(self, messages: list[dict], parse: Callable[[str], object], schema: dict, max_tokens: int) -> Asked:
-        return ask_or_fail(self.client, messages, partial(read_reply, parse), JSON_REASK, self.tries,
-                           self.stats, schema=schema, max_tokens=max_tokens)
+    def _ask(self, rid: str | None, messages: list[dict], parse: Callable[[str], object],
+             check: Callable[[object], list[str]], schema: dict, max_tokens: int) -> Asked:
+        return ask_or_fail(self.client, self.frames.attach(messages, rid),
+                           partial(checked_reply, parse, check), JSON_REASK, self.tries, self.stats,
+                           schema=schema, max_tokens=max_tokens)
 
     def qa(self, rec: dict, n: int, rng: random.Random) -> Asked:
-        asked = self._ask(qa_messages(rec["caption"], n), parse_qa, qa_schema(n), 120 * n)
+        messages = qa_messages(rec["caption"], n)
+        check = lambda items: check_qa(rec["caption"], instruction_words(messages, rec["caption"]), items[:n])
+        asked = self._ask(rec["id"], messages, parse_qa, check, qa_schema(n), 120 * n)
         return replace(asked, value=asked.value[:n])
 
     def improve(self, ref: dict, sample: str) -> Asked:
-        return self._ask(improve_messages(ref["caption"], sample), parse_caption_reply, CAPTION_SCHEMA,
-                         max(128, 3 * len(ref["caption"].split())))
+        """The corrected caption: plain text, not the sample unchanged, 0.5x the shorter to 2x the
+        longer of reference and sample (+10 words); "already correct" gives the sample back."""
+        messages = improve_messages(ref["caption"], sample)
+        check = partial(check_correction, ref["caption"], sample, instruction_words(messages, ref["caption"], sample),
+                        length_bounds(ref["caption"], sample))
+        asked = self._ask(ref.get("id"), messages, parse_correction, check, IMPROVE_SCHEMA,
+                          max(128, 3 * len(ref["caption"].split())))
+        return replace(asked, value=sample) if asked.value is ALREADY_CORRECT else asked
 
     def pick(self, ref: dict, first: str, second: str) -> Asked:
-        return self._ask(pick_messages(ref["caption"], first, second), parse_pick, PICK_SCHEMA, 64)
+        return self._ask(ref.get("id"), pick_messages(ref["caption"], first, second), parse_pick,
+                         no_problems, PICK_SCHEMA, 64)
 
     def claims(self, answer: str) -> Asked:
-        return self._ask(claims_messages(answer), parse_claims, CLAIMS_SCHEMA, max(128, 3 * len(answer.split())))
+        return self._ask(None, claims_messages(answer), parse_claims, partial(check_claims, answer),
+                         CLAIMS_SCHEMA, max(128, 3 * len(answer.split())))
 
     def verify(self, ref: dict, claim: str) -> Asked:
-        return self._ask(verify_messages(ref["caption"], claim), parse_claim_verdict, CLAIM_VERDICT_SCHEMA, 32)
+        return self._ask(ref.get("id"), verify_messages(ref["caption"], claim), parse_claim_verdict,
+                         no_problems, CLAIM_VERDICT_SCHEMA, 32)
 
 
 class RulesTeacher:
@@ -1906,7 +2287,8 @@ def cmd_qa(args) -> dict:
     require = {"caption": str, **({"facts": dict} if args.backend == "rules" else {})}
     found, left_out = read_records(args.inp, require)
     return run_command("qa", args, [r for _, r in found], taught=partial(qa_record, args.n, args.seed),
-                       left_out=left_out, then=partial(write_qa_items, args.out))
+                       left_out=left_out, then=partial(write_qa_items, args.out),
+                       frames=run_frames(args, args.inp, found))
 
 
 def qa_record(n: int, seed: int, rec: dict, teacher, stats: RunStats) -> dict:
@@ -1927,10 +2309,11 @@ def read_samples(path: str, min_answers: int = 1) -> tuple[list[tuple[int, dict]
     return found, left_out
 
 
-def read_refs(path: str, rules: bool) -> dict[str, dict]:
-    """The reference captions by id ({"id", "caption"}; the rules backend also needs `facts`)."""
+def read_refs(path: str, rules: bool) -> dict[str, tuple[int, dict]]:
+    """The reference captions by id, with their lines ({"id", "caption"}; the rules backend also
+    needs `facts`)."""
     found, _ = read_records(path, {"caption": str, **({"facts": dict} if rules else {})})
-    return {rec["id"]: rec for _, rec in found}
+    return {rec["id"]: (line, rec) for line, rec in found}
 
 
 def run_on_samples(name: str, args, need: int, judge: Callable) -> dict:
@@ -1942,8 +2325,10 @@ def run_on_samples(name: str, args, need: int, judge: Callable) -> dict:
     for line, rec in found:
         if rec["id"] not in refs:
             raise DataError(args.inp, line, f"no reference caption with id {rec['id']!r} in {args.ref}", "id")
-    return run_command(name, args, [rec for _, rec in found], left_out=left_out,
-                       taught=partial(_on_usable_samples, name, need, refs, judge))
+    frames = run_frames(args, args.ref, [refs[rec["id"]] for _, rec in found])   # the reference's video
+    ref_records = {rid: ref for rid, (_, ref) in refs.items()}
+    return run_command(name, args, [rec for _, rec in found], left_out=left_out, frames=frames,
+                       taught=partial(_on_usable_samples, name, need, ref_records, judge))
 
 
 def _on_usable_samples(source: str, need: int, refs: dict[str, dict], judge: Callable, rec: dict, teacher,
@@ -2100,10 +2485,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma list: the only error types a step may use, e.g. object,action for "
                             f"SSv2-style data (known: {', '.join(ERROR_TYPES)}; rules: the synthetic "
                             "world's fact types among them)")
+        add_frame_args(c, "each degradation request (the LLM may then pick errors the video shows)")
         c.set_defaults(fn=fn)
 
     r = sub.add_parser("recaption", help="short human captions -> one detailed caption (LLM)")
     io(r)
+    add_frame_args(r, "the short captions")
     r.set_defaults(fn=cmd_recaption)
 
     m = sub.add_parser("mcq", help="chains -> multiple-choice chains (letters ranked)")
@@ -2131,6 +2518,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("qa", help="captions -> question-answer pairs (LLaVA-Hound's instruction data)")
     io(a, backend=True)
     a.add_argument("--n", type=int, default=3, help="questions per caption")
+    add_frame_args(a, "the caption")
     a.set_defaults(fn=cmd_qa)
 
     for name, fn, text in (
@@ -2143,6 +2531,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reference captions JSONL {id, caption} (rules: with facts, e.g. synth's)")
         if name == "rlaifv":
             c.add_argument("--pairs", action="store_true", help="keep only the best and the worst sample")
+        add_frame_args(c, "the reference (the --ref record's video; claims are split from text alone)")
         c.set_defaults(fn=fn)
     return p
 

@@ -24,6 +24,10 @@ response_format to any (a server without structured output), "check" answers 400
 well-formed json_schema request, "llama-cpp" answers as llama-cpp-python 0.3's server does (500
 naming response_format.type unless it is json_object, whose optional "schema" it takes);
 FakeRequest.schema is the schema a request carried (in either form).
+Image parts (OpenAI's {"type": "image_url", ...} in a message's content list) are recorded:
+request.image_urls, request.images() (decoded by Pillow). vision=False answers a request that
+has any the way llama-cpp-python's server does for a model without a vision projector (HTTP
+500, its chat template meeting a list: IMAGE_REFUSAL below).
 """
 from __future__ import annotations
 
@@ -34,6 +38,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+
+# What llama-cpp-python 0.3.36's server answers to image parts when it serves SmolLM2-135M-Instruct
+# (no vision projector; its template concatenates the content as a string), seen on a real one.
+IMAGE_REFUSAL = 'can only concatenate str (not "list") to str'
 
 
 @dataclass
@@ -85,20 +93,50 @@ class FakeRequest:
 
     @property
     def user_text(self) -> str:
-        """The last user message's content (what most responders look at)."""
-        users = [m.get("content", "") for m in self.messages if m.get("role") == "user"]
+        """The last user message's text (what most responders look at; the text parts of a
+        content list)."""
+        users = [text_of(m.get("content", "")) for m in self.messages if m.get("role") == "user"]
         return users[-1] if users else ""
+
+    @property
+    def image_urls(self) -> list[str]:
+        """The URLs of every image part in the request's messages, in order."""
+        return [p["image_url"]["url"] if isinstance(p.get("image_url"), dict) else p.get("image_url")
+                for m in self.messages if isinstance(m.get("content"), list)
+                for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url"]
+
+    def images(self) -> list:
+        """The image parts decoded (base64 data URLs) as Pillow images."""
+        import base64
+        import io
+
+        from PIL import Image
+        out = []
+        for url in self.image_urls:
+            head, _, data = url.partition(",")
+            assert head.startswith("data:image/") and head.endswith(";base64"), head
+            out.append(Image.open(io.BytesIO(base64.b64decode(data))))
+        return out
+
+
+def text_of(content) -> str:
+    """A message's text: the string, or the text parts of a content list joined."""
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content
 
 
 class FakeLLM:
     def __init__(self, responder: Callable[[FakeRequest], object] | None = None,
                  default: str = "ok", latency: float = 0.0, model: str = "fake-model", port: int = 0,
-                 slots: int | None = None, die_after: int | None = None, structured: str | None = None):
+                 slots: int | None = None, die_after: int | None = None, structured: str | None = None,
+                 vision: bool = True):
         if structured not in (None, "refuse", "check", "llama-cpp"):
             raise ValueError(f"structured must be None, 'refuse', 'check' or 'llama-cpp', got {structured!r}")
         self.responder, self.default, self.latency, self.model = responder, default, latency, model
         self.port, self.die_after, self.structured = port, die_after, structured
         self._slots = threading.Semaphore(slots) if slots else None
+        self.vision = vision
         self.requests: list[FakeRequest] = []
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -126,6 +164,8 @@ class FakeLLM:
                 return refusal
             if self._script:
                 return self._script.popleft()
+        if request.image_urls and not self.vision:
+            return Reply.error(500, message=IMAGE_REFUSAL)
         if self.responder is None:
             return Reply(text=self.default)
         out = self.responder(request)
@@ -222,7 +262,7 @@ class FakeLLM:
                     self._send(reply.status, reply.raw, headers)
                     return
                 text = reply.text
-                prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request.messages)
+                prompt_tokens = sum(len(text_of(m.get("content", "")).split()) for m in request.messages)
                 completion_tokens = len(text.split()) if text else 0
                 out = {
                     "id": f"fake-{len(fake.requests)}", "object": "chat.completion",

@@ -256,7 +256,7 @@ STEP_SCHEMAS = [
     (["lfmcqa"], {"question", "options", "answer"}),
     (["reward"], {"verdict", "score", "explanation"}),
     (["qa", "--n", "2"], {"qa"}),
-    (["improve"], {"caption"}),
+    (["improve"], {"caption", "already_correct"}),
     (["compare"], {"better"}),
     (["rlaifv"], {"claims", "verdict"}),
 ]

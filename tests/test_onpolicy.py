@@ -117,8 +117,8 @@ def test_improve_http(synth_dir, samples, tmp_path):
             return "I'm sorry, I cannot help with rewriting this caption."
         if kind == "garbage":
             return "{'caption': "                            # malformed, every time
-        if kind == "same":
-            return json.dumps({"caption": cap})
+        if kind == "same":             # the sample given back unchanged (rejected), then said plainly
+            return json.dumps({"caption": cap} if seen[cap] == 1 else {"already_correct": True})
         return f"Sure! Here is the corrected caption:\n\n\"{ref_of(req)}\"\n\nI fixed the colours."
 
     with FakeLLM(responder=responder) as llm:
@@ -133,7 +133,9 @@ def test_improve_http(synth_dir, samples, tmp_path):
     assert by_id[recs[0]["id"]]["llm_calls"] == 2
     assert by_id[recs[1]["id"]]["status"] == "failed" and "rejected" in by_id[recs[1]["id"]]["reason"]
     assert by_id[recs[2]["id"]]["status"] == "no_preference"
-    assert summary["rejected"]["refused"] == 1 and summary["failed"] == 1
+    assert by_id[recs[2]["id"]]["llm_calls"] == 2
+    assert summary["rejected"]["refused"] == 1 and summary["rejected"]["unchanged"] == 1
+    assert summary["failed"] == 1
     for r in recs[3:]:                                         # the preamble was stripped
         assert by_id[r["id"]]["chain"][0] == refs[r["id"]] and by_id[r["id"]]["source"] == "improve"
 
