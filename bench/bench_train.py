@@ -273,6 +273,21 @@ def saved_activation_mb(fn) -> float:
     return sum(seen.values()) / 2 ** 20, out
 
 
+def tiny_lora_policy(text: dict):
+    """(policy, processor, args): the tiny family with `text` as its LM, LoRA r=16 on the LM only
+    (vision frozen, no modules in full), rank objective, in training mode."""
+    import torch
+    import rank_dpo as R
+    import synthetic
+    torch.manual_seed(0)
+    model, processor = synthetic.build_tiny(text=text)
+    args = R.parse_args(["--data", "x", "--output_dir", "x", "--objective", "rank",
+                         "--vision", "frozen", "--lora_r", "16", "--modules_to_save", "none"])
+    model = R.add_adapters(model, args)
+    model.train()
+    return model, processor, args
+
+
 def worker_shared_prefix(a) -> dict:
     """One training step (rank objective: reference forward, policy forward and backward, LoRA
     r=16 on the LM) on one chain [prefix P | K captions of R tokens], packed (--shared_prefix
@@ -285,12 +300,7 @@ def worker_shared_prefix(a) -> dict:
     import rank_dpo as R
     import synthetic
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model, processor = synthetic.build_tiny(text=SHARED_TEXT)
-    args = R.parse_args(["--data", "x", "--output_dir", "x", "--objective", "rank",
-                         "--vision", "frozen", "--lora_r", "16", "--modules_to_save", "none"])
-    model = R.add_adapters(model, args)
-    model.train()
+    model, processor, args = tiny_lora_policy(SHARED_TEXT)
     rng = np.random.default_rng(0)
     low, high = len(synthetic.TINY_SPECIAL_TOKENS), len(processor.tokenizer)
     rows_out = []
@@ -333,6 +343,77 @@ def worker_shared_prefix(a) -> dict:
         rows_out.append(row)
     return {"text_config": SHARED_TEXT, "caption_tokens": a.caption_tokens,
             "repeats": a.repeats, "rows": rows_out}
+
+
+# The row-packing table: micro-batches of chains of mixed lengths (a prefix standing in for the
+# prompt + video, K captions of mixed lengths), one chain per packed row against several.
+ROW_PACKING = {"realistic": dict(chains=8, k=(4, 6), caption=(20, 400), prefix=(64, 256)),
+               "quick": dict(chains=8, k=(4, 6), caption=(10, 100), prefix=(16, 64))}
+
+
+def mixed_chain_batches(processor, rng, n_batches: int, shape: dict):
+    """(batch, index) micro-batches: `chains` chains each, K, caption and prefix tokens drawn
+    uniformly from their (low, high) ranges; ordinary tokens, no video."""
+    import torch
+    import rank_dpo as R
+    import synthetic
+    low, high = len(synthetic.TINY_SPECIAL_TOKENS), len(processor.tokenizer)
+    draw = lambda bounds: int(rng.integers(bounds[0], bounds[1] + 1))
+    out = []
+    for _ in range(n_batches):
+        rows, index = [], []
+        for _ in range(shape["chains"]):
+            prefix = rng.integers(low, high, draw(shape["prefix"])).tolist()
+            k = draw(shape["k"])
+            index.append(list(range(len(rows), len(rows) + k)) + [-1] * (shape["k"][1] - k))
+            rows += [(prefix, rng.integers(low, high, draw(shape["caption"])).tolist(), -1)
+                     for _ in range(k)]
+        out.append((R.make_batch(processor, rows, [], 10 ** 6), torch.tensor(index)))
+    return out
+
+
+def worker_row_packing(a) -> dict:
+    """Training steps (rank objective, packed forward, LoRA r=16 on the LM) over micro-batches of
+    chains of mixed lengths, each chain its own packed row (--pack_chains off) against several
+    chains per row (auto, and each budget in --row_budgets), interleaved per batch; the fastest
+    of `repeats` timed passes over the batches after a warm-up. Real tokens are the same work in
+    every mode; padded tokens are rows x row width, what the LM actually runs."""
+    import numpy as np
+    import torch
+    import rank_dpo as R
+    torch.set_num_threads(a.threads)
+    model, processor, args = tiny_lora_policy(SHARED_TEXT)
+    shape = ROW_PACKING[a.row_shape]
+    batches = mixed_chain_batches(processor, np.random.default_rng(0), a.batches, shape)
+    modes = ["off", "auto"] + [int(b) for b in a.row_budgets.split(",") if b]
+    real = sum(int(b.attention_mask.sum()) for b, _ in batches)
+    result = {"shape": shape, "batches": a.batches, "repeats": a.repeats, "real_tokens": real,
+              "modes": {}}
+    times = {m: [] for m in modes}
+    for i in range(a.repeats + 1):                 # the first pass warms up, untimed
+        passes = {m: 0.0 for m in modes}
+        for batch, index in batches:
+            for mode in modes:
+                args.pack_chains = mode
+                t0 = time.perf_counter()
+                loss, _ = R.chain_loss_step(model, batch, index, args, False, shared_prefix=True)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                passes[mode] += time.perf_counter() - t0
+        if i:
+            for mode in modes:
+                times[mode].append(passes[mode])
+    for mode in modes:
+        packings = [R.pack_model_chains(model, b, index, mode) for b, index in batches]
+        step = min(times[mode])          # shared machine: other work only ever adds time
+        result["modes"][str(mode)] = {
+            "seconds": step, "tokens_per_s": real / step,
+            "rows": sum(len(p.segment) for p in packings),
+            "packed_tokens": sum(p.tokens() for p in packings),
+            "padded_tokens": sum(p.segment.numel() for p in packings),
+            "attention_cells": sum(len(p.segment) * p.segment.shape[1] ** 2 for p in packings)}
+        print(json.dumps({str(mode): result["modes"][str(mode)]}), file=sys.stderr, flush=True)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,14 +485,21 @@ def pair_tokens(path: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix"))
-    p.add_argument("--only", choices=("shared_prefix",),
+    p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix", "row_packing"))
+    p.add_argument("--only", choices=("shared_prefix", "row_packing"),
                    help="run just this table (bench/train_shared_prefix.json) and rewrite its "
                    "block of RESULTS.md, leaving the other training figures as they are")
     p.add_argument("--shared_repeats", type=int, default=3,
                    help="timed steps per mode and shape in the shared-prefix table")
     p.add_argument("--caption_tokens", type=int, default=32,
                    help="R, tokens per caption in the shared-prefix table (P = ratio x R)")
+    p.add_argument("--batches", type=int, default=4,
+                   help="micro-batches of mixed-length chains in the row-packing table")
+    p.add_argument("--row_budgets", default="",
+                   help="comma-separated --pack_chains budgets (tokens) timed beside off and auto")
+    p.add_argument("--row_shape", choices=tuple(ROW_PACKING), default="realistic",
+                   help="row-packing chains: realistic (captions 20-400 tokens) or quick (shorter "
+                   "chains, a smoke run that finishes in about a minute)")
     p.add_argument("--data")
     p.add_argument("--out")
     p.add_argument("--objective", default="dpo")
@@ -434,7 +522,8 @@ def main() -> None:
         return
     if a.worker:
         print(json.dumps({"ours": worker_ours, "trl": worker_trl, "vision": worker_vision,
-                          "shared_prefix": worker_shared_prefix}[a.worker](a)))
+                          "shared_prefix": worker_shared_prefix,
+                          "row_packing": worker_row_packing}[a.worker](a)))
         return
     if a.only == "shared_prefix":
         report = run_shared_prefix(a)
