@@ -345,75 +345,155 @@ def worker_shared_prefix(a) -> dict:
             "repeats": a.repeats, "rows": rows_out}
 
 
-# The row-packing table: micro-batches of chains of mixed lengths (a prefix standing in for the
-# prompt + video, K captions of mixed lengths), one chain per packed row against several.
-ROW_PACKING = {"realistic": dict(chains=8, k=(4, 6), caption=(20, 400), prefix=(64, 256)),
-               "quick": dict(chains=8, k=(4, 6), caption=(10, 100), prefix=(16, 64))}
+# The row-packing table: micro-batches of chains of mixed lengths, one chain per packed row
+# against several. A prefix of ordinary tokens stands in for the prompt + video; caption chains
+# have K captions of mixed lengths; yes/no chains (as in the data format) have two questions
+# after the shared prefix and a one-token answer. One LM layer of the shared-prefix table's
+# width: per token, layers cost alike, and one keeps the run within minutes on a busy CPU.
+ROW_TEXT = dict(SHARED_TEXT, num_hidden_layers=1)
+ROW_PACKING = {
+    "captions": dict(chains=8, yesno=0, k=(4, 6), caption=(20, 400), prefix=(64, 256),
+                     budgets=(3000,)),
+    "captions+yes/no": dict(chains=8, yesno=4, k=(4, 6), caption=(20, 400), prefix=(64, 256),
+                            budgets=(3000,)),
+    "quick": dict(chains=8, yesno=2, k=(4, 6), caption=(10, 100), prefix=(16, 64),
+                  budgets=(1000,)),
+}
 
 
 def mixed_chain_batches(processor, rng, n_batches: int, shape: dict):
-    """(batch, index) micro-batches: `chains` chains each, K, caption and prefix tokens drawn
-    uniformly from their (low, high) ranges; ordinary tokens, no video."""
+    """(batch, index) micro-batches of `chains` chains, the first `yesno` of them yes/no chains;
+    K, caption and prefix tokens drawn uniformly from their (low, high) ranges."""
     import torch
     import rank_dpo as R
     import synthetic
     low, high = len(synthetic.TINY_SPECIAL_TOKENS), len(processor.tokenizer)
     draw = lambda bounds: int(rng.integers(bounds[0], bounds[1] + 1))
+    tokens = lambda n: rng.integers(low, high, n).tolist()
     out = []
     for _ in range(n_batches):
         rows, index = [], []
-        for _ in range(shape["chains"]):
-            prefix = rng.integers(low, high, draw(shape["prefix"])).tolist()
-            k = draw(shape["k"])
-            index.append(list(range(len(rows), len(rows) + k)) + [-1] * (shape["k"][1] - k))
-            rows += [(prefix, rng.integers(low, high, draw(shape["caption"])).tolist(), -1)
-                     for _ in range(k)]
+        for c in range(shape["chains"]):
+            prefix = tokens(draw(shape["prefix"]))
+            if c < shape["yesno"]:
+                chain = [(prefix + tokens(draw((8, 20))), tokens(1), -1) for _ in range(2)]
+            else:
+                chain = [(prefix, tokens(draw(shape["caption"])), -1)
+                         for _ in range(draw(shape["k"]))]
+            index.append(list(range(len(rows), len(rows) + len(chain)))
+                         + [-1] * (shape["k"][1] - len(chain)))
+            rows += chain
         out.append((R.make_batch(processor, rows, [], 10 ** 6), torch.tensor(index)))
     return out
 
 
 def worker_row_packing(a) -> dict:
-    """Training steps (rank objective, packed forward, LoRA r=16 on the LM) over micro-batches of
-    chains of mixed lengths, each chain its own packed row (--pack_chains off) against several
-    chains per row (auto, and each budget in --row_budgets), interleaved per batch; the fastest
-    of `repeats` timed passes over the batches after a warm-up. Real tokens are the same work in
-    every mode; padded tokens are rows x row width, what the LM actually runs."""
+    """Training steps (rank objective, packed forward, LoRA r=16 on the LM, vision frozen) over
+    micro-batches of chains of mixed lengths: each chain its own packed row (--pack_chains off)
+    against several chains per row (auto, and the shape's explicit budgets), interleaved batch by
+    batch; per mode the fastest of `repeats` timed passes over the batches, after a warm-up
+    pass. The real tokens are the same work in every mode; padded tokens = rows x row width
+    (what the LM runs); attention cells = rows x width^2 (what a dense [S, S] mask costs)."""
     import numpy as np
     import torch
     import rank_dpo as R
     torch.set_num_threads(a.threads)
-    model, processor, args = tiny_lora_policy(SHARED_TEXT)
-    shape = ROW_PACKING[a.row_shape]
-    batches = mixed_chain_batches(processor, np.random.default_rng(0), a.batches, shape)
-    modes = ["off", "auto"] + [int(b) for b in a.row_budgets.split(",") if b]
-    real = sum(int(b.attention_mask.sum()) for b, _ in batches)
-    result = {"shape": shape, "batches": a.batches, "repeats": a.repeats, "real_tokens": real,
-              "modes": {}}
-    times = {m: [] for m in modes}
-    for i in range(a.repeats + 1):                 # the first pass warms up, untimed
-        passes = {m: 0.0 for m in modes}
-        for batch, index in batches:
-            for mode in modes:
-                args.pack_chains = mode
-                t0 = time.perf_counter()
-                loss, _ = R.chain_loss_step(model, batch, index, args, False, shared_prefix=True)
-                loss.backward()
-                model.zero_grad(set_to_none=True)
-                passes[mode] += time.perf_counter() - t0
-        if i:
-            for mode in modes:
-                times[mode].append(passes[mode])
-    for mode in modes:
-        packings = [R.pack_model_chains(model, b, index, mode) for b, index in batches]
-        step = min(times[mode])          # shared machine: other work only ever adds time
-        result["modes"][str(mode)] = {
-            "seconds": step, "tokens_per_s": real / step,
-            "rows": sum(len(p.segment) for p in packings),
-            "packed_tokens": sum(p.tokens() for p in packings),
-            "padded_tokens": sum(p.segment.numel() for p in packings),
-            "attention_cells": sum(len(p.segment) * p.segment.shape[1] ** 2 for p in packings)}
-        print(json.dumps({str(mode): result["modes"][str(mode)]}), file=sys.stderr, flush=True)
+    model, processor, args = tiny_lora_policy(ROW_TEXT)
+    out = {}
+    for name in a.row_shapes.split(","):
+        shape = ROW_PACKING[name]
+        batches = mixed_chain_batches(processor, np.random.default_rng(0), a.batches, shape)
+        modes = ["off", "auto", *shape["budgets"]]
+        times = {m: [] for m in modes}
+        for i in range(a.repeats + 1):             # the first pass warms up, untimed
+            took = dict.fromkeys(modes, 0.0)
+            for batch, index in batches:
+                for mode in modes:
+                    args.pack_chains = mode
+                    t0 = time.perf_counter()
+                    loss, _ = R.chain_loss_step(model, batch, index, args, False,
+                                                shared_prefix=True)
+                    loss.backward()
+                    model.zero_grad(set_to_none=True)
+                    took[mode] += time.perf_counter() - t0
+            if i:
+                for mode in modes:
+                    times[mode].append(took[mode])
+        rows = {}
+        for mode in modes:
+            packings = [R.pack_model_chains(model, b, index, mode) for b, index in batches]
+            seconds = min(times[mode])     # shared machine: other work only ever adds time
+            rows[str(mode)] = {
+                "seconds": seconds,
+                "tokens_per_s": sum(p.tokens() for p in packings) / seconds,
+                "rows": sum(len(p.segment) for p in packings),
+                "real_tokens": sum(p.tokens() for p in packings),
+                "padded_tokens": sum(p.segment.numel() for p in packings),
+                "attention_cells": sum(len(p.segment) * p.segment.shape[1] ** 2
+                                       for p in packings)}
+            rows[str(mode)]["speedup"] = min(times["off"]) / seconds
+            print(json.dumps({name: {str(mode): rows[str(mode)]}}), file=sys.stderr, flush=True)
+        out[name] = {"shape": {k: v for k, v in shape.items()}, "modes": rows}
+    return {"text_config": ROW_TEXT, "batches": a.batches, "repeats": a.repeats, "shapes": out}
+
+
+def run_row_packing(a) -> dict:
+    import torch
+    import transformers
+    print(f"row packing: one chain per row vs several ({a.row_shapes}; {a.batches} batch(es), "
+          f"{a.row_repeats} timed pass(es))", flush=True)
+    load = os.getloadavg()[0]
+    result = spawn("row_packing", threads=a.threads, repeats=a.row_repeats, batches=a.batches,
+                   row_shapes=a.row_shapes)
+    result.update(machine=machine(load), torch=torch.__version__,
+                  transformers=transformers.__version__, threads=a.threads)
     return result
+
+
+ROW_BLOCK = ("<!-- row-packing table (bench_train.py --only row_packing) -->",
+             "<!-- end row-packing table -->")
+
+
+def shape_words(shape: dict) -> str:
+    """A row-packing batch shape in words, for the table."""
+    span = lambda key: f"{shape[key][0]}-{shape[key][1]}"
+    captions = shape["chains"] - shape["yesno"]
+    words = f"{captions} caption chains (K {span('k')}, captions {span('caption')} tokens)"
+    if shape["yesno"]:
+        words += f" + {shape['yesno']} yes/no chains"
+    return f"{words}, prefix {span('prefix')} tokens"
+
+
+def row_packing_markdown(r: dict) -> str:
+    t = r["text_config"]
+    lines = [ROW_BLOCK[0],
+             f"`--pack_chains off` (one chain per packed row) against `auto` (rows no longer "
+             f"than the batch's longest chain) and an explicit budget. Machine: {r['machine']}; "
+             f"torch {r['torch']}, {r['threads']} torch thread(s); no GPU was lent to this task. "
+             "Training steps (rank objective: reference forward, policy forward + backward, LoRA "
+             f"r=16 on the LM, vision frozen, sdpa) on the tiny family with hidden "
+             f"{t['hidden_size']}, {t['num_hidden_layers']} layer(s), MLP "
+             f"{t['intermediate_size']}, {t['num_attention_heads']} heads; {r['batches']} "
+             "micro-batch(es) per shape. Each chain starts with a prefix of ordinary tokens "
+             "standing in for prompt + video; caption chains have K captions; yes/no chains "
+             "two 8-20-token questions after the prefix and a one-token answer. tokens/s = "
+             f"real tokens per second (the same work in every mode); fastest of {r['repeats']} "
+             "interleaved timed pass(es) after a warm-up. Padded tokens = rows x row width "
+             "(what the LM runs); attention cells = rows x width^2 (what the dense mask makes "
+             "attention compute).",
+             "",
+             "| chains per batch | --pack_chains | rows | real tokens | padded tokens | fill | "
+             "attention cells (M) | tokens/s | vs off |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, shape in r["shapes"].items():
+        for mode, m in shape["modes"].items():
+            lines.append(f"| {shape_words(shape['shape'])} | `{mode}` | {m['rows']} | "
+                         f"{m['real_tokens']} | {m['padded_tokens']} | "
+                         f"{m['real_tokens'] / m['padded_tokens']:.2f} | "
+                         f"{m['attention_cells'] / 1e6:.1f} | {m['tokens_per_s']:.0f} | "
+                         f"**{m['speedup']:.2f}x** |")
+    lines.append(ROW_BLOCK[1])
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,13 +573,13 @@ def main() -> None:
                    help="timed steps per mode and shape in the shared-prefix table")
     p.add_argument("--caption_tokens", type=int, default=32,
                    help="R, tokens per caption in the shared-prefix table (P = ratio x R)")
-    p.add_argument("--batches", type=int, default=4,
-                   help="micro-batches of mixed-length chains in the row-packing table")
-    p.add_argument("--row_budgets", default="",
-                   help="comma-separated --pack_chains budgets (tokens) timed beside off and auto")
-    p.add_argument("--row_shape", choices=tuple(ROW_PACKING), default="realistic",
-                   help="row-packing chains: realistic (captions 20-400 tokens) or quick (shorter "
-                   "chains, a smoke run that finishes in about a minute)")
+    p.add_argument("--batches", type=int, default=1,
+                   help="micro-batches of mixed-length chains per shape in the row-packing table")
+    p.add_argument("--row_repeats", type=int, default=1,
+                   help="timed passes per mode in the row-packing table (after a warm-up)")
+    p.add_argument("--row_shapes", default="captions,captions+yes/no",
+                   help=f"comma-separated row-packing batch shapes, of {', '.join(ROW_PACKING)} "
+                   "(quick: shorter chains, a smoke run of a minute or two)")
     p.add_argument("--data")
     p.add_argument("--out")
     p.add_argument("--objective", default="dpo")
@@ -532,6 +612,15 @@ def main() -> None:
         md = shared_prefix_markdown(report)
         print(md)
         write_block(a.results_md, md)
+        return
+    if a.only == "row_packing":
+        report = run_row_packing(a)
+        with open(os.path.join(HERE, "train_row_packing.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        md = row_packing_markdown(report)
+        print(md)
+        write_block(a.results_md, md, ROW_BLOCK, heading="## Several chains per packed row "
+                    "(`python bench/bench_train.py --only row_packing`)")
         return
 
     load = os.getloadavg()[0]
@@ -690,17 +779,21 @@ def shared_prefix_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_block(path: str, block: str) -> None:
-    """Replace the shared-prefix block in the Training section (appended there if absent)."""
+def write_block(path: str, block: str, markers: tuple[str, str] = SHARED_BLOCK,
+                heading: str | None = None) -> None:
+    """Replace the block between `markers`; if absent, append it to the Training section, or
+    with a `heading` as its own section right after it (so a full run, which rewrites the
+    Training section, keeps it)."""
     with open(path) as f:
         text = f.read()
-    start, end = text.find(SHARED_BLOCK[0]), text.find(SHARED_BLOCK[1])
+    start, end = text.find(markers[0]), text.find(markers[1])
     if start >= 0 and end >= 0:
-        text = text[:start] + block + text[end + len(SHARED_BLOCK[1]):]
+        text = text[:start] + block + text[end + len(markers[1]):]
     else:
         head = text.index("## Training (`make bench-train`)")
         nxt = text.find("\n## ", head + 1)
         nxt = len(text) if nxt < 0 else nxt
+        block = f"{heading}\n\n{block}" if heading else block
         text = text[:nxt].rstrip("\n") + "\n\n" + block + "\n" + text[nxt:]
     with open(path, "w") as f:
         f.write(text)

@@ -225,7 +225,7 @@ def test_rows_of_several_chains_keep_the_chains_apart(tiny, records):
     first, second = (document == 0).nonzero()[:, 0], (document == 1).nonzero()[:, 0]
     assert not mask[second][:, first].any() and not mask[first][:, second].any()
     captions, prefix = second[segment[second] >= 1], second[segment[second] == 0]
-    assert mask[captions][:, prefix].all()                  # the second chain's captions see its prefix
+    assert mask[captions][:, prefix].all()         # the second chain's captions see its prefix
     eager = R.packed_attention_mask(packing, "eager", torch.float32)[0, 0]
     assert bool(((eager == 0) == mask).all())
 
