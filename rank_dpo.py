@@ -621,8 +621,8 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
 #         sees       causal      P + own    P + own P + own          (never another caption)
 #         position   0 1 2 3 4   5  6  7    5  6    5  6  7  8       (restart after the prefix)
 #
-#     With --pack_chains, several chains (documents) share a row back to back, and a chain
-#     never sees another (document), so only padding goes. Chains A (prefix P, c1 c2) and B (Q, d1):
+#     With --pack_chains, several chains share a row back to back, each its own document that
+#     never sees another, so only padding goes. Chains A (prefix P, c1 c2) and B (Q, d1):
 #
 #         tokens   [ P P P | c1 c1 | c2 c2 c2 | Q Q | d1 d1 d1 | pad ]
 #         document   0 0 0   0  0    0  0  0   1 1   1  1  1    -1
@@ -820,6 +820,7 @@ def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = Non
             at = end
         # the model fills video spans in token order: row by row, document by document
         videos_of_row.append([v for d in docs for v in videos_of_chain[d]])
+    # unpacked row -> the chain (document) that holds it
     chain_of = {m: c for c, members in enumerate(index.tolist()) for m in members if m >= 0}
     span = max(lengths[n] - 1 - starts[n] for n in range(n_rows))
     span = max(span, 1)
