@@ -445,7 +445,8 @@ def run_row_packing(a) -> dict:
     result = spawn("row_packing", threads=a.threads, repeats=a.row_repeats, batches=a.batches,
                    row_shapes=a.row_shapes)
     result.update(machine=machine(load), torch=torch.__version__,
-                  transformers=transformers.__version__, threads=a.threads)
+                  transformers=transformers.__version__, threads=a.threads,
+                  shared_machine=load >= 0.5)    # the load before the run is other jobs' work
     return result
 
 
@@ -467,7 +468,8 @@ def row_packing_markdown(r: dict) -> str:
     t = r["text_config"]
     lines = [ROW_BLOCK[0],
              f"`--pack_chains off` (one chain per packed row) against `auto` (rows no longer "
-             f"than the batch's longest chain) and an explicit budget. Machine: {r['machine']}; "
+             f"than the batch's longest chain) and an explicit budget. Machine: {r['machine']}"
+             + (" (shared with other jobs)" if r.get("shared_machine") else "") + "; "
              f"torch {r['torch']}, {r['threads']} torch thread(s); no GPU was lent to this task. "
              "Training steps (rank objective: reference forward, policy forward + backward, LoRA "
              f"r=16 on the LM, vision frozen, sdpa) on the tiny family with hidden "
