@@ -10,7 +10,9 @@
 
 Every training run is a separate process (peak memory is per process); ours and TRL's runs
 alternate so that load from other work on the machine hits both alike. Results go to
-bench/train.json and to the Training section of bench/RESULTS.md.
+bench/train.json and to the Training section of bench/RESULTS.md. Run alone (`--only
+row_packing`): one chain per packed row against several (--pack_chains) on chains of mixed
+lengths, into its own section of bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -569,7 +571,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix", "row_packing"))
     p.add_argument("--only", choices=("shared_prefix", "row_packing"),
-                   help="run just this table (bench/train_shared_prefix.json) and rewrite its "
+                   help="run just this table (bench/train_<table>.json) and rewrite its "
                    "block of RESULTS.md, leaving the other training figures as they are")
     p.add_argument("--shared_repeats", type=int, default=3,
                    help="timed steps per mode and shape in the shared-prefix table")
