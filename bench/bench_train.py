@@ -580,7 +580,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=1,
                    help="micro-batches of mixed-length chains per shape in the row-packing table")
     p.add_argument("--row_repeats", type=int, default=2,
-                   help="timed passes per mode in the row-packing table (after a warm-up)")
+                   help="timed steps per batch and mode in the row-packing table (after a "
+                   "warm-up pass; each batch counts its fastest)")
     p.add_argument("--row_shapes", default="captions,captions+yes/no",
                    help=f"comma-separated row-packing batch shapes, of {', '.join(ROW_PACKING)} "
                    "(quick: shorter chains, a smoke run of a minute or two)")
