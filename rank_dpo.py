@@ -682,6 +682,14 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
 #         sees       causal      P + own    P + own P + own          (never another caption)
 #         position   0 1 2 3 4   5  6  7    5  6    5  6  7  8       (restart after the prefix)
 #
+#     With --pack_chains, several chains share a row back to back, each its own document that
+#     never sees another, so only padding goes. Chains A (prefix P, c1 c2) and B (Q, d1):
+#
+#         tokens   [ P P P | c1 c1 | c2 c2 c2 | Q Q | d1 d1 d1 | pad ]
+#         document   0 0 0   0  0    0  0  0   1 1   1  1  1    -1
+#         segment    0 0 0   1  1    2  2  2   0 0   1  1  1    -1
+#         position   0 1 2   3  4    3  4  5   0 1   2  3  4     0   (restart per chain)
+#
 #     Packed, not a KV cache: the model's own forward, so LoRA, peft and gradients work unchanged.
 #     Same numbers: positions are the model's rope index on the UNPACKED rows, moved.
 #     A segment starts at its row's last prompt token: its first label is predicted inside it.
@@ -782,7 +790,8 @@ def resolve_shared_prefix(model, mode: str, log=print) -> bool:
 
 @dataclass
 class Packing:
-    """Where every token of a Batch goes when each chain becomes one row [prefix | c_1 | ... | c_K].
+    """Where every token of a Batch goes when each chain becomes one document
+    [prefix | c_1 | ... | c_K] and the documents are laid into rows (one or several per row).
 
     source[c, s]: flat index (row * T + t) into the unpacked [N, T] batch of packed token s,
     -1 for padding; segment[c, s]: 0 prefix, k >= 1 the chain's k-th row, -1 padding;
@@ -809,8 +818,55 @@ class Packing:
         return int((self.segment >= 0).sum())
 
 
-def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = None) -> Packing:
-    """Pack each chain (a row of `index` [C, K], -1 padded) of `batch` into one sequence.
+PACK_CHAINS_MODES = ("off", "auto")     # --pack_chains, besides a number of tokens
+
+
+def pack_budget(value: str) -> str | int:
+    """--pack_chains off|auto|N (argparse type): the mode, or N tokens per packed row."""
+    if value in PACK_CHAINS_MODES:
+        return value
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(
+            f"--pack_chains takes off, auto or a number of tokens >= 1, got {value!r}")
+    return tokens
+
+
+def pack_rows(lengths: list[int], row_tokens: str | int = "off") -> list[list[int]]:
+    """Which documents (packed chains, by index; `lengths` their tokens) share each packed row.
+
+    off: one per row, in order. Otherwise first-fit decreasing, deterministic (longest first,
+    ties by index), into rows of at most a budget: auto = the longest document, so no row is
+    longer than that chain alone makes it (the dense [S, S] mask never grows, only padding
+    goes); N = max(N, the longest document), since a chain is never split across rows.
+    """
+    if row_tokens == "off":
+        return [[d] for d in range(len(lengths))]
+    if row_tokens != "auto" and (isinstance(row_tokens, bool) or not isinstance(row_tokens, int)
+                                 or row_tokens < 1):
+        raise ValueError(f"row_tokens must be 'off', 'auto' or a number of tokens >= 1, "
+                         f"got {row_tokens!r}")
+    budget = max(lengths) if row_tokens == "auto" else max(row_tokens, max(lengths))
+    rows, used = [], []
+    for d in sorted(range(len(lengths)), key=lambda d: (-lengths[d], d)):
+        fits = next((r for r, u in enumerate(used) if u + lengths[d] <= budget), None)
+        if fits is None:
+            rows.append([d])
+            used.append(lengths[d])
+        else:
+            rows[fits].append(d)
+            used[fits] += lengths[d]
+    return rows
+
+
+def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = None,
+                row_tokens: str | int = "off") -> Packing:
+    """Pack each chain (a row of `index` [C, K], -1 padded) of `batch` into one document
+    [prefix | c_1 | ... | c_K], and the documents into rows: one per row, or back to back up
+    to a token budget (row_tokens, see pack_rows).
 
     The shared prefix is the longest run of tokens all the chain's rows start with, stopped at
     the last prompt token of the shortest prompt (so yes/no chains, whose prompts differ, share
@@ -823,7 +879,7 @@ def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = Non
     starts = [int(has_label[n].float().argmax()) if has_label[n].any() else lengths[n] - 1
               for n in range(n_rows)]                   # first label = last prompt token
     sources, segments, offsets, shared_of = [], [], {}, {}
-    videos_of_row = []
+    videos_of_chain = []
     for members in index.tolist():
         members = [m for m in members if m >= 0]
         first = members[0]
@@ -841,7 +897,7 @@ def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = Non
         spans = [batch.video_of_row[first]] if video_token is not None and \
             bool((ids[first, :shared] == video_token).any()) else []
         for k, m in enumerate(members, start=1):
-            offsets[m] = len(src) - shared
+            offsets[m] = len(src) - shared              # within the chain's document
             shared_of[m] = shared
             src += range(m * width + shared, m * width + lengths[m])
             seg += [k] * (lengths[m] - shared)
@@ -849,14 +905,26 @@ def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = Non
                 spans.append(batch.video_of_row[m])
         sources.append(src)
         segments.append(seg)
-        videos_of_row.append(spans)
-    packed_width = max(len(s) for s in sources)
-    source = torch.full((len(sources), packed_width), -1, dtype=torch.long)
+        videos_of_chain.append(spans)
+    rows = pack_rows([len(s) for s in sources], row_tokens)
+    packed_width = max(sum(len(sources[d]) for d in docs) for docs in rows)
+    source = torch.full((len(rows), packed_width), -1, dtype=torch.long)
     segment = torch.full_like(source, -1)
-    for c, (src, seg) in enumerate(zip(sources, segments)):
-        source[c, :len(src)] = torch.tensor(src)
-        segment[c, :len(seg)] = torch.tensor(seg)
-    # row n's c-th packed row: the chain that holds it
+    document = torch.full_like(source, -1)
+    place = {}                          # chain -> flat index of its document's first token
+    videos_of_row = []
+    for r, docs in enumerate(rows):
+        at = 0
+        for j, d in enumerate(docs):
+            end = at + len(sources[d])
+            source[r, at:end] = torch.tensor(sources[d])
+            segment[r, at:end] = torch.tensor(segments[d])
+            document[r, at:end] = j
+            place[d] = r * packed_width + at
+            at = end
+        # the model fills video spans in token order: row by row, document by document
+        videos_of_row.append([v for d in docs for v in videos_of_chain[d]])
+    # unpacked row -> the chain (document) that holds it
     chain_of = {m: c for c, members in enumerate(index.tolist()) for m in members if m >= 0}
     span = max(lengths[n] - 1 - starts[n] for n in range(n_rows))
     span = max(span, 1)
@@ -867,17 +935,17 @@ def pack_chains(batch: Batch, index: torch.Tensor, video_token: int | None = Non
         if count <= 0:
             continue
         t = torch.arange(starts[n], starts[n] + count)
-        gather[n, :count] = chain_of[n] * packed_width + offsets[n] + t
+        gather[n, :count] = place[chain_of[n]] + offsets[n] + t
         row_labels[n, :count] = labels[n, starts[n]:starts[n] + count]
-    document = torch.where(segment >= 0, 0, -1)         # one chain per packed row
     return Packing(source, segment, document, gather, row_labels, videos_of_row)
 
 
-def pack_model_chains(model, batch: Batch, index: torch.Tensor) -> Packing:
+def pack_model_chains(model, batch: Batch, index: torch.Tensor,
+                      row_tokens: str | int = "off") -> Packing:
     """pack_chains with the model's video token, the Packing on the batch's device."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     video_token = getattr(base.config, "video_token_id", None) if batch.videos else None
-    return pack_chains(batch, index, video_token).to(batch.input_ids.device)
+    return pack_chains(batch, index, video_token, row_tokens).to(batch.input_ids.device)
 
 
 def packed_visible(q_idx, k_idx, q_segment, k_segment, q_document, k_document,
@@ -1503,6 +1571,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run each chain's prompt and video through the LM once (one packed "
                    "sequence per chain); auto: where the model family supports it, else off "
                    "with the reason in the log")
+    p.add_argument("--pack_chains", type=pack_budget, default="auto", metavar="off|auto|N",
+                   help="with the packed forward (--shared_prefix), lay several chains of a "
+                   "micro-batch back to back in one row (first-fit decreasing; they never see "
+                   "each other), so rows carry less padding: auto = rows no longer than the "
+                   "batch's longest chain; N = rows of up to N tokens (a longer chain gets a row "
+                   "of its own); off = one chain per row")
     p.add_argument("--fused_linear", choices=FEATURE_MODES, default="auto",
                    help="apply the LM head inside the fused loss, chunk by chunk, so the response "
                    "logits are never materialised; auto: where the head is a plain linear layer "
@@ -1924,12 +1998,14 @@ def chain_loss_step(model, batch: Batch, index: torch.Tensor, args, vision_train
 
     Returns (loss, stats). The videos are encoded once per pass; with a frozen tower once in
     all, since the policy and the reference then see the same video features. shared_prefix:
-    each chain is one packed sequence (section 3b), its prefix run once per pass. fused_linear:
-    the LM head is applied inside the loss kernel, chunk by chunk (needs shared_prefix).
+    each chain is one packed sequence (section 3b), its prefix run once per pass, and with
+    args.pack_chains several chains share a row. fused_linear: the LM head is applied inside
+    the loss kernel, chunk by chunk (needs shared_prefix).
     cached_ref: the batch's rows in the reference cache (--ref_logps): when all are there, no
     reference forward runs; else it runs and the missing ones are added.
     """
-    packing = pack_model_chains(model, batch, index) if shared_prefix else None
+    packing = pack_model_chains(model, batch, index, getattr(args, "pack_chains", "off")) \
+        if shared_prefix else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if batch.input_ids.is_cuda \
         else contextlib.nullcontext()
     shared = None

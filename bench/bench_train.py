@@ -10,7 +10,9 @@
 
 Every training run is a separate process (peak memory is per process); ours and TRL's runs
 alternate so that load from other work on the machine hits both alike. Results go to
-bench/train.json and to the Training section of bench/RESULTS.md.
+bench/train.json and to the Training section of bench/RESULTS.md. Run alone (`--only
+row_packing`): one chain per packed row against several (--pack_chains) on chains of mixed
+lengths, into its own section of bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -277,6 +279,21 @@ def saved_activation_mb(fn) -> float:
     return sum(seen.values()) / 2 ** 20, out
 
 
+def tiny_lora_policy(text: dict):
+    """(policy, processor, args): the tiny family with `text` as its LM, LoRA r=16 on the LM only
+    (vision frozen, no modules in full), rank objective, in training mode."""
+    import torch
+    import rank_dpo as R
+    import synthetic
+    torch.manual_seed(0)
+    model, processor = synthetic.build_tiny(text=text)
+    args = R.parse_args(["--data", "x", "--output_dir", "x", "--objective", "rank",
+                         "--vision", "frozen", "--lora_r", "16", "--modules_to_save", "none"])
+    model = R.add_adapters(model, args)
+    model.train()
+    return model, processor, args
+
+
 def worker_shared_prefix(a) -> dict:
     """One training step (rank objective: reference forward, policy forward and backward, LoRA
     r=16 on the LM) on one chain [prefix P | K captions of R tokens], packed (--shared_prefix
@@ -289,12 +306,7 @@ def worker_shared_prefix(a) -> dict:
     import rank_dpo as R
     import synthetic
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model, processor = synthetic.build_tiny(text=SHARED_TEXT)
-    args = R.parse_args(["--data", "x", "--output_dir", "x", "--objective", "rank",
-                         "--vision", "frozen", "--lora_r", "16", "--modules_to_save", "none"])
-    model = R.add_adapters(model, args)
-    model.train()
+    model, processor, args = tiny_lora_policy(SHARED_TEXT)
     rng = np.random.default_rng(0)
     low, high = len(synthetic.TINY_SPECIAL_TOKENS), len(processor.tokenizer)
     rows_out = []
@@ -486,6 +498,8 @@ def attention_markdown(r: dict) -> str:
                      f"{row['mask_mib']:.2f} |")
     lines.append(ATTENTION_BLOCK[1])
     return "\n".join(lines)
+
+
 def worker_ref_cache(a) -> dict:
     """One training run with --ref_logps a.ref_logps (cache or recompute): per step its wall
     time, its CPU time (this process's, which other work on a shared machine does not inflate:
@@ -507,6 +521,159 @@ def worker_ref_cache(a) -> dict:
             "step_cpu_times": [b - s for s, b in zip(starts, starts[1:])],
             "losses": [r["loss"] for r in rows],
             "ref_cached": [r.get("ref_cached", 0.0) for r in rows]}
+
+
+# The row-packing table: micro-batches of chains of mixed lengths, one chain per packed row
+# against several. A prefix of ordinary tokens stands in for the prompt + video; caption chains
+# have K captions of mixed lengths; yes/no chains (as in the data format) have two questions
+# after the shared prefix and a one-token answer. One LM layer of the shared-prefix table's
+# width: per token, layers cost alike, and one keeps the run within minutes on a busy CPU.
+ROW_TEXT = dict(SHARED_TEXT, num_hidden_layers=1)
+ROW_PACKING = {
+    "captions": dict(chains=8, yesno=0, k=(4, 6), caption=(20, 400), prefix=(64, 256),
+                     budgets=(3000,)),
+    "captions+yes/no": dict(chains=8, yesno=4, k=(4, 6), caption=(20, 400), prefix=(64, 256),
+                            budgets=(3000,)),
+    "quick": dict(chains=8, yesno=2, k=(4, 6), caption=(10, 100), prefix=(16, 64),
+                  budgets=(1000,)),
+}
+
+
+def mixed_chain_batches(processor, rng, n_batches: int, shape: dict):
+    """(batch, index) micro-batches of `chains` chains, the first `yesno` of them yes/no chains;
+    K, caption and prefix tokens drawn uniformly from their (low, high) ranges."""
+    import torch
+    import rank_dpo as R
+    import synthetic
+    low, high = len(synthetic.TINY_SPECIAL_TOKENS), len(processor.tokenizer)
+    draw = lambda bounds: int(rng.integers(bounds[0], bounds[1] + 1))
+    tokens = lambda n: rng.integers(low, high, n).tolist()
+    out = []
+    for _ in range(n_batches):
+        rows, index = [], []
+        for c in range(shape["chains"]):
+            prefix = tokens(draw(shape["prefix"]))
+            if c < shape["yesno"]:
+                chain = [(prefix + tokens(draw((8, 20))), tokens(1), -1) for _ in range(2)]
+            else:
+                chain = [(prefix, tokens(draw(shape["caption"])), -1)
+                         for _ in range(draw(shape["k"]))]
+            index.append(list(range(len(rows), len(rows) + len(chain)))
+                         + [-1] * (shape["k"][1] - len(chain)))
+            rows += chain
+        out.append((R.make_batch(processor, rows, [], 10 ** 6), torch.tensor(index)))
+    return out
+
+
+def worker_row_packing(a) -> dict:
+    """Training steps (rank objective, packed forward, LoRA r=16 on the LM, vision frozen) over
+    micro-batches of chains of mixed lengths: each chain its own packed row (--pack_chains off)
+    against several chains per row (auto, and the shape's explicit budgets), interleaved step by
+    step; per mode the sum over batches of each batch's fastest of `repeats` timed steps, after
+    a warm-up pass. The real tokens are the same work in every mode; padded tokens = rows x row
+    width (what the LM runs); attention cells = rows x width^2 (what a dense [S, S] mask costs)."""
+    import numpy as np
+    import torch
+    import rank_dpo as R
+    torch.set_num_threads(a.threads)
+    model, processor, args = tiny_lora_policy(ROW_TEXT)
+    out = {}
+    for name in a.row_shapes.split(","):
+        shape = ROW_PACKING[name]
+        batches = mixed_chain_batches(processor, np.random.default_rng(0), a.batches, shape)
+        modes = ["off", "auto", *shape["budgets"]]
+        times = {(m, b): [] for m in modes for b in range(len(batches))}
+        for i in range(a.repeats + 1):             # the first pass warms up, untimed
+            for b, (batch, index) in enumerate(batches):
+                for mode in modes:
+                    args.pack_chains = mode
+                    t0 = time.perf_counter()
+                    loss, _ = R.chain_loss_step(model, batch, index, args, False,
+                                                shared_prefix=True)
+                    loss.backward()
+                    model.zero_grad(set_to_none=True)
+                    if i:
+                        times[mode, b].append(time.perf_counter() - t0)
+        # per batch the fastest step: the machine is shared, other work only ever adds time
+        seconds_of = {m: sum(min(times[m, b]) for b in range(len(batches))) for m in modes}
+        rows = {}
+        for mode in modes:
+            packings = [R.pack_model_chains(model, b, index, mode) for b, index in batches]
+            seconds = seconds_of[mode]
+            rows[str(mode)] = {
+                "seconds": seconds,
+                "tokens_per_s": sum(p.tokens() for p in packings) / seconds,
+                "rows": sum(len(p.segment) for p in packings),
+                "real_tokens": sum(p.tokens() for p in packings),
+                "padded_tokens": sum(p.segment.numel() for p in packings),
+                "attention_cells": sum(len(p.segment) * p.segment.shape[1] ** 2
+                                       for p in packings)}
+            rows[str(mode)]["speedup"] = seconds_of["off"] / seconds
+            print(json.dumps({name: {str(mode): rows[str(mode)]}}), file=sys.stderr, flush=True)
+        out[name] = {"shape": {k: v for k, v in shape.items()}, "modes": rows}
+    return {"text_config": ROW_TEXT, "batches": a.batches, "repeats": a.repeats, "shapes": out}
+
+
+def run_row_packing(a) -> dict:
+    import torch
+    import transformers
+    print(f"row packing: one chain per row vs several ({a.row_shapes}; {a.batches} batch(es), "
+          f"{a.row_repeats} timed pass(es))", flush=True)
+    load = os.getloadavg()[0]
+    result = spawn("row_packing", threads=a.threads, repeats=a.row_repeats, batches=a.batches,
+                   row_shapes=a.row_shapes)
+    result.update(machine=machine(load), torch=torch.__version__,
+                  transformers=transformers.__version__, threads=a.threads,
+                  shared_machine=load >= 0.5)    # the load before the run is other jobs' work
+    return result
+
+
+ROW_BLOCK = ("<!-- row-packing table (bench_train.py --only row_packing) -->",
+             "<!-- end row-packing table -->")
+
+
+def shape_words(shape: dict) -> str:
+    """A row-packing batch shape in words, for the table."""
+    span = lambda key: f"{shape[key][0]}-{shape[key][1]}"
+    captions = shape["chains"] - shape["yesno"]
+    words = f"{captions} caption chains (K {span('k')}, captions {span('caption')} tokens)"
+    if shape["yesno"]:
+        words += f" + {shape['yesno']} yes/no chains"
+    return f"{words}, prefix {span('prefix')} tokens"
+
+
+def row_packing_markdown(r: dict) -> str:
+    t = r["text_config"]
+    lines = [ROW_BLOCK[0],
+             f"`--pack_chains off` (one chain per packed row) against `auto` (rows no longer "
+             f"than the batch's longest chain) and an explicit budget. Machine: {r['machine']}"
+             + (" (shared with other jobs)" if r.get("shared_machine") else "") + "; "
+             f"torch {r['torch']}, {r['threads']} torch thread(s); no GPU was lent to this task. "
+             "Training steps (rank objective: reference forward, policy forward + backward, LoRA "
+             f"r=16 on the LM, vision frozen, sdpa) on the tiny family with hidden "
+             f"{t['hidden_size']}, {t['num_hidden_layers']} layer(s), MLP "
+             f"{t['intermediate_size']}, {t['num_attention_heads']} heads; {r['batches']} "
+             "micro-batch(es) per shape. Each chain starts with a prefix of ordinary tokens "
+             "standing in for prompt + video; caption chains have K captions; yes/no chains "
+             "two 8-20-token questions after the prefix and a one-token answer. tokens/s = "
+             f"real tokens per second (the same work in every mode), each batch's fastest of "
+             f"{r['repeats']} interleaved timed steps per mode after a warm-up (modes whose "
+             "rows and padded tokens equal `off`'s run the same work: their ratio is the "
+             "noise). Padded tokens = rows x row width (what the LM runs); attention cells = "
+             "rows x width^2 (what the dense mask makes attention compute).",
+             "",
+             "| chains per batch | --pack_chains | rows | real tokens | padded tokens | fill | "
+             "attention cells (M) | tokens/s | vs off |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, shape in r["shapes"].items():
+        for mode, m in shape["modes"].items():
+            lines.append(f"| {shape_words(shape['shape'])} | `{mode}` | {m['rows']} | "
+                         f"{m['real_tokens']} | {m['padded_tokens']} | "
+                         f"{m['real_tokens'] / m['padded_tokens']:.2f} | "
+                         f"{m['attention_cells'] / 1e6:.1f} | {m['tokens_per_s']:.0f} | "
+                         f"**{m['speedup']:.2f}x** |")
+    lines.append(ROW_BLOCK[1])
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,8 +746,8 @@ def pair_tokens(path: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", choices=("ours", "trl", "vision", "shared_prefix", "attention",
-                                        "ref_cache"))
-    p.add_argument("--only", choices=("shared_prefix", "attention", "ref_cache"),
+                                        "ref_cache", "row_packing"))
+    p.add_argument("--only", choices=("shared_prefix", "attention", "ref_cache", "row_packing"),
                    help="run just this table (bench/train_<table>.json) and rewrite its "
                    "block of RESULTS.md, leaving the other training figures as they are")
     p.add_argument("--attn_mode", choices=tuple(ATTENTION_MODES), help="attention worker: the mode")
@@ -591,6 +758,14 @@ def main() -> None:
     p.add_argument("--caption_tokens", type=int, default=32,
                    help="R, tokens per caption in the shared-prefix table (P = ratio x R)")
     p.add_argument("--ref_logps", default="auto", help="worker ref_cache: cache or recompute")
+    p.add_argument("--batches", type=int, default=1,
+                   help="micro-batches of mixed-length chains per shape in the row-packing table")
+    p.add_argument("--row_repeats", type=int, default=2,
+                   help="timed steps per batch and mode in the row-packing table (after a "
+                   "warm-up pass; each batch counts its fastest)")
+    p.add_argument("--row_shapes", default="captions,captions+yes/no",
+                   help=f"comma-separated row-packing batch shapes, of {', '.join(ROW_PACKING)} "
+                   "(quick: shorter chains, a smoke run of a minute or two)")
     p.add_argument("--data")
     p.add_argument("--out")
     p.add_argument("--objective", default="dpo")
@@ -614,7 +789,8 @@ def main() -> None:
     if a.worker:
         print(json.dumps({"ours": worker_ours, "trl": worker_trl, "vision": worker_vision,
                           "shared_prefix": worker_shared_prefix,
-                          "attention": worker_attention, "ref_cache": worker_ref_cache}[a.worker](a)))
+                          "attention": worker_attention, "ref_cache": worker_ref_cache,
+                          "row_packing": worker_row_packing}[a.worker](a)))
         return
     if a.only == "attention":
         report = run_attention(a)
@@ -639,6 +815,15 @@ def main() -> None:
         md = shared_prefix_markdown(report)
         print(md)
         write_block(a.results_md, md)
+        return
+    if a.only == "row_packing":
+        report = run_row_packing(a)
+        with open(os.path.join(HERE, "train_row_packing.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        md = row_packing_markdown(report)
+        print(md)
+        write_block(a.results_md, md, ROW_BLOCK, heading="## Several chains per packed row "
+                    "(`python bench/bench_train.py --only row_packing`)")
         return
 
     load = os.getloadavg()[0]
@@ -877,9 +1062,11 @@ def ref_cache_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_block(path: str, block: str, markers: tuple[str, str] = SHARED_BLOCK) -> None:
-    """Replace a marked block (default: the shared-prefix table) in the Training section
-    (appended there if absent)."""
+def write_block(path: str, block: str, markers: tuple[str, str] = SHARED_BLOCK,
+                heading: str | None = None) -> None:
+    """Replace the block between `markers`; if absent, append it to the Training section, or
+    with a `heading` as its own section right after it (so a full run, which rewrites the
+    Training section, keeps it)."""
     with open(path) as f:
         text = f.read()
     start, end = text.find(markers[0]), text.find(markers[1])
@@ -889,6 +1076,7 @@ def write_block(path: str, block: str, markers: tuple[str, str] = SHARED_BLOCK) 
         head = text.index("## Training (`make bench-train`)")
         nxt = text.find("\n## ", head + 1)
         nxt = len(text) if nxt < 0 else nxt
+        block = f"{heading}\n\n{block}" if heading else block
         text = text[:nxt].rstrip("\n") + "\n\n" + block + "\n" + text[nxt:]
     with open(path, "w") as f:
         f.write(text)

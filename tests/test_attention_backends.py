@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rank_dpo as R
-from test_shared_prefix import (OBJECTIVES, adapted, assert_same_step,  # noqa: F401
+from test_shared_prefix import (ONE_ROW, OBJECTIVES, adapted, assert_same_step,  # noqa: F401
                                 assert_same_vlm_step, causal_config, hub_vlm, records, step, tiny,
                                 tiny_tokenizer)
 from test_train import run
@@ -301,14 +301,15 @@ def assert_close_steps(base_model, tokenizer, path, backend, logp_tol, step_tol)
     chains, _ = R.load_chains(path, tokenizer, args.objective)
     batch, index = R.collate(chains, tokenizer, 8, 2048)
     batch = batch.to("cuda")
-    loss_off, logps_off, grads_off = step(reference, batch, index, args, "full", shared=False)
-    loss_on, logps_on, grads_on = step(model, batch, index, args, "full", shared=True)
-    torch.testing.assert_close(logps_on.float(), logps_off.float(), rtol=logp_tol, atol=logp_tol)
-    torch.testing.assert_close(loss_on.float(), loss_off.float(), rtol=step_tol, atol=step_tol)
-    assert grads_on.keys() == grads_off.keys() and grads_off
-    for name, g in grads_off.items():
-        scale = g.abs().max().clamp_min(1e-8)
-        assert float((grads_on[name] - g).abs().max() / scale) < step_tol, name
+    loss_off, _, logps_off, grads_off = step(reference, batch, index, args, "full")
+    for pack in ("off", ONE_ROW):          # one chain per row, and every chain in one row
+        loss_on, _, logps_on, grads_on = step(model, batch, index, args, "full", pack)
+        torch.testing.assert_close(logps_on.float(), logps_off.float(), rtol=logp_tol, atol=logp_tol)
+        torch.testing.assert_close(loss_on.float(), loss_off.float(), rtol=step_tol, atol=step_tol)
+        assert grads_on.keys() == grads_off.keys() and grads_off
+        for name, g in grads_off.items():
+            scale = g.abs().max().clamp_min(1e-8)
+            assert float((grads_on[name] - g).abs().max() / scale) < step_tol, (pack, name)
 
 
 @cuda

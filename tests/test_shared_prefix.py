@@ -1,12 +1,14 @@
-"""Shared-prefix chain forward (rank_dpo.py section 3b): one packed sequence per chain gives the
-unshared forward's numbers: per-caption log-probs to 1e-5 (fp32) and every parameter gradient to
-1e-4 relative, for every objective, video / text / yes-no chains of unequal lengths and K, vision
-frozen / lora / full, every family in SHARED_PREFIX_FAMILIES (the VLMs Qwen2.5-VL, Qwen3-VL and
-PerceptionLM; the causal LMs Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3) under sdpa and eager,
-sliding-window layers with text longer than the window, the fused LM head on the packed forward,
-the evaluation path and torchrun with two processes."""
+"""Shared-prefix chain forward (rank_dpo.py section 3b): one packed sequence per chain, one
+chain per row or several back to back in a row (--pack_chains), gives the unshared forward's
+numbers: per-caption log-probs to 1e-5 (fp32) and every parameter gradient to 1e-4 relative, for
+every objective, video / text / yes-no chains of unequal lengths and K, vision frozen / lora /
+full, every family in SHARED_PREFIX_FAMILIES (the VLMs Qwen2.5-VL, Qwen3-VL and PerceptionLM; the
+causal LMs Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3) under sdpa and eager, sliding-window layers
+with text longer than the window, the fused LM head on the packed forward, the evaluation path
+and torchrun with two processes."""
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import io
@@ -23,6 +25,9 @@ import synthetic
 from test_train import ROOT, read_metrics, run, run_process, write_jsonl
 
 OBJECTIVES = R.kernels.OBJECTIVES
+ONE_ROW = 100_000            # a --pack_chains budget that takes every test batch in one row
+# --pack_chains beside off (one chain per row): rows no longer than the longest chain; one row
+PACKINGS = ("auto", ONE_ROW)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,7 +60,8 @@ def records(tmp_path_factory):
     return {"root": str(root),
             "video": write_jsonl(root / "video.jsonl", video),
             "text": write_jsonl(root / "text.jsonl", text),
-            "mixed": write_jsonl(root / "mixed.jsonl", [video[0], yesno, text[0]])}
+            "mixed": write_jsonl(root / "mixed.jsonl", [video[0], yesno, text[0]]),
+            "all": write_jsonl(root / "all.jsonl", [video[0], yesno, text[0], text[1], video[1]])}
 
 
 def adapted(base, vision: str, objective: str, *flags: str):
@@ -72,36 +78,50 @@ def adapted(base, vision: str, objective: str, *flags: str):
     return model, args
 
 
-def step(model, batch, index, args, vision: str, shared: bool, fused: bool = False):
-    """(loss, stats, per-row policy log-probs, {name: grad}) of one training step."""
+def step(model, batch, index, args, vision: str, pack=None, fused: bool = False):
+    """(loss, stats, per-row policy log-probs, {name: grad}) of one training step: unshared (pack
+    None) or packed with --pack_chains `pack` (fused: the LM head inside the loss kernel)."""
+    args = argparse.Namespace(**{**vars(args), "pack_chains": pack or "off"})
     model.zero_grad(set_to_none=True)
     loss, stats = R.chain_loss_step(model, batch, index, args, vision != "frozen",
-                                    shared_prefix=shared, fused_linear=fused)
+                                    shared_prefix=pack is not None, fused_linear=fused)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     with torch.no_grad():
-        packing = R.pack_model_chains(model, batch, index) if shared else None
+        packing = R.pack_model_chains(model, batch, index, pack) if pack is not None else None
         logits, labels = R.chain_logits(model, batch, packing)
         logps, _ = R.kernels.sequence_logps(logits, labels)
     return loss.detach(), stats, logps, grads
 
 
-def assert_same_step(model, processor, path, args, vision, fused: bool = False):
-    """The packed step equals the unshared one; fused: the packed step with the LM head inside
-    the loss kernel equals the packed step on logits (the stats carry its log-probs)."""
+def assert_close_steps(got, want, what):
+    """Two steps' loss, logged stats, per-row log-probs and every gradient agree."""
+    (loss, stats, logps, grads), (loss_ref, stats_ref, logps_ref, grads_ref) = got, want
+    torch.testing.assert_close(logps, logps_ref, rtol=1e-5, atol=1e-5, msg=what)
+    torch.testing.assert_close(stats, stats_ref, rtol=1e-5, atol=1e-5, msg=what)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6, msg=what)
+    assert grads.keys() == grads_ref.keys() and grads_ref, what
+    for name, g in grads_ref.items():
+        scale = g.abs().max().clamp_min(1e-8)        # relative to the tensor's largest entry
+        assert float((grads[name] - g).abs().max() / scale) < 1e-4, (what, name)
+
+
+def assert_same_step(model, processor, path, args, vision, packs=PACKINGS, fused=False):
+    """One chain per row gives the unshared step's numbers, and so does every packing in
+    `packs`, which also gives one chain per row's; fused: the packed steps run the LM head
+    inside the loss kernel. Returns the batch and its chain index."""
     chains, _ = R.load_chains(path, processor, args.objective)
     batch, index = R.collate(chains, processor, 8, 2048)
-    loss_off, stats_off, logps_off, grads_off = step(model, batch, index, args, vision,
-                                                      shared=fused)
-    loss_on, stats_on, logps_on, grads_on = step(model, batch, index, args, vision, shared=True,
-                                                 fused=fused)
-    torch.testing.assert_close(logps_on, logps_off, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats_on, stats_off, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-6)
-    assert grads_on.keys() == grads_off.keys() and grads_off
-    for name, g in grads_off.items():
-        scale = g.abs().max().clamp_min(1e-8)        # relative to the tensor's largest entry
-        assert float((grads_on[name] - g).abs().max() / scale) < 1e-4, name
+    unshared = step(model, batch, index, args, vision)
+    one_per_row = step(model, batch, index, args, vision, pack="off", fused=fused)
+    assert_close_steps(one_per_row, unshared, "one chain per row vs unshared")
+    for pack in packs:
+        packed = step(model, batch, index, args, vision, pack, fused)
+        assert_close_steps(packed, unshared, f"--pack_chains {pack} vs unshared")
+        assert_close_steps(packed, one_per_row, f"--pack_chains {pack} vs one chain per row")
+    if ONE_ROW in packs and len(chains) > 1:        # several chains really share the row
+        packing = R.pack_model_chains(model, batch, index, ONE_ROW)
+        assert len(packing.document) == 1 and int(packing.document.max()) == len(chains) - 1
     return batch, index
 
 
@@ -281,6 +301,76 @@ def test_packed_layout_shares_the_prefix_and_isolates_captions(tiny, records):
     assert bool(((eager == 0) == mask).all())
 
 
+@pytest.mark.parametrize("objective", ["rank", "sft"])
+def test_rows_of_several_chains_with_the_fused_head_equal_unshared(tiny, records, objective):
+    """The fused LM head takes the hidden states through Packing.gather: several chains a row."""
+    base, processor = tiny
+    model, args = adapted(base, "lora", objective)
+    assert R.resolve_fused_linear(model, "on", shared_prefix=True)
+    assert_same_step(model, processor, records["mixed"], args, "lora", packs=(ONE_ROW,), fused=True)
+
+
+def test_pack_rows_is_first_fit_decreasing_within_the_budget():
+    lengths = [5, 9, 3, 4, 9]
+    assert R.pack_rows(lengths, "off") == [[0], [1], [2], [3], [4]]
+    assert R.pack_rows(lengths, "auto") == [[1], [4], [0, 3], [2]]   # rows of at most 9
+    assert R.pack_rows(lengths, 12) == [[1, 2], [4], [0, 3]]
+    assert R.pack_rows(lengths, 4) == R.pack_rows(lengths, "auto")     # a chain is never split
+    for bad in (0, -3, "on", 2.5, True):
+        with pytest.raises(ValueError, match="row_tokens"):
+            R.pack_rows(lengths, bad)
+    parse = lambda *flags: R.parse_args(["--data", "x", "--output_dir", "x", *flags]).pack_chains
+    assert parse() == "auto" and parse("--pack_chains", "off") == "off"
+    assert parse("--pack_chains", "4096") == 4096
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit):
+            parse("--pack_chains", bad)
+
+
+def test_rows_of_several_chains_keep_the_chains_apart(tiny, records):
+    """Two video chains in one row: each its own document (own prefix with its own video,
+    positions from token 0 of its own rows), never seeing the other; no padding left."""
+    base, processor = tiny
+    chains, _ = R.load_chains(records["video"], processor, "rank")
+    batch, index = R.collate(chains, processor, 8, 2048)
+    one_per_row = R.pack_model_chains(base, batch, index)
+    packing = R.pack_model_chains(base, batch, index, ONE_ROW)
+    assert packing.segment.shape == (1, one_per_row.tokens())     # one row, not a pad in it
+    assert packing.tokens() == one_per_row.tokens()
+    document, segment, source = packing.document[0], packing.segment[0], packing.source[0]
+    width = batch.input_ids.shape[1]
+    assert document.tolist() == sorted(document.tolist()) and set(document.tolist()) == {0, 1}
+    videos = []
+    for d in (0, 1):
+        mine = (document == d).nonzero()[:, 0]
+        assert int(source[mine[0]]) % width == 0                   # starts at a row's token 0
+        prefix = mine[segment[mine] == 0]
+        ids = batch.input_ids.reshape(-1)[source[prefix]]
+        assert int((ids == processor.video_token_id).sum()) == 64
+        videos.append(batch.video_of_row[int(source[mine[0]]) // width])
+    assert packing.videos_of_row == [videos] and sorted(videos) == [0, 1]
+    mask = R.packed_attention_mask(packing, "sdpa", torch.float32)[0, 0]
+    first, second = (document == 0).nonzero()[:, 0], (document == 1).nonzero()[:, 0]
+    assert not mask[second][:, first].any() and not mask[first][:, second].any()
+    captions, prefix = second[segment[second] >= 1], second[segment[second] == 0]
+    assert mask[captions][:, prefix].all()         # the second chain's captions see its prefix
+    eager = R.packed_attention_mask(packing, "eager", torch.float32)[0, 0]
+    assert bool(((eager == 0) == mask).all())
+
+
+def test_auto_rows_are_no_longer_than_the_longest_chain(tiny, records):
+    base, processor = tiny
+    chains, _ = R.load_chains(records["all"], processor, "rank")
+    batch, index = R.collate(chains, processor, 8, 2048)
+    one_per_row = R.pack_model_chains(base, batch, index)
+    auto = R.pack_model_chains(base, batch, index, "auto")
+    assert auto.segment.shape[1] == one_per_row.segment.shape[1]      # the mask does not grow
+    assert len(auto.segment) < len(one_per_row.segment)               # fewer rows, less padding
+    assert auto.tokens() == one_per_row.tokens()
+    assert sorted(auto.source[auto.source >= 0].tolist()) == \
+        sorted(one_per_row.source[one_per_row.source >= 0].tolist())  # every token, once
+
+
 def test_auto_is_the_default_and_packs_the_tiny_family(tiny):
     assert R.parse_args(["--data", "x", "--output_dir", "x"]).shared_prefix == "auto"
     model, _ = adapted(tiny[0], "lora", "rank")
@@ -341,18 +431,18 @@ def test_evaluation_uses_the_packed_path(tiny, records, monkeypatch):
 
 
 def test_torchrun_two_processes_packed_match_one_unshared(records, tmp_path):
-    """DDP with --shared_prefix on == one process with the unshared forward."""
+    """DDP with --shared_prefix on, two chains per packed row == one process, unshared."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "rank_dpo.py"),
-           "--data", records["mixed"], "--output_dir", str(tmp_path / "ddp"), "--lr", "3e-3",
-           "--max_steps", "2", "--batch_size", "1", "--save_every", "0",
-           "--shared_prefix", "on"]
+           "--data", records["all"], "--output_dir", str(tmp_path / "ddp"), "--lr", "3e-3",
+           "--max_steps", "2", "--batch_size", "2", "--save_every", "0",
+           "--shared_prefix", "on", "--pack_chains", str(ONE_ROW)]
     returncode, _, stderr = run_process(cmd, timeout=300)
     assert returncode == 0, stderr[-3000:]
     ddp = read_metrics(tmp_path / "ddp")
-    data = {"mixed": records["mixed"]}
+    data = {"all": records["all"]}
     with redirect_stdout(io.StringIO()):
         single = run(data, tmp_path / "one", "--shared_prefix", "off",
-                     path="mixed", steps=2, batch=2)
+                     path="all", steps=2, batch=4)
     assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
     assert ddp[1]["loss"] == pytest.approx(single[1]["loss"], rel=1e-4)
