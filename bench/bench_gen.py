@@ -11,6 +11,9 @@
    them wait), so one server caps the rate and k servers should give k times it (least-loaded
    routing). Target: at least 0.8 x min(k x slots, concurrency) / latency. Written into its own
    block of bench/RESULTS.md.
+4. What frames cost a request (`--frames`): the JSON size of a recaption request, text only and
+   with 8 frames of an H.264 clip at each --frame_size cap, and the time to build its image parts
+   (decode with the trainer's reader, resize, JPEG, base64). Written into its own block.
 
 Prints markdown tables and writes bench/gen.json (--parts picks which to run).
 """
@@ -35,6 +38,7 @@ from records import map_resumable  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 SERVERS_BLOCK = ("<!-- multi-server table (bench_gen.py) -->", "<!-- end multi-server table -->")
+FRAMES_BLOCK = ("<!-- frames table (bench_gen.py) -->", "<!-- end frames table -->")
 
 
 def merge_json(path: str, part: dict) -> None:
@@ -120,14 +124,57 @@ def servers_table(args, rows: list[dict], m: dict) -> str:
     return head + "\n".join(table)
 
 
-def write_servers_block(table: str, path: str = RESULTS) -> None:
-    """Replace the multi-server block of the chain-generation section (appended there if absent)."""
+def frames_rows(args, workdir: str) -> list[dict]:
+    """Part 4: one recaption request's JSON size, text only and with `frames` frames of a clip
+    of args.frames_video size at each cap, and the time to build its parts (best of 3)."""
+    import numpy as np
+    import synthetic
+    width, height = (int(x) for x in args.frames_video.split("x"))
+    rng = np.random.default_rng(0)
+    # a textured clip (noise over a gradient): JPEG sizes near a real video's, unlike flat colour
+    base = np.linspace(0, 255, width, dtype=np.float32)[None, None, :, None]
+    video = np.clip(base + rng.normal(0, 40, (32, height, width, 3)), 0, 255).astype(np.uint8)
+    path = os.path.join(workdir, "clip.mp4")
+    synthetic.write_mp4(path, video)
+    messages = gc.recaption_messages(["A man walks a dog in a park.", "A dog runs after a ball."])
+    rows = [{"frames": 0, "frame_size": None, "bytes": len(json.dumps(messages).encode()),
+             "build_s": 0.0}]
+    for cap in (int(x) for x in args.frame_sizes.split(",")):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            parts = gc.frame_parts(path, args.frames, cap)
+            times.append(time.perf_counter() - t0)
+        sent = gc.with_frames(messages, parts)
+        rows.append({"frames": args.frames, "frame_size": cap, "bytes": len(json.dumps(sent).encode()),
+                     "build_s": round(min(times), 4)})
+    return rows
+
+
+def frames_table(args, rows: list[dict], m: dict) -> str:
+    head = (f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}. Command: "
+            "`.venv/bin/python bench/bench_gen.py --parts frames` (raw figures: `bench/gen.json`, key "
+            f"`frames`). One `recaption` request (two short captions), its messages' JSON size, text only "
+            f"and with {args.frames} frames of a {args.frames_video} H.264 clip (32 frames of a gradient under Gaussian noise: hard for JPEG, so sizes at the high end) "
+            "at each `--frame_size` cap; build = decoding the frames with the trainer's reader, resizing, "
+            "JPEG and base64, best of 3.\n\n")
+    table = ["| frames | --frame_size | request (KiB) | x text only | build (ms) |", "|---:|---:|---:|---:|---:|"]
+    text = rows[0]["bytes"]
+    for r in rows:
+        table.append(f"| {r['frames']} | {r['frame_size'] or '-'} | {r['bytes'] / 1024:.1f} | "
+                     f"{r['bytes'] / text:.0f} | {1000 * r['build_s']:.0f} |")
+    return head + "\n".join(table)
+
+
+def write_block(table: str, path: str = RESULTS, markers: tuple[str, str] = SERVERS_BLOCK,
+                        title: str = "Several servers behind one client.") -> None:
+    """Replace a marked block of the chain-generation section (appended there if absent)."""
     with open(path) as f:
         text = f.read()
-    block = f"{SERVERS_BLOCK[0]}\n**Several servers behind one client.** {table}\n{SERVERS_BLOCK[1]}"
-    start, end = text.find(SERVERS_BLOCK[0]), text.find(SERVERS_BLOCK[1])
+    block = f"{markers[0]}\n**{title}** {table}\n{markers[1]}"
+    start, end = text.find(markers[0]), text.find(markers[1])
     if start >= 0 and end >= 0:
-        text = text[:start] + block + text[end + len(SERVERS_BLOCK[1]):]
+        text = text[:start] + block + text[end + len(markers[1]):]
     else:
         head = text.index("## Chain generation (`make bench-gen`)")
         nxt = text.find("\n## ", head + 1)
@@ -145,13 +192,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per level; the median is reported")
     ap.add_argument("--synth_n", type=int, default=1000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "gen.json"))
-    ap.add_argument("--parts", default="client,servers",
-                    help="comma list: client (parts 1 and 2), servers (part 3)")
+    ap.add_argument("--parts", default="client,servers,frames",
+                    help="comma list: client (parts 1 and 2), servers (part 3), frames (part 4)")
     ap.add_argument("--servers", default="1,2,4", help="part 3: server counts")
     ap.add_argument("--server_latency", type=float, default=0.2, help="part 3: seconds per request")
     ap.add_argument("--server_slots", type=int, default=4, help="part 3: requests one server serves at once")
     ap.add_argument("--server_concurrency", type=int, default=16, help="part 3: requests in flight in all")
-    ap.add_argument("--results", default=RESULTS, help="part 3 writes its block here ('' for none)")
+    ap.add_argument("--results", default=RESULTS, help="parts 3 and 4 write their blocks here ('' for none)")
+    ap.add_argument("--frames", type=int, default=8, help="part 4: frames per request")
+    ap.add_argument("--frame_sizes", default="224,448", help="part 4: --frame_size caps")
+    ap.add_argument("--frames_video", default="640x360", help="part 4: the clip's WIDTHxHEIGHT")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     parts = set(args.parts.split(","))
@@ -162,10 +212,18 @@ def main() -> None:
         table = servers_table(args, rows, machine())
         print("\n" + table)
         if args.results:
-            write_servers_block(table, args.results)
+            write_block(table, args.results)
         merge_json(args.out, {"machine": machine(), "servers": {
             "latency_s": args.server_latency, "slots": args.server_slots,
             "concurrency": args.server_concurrency, "rows": rows}})
+    if "frames" in parts:
+        with tempfile.TemporaryDirectory() as work:
+            rows = frames_rows(args, work)
+        table = frames_table(args, rows, machine())
+        print("\n" + table)
+        if args.results:
+            write_block(table, args.results, FRAMES_BLOCK, "What frames cost a request.")
+        merge_json(args.out, {"frames": {"video": args.frames_video, "rows": rows}})
     if "client" not in parts:
         return
 

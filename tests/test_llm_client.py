@@ -375,8 +375,21 @@ def test_bench_gen_servers_part_scales_and_writes_its_block(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Chain generation (`make bench-gen`)\n\ntext\n\n## Next\n\nmore\n")
     table = bench_gen.servers_table(args, rows, bench_gen.machine())
-    bench_gen.write_servers_block(table, str(results))
-    bench_gen.write_servers_block(table, str(results))                 # replaced, not appended twice
+    bench_gen.write_block(table, str(results))
+    bench_gen.write_block(table, str(results))                 # replaced, not appended twice
     text = results.read_text()
     assert text.count(bench_gen.SERVERS_BLOCK[0]) == 1
     assert text.index("text") < text.index("| 2 | 12 |") < text.index("## Next")
+
+
+def test_bench_gen_frames_part_measures_what_frames_add(tmp_path):
+    """Part 4: a larger cap sends more bytes; its table names every row and the text-only one."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_gen
+    args = argparse.Namespace(frames=2, frame_sizes="32,96", frames_video="128x96")
+    rows = bench_gen.frames_rows(args, str(tmp_path))
+    text_only, small, large = rows
+    assert text_only["frames"] == 0 and small["frames"] == large["frames"] == 2
+    assert text_only["bytes"] < small["bytes"] < large["bytes"]
+    table = bench_gen.frames_table(args, rows, bench_gen.machine())
+    assert "| 0 | - |" in table and "| 2 | 32 |" in table and "| 2 | 96 |" in table
