@@ -690,12 +690,14 @@ def forward_logits(model, batch: Batch, video_embeds: list[VideoFeatures] | None
 #         segment    0 0 0   1  1    2  2  2   0 0   1  1  1    -1
 #         position   0 1 2   3  4    3  4  5   0 1   2  3  4     0   (restart per chain)
 #
-#     Packed, not a KV cache: the model's own forward, so LoRA, peft and gradients work unchanged.
+#     Packed: the model's own forward, so LoRA, peft and gradients work unchanged.
 #     Same numbers: positions are the model's rope index on the UNPACKED rows, moved.
 #     A segment starts at its row's last prompt token: its first label is predicted inside it.
-#     Masks: sdpa boolean, eager additive; other attention backends fall back. Sliding-window
-#     layers get their own mask (window in unpacked positions) where the decoder takes one per
-#     layer type.
+#     One attention rule (packed_visible), handed to each backend its way (PACKED_ROUTES): sdpa
+#     a boolean mask, eager an additive one, flex attention a BlockMask (masked blocks skipped),
+#     flash attention the prefix once into a KV cache and the captions over it (it takes no
+#     mask). Sliding-window layers get their own mask (window in unpacked positions) where the
+#     decoder takes one per layer type; under flex and flash they fall back.
 #     Why, at length: docs/DESIGN.md, "The shared-prefix forward".
 # ------------------------------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ def test_the_tools_import_each_other_as_drawn():
     assert arrows == {"records": set(),
                       "benchmarks": {"records"},
                       "synthetic": {"records", "benchmarks"},     # benchmarks: the ARGUS judgement type
-                      "gen_chains": {"records", "synthetic"},      # synthetic: --backend rules only
+                      # synthetic: --backend rules only; rank_dpo: --frames only (its video reader)
+                      "gen_chains": {"records", "synthetic", "rank_dpo"},
                       "rank_dpo": {"records", "kernels", "synthetic"},   # synthetic: --model tiny only
                       "eval_judge": {"records", "benchmarks", "gen_chains", "rank_dpo",
                                      "synthetic"}}                # synthetic: --judge rules
