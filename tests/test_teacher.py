@@ -94,6 +94,27 @@ def test_recaption_frames_are_the_trainers_frames_shrunk_to_the_cap(clip):
     assert lines(clip / "o.jsonl")[0]["caption"].startswith("A soft blob")
 
 
+def test_recaption_with_frames_over_two_servers(synth_dir, tmp_path):
+    """The README's command, `recaption --frames 8 --base_url URL1,URL2`, on the synthetic set:
+    every record once, each request to one of the two servers with 8 image parts."""
+    inp = write_jsonl(tmp_path / "in.jsonl",
+                      [{**rec, "video": os.path.join(str(synth_dir), rec["video"])}
+                       for rec in lines(synth_dir / "train.jsonl")])
+    def reply(req):          # the short captions, joined: long enough, and from them
+        text = first_user(req)["content"][-1]["text"]
+        return " ".join(line[2:] for line in text.splitlines() if line.startswith("- "))
+    with FakeLLM(responder=reply) as one, FakeLLM(responder=reply) as two:
+        s = gc.main(["recaption", "--in", inp, "--out", str(tmp_path / "out.jsonl"), "--frames", "8",
+                     *http_args(one), "--base_url", f"{one.url},{two.url}", "--concurrency", "2"])
+    records = lines(tmp_path / "out.jsonl")
+    assert s["done"] == len(records) == len(lines(inp)) and s["failed"] == 0
+    assert sorted(r["id"] for r in records) == sorted(r["id"] for r in lines(inp))
+    requests = one.requests + two.requests
+    assert len(requests) == len(records) and one.requests and two.requests
+    assert all(len(r.images()) == 8 for r in requests)
+    assert [srv["requests"] for srv in s["servers"]] == [len(one.requests), len(two.requests)]
+
+
 def test_frames_smaller_than_the_cap_are_sent_as_they_are(clip):
     inp = write_jsonl(clip / "in2.jsonl", [{"id": "v", "video": "clip.mp4", "caption": "a blob moves right"}])
     with FakeLLM(default="A soft blob moves from the left side to the right side.") as llm:
