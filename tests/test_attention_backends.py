@@ -212,16 +212,21 @@ def test_flex_forward_equals_unshared_sdpa(causal_lm, records, monkeypatch, flex
     chains, _ = R.load_chains(records["text"], tokenizer, "rank")
     batch, index = R.collate(chains, tokenizer, 8, 2048)
     with torch.no_grad():
-        logits, labels = R.chain_logits(flex, batch, R.pack_model_chains(flex, batch, index))
-        flex_logps, _ = R.kernels.sequence_logps(logits, labels)
         logits, labels = R.chain_logits(model, batch)
         sdpa_logps, _ = R.kernels.sequence_logps(logits, labels)
-    assert built == [1] and not bool(torch.isnan(flex_logps).any())
-    torch.testing.assert_close(flex_logps, sdpa_logps, rtol=1e-5, atol=1e-5)
+        for pack in ("off", ONE_ROW):          # one chain per row; both chains in one row
+            packing = R.pack_model_chains(flex, batch, index, pack)
+            logits, labels = R.chain_logits(flex, batch, packing)
+            flex_logps, _ = R.kernels.sequence_logps(logits, labels)
+            assert not bool(torch.isnan(flex_logps).any())
+            torch.testing.assert_close(flex_logps, sdpa_logps, rtol=1e-5, atol=1e-5, msg=str(pack))
+    assert len(packing.segment) == 1 and int(packing.document.max()) == 1
+    assert built == [1, 1]
+    built.clear()
     chain = {"video": None, "prompts": ["Describe the scene."] * 3,
              "responses": ["A red square on the left.", "A red circle.", "A blue circle."]}
     shared = eval_judge.chain_logps(flex, tokenizer, [chain], R.VideoSampling(8))[0]
-    assert built == [1, 1]
+    assert built == [1]
     unshared = R.response_logps(model, tokenizer, None, chain["prompts"], chain["responses"],
                                 shared_prefix="off")
     np.testing.assert_allclose(shared, unshared.numpy(), rtol=1e-5, atol=1e-5)
