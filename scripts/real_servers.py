@@ -14,6 +14,15 @@
 4. Checks the output: every input id exactly once. Prints (and writes to --report) what it saw:
    the commands, the summary's per-server counts, statuses, the structured-output findings.
 The servers are killed at the end whatever happens. CPU heavy: one run, niced.
+
+    python scripts/real_servers.py --yields [--yield_port 8031] [--yield_records 8] [--report F]
+
+instead starts one server (n_ctx 4096), makes every LLM command's inputs offline on the embedded
+world (synth, rules chains and QA items) and runs recaption, chains, mcq and ynq --backend http,
+qa, reward, improve, compare and rlaifv on them, each with --structured off and auto (--step_tries
+2 --max_tries 2 --concurrency 2). It prints the findings as JSON (each run's statuses, requests,
+tokens, the schema form the server took, rejection reasons, up to two accepted records to read)
+and then a markdown table of the yields.
 """
 from __future__ import annotations
 
@@ -155,10 +164,11 @@ def yields_table(rows: list[dict]) -> str:
     for r in rows:
         total = r["total"] if r["total"] is not None else f"{r['written']} written (stopped)"
         top = ", ".join(f"{k} {v}" for k, v in list(r["rejected"].items())[:3]) or "–"
+        form = "none sent" if r["structured"] == "off" else r["schema_form"] or "?"
         lines.append(
             f"| {r['command']} | {r['structured']} | {r['kept']} / {total} | {r['statuses'].get('failed', 0)} "
             f"| {r['statuses'].get('no_preference', '–')} | {(r['requests'] or {}).get('sent', '?')} "
-            f"| {(r['tokens'] or {}).get('per_record', '?')} | {r['schema_form'] or '?'} | {top} | {r['seconds']:.0f} |")
+            f"| {(r['tokens'] or {}).get('per_record', '?')} | {form} | {top} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
