@@ -1436,7 +1436,12 @@ def parse_reward(text: str) -> dict | None:
 
 
 def check_reward(reward: dict) -> list[str]:
-    return [] if 0 <= reward["score"] <= 5 else [f"score out of range ({reward['score']}; it is 0 to 5)"]
+    if not 0 <= reward["score"] <= 5:
+        return [f"score out of range ({reward['score']}; it is 0 to 5)"]
+    # The prompt defines 5 as correct and 0 as wrong: a verdict that says the opposite is a guess.
+    if (reward.get("verdict"), reward["score"]) in (("no", 5), ("yes", 0)):
+        return [f"verdict contradicts score ({reward['verdict']!r} with {reward['score']}; 5 = correct, 0 = wrong)"]
+    return []
 
 
 def score_answer(client: ChatClient, caption: str, question: str, answer: str, tries: int = 3,
@@ -1861,6 +1866,12 @@ def check_chain_statements(chain: list[str], statements: list, what: str) -> lis
         return [f"every {what} must be a non-empty string"]
     problems = []
     keys = [tuple(_tokens(x)) for x in statements]
+    # A step that only moved words (an order swap) has no error marker, so the markers alone let
+    # options such as "*", "yes", "no" through: each statement must say something the captions say.
+    said = {w for c in chain for w in _tokens(c)} - GLUE_WORDS
+    for i, key in enumerate(keys):
+        if not said & set(key):
+            problems.append(f"{what} {i} says nothing the captions say (none of their words)")
     for i in range(1, n):
         if keys[i] in keys[:i]:
             problems.append(f"{what} {i} repeats {what} {keys.index(keys[i])}")

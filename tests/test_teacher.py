@@ -251,6 +251,10 @@ def test_qa_claims_reward_and_recaption_checks():
     assert kinds(gc.check_claims(REF, ['{"claims": ["a red circle"]}'])) == ["claim N is not plain text"]
 
     assert gc.check_reward({"score": 5}) == [] and kinds(gc.check_reward({"score": 9})) == ["score out of range"]
+    # seen from SmolLM2-135M with the schema form: verdict and score each valid, together a guess
+    assert gc.check_reward({"verdict": "yes", "score": 5}) == gc.check_reward({"verdict": "no", "score": 2}) == []
+    assert kinds(gc.check_reward({"verdict": "no", "score": 5})) == ["verdict contradicts score"]
+    assert kinds(gc.check_reward({"verdict": "yes", "score": 0})) == ["verdict contradicts score"]
 
     srcs = ["a red circle moves up", "a blue square enters"]
     parse = lambda t: gc.parse_recaption(5, gc.instruction_words(gc.recaption_messages(srcs), *srcs), 30, srcs, t)
@@ -349,3 +353,23 @@ def test_the_on_policy_teacher_looks_at_the_reference_video(synth_dir, tmp_path)
     assert len(split) == 2 and not any(r.image_urls for r in split)
     assert len(checked) == 2 and all(len(r.images()) == 1 for r in checked)
     assert s["request_bytes"]["questions"] == 4 and lines(tmp_path / "o.jsonl")[0]["status"] == "ok"
+
+
+def test_mcq_options_must_say_what_the_captions_say():
+    """SmolLM2-135M's accepted mcq record: both steps only moved words ('right' was already said,
+    an order swap), so no error marker tied the options to the captions."""
+    chain = ["Two red circles appear at the bottom and move right. Then three white squares appear at the center.",
+             "Two red circles appear at the bottom and move right. Then three white squares appear at the right.",
+             "Three white squares appear at the right. Then two red circles appear at the bottom and move right."]
+    assert gc.error_markers(chain) == [set(), set()]
+    garbage = json.dumps({"question": "Is the video caption I gave you contains multiple-choice questions?",
+                          "options": ["*", "yes", "no"]})
+    value, problems = gc.parse_chain_mcq(chain, garbage)
+    assert value is None and kinds(problems) == ["option N says nothing the captions say"] * 3
+    good = json.dumps({"question": "Where are the white squares?",
+                       "options": ["white squares at the center", "white squares at the right",
+                                   "white squares first, then red circles"]})
+    assert gc.parse_chain_mcq(chain, good)[1] == []
+    value, problems = gc.parse_chain_ynq(chain, json.dumps({"questions": [
+        "Is the sky blue?", "Are the squares at the right?", "Do the circles come last?"]}))
+    assert kinds(problems) == ["question N says nothing the captions say"]
