@@ -1273,7 +1273,7 @@ GLUE_WORDS = set("the a an is are was were be it its they there this that these 
                  "in on at with which who has have had does do".split())
 ECHO_WORDS = 6                             # this many words in a row from the instructions: an echo
 # The model talking to the user ("I'm sorry for any confusion", "please"): a caption speaks of the video.
-CHAT_TALK = re.compile(r"\b(?:I|I'm|I'll|I've|I'd)\b|\b(?i:you're|you'll|please|sorry|thanks|thank you)\b")
+CHAT_TALK = re.compile(r"\b(?:I|I'm|I'll|I've|I'd)\b|\b(?i:you're|you'll|you've|you'd|please|sorry|thanks|thank you)\b")
 
 
 def instruction_words(messages: list[dict], *data: str) -> list[str]:

@@ -264,6 +264,9 @@ def test_qa_claims_reward_and_recaption_checks():
     assert kinds(parse(SEEN[1])[1]) == ["chat talk", "off_topic"]
     assert kinds(parse(" ".join(["a red circle moves up"] * 8))[1]) == ["too_long"]
     assert parse("Circle.")[1] == ["too_short"]
+    # accepted from SmolLM2-135M before "you've" counted as chat talk
+    assert "chat talk" in kinds(parse("A red circle moves up and a blue square enters. The description does not "
+                                      "invent anything. So that's all you've got to add.")[1])
 
 
 def test_improve_reasks_then_fails_and_a_failed_correction_is_never_a_pair(synth_dir, tmp_path):
