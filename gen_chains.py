@@ -2049,11 +2049,12 @@ def cmd_reward(args) -> dict:
         if len(rec["answers"]) < 2 or not all(isinstance(a, str) and a.strip() for a in rec["answers"]):
             raise DataError(args.inp, line, "expected at least two non-empty answer strings", "answers")
         records.append(rec)
-    return run_command("reward", args, records, llm=partial(reward_by_llm, args.pairs), left_out=left_out)
+    return run_command("reward", args, records, llm=partial(reward_by_llm, args.pairs, args.step_tries),
+                       left_out=left_out)
 
 
-def reward_by_llm(pairs: bool, rec: dict, client: ChatClient, stats: RunStats) -> dict:
-    scored = [score_answer(client, rec["caption"], rec["question"], a, stats=stats) for a in rec["answers"]]
+def reward_by_llm(pairs: bool, tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    scored = [score_answer(client, rec["caption"], rec["question"], a, tries, stats) for a in rec["answers"]]
     ranked = rank_answers(rec["answers"], scored, pairs)
     base = {**_base_record(rec), "scored": [{"answer": a, **s} for a, s in zip(rec["answers"], scored)]}
     if len(ranked) < 2:

@@ -376,3 +376,11 @@ def test_mcq_options_must_say_what_the_captions_say():
     value, problems = gc.parse_chain_ynq(chain, json.dumps({"questions": [
         "Is the sky blue?", "Are the squares at the right?", "Do the circles come last?"]}))
     assert kinds(problems) == ["question N says nothing the captions say"]
+
+
+def test_reward_asks_each_answer_step_tries_times(tmp_path):
+    inp = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "caption": "A red ball rolls left.",
+                                              "question": "What rolls?", "answers": ["A red ball.", "A cube."]}])
+    with FakeLLM(default="I cannot grade this.") as llm:
+        s = gc.main(["reward", "--in", inp, "--out", str(tmp_path / "r.jsonl"), *http_args(llm, "--step_tries", "2")])
+    assert s["failed"] == 1 and s["requests"]["sent"] == 2      # the first answer's two tries, then the record fails
