@@ -1264,7 +1264,8 @@ def combine_orders(first: str, second: str) -> str:
 # (ask_until_parsed, problem_kind); the part in parentheses is detail.
 
 MARKUP = re.compile(r"[{}\[\]`]|<\s*/?\s*[a-z][^<>]*>|https?://|\bwww\.|(?:^|\s)#{1,6}\s"  # JSON, code, HTML,
-                    r"|^\s*(?:\d{1,2}[.)]|[-*•])\s", re.I)                # links, headings; a list
+                    r"|^\s*(?:\d{1,2}[.)]|[-*•])\s"                      # links, headings; a list;
+                    r"|\b\w+\s*=\s*[fbr]?[\"']", re.I)                   # code: new_text = f"..."
 PLACEHOLDER = re.compile(r"<[^<>]*\s[^<>]*>")           # <the corrected caption>
 TEMPLATE_REMNANT = re.compile(r"\bjson\b|\breply (?:with|again|only)\b|\bplaceholder\b|\b(?:your|the) "
                               r"(?:answer|caption|question|text|description) (?:here|goes)\b", re.I)

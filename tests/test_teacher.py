@@ -218,6 +218,9 @@ def test_the_garbage_a_small_model_wrote_is_rejected_for_improve():
      'from the right. Please let me know."}', ["chat talk"]),
     ('## Corrected\n' + REF, ["markup"]),
     ('{"caption": "<b>A small red circle</b> appears on the left and moves up."}', ["markup"]),
+    # accepted from SmolLM2-135M before a string assignment counted as code
+    ('new_text = f"A small red circle appears on the left and moves up, then a large blue square enters.',
+     ["markup"]),
     ('{"caption": "Rewrite the model\'s caption so that it is correct: fix every statement."}',
      ["prompt echo", "off_topic"]),
     ('{"caption": "A red circle."}', ["too_short"]),
