@@ -1264,7 +1264,8 @@ def combine_orders(first: str, second: str) -> str:
 # (ask_until_parsed, problem_kind); the part in parentheses is detail.
 
 MARKUP = re.compile(r"[{}\[\]`]|<\s*/?\s*[a-z][^<>]*>|https?://|\bwww\.|(?:^|\s)#{1,6}\s"  # JSON, code, HTML,
-                    r"|^\s*(?:\d{1,2}[.)]|[-*•])\s", re.I)                # links, headings; a list
+                    r"|^\s*(?:\d{1,2}[.)]|[-*•])\s"                      # links, headings; a list;
+                    r"|\b\w+\s*=\s*[fbr]?[\"']", re.I)                   # code: new_text = f"..."
 PLACEHOLDER = re.compile(r"<[^<>]*\s[^<>]*>")           # <the corrected caption>
 TEMPLATE_REMNANT = re.compile(r"\bjson\b|\breply (?:with|again|only)\b|\bplaceholder\b|\b(?:your|the) "
                               r"(?:answer|caption|question|text|description) (?:here|goes)\b", re.I)
@@ -1273,7 +1274,7 @@ GLUE_WORDS = set("the a an is are was were be it its they there this that these 
                  "in on at with which who has have had does do".split())
 ECHO_WORDS = 6                             # this many words in a row from the instructions: an echo
 # The model talking to the user ("I'm sorry for any confusion", "please"): a caption speaks of the video.
-CHAT_TALK = re.compile(r"\b(?:I|I'm|I'll|I've|I'd)\b|\b(?i:you're|you'll|please|sorry|thanks|thank you)\b")
+CHAT_TALK = re.compile(r"\b(?:I|I'm|I'll|I've|I'd)\b|\b(?i:you're|you'll|you've|you'd|please|sorry|thanks|thank you)\b")
 
 
 def instruction_words(messages: list[dict], *data: str) -> list[str]:
@@ -1436,7 +1437,12 @@ def parse_reward(text: str) -> dict | None:
 
 
 def check_reward(reward: dict) -> list[str]:
-    return [] if 0 <= reward["score"] <= 5 else [f"score out of range ({reward['score']}; it is 0 to 5)"]
+    if not 0 <= reward["score"] <= 5:
+        return [f"score out of range ({reward['score']}; it is 0 to 5)"]
+    # The prompt defines 5 as correct and 0 as wrong: a verdict that says the opposite is a guess.
+    if (reward.get("verdict"), reward["score"]) in (("no", 5), ("yes", 0)):
+        return [f"verdict contradicts score ({reward['verdict']!r} with {reward['score']}; 5 = correct, 0 = wrong)"]
+    return []
 
 
 def score_answer(client: ChatClient, caption: str, question: str, answer: str, tries: int = 3,
@@ -1861,6 +1867,12 @@ def check_chain_statements(chain: list[str], statements: list, what: str) -> lis
         return [f"every {what} must be a non-empty string"]
     problems = []
     keys = [tuple(_tokens(x)) for x in statements]
+    # A step that only moved words (an order swap) has no error marker, so the markers alone let
+    # options such as "*", "yes", "no" through: each statement must say something the captions say.
+    said = {w for c in chain for w in _tokens(c)} - GLUE_WORDS
+    for i, key in enumerate(keys):
+        if not said & set(key):
+            problems.append(f"{what} {i} says nothing the captions say (none of their words)")
     for i in range(1, n):
         if keys[i] in keys[:i]:
             problems.append(f"{what} {i} repeats {what} {keys.index(keys[i])}")
@@ -2038,11 +2050,12 @@ def cmd_reward(args) -> dict:
         if len(rec["answers"]) < 2 or not all(isinstance(a, str) and a.strip() for a in rec["answers"]):
             raise DataError(args.inp, line, "expected at least two non-empty answer strings", "answers")
         records.append(rec)
-    return run_command("reward", args, records, llm=partial(reward_by_llm, args.pairs), left_out=left_out)
+    return run_command("reward", args, records, llm=partial(reward_by_llm, args.pairs, args.step_tries),
+                       left_out=left_out)
 
 
-def reward_by_llm(pairs: bool, rec: dict, client: ChatClient, stats: RunStats) -> dict:
-    scored = [score_answer(client, rec["caption"], rec["question"], a, stats=stats) for a in rec["answers"]]
+def reward_by_llm(pairs: bool, tries: int, rec: dict, client: ChatClient, stats: RunStats) -> dict:
+    scored = [score_answer(client, rec["caption"], rec["question"], a, tries, stats) for a in rec["answers"]]
     ranked = rank_answers(rec["answers"], scored, pairs)
     base = {**_base_record(rec), "scored": [{"answer": a, **s} for a, s in zip(rec["answers"], scored)]}
     if len(ranked) < 2:

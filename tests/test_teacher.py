@@ -239,6 +239,9 @@ def test_the_garbage_a_small_model_wrote_is_rejected_for_improve():
      'from the right. Please let me know."}', ["chat talk"]),
     ('## Corrected\n' + REF, ["markup"]),
     ('{"caption": "<b>A small red circle</b> appears on the left and moves up."}', ["markup"]),
+    # accepted from SmolLM2-135M before a string assignment counted as code
+    ('new_text = f"A small red circle appears on the left and moves up, then a large blue square enters.',
+     ["markup"]),
     ('{"caption": "Rewrite the model\'s caption so that it is correct: fix every statement."}',
      ["prompt echo", "off_topic"]),
     ('{"caption": "A red circle."}', ["too_short"]),
@@ -272,6 +275,10 @@ def test_qa_claims_reward_and_recaption_checks():
     assert kinds(gc.check_claims(REF, ['{"claims": ["a red circle"]}'])) == ["claim N is not plain text"]
 
     assert gc.check_reward({"score": 5}) == [] and kinds(gc.check_reward({"score": 9})) == ["score out of range"]
+    # seen from SmolLM2-135M with the schema form: verdict and score each valid, together a guess
+    assert gc.check_reward({"verdict": "yes", "score": 5}) == gc.check_reward({"verdict": "no", "score": 2}) == []
+    assert kinds(gc.check_reward({"verdict": "no", "score": 5})) == ["verdict contradicts score"]
+    assert kinds(gc.check_reward({"verdict": "yes", "score": 0})) == ["verdict contradicts score"]
 
     srcs = ["a red circle moves up", "a blue square enters"]
     parse = lambda t: gc.parse_recaption(5, gc.instruction_words(gc.recaption_messages(srcs), *srcs), 30, srcs, t)
@@ -281,6 +288,9 @@ def test_qa_claims_reward_and_recaption_checks():
     assert kinds(parse(SEEN[1])[1]) == ["chat talk", "off_topic"]
     assert kinds(parse(" ".join(["a red circle moves up"] * 8))[1]) == ["too_long"]
     assert parse("Circle.")[1] == ["too_short"]
+    # accepted from SmolLM2-135M before "you've" counted as chat talk
+    assert "chat talk" in kinds(parse("A red circle moves up and a blue square enters. The description does not "
+                                      "invent anything. So that's all you've got to add.")[1])
 
 
 def test_improve_reasks_then_fails_and_a_failed_correction_is_never_a_pair(synth_dir, tmp_path):
@@ -370,3 +380,31 @@ def test_the_on_policy_teacher_looks_at_the_reference_video(synth_dir, tmp_path)
     assert len(split) == 2 and not any(r.image_urls for r in split)
     assert len(checked) == 2 and all(len(r.images()) == 1 for r in checked)
     assert s["request_bytes"]["questions"] == 4 and lines(tmp_path / "o.jsonl")[0]["status"] == "ok"
+
+
+def test_mcq_options_must_say_what_the_captions_say():
+    """SmolLM2-135M's accepted mcq record: both steps only moved words ('right' was already said,
+    an order swap), so no error marker tied the options to the captions."""
+    chain = ["Two red circles appear at the bottom and move right. Then three white squares appear at the center.",
+             "Two red circles appear at the bottom and move right. Then three white squares appear at the right.",
+             "Three white squares appear at the right. Then two red circles appear at the bottom and move right."]
+    assert gc.error_markers(chain) == [set(), set()]
+    garbage = json.dumps({"question": "Is the video caption I gave you contains multiple-choice questions?",
+                          "options": ["*", "yes", "no"]})
+    value, problems = gc.parse_chain_mcq(chain, garbage)
+    assert value is None and kinds(problems) == ["option N says nothing the captions say"] * 3
+    good = json.dumps({"question": "Where are the white squares?",
+                       "options": ["white squares at the center", "white squares at the right",
+                                   "white squares first, then red circles"]})
+    assert gc.parse_chain_mcq(chain, good)[1] == []
+    value, problems = gc.parse_chain_ynq(chain, json.dumps({"questions": [
+        "Is the sky blue?", "Are the squares at the right?", "Do the circles come last?"]}))
+    assert kinds(problems) == ["question N says nothing the captions say"]
+
+
+def test_reward_asks_each_answer_step_tries_times(tmp_path):
+    inp = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "caption": "A red ball rolls left.",
+                                              "question": "What rolls?", "answers": ["A red ball.", "A cube."]}])
+    with FakeLLM(default="I cannot grade this.") as llm:
+        s = gc.main(["reward", "--in", inp, "--out", str(tmp_path / "r.jsonl"), *http_args(llm, "--step_tries", "2")])
+    assert s["failed"] == 1 and s["requests"]["sent"] == 2      # the first answer's two tries, then the record fails
