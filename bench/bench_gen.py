@@ -35,6 +35,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import gen_chains as gc          # noqa: E402
 from fake_llm import FakeLLM     # noqa: E402
 from records import map_resumable  # noqa: E402
+import results_md                  # noqa: E402   (bench/, this script's own folder)
 
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 SERVERS_BLOCK = ("<!-- multi-server table (bench_gen.py) -->", "<!-- end multi-server table -->")
@@ -167,21 +168,10 @@ def frames_table(args, rows: list[dict], m: dict) -> str:
 
 
 def write_block(table: str, path: str = RESULTS, markers: tuple[str, str] = SERVERS_BLOCK,
-                        title: str = "Several servers behind one client.") -> None:
+                title: str = "Several servers behind one client.") -> None:
     """Replace a marked block of the chain-generation section (appended there if absent)."""
-    with open(path) as f:
-        text = f.read()
     block = f"{markers[0]}\n**{title}** {table}\n{markers[1]}"
-    start, end = text.find(markers[0]), text.find(markers[1])
-    if start >= 0 and end >= 0:
-        text = text[:start] + block + text[end + len(markers[1]):]
-    else:
-        head = text.index("## Chain generation (`make bench-gen`)")
-        nxt = text.find("\n## ", head + 1)
-        nxt = len(text) if nxt < 0 else nxt
-        text = text[:nxt].rstrip("\n") + "\n\n" + block + "\n\n" + text[nxt:]
-    with open(path, "w") as f:
-        f.write(text)
+    results_md.write_block(path, block, markers, "## Chain generation (`make bench-gen`)")
 
 
 def main() -> None:

@@ -35,6 +35,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from records import load_jsonl, write_jsonl  # noqa: E402
 
+import results_md  # noqa: E402        (bench/, this script's own folder)
+
+TRAINING_SECTION = "## Training (`make bench-train`)"
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
 SHAPES = ["square", "circle", "triangle", "star"]
 
@@ -463,6 +467,9 @@ def run_attention(a) -> dict:
 
 ATTENTION_BLOCK = ("<!-- attention-routes table (bench_train.py) -->",
                    "<!-- end attention-routes table -->")
+# Its own section: a full run rewrites the Training section, and this table is --only's alone.
+ATTENTION_HEADING = ("## The packed forward's attention routes "
+                     "(`python bench/bench_train.py --only attention`)")
 
 
 def attention_markdown(r: dict) -> str:
@@ -630,6 +637,7 @@ def run_row_packing(a) -> dict:
 
 ROW_BLOCK = ("<!-- row-packing table (bench_train.py --only row_packing) -->",
              "<!-- end row-packing table -->")
+ROW_HEADING = "## Several chains per packed row (`python bench/bench_train.py --only row_packing`)"
 
 
 def shape_words(shape: dict) -> str:
@@ -792,38 +800,20 @@ def main() -> None:
                           "attention": worker_attention, "ref_cache": worker_ref_cache,
                           "row_packing": worker_row_packing}[a.worker](a)))
         return
-    if a.only == "attention":
-        report = run_attention(a)
-        with open(os.path.join(HERE, "train_attention.json"), "w") as f:
+    # --only NAME: that table alone -> bench/train_NAME.json and its block of RESULTS.md:
+    # (run, markdown, the block's markers, a section heading of its own or None)
+    tables = {"shared_prefix": (run_shared_prefix, shared_prefix_markdown, SHARED_BLOCK, None),
+              "attention": (run_attention, attention_markdown, ATTENTION_BLOCK, ATTENTION_HEADING),
+              "ref_cache": (run_ref_cache, ref_cache_markdown, REF_CACHE_BLOCK, None),
+              "row_packing": (run_row_packing, row_packing_markdown, ROW_BLOCK, ROW_HEADING)}
+    if a.only:
+        run, render, markers, heading = tables[a.only]
+        report = run(a)
+        with open(os.path.join(HERE, f"train_{a.only}.json"), "w") as f:
             json.dump(report, f, indent=1)
-        md = attention_markdown(report)
+        md = render(report)
         print(md)
-        write_block(a.results_md, md, ATTENTION_BLOCK)
-        return
-    if a.only == "ref_cache":
-        report = run_ref_cache(a)
-        with open(os.path.join(HERE, "train_ref_cache.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        md = ref_cache_markdown(report)
-        print(md)
-        write_block(a.results_md, md, REF_CACHE_BLOCK)
-        return
-    if a.only == "shared_prefix":
-        report = run_shared_prefix(a)
-        with open(os.path.join(HERE, "train_shared_prefix.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        md = shared_prefix_markdown(report)
-        print(md)
-        write_block(a.results_md, md)
-        return
-    if a.only == "row_packing":
-        report = run_row_packing(a)
-        with open(os.path.join(HERE, "train_row_packing.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        md = row_packing_markdown(report)
-        print(md)
-        write_block(a.results_md, md, ROW_BLOCK, heading="## Several chains per packed row "
-                    "(`python bench/bench_train.py --only row_packing`)")
+        write_block(a.results_md, md, markers, heading)
         return
 
     load = os.getloadavg()[0]
@@ -1064,30 +1054,15 @@ def ref_cache_markdown(r: dict) -> str:
 
 def write_block(path: str, block: str, markers: tuple[str, str] = SHARED_BLOCK,
                 heading: str | None = None) -> None:
-    """Replace the block between `markers`; if absent, append it to the Training section, or
-    with a `heading` as its own section right after it (so a full run, which rewrites the
-    Training section, keeps it)."""
-    with open(path) as f:
-        text = f.read()
-    start, end = text.find(markers[0]), text.find(markers[1])
-    if start >= 0 and end >= 0:
-        text = text[:start] + block + text[end + len(markers[1]):]
-    else:
-        head = text.index("## Training (`make bench-train`)")
-        nxt = text.find("\n## ", head + 1)
-        nxt = len(text) if nxt < 0 else nxt
-        block = f"{heading}\n\n{block}" if heading else block
-        text = text[:nxt].rstrip("\n") + "\n\n" + block + "\n" + text[nxt:]
-    with open(path, "w") as f:
-        f.write(text)
+    """results_md.write_block in the Training section (a `heading`: its own section after it)."""
+    results_md.write_block(path, block, markers, TRAINING_SECTION, heading)
 
 
 def write_section(path: str, body: str) -> None:
-    """Replace the text under '## Training (`make bench-train`)' up to the next '## '."""
+    """Replace the text under TRAINING_SECTION up to the next '## '."""
     with open(path) as f:
         text = f.read()
-    head = "## Training (`make bench-train`)"
-    start = text.index(head) + len(head)
+    start = text.index(TRAINING_SECTION) + len(TRAINING_SECTION)
     nxt = text.find("\n## ", start)
     end = len(text) if nxt < 0 else nxt
     with open(path, "w") as f:
