@@ -724,10 +724,11 @@ def packed_route(model) -> str:
     return PACKED_ROUTES[attention_backend(model)]
 
 
-def log_fallback_once(reason: str, log=print) -> None:
-    if log is not None and reason not in _fallbacks_logged:
-        _fallbacks_logged.add(reason)
-        log(reason)
+def log_fallback_once(message: str, log=print) -> None:
+    """Say a fallback once per process (log None: say nothing)."""
+    if log is not None and message not in _fallbacks_logged:
+        _fallbacks_logged.add(message)
+        log(message)
 
 
 def sliding_window_of(text_config) -> int | None:
@@ -778,9 +779,7 @@ def resolve_mode(flag: str, mode: str, why_not, fallback: str, log=print) -> boo
         return True
     if mode == "on":
         raise SystemExit(f"--{flag} on: {reason}")
-    if log is not None and reason not in _fallbacks_logged:
-        _fallbacks_logged.add(reason)
-        log(f"--{flag} auto: off, {fallback} ({reason})")
+    log_fallback_once(f"--{flag} auto: off, {fallback} ({reason})", log)
     return False
 
 
@@ -1890,13 +1889,12 @@ def reference_identity(args, weights: dict, model, device, shared_prefix: bool,
     precision (a bf16 GPU run and an fp32 CPU run differ in the third digit), attention backend,
     forward route (packed or not, LM head fused or not), loss backend, library versions."""
     import transformers
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cuda = device.type == "cuda"
     return {
         **weights, "video": VideoSampling.of(args).as_dict(), "max_length": args.max_length,
         "device": torch.cuda.get_device_name(device) if cuda else device.type,
         "autocast": "bfloat16" if cuda else None,
-        "attention": base.config.get_text_config()._attn_implementation,
+        "attention": attention_backend(model),
         "route": ("packed+fused head" if fused_linear else "packed") if shared_prefix else "rows",
         "loss_backend": args.loss_backend,
         "versions": [torch.__version__, transformers.__version__],
