@@ -1340,12 +1340,6 @@ def checked_reply(parse: Callable[[str], object], check: Callable[[object], list
     return (None, problems) if problems else (value, [])
 
 
-def check_caption(instruction: list[str], bounds: tuple[int, int], caption: str,
-                  sources: tuple[str, ...] = (), floor: float = 0.0) -> list[str]:
-    """A caption or an answer the teacher wrote (recaption, improve, an answer of qa)."""
-    return text_problems(caption, instruction, *bounds, sources, floor)
-
-
 GROUNDED = 0.5     # improve, qa answers: at least half their words from the reference (and sample)
 RECAPTION_GROUNDED = 0.25   # recaption adds detail (and, with frames, what the video shows)
 
@@ -1355,7 +1349,7 @@ def check_correction(ref: str, sample: str, instruction: list[str], bounds: tupl
     """improve: a corrected caption, or ALREADY_CORRECT (the teacher finds nothing to fix)."""
     if value is ALREADY_CORRECT:
         return []
-    problems = check_caption(instruction, bounds, value, (ref, sample), GROUNDED)
+    problems = text_problems(value, instruction, *bounds, (ref, sample), GROUNDED)
     if _tokens(value) == _tokens(sample):
         problems.append('unchanged (a caption that needs no fix is answered {"already_correct": true})')
     return problems
@@ -1374,7 +1368,7 @@ def check_qa(caption: str, instruction: list[str], items: list[dict]) -> list[st
         if not (QUESTION_START.match(q) and q.endswith("?") and len(_tokens(q)) >= 2) or MARKUP.search(q):
             problems.append(f"question {i} is not a plain question (it starts like What/Which/How/Is "
                             "and ends with '?')")
-        for p in check_caption(instruction, (1, 80), a, (caption, q), GROUNDED):
+        for p in text_problems(a, instruction, 1, 80, (caption, q), GROUNDED):
             problems.append(f"answer {i}: {p}")
         if _tokens(a) == _tokens(q):
             problems.append(f"answer {i} repeats its question")
@@ -1616,7 +1610,7 @@ CAPTION_SCHEMA = json_schema("caption", {"caption": {"type": "string"}})
 def parse_recaption(min_words: int, instruction: list[str], max_words: int, sources: list[str],
                     text: str) -> tuple[str | None, list[str]]:
     """The detailed caption in a reply, or why it is unusable: empty, refused, too_short (fewer
-    words than the longest short caption), or a problem of check_caption (markup, a template
+    words than the longest short caption), or a problem of text_problems (markup, a template
     remnant, a prompt echo, chat talk, off topic: under a quarter of its words from the short
     captions, or longer than max_words)."""
     caption, _ = clean_reply(text)
@@ -1625,7 +1619,7 @@ def parse_recaption(min_words: int, instruction: list[str], max_words: int, sour
     reason = "empty" if not words else "refused" if refused else "too_short" if len(words) < min_words else None
     if reason is not None:
         return None, [reason]
-    problems = check_caption(instruction, (1, max_words), caption, tuple(sources), RECAPTION_GROUNDED)
+    problems = text_problems(caption, instruction, 1, max_words, tuple(sources), RECAPTION_GROUNDED)
     return (caption, []) if not problems else (None, problems)
 
 
