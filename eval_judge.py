@@ -45,7 +45,7 @@ import numpy as np
 
 import benchmarks
 from gen_chains import (DEFAULT_PROMPT, Asked, ChatClient, Frames, add_client_args, add_frame_args,
-                        ask_both_orders, ask_until_parsed, cost_per_record, format_mcq, json_schema,
+                        ask_both_orders, ask_until_parsed, format_mcq, json_schema,
                         parse_json_object, score_answer, text_only)
 from records import (DataError, OutputLocked, RecordFailed, ResumableJsonl, collect_outputs,
                      map_resumable, read_records, read_run_meta, records_by_id,
@@ -462,9 +462,7 @@ def with_client_report(run: dict, client: ChatClient | None) -> dict:
     requests and per-server counts."""
     if client is None:
         return run
-    report = client.report()
-    report["tokens"].update(cost_per_record(client.tokens, run))
-    return {**run, **report}
+    return {**run, **client.report(run)}
 
 
 def _chat_params(args) -> dict:

@@ -493,12 +493,19 @@ class ChatClient:
         seconds = time.monotonic() - started if started is not None else 0.0
         return {"tok/s": f"{self.tokens / seconds:.0f}" if seconds > 0 else "0"}
 
-    def report(self) -> dict:
-        """The client's part of a run's summary: tokens, requests and each server's counts."""
+    def report(self, run: dict | None = None) -> dict:
+        """The client's part of a run's summary: tokens, requests and each server's counts; given
+        the run's map_resumable summary, also the tokens per record written and per kept one
+        (status ok): the data's price."""
         with self._lock:
             servers = [s.report() for s in self.servers]
         u = self.usage
-        return {"tokens": {"prompt": u["prompt_tokens"], "completion": u["completion_tokens"]},
+        tokens = {"prompt": u["prompt_tokens"], "completion": u["completion_tokens"]}
+        if run is not None:
+            written = run.get("done", 0) + run.get("failed", 0)
+            tokens.update(per_record=round(self.tokens / written, 1) if written else None,
+                          per_kept=round(self.tokens / run["kept"], 1) if run.get("kept") else None)
+        return {"tokens": tokens,
                 "requests": {"sent": u["requests"], "retries": u["retries"], "with_schema": u["structured"]},
                 "structured": {"mode": self.structured,
                                "refused_by": [s["url"] for s in servers if s["structured"] == "refused"],
@@ -1526,17 +1533,9 @@ def _finish(name: str, run: dict, stats: RunStats | None = None, client: ChatCli
     if stats is not None:
         summary.update(stats.as_dict())
     if client is not None:
-        summary.update(client.report())
-        summary["tokens"].update(cost_per_record(client.tokens, run))
+        summary.update(client.report(run))
     print("summary: " + json.dumps(summary), file=sys.stderr)
     return summary
-
-
-def cost_per_record(tokens: int, run: dict) -> dict:
-    """Tokens per record written this run and per kept one (status ok): the data's price."""
-    written = run.get("done", 0) + run.get("failed", 0)
-    return {"per_record": round(tokens / written, 1) if written else None,
-            "per_kept": round(tokens / run["kept"], 1) if run.get("kept") else None}
 
 
 def _base_record(rec: dict) -> dict:
